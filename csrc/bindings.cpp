@@ -1,0 +1,21 @@
+// The one registration file of fastvlm_kernels._C: a schema per op (`Tensor(a!)` marks what is written),
+// then the CPU and CUDA implementations. Fake (meta) implementations live in fastvlm_kernels/ops/_library.py.
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(fastvlm, m) {
+  m.def(
+      "verify_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor prefix_lens, Tensor? tree_mask, "
+      "float sm_scale, Tensor(a!) out, Tensor(b!)? lse) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fastvlm, CPU, m) {
+  m.impl("verify_attention", &fastvlm::verify_attention_cpu);
+}
+
+#ifdef FASTVLM_WITH_CUDA
+TORCH_LIBRARY_IMPL(fastvlm, CUDA, m) {
+  m.impl("verify_attention", &fastvlm::verify_attention_cuda);
+}
+#endif

@@ -1,0 +1,29 @@
+// Every C++ entry point of fastvlm_kernels._C, grouped by op. Schemas live in bindings.cpp; the Python
+// wrappers in fastvlm_kernels/ops/<op>/__init__.py validate every argument before these run, so the
+// kernels below assume valid shapes, dtypes and devices (and still never read out of bounds).
+#pragma once
+
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+
+namespace fastvlm {
+
+// ---- verify_attention ------------------------------------------------------------------------------
+// q [B, Hq, T, D], k_cache / v_cache [B, Hkv, L_max, D] (fp32 | fp16 | bf16, last dim contiguous, any
+// other strides), prefix_lens [B] int32, tree_mask [B, T] int64 or none (causal chain), out [B, Hq, T, D]
+// (q's dtype, last dim contiguous), lse [B, Hq, T] fp32 contiguous or none. Query j of head h reads KV
+// head h / (Hq / Hkv) at every position < prefix_lens[b] and new token i (position prefix_lens[b] + i)
+// where bit i of tree_mask[b, j] is set (i <= j without a mask). prefix_lens is clamped to
+// [0, L_max - T], so no value can make a kernel read outside the cache.
+void verify_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const at::Tensor& prefix_lens, const std::optional<at::Tensor>& tree_mask,
+                          double sm_scale, at::Tensor& out, const std::optional<at::Tensor>& lse);
+
+#ifdef FASTVLM_WITH_CUDA
+void verify_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& prefix_lens, const std::optional<at::Tensor>& tree_mask,
+                           double sm_scale, at::Tensor& out, const std::optional<at::Tensor>& lse);
+#endif
+
+}  // namespace fastvlm

@@ -1,0 +1,9 @@
+"""fastvlm_kernels: self-speculative decoding for vision-language models, with its own kernels.
+
+Importing the package never initialises CUDA and works without the compiled extension
+(`python -m fastvlm_kernels.info` says what is built and usable here).
+"""
+from .ops import verify_attention
+
+__version__ = "0.1.0"
+__all__ = ["verify_attention", "__version__"]

@@ -1,0 +1,62 @@
+"""`python -m fastvlm_kernels.info`: which backends are built and usable here, and why not."""
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from .ops import _dispatch, _library
+from .ops.verify_attention import BACKENDS as VERIFY_ATTENTION_BACKENDS
+
+OPS = {"verify_attention": VERIFY_ATTENTION_BACKENDS}
+
+
+def _probe_inputs(device: torch.device):
+    """A small valid input per op, on `device`, to ask each backend whether it would run."""
+    q = torch.empty(1, 1, 1, 64, device=device, dtype=torch.float16)
+    return {"verify_attention": (q,)}
+
+
+def report() -> str:
+    lines = [f"fastvlm_kernels on Python {platform.python_version()}, torch {torch.__version__} "
+             f"(CUDA {torch.version.cuda or 'none: CPU build'})"]
+    triton_error = _dispatch.triton_import_error()
+    if triton_error:
+        lines.append(f"triton: {triton_error}")
+    else:
+        import triton
+        lines.append(f"triton {triton.__version__}"
+                     + (" (TRITON_INTERPRET=1: kernels run on the CPU)" if _dispatch.triton_interpreting() else ""))
+    extension = _library.EXTENSION
+    if extension.loaded:
+        info = extension.build_info
+        lines.append(f"extension: {extension.path}")
+        lines.append(f"  built for torch {info.get('torch_version', '?')} (CUDA {info.get('torch_cuda') or 'none'}); "
+                     f"CUDA kernels: {'yes, archs ' + info.get('cuda_archs', '') if info.get('with_cuda') else 'no'}")
+        if info.get("torch_version") not in (None, torch.__version__):
+            lines.append(f"  warning: built for torch {info['torch_version']}, you have {torch.__version__}: rebuild it")
+    else:
+        lines.append(f"extension: not usable: {extension.error}")
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+        lines.append(f"GPU: {torch.cuda.get_device_name()}")
+    else:
+        lines.append("GPU: none visible to torch")
+    for op, backends in OPS.items():
+        lines.append(f"\n{op}")
+        for device in devices:
+            inputs = _probe_inputs(device)[op]
+            for backend in backends:
+                reasons = backend.not_supported_reasons(*inputs)
+                state = "usable" if not reasons else "not usable: " + "; ".join(reasons)
+                lines.append(f"  {device.type:4s} tensors  {backend.name:6s}  {state}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(report())
+
+
+if __name__ == "__main__":
+    main()

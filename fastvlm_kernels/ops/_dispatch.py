@@ -1,0 +1,88 @@
+"""Backend choice in one place (the xformers way).
+
+Each backend of an op is a `Backend`: a name, the function that runs it, and `not_supported_reasons`,
+which returns sentences saying why it cannot run these inputs (an empty list means it can). `auto`
+takes the first backend of the op's priority list with no reasons; an explicit backend that cannot run
+raises with its reasons; when nothing fits, one error lists every backend's reasons.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable, List, Sequence
+
+import torch
+
+from ._library import EXTENSION
+
+BACKEND_NAMES = ("cuda", "triton", "cpu", "torch")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    run: Callable
+    not_supported_reasons: Callable[..., List[str]]
+
+
+def extension_reasons(device: torch.device) -> List[str]:
+    """Why the compiled extension cannot run on `device` (empty when it can)."""
+    if not EXTENSION.loaded:
+        return [EXTENSION.error]
+    if device.type == "cuda" and not EXTENSION.with_cuda:
+        return ["the extension was built without CUDA kernels"]
+    return []
+
+
+@functools.lru_cache(maxsize=None)
+def triton_import_error() -> str:
+    """Empty when Triton imports, else why not (cached: importing triton is slow)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    try:
+        import triton  # noqa: F401
+    except Exception as error:  # a broken install must not break the package
+        return f"triton failed to import: {error}"
+    return ""
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_device_reasons(device: torch.device) -> List[str]:
+    """Triton runs CUDA tensors, and CPU tensors only under its interpreter."""
+    error = triton_import_error()
+    if error:
+        return [error]
+    if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
+        return []
+    return [f"tensors are on {device.type}; Triton runs CUDA tensors "
+            "(and CPU tensors only under TRITON_INTERPRET=1)"]
+
+
+def device_reasons(device: torch.device, expected: str) -> List[str]:
+    return [] if device.type == expected else [f"tensors are on {device.type}, this backend runs {expected}"]
+
+
+def select(op_name: str, backends: Sequence[Backend], priority: Sequence[str], requested: str,
+           *inputs, **options) -> Backend:
+    """The backend that runs `op_name` on these inputs: `requested`, or the first of `priority`."""
+    by_name = {backend.name: backend for backend in backends}
+    if requested != "auto":
+        if requested not in by_name:
+            raise ValueError(f"backend={requested!r} is not a backend of {op_name}: "
+                             f"choose 'auto' or one of {sorted(by_name)}")
+        reasons = by_name[requested].not_supported_reasons(*inputs, **options)
+        if reasons:
+            raise ValueError(f"backend={requested!r} cannot run {op_name} here: " + "; ".join(reasons))
+        return by_name[requested]
+    all_reasons = []
+    for name in priority:
+        reasons = by_name[name].not_supported_reasons(*inputs, **options)
+        if not reasons:
+            return by_name[name]
+        all_reasons.append(f"{name}: " + "; ".join(reasons))
+    raise ValueError(f"no backend of {op_name} can run these inputs:\n  " + "\n  ".join(all_reasons))

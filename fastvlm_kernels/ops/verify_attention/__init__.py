@@ -1,0 +1,180 @@
+"""verify_attention: T new tokens (a chain or a flattened draft tree) attend to their row's cached prefix
+and to the new tokens their mask allows, reading the cache in place."""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple, Union
+
+import torch
+
+from .. import _checks
+from .._dispatch import Backend, device_reasons, extension_reasons, select, triton_device_reasons
+from .reference import verify_attention_reference
+from .spec import HEAD_DIMS, MAX_TREE_TOKENS, SUPPORTED_DTYPES
+
+__all__ = ["verify_attention", "verify_attention_reference", "BACKENDS", "PRIORITY"]
+
+
+def verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, prefix_lens: torch.Tensor,
+                     tree_mask: Optional[torch.Tensor] = None, *, sm_scale: Optional[float] = None,
+                     return_lse: bool = False, out: Optional[torch.Tensor] = None,
+                     out_lse: Optional[torch.Tensor] = None, validate: bool = True,
+                     backend: str = "auto") -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Attention of T new tokens over a KV cache that already holds them.
+
+    Args:
+        q: ``[B, Hq, T, D]`` queries of the new tokens, rotary applied; fp32, fp16 or bf16; last dim
+            contiguous (a transposed view of ``[B, T, Hq, D]`` is fine).
+        k_cache, v_cache: ``[B, Hkv, L_max, D]``, q's dtype and device, last dim contiguous (a transformers
+            cache layer, read in place). Row b holds its prefix at positions ``[0, prefix_lens[b])`` and
+            the T new tokens' keys and values at ``prefix_lens[b] + i``. ``Hq`` must be a multiple of
+            ``Hkv`` (query head h reads KV head ``h // (Hq // Hkv)``); D in 64, 80, 96, 128, 256.
+        prefix_lens: ``[B]`` int32 or int64, each in ``[0, L_max - T]``.
+        tree_mask: ``None`` for a causal chain (query j sees new tokens ``i <= j``; any T, so it serves
+            prefill too), or ``[B, T]`` int64 with T <= 64: query j sees new token i when bit i of
+            ``tree_mask[b, j]`` is set. Each query must see itself and no later token.
+        sm_scale: softmax scale; default ``D ** -0.5``.
+        return_lse: also return the log-sum-exp of the scaled scores, ``[B, Hq, T]`` fp32 (natural log).
+        out: optional ``[B, Hq, T, D]`` output in q's dtype, written in place (last dim contiguous).
+        out_lse: optional ``[B, Hq, T]`` fp32 contiguous tensor for the log-sum-exp (implies return_lse).
+        validate: check the values of prefix_lens and tree_mask (a device-to-host read on a GPU). Callers
+            that know them valid (the decoder) pass False; kernels clamp prefix_lens either way, so no
+            value reads outside the cache. Skipped automatically under torch.compile.
+        backend: "auto", "cuda", "triton", "cpu" or "torch" (the reference).
+
+    Returns:
+        ``out`` ``[B, Hq, T, D]``, or ``(out, lse)`` when return_lse or out_lse is given.
+    """
+    q = _checks.check_tensor("q", q, ndim=4, dtypes=SUPPORTED_DTYPES, shape_doc="[B, Hq, T, D]")
+    batch, num_q_heads, num_new, head_dim = q.shape
+    k_cache = _checks.check_tensor("k_cache", k_cache, ndim=4, shape_doc="[B, Hkv, L_max, D]")
+    v_cache = _checks.check_tensor("v_cache", v_cache, ndim=4, shape_doc="[B, Hkv, L_max, D]")
+    for name, tensor in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _checks.check_same_dtype(name, tensor, "q", q)
+        _checks.check_same_device(name, tensor, "q", q)
+        _checks.check_size(name, tensor, 0, batch, "the batch size B of q")
+        _checks.check_size(name, tensor, 3, head_dim, "the head dim D of q")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache must have the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    num_kv_heads, cache_len = k_cache.shape[1], k_cache.shape[2]
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"q has head dim D={head_dim}, which is not supported (supported: {HEAD_DIMS})")
+    if num_kv_heads == 0 or num_q_heads % num_kv_heads != 0:
+        raise ValueError(f"q's Hq={num_q_heads} must be a multiple of k_cache's Hkv={num_kv_heads} "
+                         "(grouped-query attention)")
+    if num_new == 0:
+        raise ValueError("q has T=0 new tokens; T must be at least 1")
+    if num_new > cache_len:
+        raise ValueError(f"q has T={num_new} new tokens but k_cache holds only L_max={cache_len} positions")
+    for name, tensor in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _checks.check_last_dim_contiguous(name, tensor)
+
+    prefix_lens = _checks.check_tensor("prefix_lens", prefix_lens, ndim=1, dtypes=(torch.int32, torch.int64),
+                                       shape_doc="[B]")
+    _checks.check_same_device("prefix_lens", prefix_lens, "q", q)
+    _checks.check_size("prefix_lens", prefix_lens, 0, batch, "the batch size B of q")
+    if tree_mask is not None:
+        tree_mask = _checks.check_tensor("tree_mask", tree_mask, ndim=2, dtypes=(torch.int64,), shape_doc="[B, T]")
+        _checks.check_same_device("tree_mask", tree_mask, "q", q)
+        _checks.check_size("tree_mask", tree_mask, 0, batch, "the batch size B of q")
+        _checks.check_size("tree_mask", tree_mask, 1, num_new, "the number of new tokens T of q")
+        if num_new > MAX_TREE_TOKENS:
+            raise ValueError(f"tree_mask covers T={num_new} tokens; a tree holds at most {MAX_TREE_TOKENS} "
+                             "(one int64 bitmask per query); pass tree_mask=None for a causal chain")
+    if validate and not torch.compiler.is_compiling():
+        _check_values(prefix_lens, tree_mask, num_new, cache_len)
+    if sm_scale is None:
+        sm_scale = head_dim ** -0.5
+
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    else:
+        _checks.check_tensor("out", out, ndim=4, dtypes=(q.dtype,), shape_doc="[B, Hq, T, D]")
+        _checks.check_same_device("out", out, "q", q)
+        if out.shape != q.shape:
+            raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
+        _checks.check_last_dim_contiguous("out", out)
+    if out_lse is not None:
+        _checks.check_tensor("out_lse", out_lse, ndim=3, dtypes=(torch.float32,), shape_doc="[B, Hq, T]")
+        _checks.check_same_device("out_lse", out_lse, "q", q)
+        if out_lse.shape != q.shape[:3] or not out_lse.is_contiguous():
+            raise ValueError(f"out_lse must be contiguous with shape {tuple(q.shape[:3])}, "
+                             f"got shape {tuple(out_lse.shape)} and strides {tuple(out_lse.stride())}")
+        return_lse = True
+    elif return_lse:
+        out_lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    prefix_lens = prefix_lens.to(torch.int32).contiguous()
+    tree_mask = tree_mask.contiguous() if tree_mask is not None else None
+    if batch > 0:
+        chosen = select("verify_attention", BACKENDS, PRIORITY.get(q.device.type, ("torch",)), backend, q)
+        chosen.run(q, k_cache, v_cache, prefix_lens, tree_mask, float(sm_scale), out, out_lse)
+    return (out, out_lse) if return_lse else out
+
+
+def _check_values(prefix_lens: torch.Tensor, tree_mask: Optional[torch.Tensor], num_new: int,
+                  cache_len: int) -> None:
+    """The checks that read tensor values: lengths in range, each query sees itself and no later token."""
+    low, high = (int(value) for value in torch.stack([prefix_lens.min(), prefix_lens.max()]).tolist()) \
+        if prefix_lens.numel() else (0, 0)
+    if low < 0:
+        raise ValueError(f"prefix_lens must be >= 0, got a row with {low}")
+    if high + num_new > cache_len:
+        raise ValueError(f"prefix_lens[b] + T must be <= L_max: a row has prefix {high} + T={num_new} = "
+                         f"{high + num_new} > L_max={cache_len} (the cache is full)")
+    if tree_mask is None or tree_mask.numel() == 0:
+        return
+    query = torch.arange(num_new, device=tree_mask.device)
+    sees_itself = ((tree_mask >> query) & 1).bool()                                   # [B, T]
+    later_bits = torch.tensor([0 if j == 63 else -(1 << (j + 1)) for j in range(num_new)],
+                              dtype=torch.int64, device=tree_mask.device)             # bits above j
+    sees_later = (tree_mask & later_bits) != 0                                        # [B, T]
+    bad_self, bad_later = (int(flag) for flag in torch.stack([(~sees_itself).any(), sees_later.any()]).tolist())
+    if bad_self:
+        row, col = (~sees_itself).nonzero()[0].tolist()
+        raise ValueError(f"tree_mask[{row}, {col}] does not let query {col} see itself (bit {col} must be set)")
+    if bad_later:
+        row, col = sees_later.nonzero()[0].tolist()
+        raise ValueError(f"tree_mask[{row}, {col}] lets query {col} see a later token "
+                         f"(bits above {col} must be clear; nodes are in topological order)")
+
+
+# ---- backends ----------------------------------------------------------------------------------------
+
+def _run_reference(q, k_cache, v_cache, prefix_lens, tree_mask, sm_scale, out, lse) -> None:
+    result, result_lse = verify_attention_reference(q, k_cache, v_cache, prefix_lens, tree_mask, sm_scale)
+    out.copy_(result)
+    if lse is not None:
+        lse.copy_(result_lse)
+
+
+def _run_extension(q, k_cache, v_cache, prefix_lens, tree_mask, sm_scale, out, lse) -> None:
+    torch.ops.fastvlm.verify_attention(q, k_cache, v_cache, prefix_lens, tree_mask, sm_scale, out, lse)
+
+
+def _run_triton(q, k_cache, v_cache, prefix_lens, tree_mask, sm_scale, out, lse) -> None:
+    from .triton import verify_attention_triton_op
+    verify_attention_triton_op(q, k_cache, v_cache, prefix_lens, tree_mask, sm_scale, out, lse)
+
+
+def _extension_reasons(device_type: str):
+    def reasons(q: torch.Tensor) -> List[str]:
+        return device_reasons(q.device, device_type) + extension_reasons(q.device)
+    return reasons
+
+
+def _triton_reasons(q: torch.Tensor) -> List[str]:
+    reasons = triton_device_reasons(q.device)
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        reasons.append("the Triton interpreter does not run bf16 reliably on the CPU")
+    return reasons
+
+
+BACKENDS = (
+    Backend("cuda", _run_extension, _extension_reasons("cuda")),
+    Backend("triton", _run_triton, _triton_reasons),
+    Backend("cpu", _run_extension, _extension_reasons("cpu")),
+    Backend("torch", _run_reference, lambda q: []),
+)
+# `auto` order per device type (Triton on CPU tensors is for tests under the interpreter only).
+# GPU order to be confirmed by bench/verify_attention.py on a GPU.
+PRIORITY = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}

@@ -1,0 +1,42 @@
+"""Input builders shared by the op tests: random (never zero) data, random draft trees, poisoning."""
+from typing import Optional, Sequence
+
+import torch
+
+
+def random_tree_mask(batch: int, num_nodes: int, generator: torch.Generator, kind: str = "tree") -> torch.Tensor:
+    """[B, T] int64 ancestor bitmasks: node j sees itself and its ancestors (parents come first)."""
+    rows = []
+    for _ in range(batch):
+        masks = []
+        for node in range(num_nodes):
+            if kind == "self" or node == 0:
+                masks.append(1 << node)
+                continue
+            parent = int(torch.randint(0, node, (1,), generator=generator))
+            masks.append(masks[parent] | (1 << node))
+        rows.append([mask - (1 << 64) if mask >= 1 << 63 else mask for mask in masks])
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def make_inputs(batch: int, num_q_heads: int, num_kv_heads: int, num_new: int, head_dim: int,
+                prefix_lens: Sequence[int], tree: str, dtype: torch.dtype, device: str = "cpu",
+                seed: int = 0, transposed_q: bool = False, spare: int = 3):
+    """Random q / cache / lengths / mask; the cache has `spare` positions past the longest row."""
+    generator = torch.Generator().manual_seed(seed)
+    cache_len = max(prefix_lens) + num_new + spare
+    q = torch.randn(batch, num_new, num_q_heads, head_dim, generator=generator)
+    q = q.transpose(1, 2) if transposed_q else q.transpose(1, 2).contiguous()          # [B, Hq, T, D]
+    k_cache = torch.randn(batch, num_kv_heads, cache_len, head_dim, generator=generator)
+    v_cache = torch.randn(batch, num_kv_heads, cache_len, head_dim, generator=generator)
+    tree_mask: Optional[torch.Tensor] = None
+    if tree != "chain":
+        tree_mask = random_tree_mask(batch, num_new, generator, tree).to(device)
+    prefix = torch.tensor(prefix_lens, dtype=torch.int32, device=device)
+    return (q.to(device=device, dtype=dtype), k_cache.to(device=device, dtype=dtype),
+            v_cache.to(device=device, dtype=dtype), prefix, tree_mask)
+
+
+def poisoned_like(tensor: torch.Tensor) -> torch.Tensor:
+    """A NaN-filled output buffer, so that any element a kernel forgets to write fails the test."""
+    return torch.full_like(tensor, float("nan"))
