@@ -242,9 +242,11 @@ __device__ __forceinline__ void load_query_tile(StoreT* smem, int smem_stride, c
 }
 
 // ---- epilogue ----------------------------------------------------------------------------------------
-// Writes `count` consecutive dims starting at `dim` of one query row, given its unnormalised fp32
-// accumulator, running max m (log2 domain) and sum l. A row that saw nothing gets 0 and -inf.
-template <typename T>
+// Writes `count` (<= kMaxCount) consecutive dims starting at `dim` of one query row, given its
+// unnormalised fp32 accumulator, running max m (log2 domain) and sum l, and the row's lse when
+// write_lse. A row that saw nothing gets 0 and -inf. kMaxCount is a constant so that the loop unrolls
+// and a register-array accumulator keeps constant indices.
+template <typename T, int kMaxCount>
 __device__ __forceinline__ void write_row(const Params& p, const BlockWork& w, int row, int dim,
                                           const float* acc, int count, float m, float l, bool write_lse) {
   const int flat = w.row_begin + row;
@@ -256,13 +258,19 @@ __device__ __forceinline__ void write_row(const Params& p, const BlockWork& w, i
   const float lse_log2 = empty ? -INFINITY : m + log2f(l);
   if (p.num_splits == 1) {
     T* out = static_cast<T*>(p.out) + w.b * p.out_stride_b + head * p.out_stride_h + token * p.out_stride_t;
-    for (int i = 0; i < count; ++i) out[dim + i] = from_float<T>(acc[i] * inv_l);
+#pragma unroll
+    for (int i = 0; i < kMaxCount; ++i) {
+      if (i < count) out[dim + i] = from_float<T>(empty ? 0.0f : acc[i] * inv_l);
+    }
     if (write_lse && p.lse != nullptr) p.lse[row_id] = lse_log2 * kLn2;
   } else {
     const int64_t total_rows = static_cast<int64_t>(p.batch) * p.num_q_heads * p.num_new;
     const int64_t split_row = w.split * total_rows + row_id;
     float* out = p.partial_out + split_row * p.head_dim;
-    for (int i = 0; i < count; ++i) out[dim + i] = acc[i] * inv_l;
+#pragma unroll
+    for (int i = 0; i < kMaxCount; ++i) {
+      if (i < count) out[dim + i] = empty ? 0.0f : acc[i] * inv_l;
+    }
     if (write_lse) p.partial_lse[split_row] = lse_log2;
   }
 }
@@ -298,7 +306,7 @@ verify_attention_cuda_core_kernel(const Params p) {
   constexpr int kDims = Config::kDimsPerLane;
   constexpr int kVec = Config::kVec;
 
-  extern __shared__ __align__(16) unsigned char shared_raw[];
+  extern __shared__ __align__(128) unsigned char shared_raw[];
   float* query_tile = reinterpret_cast<float*>(shared_raw);
   T* key_tile = reinterpret_cast<T*>(shared_raw + Config::kQueryBytes);
   T* value_tile = reinterpret_cast<T*>(shared_raw + Config::kQueryBytes + Config::kKeyBytes);
@@ -344,9 +352,10 @@ verify_attention_cuda_core_kernel(const Params p) {
     // S = (q * scale * log2 e) . k for this warp's rows and this lane's keys.
     float s[kRows][kKeys];
 #pragma unroll
-    for (int r = 0; r < kRows; ++r)
+    for (int r = 0; r < kRows; ++r) {
 #pragma unroll
       for (int j = 0; j < kKeys; ++j) s[r][j] = 0.0f;
+    }
 #pragma unroll 2
     for (int d0 = 0; d0 < p.head_dim; d0 += kVec) {
       float k[kKeys][kVec];
@@ -431,8 +440,8 @@ verify_attention_cuda_core_kernel(const Params p) {
     const float row_sum = warp_sum(l[r]);
     if (warp_row + r >= w.num_rows) continue;
     const int dim = lane * kDims;
-    if (dim < p.head_dim) write_row<T>(p, w, warp_row + r, dim, acc[r], kDims, m[r], row_sum, lane == 0);
-    else if (lane == 0) write_row<T>(p, w, warp_row + r, 0, acc[r], 0, m[r], row_sum, true);
+    const int count = dim < p.head_dim ? kDims : 0;  // kDims divides 16, and so head_dim
+    write_row<T, kDims>(p, w, warp_row + r, dim, acc[r], count, m[r], row_sum, lane == 0);
   }
 }
 
@@ -537,36 +546,38 @@ verify_attention_tensor_core_kernel(const Params p) {
     }
     __syncwarp();
 
-    // Online softmax of row my_row over keys [my_half * kKeysPerLane, +kKeysPerLane).
+    // Online softmax of row my_row; the lane pair interleaves keys (n = 2j + my_half) and dims, so that
+    // the two lanes of a row touch neighbouring shared-memory words.
     {
       const RowInfo row = row_info[warp_row + my_row];
       const bool needs_mask = tile_start + kBlockN > w.prefix || tile_start + kBlockN > w.kv_stop;
-      const float* s_row = scores + my_row * Config::kScoreStride + my_half * kKeysPerLane;
+      const float* s_row = scores + my_row * Config::kScoreStride;
       float tile_max = -INFINITY;
-#pragma unroll 8
+#pragma unroll 4
       for (int j = 0; j < kKeysPerLane; ++j) {
-        const int pos = tile_start + my_half * kKeysPerLane + j;
-        const bool visible = !needs_mask || is_visible(row, pos, w, p.num_new, has_tree);
-        if (visible) tile_max = fmaxf(tile_max, s_row[j] * p.scale_log2);
+        const int n = 2 * j + my_half;
+        if (!needs_mask || is_visible(row, tile_start + n, w, p.num_new, has_tree)) {
+          tile_max = fmaxf(tile_max, s_row[n] * p.scale_log2);
+        }
       }
       tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
       const float m_new = fmaxf(m, tile_max);
-      const float m_ref = m_new == -INFINITY ? 0.0f : m_new;
+      const float m_ref = m_new == -INFINITY ? 0.0f : m_new;  // nothing visible yet: avoid -inf - -inf
       const float alpha = exp2f(m - m_ref);
       m = m_new;
       l *= alpha;
-      T* p_row = probs + my_row * Config::kProbStride + my_half * kKeysPerLane;
-#pragma unroll 8
+      T* p_row = probs + my_row * Config::kProbStride;
+#pragma unroll 4
       for (int j = 0; j < kKeysPerLane; ++j) {
-        const int pos = tile_start + my_half * kKeysPerLane + j;
-        const bool visible = !needs_mask || is_visible(row, pos, w, p.num_new, has_tree);
-        const float prob = visible ? exp2f(s_row[j] * p.scale_log2 - m_ref) : 0.0f;
+        const int n = 2 * j + my_half;
+        const bool visible = !needs_mask || is_visible(row, tile_start + n, w, p.num_new, has_tree);
+        const float prob = visible ? exp2f(s_row[n] * p.scale_log2 - m_ref) : 0.0f;
         l += prob;
-        p_row[j] = from_float<T>(prob);
+        p_row[n] = from_float<T>(prob);
       }
-      float* acc_row = acc + my_row * Config::kAccStride + my_half * kDimsPerLane;
-#pragma unroll 8
-      for (int i = 0; i < kDimsPerLane; ++i) acc_row[i] *= alpha;
+      float* acc_row = acc + my_row * Config::kAccStride;
+#pragma unroll 4
+      for (int i = 0; i < kDimsPerLane; ++i) acc_row[2 * i + my_half] *= alpha;
     }
     __syncwarp();
 
@@ -588,11 +599,12 @@ verify_attention_tensor_core_kernel(const Params p) {
   }
 
   if (!warp_active) return;
+  __syncwarp();  // the accumulator's zero fill is visible even when this split had no tile
   const float row_sum = l + __shfl_xor_sync(0xffffffffu, l, 1);
   if (warp_row + my_row >= w.num_rows) return;
   const int dim = my_half * kDimsPerLane;
   const int count = max(0, min(kDimsPerLane, p.head_dim - dim));
-  write_row<T>(p, w, warp_row + my_row, dim, acc + my_row * Config::kAccStride + dim, count, m, row_sum,
+  write_row<T, kDimsPerLane>(p, w, warp_row + my_row, dim, acc + my_row * Config::kAccStride + dim, count, m, row_sum,
                my_half == 0);
 #endif
 }

@@ -15,32 +15,32 @@ import re
 import shutil
 import subprocess
 import tempfile
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-# A split of the cache covers at least MIN_SPLIT_LEN positions and starts at a multiple of SPLIT_ALIGN
-# (a multiple of every BLOCK_N, so split boundaries fall on tile boundaries).
-MIN_SPLIT_LEN = tl.constexpr(256)
-SPLIT_ALIGN = tl.constexpr(128)
-MAX_SPLITS = 64
+# A split of a row's cache covers at least _MIN_SPLIT_LEN positions and starts at a multiple of
+# _SPLIT_ALIGN (a multiple of every BLOCK_N, so split boundaries fall on tile boundaries).
+_MIN_SPLIT_LEN = tl.constexpr(256)
+_SPLIT_ALIGN = tl.constexpr(128)
+_MAX_SPLITS = 64
 _LN2 = tl.constexpr(0.6931471805599453)
-_LOG2E = 1.4426950408889634
-_SM_COUNT_WITHOUT_GPU = 132  # an H100 SXM
+_LOG2E = tl.constexpr(1.4426950408889634)
+_SM_COUNT_WITHOUT_GPU = 132  # an H100 SXM: the split heuristic's target when q is not on a GPU
 
 
 @triton.jit
 def _clamped_prefix_len(PrefixLens, row, num_new, cache_len):
     prefix_len = tl.load(PrefixLens + row)
-    return tl.minimum(tl.maximum(prefix_len, 0), cache_len - num_new)
+    return tl.maximum(tl.minimum(prefix_len, cache_len - num_new), 0)
 
 
 @triton.jit
 def _split_len(kv_len, num_splits):
-    per_split = tl.cdiv(tl.cdiv(kv_len, num_splits), SPLIT_ALIGN) * SPLIT_ALIGN
-    return tl.maximum(per_split, MIN_SPLIT_LEN)
+    per_split = tl.cdiv(tl.cdiv(kv_len, num_splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    return tl.maximum(per_split, _MIN_SPLIT_LEN)
 
 
 @triton.jit
@@ -216,7 +216,7 @@ def _verify_attention_merge_kernel(
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     total = 0.0
     for split in range(0, num_active_splits):
-        weight = tl.exp2((tl.load(partial_lse + split) - max_lse_safe) * 1.4426950408889634)
+        weight = tl.exp2((tl.load(partial_lse + split) - max_lse_safe) * _LOG2E)
         part = tl.load(partial_out + split * HEAD_DIM + offs_d, mask=dim_valid, other=0.0)
         acc += weight * tl.where(weight > 0.0, part, 0.0)
         total += weight
@@ -235,28 +235,30 @@ def _verify_attention_merge_kernel(
 # writes per-split partials (the same kernel for fp32 inputs).
 
 _HEAD_DIMS = (64, 80, 96, 128, 256)
-_BLOCK_M_CHAIN = (16, 32, 64, 128)   # 128 only for long chains (prefill) that fill the GPU unsplit
-_BLOCK_M_TREE = (16, 32, 64)         # T <= 64, so a tree's queries fit a few blocks of 64
-_LONG_CHAIN_ROWS = 512               # T * G above which a chain uses BLOCK_M = 128
+_LONG_CHAIN_ROWS = 512   # T * G above which a chain (prefill) that fills the GPU unsplit uses BLOCK_M = 128
+
+
+def _block_m_choices(dtype: str, is_tree: bool) -> tuple:
+    if is_tree or dtype == "fp32":   # a tree has T <= 64; fp32's FMA dot spills at BLOCK_M = 128
+        return (16, 32, 64)
+    return (16, 32, 64, 128)
 
 
 def _tile(dtype: str, head_dim: int, block_m: int) -> dict:
-    """BLOCK_N, num_warps and num_stages for one (dtype, head_dim, BLOCK_M), sized to avoid spills."""
-    wide = head_dim > 128
-    if dtype == "fp32":   # ieee fp32 dot runs on FMA units: small tiles, few stages
-        block_n = 16 if wide else 32
-        return dict(BLOCK_N=block_n, num_warps=4 if block_m <= 32 else 8, num_stages=2)
-    if wide:
-        return dict(BLOCK_N=32, num_warps=4 if block_m <= 64 else 8, num_stages=2)
-    return dict(BLOCK_N=64, num_warps=4 if block_m <= 64 else 8, num_stages=3)
+    """BLOCK_N, num_warps and num_stages, chosen from ptxas's sm_90 figures to stay free of spills."""
+    if dtype == "fp32":       # the ieee fp32 dot runs on FMA units and holds whole rows in registers
+        return dict(BLOCK_N=16, num_warps=8, num_stages=2)
+    if head_dim > 128:
+        return dict(BLOCK_N=32, num_warps=8, num_stages=2)
+    return dict(BLOCK_N=64, num_warps=4 if block_m == 16 else 8, num_stages=3)
 
 
 def _build_configs() -> tuple:
     configs = []
     for dtype in ("fp32", "fp16", "bf16"):
         for head_dim in _HEAD_DIMS:
-            for is_tree, block_ms in ((False, _BLOCK_M_CHAIN), (True, _BLOCK_M_TREE)):
-                for block_m in block_ms:
+            for is_tree in (False, True):
+                for block_m in _block_m_choices(dtype, is_tree):
                     for out_dtype in dict.fromkeys((dtype, "fp32")):
                         configs.append(dict(
                             dtype=dtype, out_dtype=out_dtype, head_dim=head_dim, is_tree=is_tree,
@@ -269,33 +271,42 @@ KERNEL_CONFIGS = _build_configs()
 _CONFIG_INDEX = {(c["dtype"], c["out_dtype"], c["head_dim"], c["is_tree"], c["BLOCK_M"]): c
                  for c in KERNEL_CONFIGS}
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_TORCH_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 
 
 def config_name(config: dict) -> str:
     mask = "tree" if config["is_tree"] else "chain"
-    out = "partial" if config["out_dtype"] != config["dtype"] or config["dtype"] == "fp32" else "out"
+    partials = "_fp32_partials" if config["out_dtype"] != config["dtype"] else ""
     return (f"{config['dtype']}_d{config['head_dim']}_{mask}_m{config['BLOCK_M']}_n{config['BLOCK_N']}"
-            f"_w{config['num_warps']}_s{config['num_stages']}_{out}")
+            f"_w{config['num_warps']}_s{config['num_stages']}{partials}")
 
 
-def _block_m_for(rows: int, is_tree: bool, grid_is_full: bool) -> int:
-    if not is_tree and rows > _LONG_CHAIN_ROWS and grid_is_full:
+def _block_m_for(rows: int, dtype: str, is_tree: bool, grid_is_full: bool) -> int:
+    """The smallest BLOCK_M holding all T * G query rows; 128 only for long chains that fill the GPU."""
+    choices = _block_m_choices(dtype, is_tree)
+    if 128 in choices and rows > _LONG_CHAIN_ROWS and grid_is_full:
         return 128
-    return next(b for b in (16, 32, 64) if rows <= b or b == 64)
+    return next((block_m for block_m in choices if block_m >= rows), 64)
+
+
+def _merge_num_warps(head_dim: int) -> int:
+    return 4 if head_dim <= 128 else 8
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
+def _cuda_sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _SM_COUNT_WITHOUT_GPU
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _num_splits(programs: int, cache_len: int, sm_count: int) -> int:
-    """Split the cache until the grid about fills the GPU, each split covering >= MIN_SPLIT_LEN."""
-    if programs >= sm_count:
-        return 1
-    by_length = max(cache_len // MIN_SPLIT_LEN.value, 1)
-    return max(1, min(triton.cdiv(sm_count, programs), by_length, MAX_SPLITS))
+    """Split the cache until the grid about fills one wave of the GPU, each split >= _MIN_SPLIT_LEN."""
+    by_length = cache_len // _MIN_SPLIT_LEN.value
+    return max(1, min(sm_count // programs, by_length, _MAX_SPLITS))
 
 
 def verify_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -316,19 +327,18 @@ def verify_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     rows = num_new * group_size
     is_tree = tree_mask is not None
     dtype = _DTYPE_NAMES[q.dtype]
-    sm_count = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
-        if q.is_cuda else _SM_COUNT_WITHOUT_GPU
+    sm_count = _sm_count(q.device)
 
-    block_m = _block_m_for(rows, is_tree, batch * num_kv_heads * triton.cdiv(rows, 128) >= sm_count)
+    block_m = _block_m_for(rows, dtype, is_tree, batch * num_kv_heads * triton.cdiv(rows, 128) >= sm_count)
     num_query_blocks = triton.cdiv(rows, block_m)
     num_splits = _num_splits(batch * num_kv_heads * num_query_blocks, cache_len, sm_count)
     config = _CONFIG_INDEX[(dtype, dtype if num_splits == 1 else "fp32", head_dim, is_tree, block_m)]
 
-    if num_splits == 1:
+    if num_splits == 1:   # the kernel writes out and lse itself
         dest_out, dest_lse = out, lse
-        out_strides = (out.stride(0), out.stride(1), out.stride(2), 0)
-        lse_strides = (num_q_heads * num_new, num_new, 1, 0)
-    else:
+        out_strides = (*out.stride()[:3], 0)
+        lse_strides = (*lse.stride(), 0) if lse is not None else (0, 0, 0, 0)
+    else:                 # fp32 partials, then the merge kernel writes out and lse
         dest_out = torch.empty((batch, num_q_heads, num_new, num_splits, head_dim),
                                dtype=torch.float32, device=q.device)
         dest_lse = torch.empty((batch, num_q_heads, num_new, num_splits), dtype=torch.float32, device=q.device)
@@ -336,8 +346,8 @@ def verify_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         lse_strides = dest_lse.stride()
     store_lse = dest_lse is not None
     if dest_lse is None:
-        dest_lse = torch.empty(0, dtype=torch.float32, device=q.device)
-    tree_arg = tree_mask if is_tree else prefix_lens  # never read for a chain
+        dest_lse = torch.empty(0, dtype=torch.float32, device=q.device)   # never written
+    tree_arg = tree_mask if is_tree else prefix_lens                        # never read for a chain
 
     device_guard = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
     with device_guard:
@@ -347,7 +357,7 @@ def verify_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             *out_strides, *lse_strides,
-            sm_scale * _LOG2E, num_new, cache_len, num_kv_heads, group_size, num_splits, int(store_lse),
+            sm_scale * _LOG2E.value, num_new, cache_len, num_kv_heads, group_size, num_splits, int(store_lse),
             HEAD_DIM=head_dim, BLOCK_D=config["BLOCK_D"], BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"],
             IS_TREE=is_tree, num_warps=config["num_warps"], num_stages=config["num_stages"],
         )
@@ -356,7 +366,7 @@ def verify_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                 dest_out, dest_lse, prefix_lens, out, lse if lse is not None else dest_lse,
                 out.stride(0), out.stride(1), out.stride(2),
                 num_q_heads, num_new, cache_len, num_splits, int(lse is not None),
-                HEAD_DIM=head_dim, BLOCK_D=config["BLOCK_D"], num_warps=4 if head_dim <= 128 else 8,
+                HEAD_DIM=head_dim, BLOCK_D=config["BLOCK_D"], num_warps=_merge_num_warps(head_dim),
             )
 
 
@@ -365,29 +375,27 @@ verify_attention_triton_op = torch.library.custom_op(
 
 
 @verify_attention_triton_op.register_fake
-def _(q, k_cache, v_cache, prefix_lens, tree_mask, sm_scale, out, lse) -> None:
+def _verify_attention_triton_fake(q, k_cache, v_cache, prefix_lens, tree_mask, sm_scale, out, lse) -> None:
     return None
 
 
 # ---------------------------------------------------------------------------------------------------
 # Ahead-of-time compilation for sm_90 (no GPU needed): the compile test tier.
 
-_PTX_TYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
-
-
-def _main_kernel_types(config: dict) -> dict:
-    dtype = _PTX_TYPES[config["dtype"]]
+def _main_kernel_types(config: dict) -> Tuple[dict, dict]:
+    """(types of the non-constexpr arguments that are not i32, constexpr values) for one config."""
+    dtype = config["dtype"]
     types = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "PrefixLens": "*i32",
-             "TreeMask": "*i64" if config["is_tree"] else "*i32", "Out": f"*{_PTX_TYPES[config['out_dtype']]}",
+             "TreeMask": "*i64" if config["is_tree"] else "*i32", "Out": f"*{config['out_dtype']}",
              "Lse": "*fp32", "qk_scale": "fp32"}
     constexprs = {"HEAD_DIM": config["head_dim"], "BLOCK_D": config["BLOCK_D"], "BLOCK_M": config["BLOCK_M"],
                   "BLOCK_N": config["BLOCK_N"], "IS_TREE": config["is_tree"]}
     return types, constexprs
 
 
-def _merge_kernel_types(out_dtype: str, head_dim: int) -> dict:
+def _merge_kernel_types(out_dtype: str, head_dim: int) -> Tuple[dict, dict]:
     types = {"PartialOut": "*fp32", "PartialLse": "*fp32", "PrefixLens": "*i32",
-             "Out": f"*{_PTX_TYPES[out_dtype]}", "Lse": "*fp32"}
+             "Out": f"*{out_dtype}", "Lse": "*fp32"}
     constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim)}
     return types, constexprs
 
@@ -441,7 +449,7 @@ def _compile_sm90(fn, types: dict, constexprs: dict, num_warps: int, num_stages:
 def _compile_merge_sm90(out_dtype: str, head_dim: int) -> dict:
     types, constexprs = _merge_kernel_types(out_dtype, head_dim)
     return _compile_sm90(_verify_attention_merge_kernel, types, constexprs,
-                         num_warps=4 if head_dim <= 128 else 8, num_stages=1,
+                         num_warps=_merge_num_warps(head_dim), num_stages=1,
                          name=f"merge_{out_dtype}_d{head_dim}")
 
 
