@@ -15,3 +15,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests.ops.test_verify_attention_compile import REPORT
+    if REPORT:
+        terminalreporter.section("Triton kernels compiled for sm_90 (ptxas -v)")
+        for report in REPORT:
+            terminalreporter.write_line(
+                f"{report['name']:70s} {report['registers']:4d} registers, "
+                f"spill stores {report['spill_stores']} B, spill loads {report['spill_loads']} B")

@@ -1,0 +1,214 @@
+"""Benchmark verify_attention against what a user would otherwise write.
+
+    python bench/verify_attention.py                      # CPU: the C++ kernel vs SDPA with a mask vs the reference
+    python bench/verify_attention.py --device cuda        # GPU: every backend vs SDPA / flash-attn / FlashInfer
+    python bench/verify_attention.py --json out.json --md out.md
+
+CPU: torch.utils.benchmark medians (compare ratios within one run: timings on a shared 2-core machine are
+noisy). GPU: triton.testing.do_bench medians with a cold L2, with GB/s and % of the measured copy bandwidth
+(the kernel is memory bound: it must read the cache once per KV head).
+Each configuration is checked against the reference before it is timed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fastvlm_kernels.ops.verify_attention import BACKENDS, verify_attention, verify_attention_reference  # noqa: E402
+from fastvlm_kernels.ops.verify_attention.reference import visibility_mask  # noqa: E402
+
+# (name, Hq, Hkv, D): MHA like LLaVA-1.5-7B's Llama-2, GQA like Qwen2-VL-7B's Qwen2.
+HEAD_SHAPES = [("mha-8", 8, 8, 128), ("gqa-28/4", 28, 4, 128)]
+GPU_HEAD_SHAPES = [("llava-1.5-7b", 32, 32, 128), ("qwen2-vl-7b", 28, 4, 128)]
+CPU_PREFIXES = (1024, 4096)
+GPU_PREFIXES = (1024, 2048, 4096, 8192)
+NEW_TOKENS = (1, 4, 8, 16, 64)
+
+
+def chain_mask(batch: int, num_new: int, device) -> torch.Tensor:
+    rows = [(1 << (j + 1)) - 1 if j < 63 else -1 for j in range(num_new)]
+    return torch.tensor(rows, dtype=torch.int64, device=device).expand(batch, num_new).contiguous()
+
+
+def make_case(batch, num_q_heads, num_kv_heads, head_dim, prefix, num_new, dtype, device):
+    generator = torch.Generator(device="cpu").manual_seed(prefix * 131 + num_new)
+    cache_len = prefix + num_new
+    q = torch.randn(batch, num_q_heads, num_new, head_dim, generator=generator).to(device, dtype)
+    k_cache = torch.randn(batch, num_kv_heads, cache_len, head_dim, generator=generator).to(device, dtype)
+    v_cache = torch.randn(batch, num_kv_heads, cache_len, head_dim, generator=generator).to(device, dtype)
+    prefix_lens = torch.full((batch,), prefix, dtype=torch.int32, device=device)
+    return q, k_cache, v_cache, prefix_lens
+
+
+def sdpa_with_mask(q, k_cache, v_cache, attn_mask):
+    """What a user writes without this package: SDPA over the cache with an explicit boolean mask."""
+    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=attn_mask, enable_gqa=True)
+
+
+def usable(backend_name, q):
+    backend = {b.name: b for b in BACKENDS}[backend_name]
+    return not backend.not_supported_reasons(q)
+
+
+def check(q, k_cache, v_cache, prefix_lens, backend):
+    expected, _ = verify_attention_reference(q, k_cache, v_cache, prefix_lens)
+    got = verify_attention(q, k_cache, v_cache, prefix_lens, backend=backend)
+    error = (got.float() - expected.float()).abs().max().item()
+    limit = 1e-4 if q.dtype == torch.float32 else 3e-2
+    if not error <= limit:
+        raise SystemExit(f"{backend} disagrees with the reference: max abs error {error:.3g} > {limit}")
+
+
+def time_cpu(fn, min_run_time):
+    from torch.utils import benchmark
+    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e6
+
+
+def run_cpu(args):
+    rows = []
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    total = len(HEAD_SHAPES) * len(CPU_PREFIXES) * len(NEW_TOKENS) * len(dtypes)
+    for dtype_name, dtype in dtypes.items():
+        for shape_name, num_q_heads, num_kv_heads, head_dim in HEAD_SHAPES:
+            for prefix in CPU_PREFIXES:
+                for num_new in NEW_TOKENS:
+                    q, k_cache, v_cache, prefix_lens = make_case(1, num_q_heads, num_kv_heads, head_dim,
+                                                                 prefix, num_new, dtype, "cpu")
+                    mask = visibility_mask(prefix_lens, None, num_new, k_cache.shape[2])[:, None]
+                    row = dict(dtype=dtype_name, shape=shape_name, Hq=num_q_heads, Hkv=num_kv_heads, D=head_dim,
+                               prefix=prefix, T=num_new)
+                    row["sdpa_mask_us"] = time_cpu(lambda: sdpa_with_mask(q, k_cache, v_cache, mask), args.min_time)
+                    if usable("cpu", q):
+                        check(q, k_cache, v_cache, prefix_lens, "cpu")
+                        row["cpu_us"] = time_cpu(lambda: verify_attention(q, k_cache, v_cache, prefix_lens,
+                                                                          validate=False, backend="cpu"),
+                                                 args.min_time)
+                        row["speedup_vs_sdpa"] = row["sdpa_mask_us"] / row["cpu_us"]
+                    if not args.skip_reference:
+                        row["reference_us"] = time_cpu(lambda: verify_attention_reference(q, k_cache, v_cache,
+                                                                                           prefix_lens), args.min_time)
+                    rows.append(row)
+                    print(f"[{len(rows)}/{total}] " + format_row(row), flush=True)
+    return rows
+
+
+def run_gpu(args):
+    import triton.testing
+
+    device = "cuda"
+    rows = []
+    # Measured copy bandwidth: read + write of a 1 GiB buffer.
+    buffer = torch.empty(1 << 29, dtype=torch.float16, device=device)
+    copy_ms = triton.testing.do_bench(lambda: buffer.clone(), warmup=25, rep=200)
+    copy_gbps = 2 * buffer.numel() * buffer.element_size() / copy_ms / 1e6
+    del buffer
+    print(f"measured copy bandwidth: {copy_gbps:.0f} GB/s", flush=True)
+    try:
+        from flash_attn import flash_attn_with_kvcache
+    except ImportError:
+        flash_attn_with_kvcache = None
+    backends = [name for name in ("cuda", "triton") if usable(name, torch.empty(1, 1, 1, 64, device=device,
+                                                                                 dtype=torch.float16))]
+    dtype = torch.bfloat16
+    for shape_name, num_q_heads, num_kv_heads, head_dim in GPU_HEAD_SHAPES:
+        for batch in (1, 4):
+            for prefix in GPU_PREFIXES:
+                for num_new in NEW_TOKENS:
+                    for tree in (False, True) if num_new > 1 else (False,):
+                        q, k_cache, v_cache, prefix_lens = make_case(batch, num_q_heads, num_kv_heads, head_dim,
+                                                                     prefix, num_new, dtype, device)
+                        tree_mask = chain_mask(batch, num_new, device) if tree else None
+                        mask = visibility_mask(prefix_lens, tree_mask, num_new, k_cache.shape[2])[:, None]
+                        bytes_moved = (2 * k_cache.numel() + 2 * q.numel()) * q.element_size()
+                        row = dict(dtype="bf16", shape=shape_name, B=batch, Hq=num_q_heads, Hkv=num_kv_heads,
+                                   D=head_dim, prefix=prefix, T=num_new, mask="tree" if tree else "chain",
+                                   copy_gbps=copy_gbps)
+                        row["sdpa_mask_us"] = 1e3 * triton.testing.do_bench(
+                            lambda: sdpa_with_mask(q, k_cache, v_cache, mask))
+                        if flash_attn_with_kvcache is not None and not tree:
+                            q_fa, k_fa, v_fa = (t.transpose(1, 2) for t in (q, k_cache, v_cache))
+                            seqlens = prefix_lens + num_new
+                            row["flash_attn_us"] = 1e3 * triton.testing.do_bench(
+                                lambda: flash_attn_with_kvcache(q_fa, k_fa, v_fa, cache_seqlens=seqlens, causal=True))
+                        for backend in backends:
+                            check(q, k_cache, v_cache, prefix_lens, backend)
+                            microseconds = 1e3 * triton.testing.do_bench(
+                                lambda: verify_attention(q, k_cache, v_cache, prefix_lens, tree_mask,
+                                                         validate=False, backend=backend))
+                            row[f"{backend}_us"] = microseconds
+                            row[f"{backend}_gbps"] = bytes_moved / microseconds / 1e3
+                            row[f"{backend}_pct_copy"] = 100 * row[f"{backend}_gbps"] / copy_gbps
+                            row[f"{backend}_speedup_vs_sdpa"] = row["sdpa_mask_us"] / microseconds
+                        rows.append(row)
+                        print(format_row(row), flush=True)
+    return rows
+
+
+def format_row(row):
+    keys = [key for key in row if key not in ("copy_gbps",)]
+    return "  ".join(f"{key}={row[key]:.1f}" if isinstance(row[key], float) else f"{key}={row[key]}"
+                     for key in keys)
+
+
+def markdown(rows, header):
+    if not rows:
+        return header + "\n\n(no rows)\n"
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    lines = [header, "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in rows:
+        cells = [f"{row[k]:.2f}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def environment(device):
+    info = dict(date=datetime.date.today().isoformat(), python=platform.python_version(), torch=torch.__version__,
+                machine=platform.machine(), threads=torch.get_num_threads())
+    if device == "cuda":
+        info["device"] = torch.cuda.get_device_name()
+        try:
+            import triton
+            info["triton"] = triton.__version__
+        except ImportError:
+            pass
+    else:
+        info["device"] = platform.processor() or "cpu"
+    return info
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--min-time", type=float, default=0.2, help="CPU: seconds per measurement")
+    parser.add_argument("--skip-reference", action="store_true", help="CPU: do not time the slow reference")
+    parser.add_argument("--json", type=Path, help="write the rows and the environment here")
+    parser.add_argument("--md", type=Path, help="write a markdown table here")
+    args = parser.parse_args()
+
+    env = environment(args.device)
+    print(f"verify_attention on {env['device']} (torch {env['torch']}, {env['threads']} threads)", flush=True)
+    rows = run_cpu(args) if args.device == "cpu" else run_gpu(args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
+    if args.md:
+        args.md.parent.mkdir(parents=True, exist_ok=True)
+        args.md.write_text(markdown(rows, f"# verify_attention on {env['device']}, {env['date']}\n\n"
+                                          f"torch {env['torch']}; times in µs (medians)"))
+    if args.device == "cpu" and rows and "cpu_us" in rows[0]:
+        worst = min(row["speedup_vs_sdpa"] for row in rows)
+        gqa_bf16 = [row["speedup_vs_sdpa"] for row in rows if row["dtype"] == "bf16" and row["Hq"] != row["Hkv"]]
+        print(f"\nC++ kernel vs SDPA with a mask: worst {worst:.2f}x; GQA bf16 worst "
+              f"{min(gqa_bf16):.2f}x (targets: >= 1x everywhere, >= 2x on GQA bf16)")
+
+
+if __name__ == "__main__":
+    main()
