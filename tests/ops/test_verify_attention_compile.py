@@ -17,9 +17,11 @@ SPILL_BUDGET_BYTES = 0
 REPORT = []  # printed by conftest's pytest_terminal_summary
 
 _COMPILE_ALL = r"""
-import json
+import json, os
+from concurrent.futures import ProcessPoolExecutor
 from fastvlm_kernels.ops.verify_attention.triton import KERNEL_CONFIGS, compile_for_sm90
-print(json.dumps([compile_for_sm90(config) for config in KERNEL_CONFIGS]))
+with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    print(json.dumps(list(pool.map(compile_for_sm90, KERNEL_CONFIGS))))
 """
 
 
