@@ -1,10 +1,10 @@
 // verify_attention on CPU: flash-attention style, at::parallel_for over work items (batch row, KV head,
 // block of <= 128 rows of that head's flattened [T x G] query matrix, t-major[, chunk of the key range]).
-// An item streams the keys its rows can see in 64-key tiles: each K tile is converted to fp32 and
-// transposed once (K^T), then shared by all rows: S = Q K^T by a register-blocked micro-kernel (rows x
-// 64 keys), online softmax in fp32, O += P V (rows x 64 dims). Key chunks, used only when there are too
-// few items for the threads, are merged by log-sum-exp. Aim: read K/V once per item at memory bandwidth
-// (decode), fp32 FMA throughput when T x G is large.
+// An item streams the keys its rows can see in 64-key tiles, each read once and shared by all its rows:
+// S = Q K^T (<= 4 rows: dot products along D; more: K^T tile x 6-row register block), online softmax in
+// fp32, O += P V; bf16 with AMX does both products as 16x16 tile matmuls (P rounded to bf16, fp32 sums).
+// Key chunks (only when items are too few for the threads) merge by log-sum-exp. Aim: memory speed for
+// decode, FMA / AMX throughput when T x G is large.
 #include "ops.h"
 
 #include <algorithm>
@@ -36,8 +36,8 @@
 #else
 #define FASTVLM_VA_AMX 0
 #endif
-#if !defined(_OPENMP)
-#pragma message("verify_attention.cpp built without OpenMP (-fopenmp): at::parallel_for will run on one thread")
+#if AT_PARALLEL_OPENMP && !defined(_OPENMP)
+#pragma message("verify_attention.cpp built without -fopenmp: at::parallel_for will run on one thread")
 #endif
 // The wide vector types below are only ever used inside always-inline code compiled for the ISA that
 // supports them; the ABI note GCC prints for them does not apply.
@@ -49,12 +49,9 @@ namespace fastvlm {
 namespace {
 
 constexpr int kKeyTile = 64;        // keys per tile (a multiple of every vector width)
-constexpr int kMaxBlockRows = 128;
+constexpr int kMaxBlockRows = 128;  // query rows (t, g) per work item
 constexpr int kMinSplitKeys = 256;  // a key chunk is never shorter than this
-#ifndef VA_DIRECT_ROWS
-#define VA_DIRECT_ROWS 4
-#endif
-constexpr int kMaxDirectRows = VA_DIRECT_ROWS;  // blocks with more rows transpose K tiles
+constexpr int kMaxDirectRows = 4;   // blocks with more rows transpose K tiles (or use AMX)
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -533,11 +530,13 @@ void write_rows(const Problem& p, int64_t item, const WorkItem& w, const float* 
     const int64_t t = (w.first_row + r) / G, head = w.kv_head * G + (w.first_row + r) % G;
     const float total = row_sum[r];
     const float inverse = total > 0.0f ? 1.0f / total : 0.0f;
-    scalar_t* dst = static_cast<scalar_t*>(p.out) + w.b * p.out_stride[0] + head * p.out_stride[1] + t * p.out_stride[2];
+    scalar_t* dst = static_cast<scalar_t*>(p.out) + w.b * p.out_stride[0] + head * p.out_stride[1] +
+                    t * p.out_stride[2];
     const float* acc_row = acc + r * acc_stride;
     for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc_row[d] * inverse);
     if (p.lse != nullptr)
-      p.lse[(w.b * p.num_q_heads + head) * p.num_new + t] = total > 0.0f ? (row_max[r] + std::log2(total)) * kLn2 : kNegInf;
+      p.lse[(w.b * p.num_q_heads + head) * p.num_new + t] =
+          total > 0.0f ? (row_max[r] + std::log2(total)) * kLn2 : kNegInf;
   }
 }
 
@@ -576,7 +575,8 @@ FASTVLM_INLINE void run_item(const Problem& p, int64_t item, Buffers& buf) {
     const int first_masked = static_cast<int>(std::clamp<int64_t>(w.prefix - tile_start, 0, num_keys));
     for (int r = 0; r < w.num_rows; ++r) {
       float* row_scores = buf.scores + r * kKeyTile;
-      if (first_masked < kKeyTile) mask_row(p, w, (w.first_row + r) / G, tile_start, first_masked, num_keys, row_scores);
+      if (first_masked < kKeyTile)
+        mask_row(p, w, (w.first_row + r) / G, tile_start, first_masked, num_keys, row_scores);
       softmax_row<W, false>(row_scores, 1.0f, buf.row_max[r], buf.row_sum[r], buf.acc + r * D, D, nullptr);
     }
     if (convert_values) {
@@ -749,7 +749,8 @@ FASTVLM_AMX_TARGET inline void run_item_amx(const Problem& p, int64_t item, AmxB
           block[i] = (F)words;
         }
         transpose<16>(block);
-        for (int i = 0; i < 16; ++i) store<16>(reinterpret_cast<float*>(buf.kt + (d0 / 2 + i) * kKeyTile + key0), block[i]);
+        for (int i = 0; i < 16; ++i)
+          store<16>(reinterpret_cast<float*>(buf.kt + (d0 / 2 + i) * kKeyTile + key0), block[i]);
       }
     }
     amx_scores(buf);
@@ -757,7 +758,8 @@ FASTVLM_AMX_TARGET inline void run_item_amx(const Problem& p, int64_t item, AmxB
     const int first_masked = static_cast<int>(std::clamp<int64_t>(w.prefix - tile_start, 0, num_keys));
     for (int r = 0; r < w.num_rows; ++r) {
       float* row_scores = buf.scores + r * kKeyTile;
-      if (first_masked < kKeyTile) mask_row(p, w, (w.first_row + r) / G, tile_start, first_masked, num_keys, row_scores);
+      if (first_masked < kKeyTile)
+        mask_row(p, w, (w.first_row + r) / G, tile_start, first_masked, num_keys, row_scores);
       softmax_row<16, true>(row_scores, p.scale_log2, buf.row_max[r], buf.row_sum[r], buf.acc + r * Dp, Dp,
                             buf.probs + r * kKeyTile);
     }
@@ -767,7 +769,8 @@ FASTVLM_AMX_TARGET inline void run_item_amx(const Problem& p, int64_t item, AmxB
       const int key = 2 * pair;
       for (int64_t d0 = 0; d0 < Dp; d0 += 32) {
         const bf16x32 even = key < num_keys ? load_bf16x32(v_tile + key * p.v_stride[2] + d0, D - d0) : bf16x32{};
-        const bf16x32 odd = key + 1 < num_keys ? load_bf16x32(v_tile + (key + 1) * p.v_stride[2] + d0, D - d0) : bf16x32{};
+        const bf16x32 odd =
+            key + 1 < num_keys ? load_bf16x32(v_tile + (key + 1) * p.v_stride[2] + d0, D - d0) : bf16x32{};
         const bf16x32 low = zip16_low(even, odd, std::make_index_sequence<32>{});
         const bf16x32 high = zip16_high(even, odd, std::make_index_sequence<32>{});
         std::memcpy(buf.v + (pair * Dp + d0) * 2, &low, sizeof(low));
@@ -841,14 +844,15 @@ void merge_splits(const Problem& p, int64_t group_index) {
     }
     const int64_t t = (first_row + r) / G, head = kv_head * G + (first_row + r) % G;
     const float inverse = total > 0.0f ? 1.0f / total : 0.0f;
-    scalar_t* dst = static_cast<scalar_t*>(p.out) + b * p.out_stride[0] + head * p.out_stride[1] + t * p.out_stride[2];
+    scalar_t* dst =
+        static_cast<scalar_t*>(p.out) + b * p.out_stride[0] + head * p.out_stride[1] + t * p.out_stride[2];
     for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(row[d] * inverse);
     if (p.lse != nullptr)
       p.lse[(b * p.num_q_heads + head) * T + t] = total > 0.0f ? (max_all + std::log2(total)) * kLn2 : kNegInf;
   }
 }
 
-// ---- instruction-set dispatch: the same code compiled three times, picked once at run time ----------
+// ---- instruction-set dispatch: the same code compiled for three ISAs (+ AMX for bf16), picked at run time
 using ItemsFn = void (*)(const Problem&, int64_t, int64_t);
 
 template <typename scalar_t>
@@ -923,13 +927,13 @@ void verify_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const 
     p.v_stride[i] = v_cache.stride(i);
     p.out_stride[i] = out.stride(i);
   }
-  p.q = q.data_ptr();
-  p.k = k_cache.data_ptr();
-  p.v = v_cache.data_ptr();
-  p.out = out.data_ptr();
-  p.lse = lse.has_value() ? lse->data_ptr<float>() : nullptr;
-  p.prefix_lens = prefix_lens.data_ptr<int32_t>();
-  p.tree_mask = tree_mask.has_value() ? tree_mask->data_ptr<int64_t>() : nullptr;
+  p.q = q.const_data_ptr();
+  p.k = k_cache.const_data_ptr();
+  p.v = v_cache.const_data_ptr();
+  p.out = out.mutable_data_ptr();
+  p.lse = lse.has_value() ? lse->mutable_data_ptr<float>() : nullptr;
+  p.prefix_lens = prefix_lens.const_data_ptr<int32_t>();
+  p.tree_mask = tree_mask.has_value() ? tree_mask->const_data_ptr<int64_t>() : nullptr;
   p.scale_log2 = static_cast<float>(sm_scale) * kLog2e;
 
   const int64_t total_rows = p.num_new * p.group;
@@ -943,7 +947,8 @@ void verify_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const 
   const int64_t base_items = p.num_blocks * p.batch * p.num_kv_heads;
   p.num_splits = 1;
   if (base_items % threads != 0 && base_items < 4 * threads)
-    p.num_splits = std::max<int64_t>(1, std::min((4 * threads + base_items - 1) / base_items, longest / kMinSplitKeys));
+    p.num_splits =
+        std::max<int64_t>(1, std::min((4 * threads + base_items - 1) / base_items, longest / kMinSplitKeys));
   p.split_keys = (longest + p.num_splits - 1) / p.num_splits;
   p.split_keys = (p.split_keys + kKeyTile - 1) / kKeyTile * kKeyTile;
 
