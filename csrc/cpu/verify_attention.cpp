@@ -267,6 +267,31 @@ struct Buffers {
   }
 };
 
+// Software prefetch, spread over the pass over a tile's K rows: that tile's V rows (read right after) and the
+// next tile's K rows. The cache comes from L3 or DRAM; without this the loads wait on the hardware prefetcher.
+struct TilePrefetch {
+  const char* v_rows;       // this tile's V rows
+  const char* next_k_rows;  // the next tile's K rows (prefetch never faults, so past the end is harmless)
+  int64_t v_stride, k_stride, row_bytes;  // in bytes
+
+  template <typename scalar_t>
+  TilePrefetch(const scalar_t* v_tile, int64_t v_row_stride, const scalar_t* k_tile, int64_t k_row_stride,
+               int64_t head_dim)
+      : v_rows(reinterpret_cast<const char*>(v_tile)),
+        next_k_rows(reinterpret_cast<const char*>(k_tile + kKeyTile * k_row_stride)),
+        v_stride(v_row_stride * static_cast<int64_t>(sizeof(scalar_t))),
+        k_stride(k_row_stride * static_cast<int64_t>(sizeof(scalar_t))),
+        row_bytes(head_dim * static_cast<int64_t>(sizeof(scalar_t))) {}
+
+  FASTVLM_INLINE void keys(int first, int count) const {
+    for (int key = first; key < first + count; ++key)
+      for (int64_t byte = 0; byte < row_bytes; byte += 64) {
+        __builtin_prefetch(v_rows + key * v_stride + byte);
+        __builtin_prefetch(next_k_rows + key * k_stride + byte);
+      }
+  }
+};
+
 // ---- micro-kernels ------------------------------------------------------------------------------------
 // scores[R][kKeyTile] = q[R][D] . kt[D][kKeyTile], for the key vectors [first_vec, first_vec + NV).
 template <int W, int R, int NV>
@@ -338,9 +363,10 @@ FASTVLM_INLINE typename Vec<W>::f32 sum_each(typename Vec<W>::f32 (&v)[W]) {
 // Scores of a few rows straight from K rows (no transpose): W keys at a time, dot products along D.
 template <int W, typename scalar_t>
 FASTVLM_INLINE void scores_direct(const float* q, const scalar_t* k, int64_t k_row_stride, int num_keys,
-                                  float* scores, int64_t head_dim, int rows) {
+                                  float* scores, int64_t head_dim, int rows, const TilePrefetch& prefetch) {
   using F = typename Vec<W>::f32;
   for (int key0 = 0; key0 < num_keys; key0 += W) {
+    prefetch.keys(key0, W);
     const scalar_t* key_rows[W];
 #pragma GCC unroll 16
     for (int j = 0; j < W; ++j) key_rows[j] = k + std::min(key0 + j, num_keys - 1) * k_row_stride;
@@ -420,9 +446,10 @@ FASTVLM_INLINE void accumulate(const float* probs, const value_t* v, int64_t v_r
 // K rows [0, num_keys) of the tile as fp32 K^T [D][kKeyTile]; keys past num_keys read as zero.
 template <int W, typename scalar_t>
 FASTVLM_INLINE void load_keys_transposed(const scalar_t* k, int64_t k_row_stride, int num_keys,
-                                         int64_t head_dim, float* kt) {
+                                         int64_t head_dim, float* kt, const TilePrefetch& prefetch) {
   using F = typename Vec<W>::f32;
   for (int key0 = 0; key0 < kKeyTile; key0 += W) {
+    prefetch.keys(key0, W);
     for (int64_t d0 = 0; d0 < head_dim; d0 += W) {
       F block[W];
 #pragma GCC unroll 16
@@ -566,11 +593,12 @@ FASTVLM_INLINE void run_item(const Problem& p, int64_t item, Buffers& buf) {
     const scalar_t* k_tile = k_head + tile_start * p.k_stride[2];
     const scalar_t* v_tile = v_head + tile_start * p.v_stride[2];
 
+    const TilePrefetch prefetch(v_tile, p.v_stride[2], k_tile, p.k_stride[2], D);
     if (transpose_keys) {
-      load_keys_transposed<W>(k_tile, p.k_stride[2], num_keys, D, buf.kt);
+      load_keys_transposed<W>(k_tile, p.k_stride[2], num_keys, D, buf.kt, prefetch);
       scores_transposed<W>(buf.q, buf.kt, buf.scores, D, w.num_rows);
     } else {
-      scores_direct<W>(buf.q, k_tile, p.k_stride[2], num_keys, buf.scores, D, w.num_rows);
+      scores_direct<W>(buf.q, k_tile, p.k_stride[2], num_keys, buf.scores, D, w.num_rows, prefetch);
     }
     const int first_masked = static_cast<int>(std::clamp<int64_t>(w.prefix - tile_start, 0, num_keys));
     for (int r = 0; r < w.num_rows; ++r) {
@@ -740,7 +768,9 @@ FASTVLM_AMX_TARGET inline void run_item_amx(const Problem& p, int64_t item, AmxB
     const c10::BFloat16* v_tile = v_head + tile_start * p.v_stride[2];
 
     // K^T as bf16 pairs: a 16 x 16 transpose of 32-bit words per 16 keys x 32 dims.
+    const TilePrefetch prefetch(v_tile, p.v_stride[2], k_tile, p.k_stride[2], D);
     for (int key0 = 0; key0 < kKeyTile; key0 += 16) {
+      prefetch.keys(key0, 16);
       for (int64_t d0 = 0; d0 < Dp; d0 += 32) {
         F block[16];
         for (int i = 0; i < 16; ++i) {
