@@ -26,4 +26,14 @@ void verify_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const
                            double sm_scale, at::Tensor& out, const std::optional<at::Tensor>& lse);
 #endif
 
+// ---- kv_cache: kv_compact --------------------------------------------------------------------------
+// buffer [num_layers, 2, B, Hkv, L_max, D] (any dtype, last dim contiguous, other strides arbitrary),
+// start [B] int32, accepted [B, A] int32 (-1 padded, strictly increasing). Moves position
+// start[b] + accepted[b, j] to start[b] + j in every layer, keys and values, in place; moves that would
+// leave the buffer are skipped.
+void kv_compact_cpu(at::Tensor& buffer, const at::Tensor& start, const at::Tensor& accepted);
+#ifdef FASTVLM_WITH_CUDA
+void kv_compact_cuda(at::Tensor& buffer, const at::Tensor& start, const at::Tensor& accepted);
+#endif
+
 }  // namespace fastvlm

@@ -1,0 +1,73 @@
+// kv_compact CUDA kernel (no torch headers). A byte mover: one instance per vector width, any dtype.
+#pragma once
+
+#include <cstdint>
+
+namespace fastvlm {
+namespace kv_cache {
+
+struct CompactParams {
+  char* buffer;            // [num_layers, 2, B, Hkv, L_max, D], strides in bytes below
+  int64_t stride_layer, stride_kv, stride_b, stride_h, stride_pos;
+  const int32_t* start;    // [B]
+  const int32_t* accepted; // [B, A], -1 padded
+  int64_t batch, num_kv_heads, cache_len, num_accepted;
+  int64_t vectors_per_row; // row bytes / sizeof(Vec)
+};
+
+constexpr int kThreads = 128;
+constexpr int kVectorsPerThread = 4;  // registers holding one chunk before the barrier
+
+// Grid: (num_layers * 2 * B * Hkv,), kThreads threads. One block owns one [L_max, D] slice and walks the
+// flattened (node j, vector v) items of its row in chunks of kThreads * kVectorsPerThread: every thread
+// loads its items of the chunk into registers, __syncthreads, then stores them. Sources of later chunks
+// lie at or after this chunk's destinations (accepted[j] >= j), and the barrier orders the chunk's loads
+// before its stores, so a destination that is another node's source is safe. Rows that stay put
+// (accepted[j] == j) are skipped; the loop ends at the first -1. Memory bound: read once, write once.
+template <typename Vec>
+__global__ void __launch_bounds__(kThreads) kv_compact_kernel(CompactParams params) {
+  const int64_t slice = blockIdx.x;
+  const int64_t head = slice % params.num_kv_heads;
+  const int64_t row = (slice / params.num_kv_heads) % params.batch;
+  const int64_t kv = (slice / (params.num_kv_heads * params.batch)) % 2;
+  const int64_t layer = slice / (params.num_kv_heads * params.batch * 2);
+  char* base = params.buffer + layer * params.stride_layer + kv * params.stride_kv + row * params.stride_b +
+               head * params.stride_h;
+  const int32_t* nodes = params.accepted + row * params.num_accepted;
+  const int64_t row_start = params.start[row];
+
+  // Number of leading non-padding nodes (all threads agree; A is small next to the bytes moved).
+  int64_t num_nodes = params.num_accepted;
+  for (int64_t j = 0; j < params.num_accepted; ++j) {
+    if (nodes[j] < 0) { num_nodes = j; break; }
+  }
+  const int64_t total = num_nodes * params.vectors_per_row;
+  constexpr int64_t kChunk = int64_t{kThreads} * kVectorsPerThread;
+  for (int64_t chunk = 0; chunk < total; chunk += kChunk) {
+    Vec held[kVectorsPerThread];
+    int64_t destination_offset[kVectorsPerThread];
+#pragma unroll
+    for (int i = 0; i < kVectorsPerThread; ++i) {
+      destination_offset[i] = -1;
+      const int64_t item = chunk + threadIdx.x + int64_t{i} * kThreads;
+      if (item < total) {
+        const int64_t j = item / params.vectors_per_row;
+        const int64_t vector = item - j * params.vectors_per_row;
+        const int64_t node = nodes[j];
+        const int64_t source = row_start + node, destination = row_start + j;
+        if (node != j && destination >= 0 && source < params.cache_len) {
+          held[i] = reinterpret_cast<const Vec*>(base + source * params.stride_pos)[vector];
+          destination_offset[i] = destination * params.stride_pos + vector * int64_t{sizeof(Vec)};
+        }
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kVectorsPerThread; ++i) {
+      if (destination_offset[i] >= 0) *reinterpret_cast<Vec*>(base + destination_offset[i]) = held[i];
+    }
+  }
+}
+
+}  // namespace kv_cache
+}  // namespace fastvlm
