@@ -1,0 +1,206 @@
+"""kv_compact: every runnable backend against the reference (bit for bit), untouched positions checked
+untouched, non-contiguous buffers, bad input, and the Triton kernel compiled for sm_90."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastvlm_kernels.ops import _dispatch, kv_compact
+from fastvlm_kernels.ops.kv_cache import BACKENDS
+from fastvlm_kernels.ops.kv_cache.spec import INTERPRETER_SHAPES, SUPPORTED_DTYPES, TEST_SHAPES
+
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_BITS = {2: torch.int16, 4: torch.int32}
+
+
+def _shape_id(shape):
+    num_layers, batch, heads, cache_len, head_dim = shape[:5]
+    return f"L{num_layers}-B{batch}-H{heads}-Lmax{cache_len}-D{head_dim}"
+
+
+def _runnable(backend: str, buffer: torch.Tensor) -> bool:
+    chosen = next(b for b in BACKENDS if b.name == backend)
+    return not chosen.not_supported_reasons(buffer)
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """An integer view, so that NaN poison compares bit for bit."""
+    return tensor.view(_BITS[tensor.element_size()])
+
+
+def _inputs(shape, dtype, device, seed=0, index_dtype=torch.int32):
+    num_layers, batch, heads, cache_len, head_dim, starts, accepted = shape
+    generator = torch.Generator().manual_seed(seed)
+    buffer = torch.randn(num_layers, 2, batch, heads, cache_len, head_dim, generator=generator).to(dtype)
+    return (buffer.to(device), torch.tensor(starts, dtype=index_dtype, device=device),
+            torch.tensor(accepted, dtype=index_dtype, device=device).reshape(batch, -1))
+
+
+def _destinations(shape) -> torch.Tensor:
+    """[B, L_max] bool: the positions kv_compact may write."""
+    _, batch, _, cache_len, _, starts, accepted = shape
+    mask = torch.zeros(batch, cache_len, dtype=torch.bool)
+    for b in range(batch):
+        for j, node in enumerate(accepted[b]):
+            if node >= 0 and node != j:
+                mask[b, starts[b] + j] = True
+    return mask
+
+
+def _check_backend(backend, shape, dtype, device, index_dtype=torch.int32):
+    buffer, start, accepted = _inputs(shape, dtype, device, index_dtype=index_dtype)
+    if not _runnable(backend, buffer):
+        pytest.skip(f"{backend} cannot run here: {next(b for b in BACKENDS if b.name == backend).not_supported_reasons(buffer)}")
+    # Poison every position that is neither a destination nor a source: it must come back unchanged.
+    _, batch, _, cache_len, _, starts, nodes = shape
+    keep = _destinations(shape)
+    for b in range(batch):
+        for node in nodes[b]:
+            if node >= 0:
+                keep[b, starts[b] + node] = True
+    untouched = ~keep.to(device)                                              # [B, L_max]
+    poisoned = buffer.clone()
+    poisoned.masked_fill_(untouched[None, None, :, None, :, None], float("nan"))
+    expected = poisoned.clone()
+    kv_compact(expected, start, accepted, backend="torch")
+    result = poisoned.clone()
+    returned = kv_compact(result, start, accepted, backend=backend)
+    assert returned is result
+    assert torch.equal(_bits(result), _bits(expected))
+    # Untouched positions: still the poison, bit for bit; destinations: not NaN (real data moved there).
+    region = untouched[None, None, :, None, :, None].expand_as(result)
+    assert torch.equal(_bits(result)[region], _bits(poisoned)[region])
+    moved = _destinations(shape).to(device)[None, None, :, None, :, None].expand_as(result)
+    assert not result[moved].isnan().any()
+
+
+@pytest.mark.parametrize("dtype", SUPPORTED_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape", TEST_SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_cpu_backends_match_reference(backend, shape, dtype):
+    _check_backend(backend, shape, dtype, "cpu")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape", INTERPRETER_SHAPES, ids=_shape_id)
+def test_triton_interpreter_matches_reference(shape, dtype):
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter tier runs without a GPU")
+    _check_backend("triton", shape, dtype, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", SUPPORTED_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape", TEST_SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_backends_match_reference(backend, shape, dtype):
+    _check_backend(backend, shape, dtype, "cuda")
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=["i32", "i64"])
+def test_index_dtypes(index_dtype):
+    _check_backend("cpu", TEST_SHAPES[3], torch.float32, "cpu", index_dtype=index_dtype)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
+def test_non_contiguous_buffer(backend):
+    """A view with a padded head dim and an offset window of positions; the bytes around it stay put."""
+    shape = TEST_SHAPES[2]
+    num_layers, batch, heads, cache_len, head_dim, starts, nodes = shape
+    generator = torch.Generator().manual_seed(3)
+    big = torch.randn(num_layers, 2, batch, heads + 1, cache_len + 7, head_dim, generator=generator)
+    view = big[:, :, :, 1:, 4:4 + cache_len]
+    if not _runnable(backend, view):
+        pytest.skip(f"{backend} cannot run here")
+    start = torch.tensor(starts)
+    accepted = torch.tensor(nodes)
+    expected = view.clone()
+    kv_compact(expected, start, accepted, backend="torch")
+    before = big.clone()
+    kv_compact(view, start, accepted, backend=backend)
+    assert torch.equal(view, expected)
+    outside = torch.ones_like(big, dtype=torch.bool)
+    outside[:, :, :, 1:, 4:4 + cache_len] = False
+    assert torch.equal(big[outside], before[outside])
+
+
+def test_chain_accepts_move_nothing():
+    buffer, start, accepted = _inputs((2, 2, 2, 16, 64, (3, 0), ((0, 1, 2), (0, 1, -1))), torch.float16, "cpu")
+    before = buffer.clone()
+    kv_compact(buffer, start, accepted)
+    assert torch.equal(buffer, before)
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+
+def _good():
+    return _inputs(TEST_SHAPES[1], torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("mutate, error, match", [
+    (lambda b, s, a: (b[0], s, a), ValueError, "buffer must have 6 dimensions"),
+    (lambda b, s, a: (b.expand(-1, 2, -1, -1, -1, -1)[:, :1], s, a), ValueError, r"buffer.shape\[1\] must be 2"),
+    (lambda b, s, a: (b.to(torch.float64), s, a), TypeError, "buffer must have dtype"),
+    (lambda b, s, a: (b.transpose(4, 5), s, a), ValueError, "contiguous last dimension"),
+    (lambda b, s, a: (b, s.float(), a), TypeError, "start must have dtype"),
+    (lambda b, s, a: (b, s[:1], a), ValueError, r"start.shape\[0\] must be 2"),
+    (lambda b, s, a: (b, s, a[0]), ValueError, "accepted must have 2 dimensions"),
+    (lambda b, s, a: (b, s, a[:1]), ValueError, r"accepted.shape\[0\] must be 2"),
+    (lambda b, s, a: (b, s.to("meta"), a), ValueError, "start is on meta"),
+    (lambda b, s, a: (b, s, "nodes"), TypeError, "accepted must be a torch.Tensor"),
+    (lambda b, s, a: (b, torch.tensor([-1, 0], dtype=torch.int32), a), ValueError, "start must be >= 0"),
+    (lambda b, s, a: (b, s, torch.tensor([[0, 2, 1, 3], [1, 2, 3, -1]])), ValueError, "not strictly increasing"),
+    (lambda b, s, a: (b, s, torch.tensor([[0, 1, 1, 3], [1, 2, 3, -1]])), ValueError, "not strictly increasing"),
+    (lambda b, s, a: (b, s, torch.tensor([[0, -1, 2, 3], [1, 2, 3, -1]])), ValueError, "after -1 padding"),
+    (lambda b, s, a: (b, s, torch.tensor([[0, 1, 2, 3], [1, 2, -3, -1]])), ValueError, "below -1"),
+    (lambda b, s, a: (b, s, torch.tensor([[0, 1, 2, 35], [1, 2, 3, -1]])), ValueError, "points past the cache"),
+], ids=["ndim", "not-kv", "dtype", "last-dim", "start-dtype", "start-batch", "accepted-ndim", "accepted-batch",
+        "device", "not-tensor", "negative-start", "not-increasing", "repeated", "padding-first", "below-minus-one",
+        "out-of-range"])
+def test_bad_input(mutate, error, match):
+    buffer, start, accepted = _good()
+    before = buffer.clone()
+    args = mutate(buffer, start, accepted)
+    with pytest.raises(error, match=match):
+        kv_compact(*args)
+    assert torch.equal(buffer, before)
+
+
+def test_backend_errors():
+    buffer, start, accepted = _good()
+    with pytest.raises(ValueError, match="not a backend of kv_compact"):
+        kv_compact(buffer, start, accepted, backend="metal")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="backend='cuda' cannot run kv_compact here"):
+            kv_compact(buffer, start, accepted, backend="cuda")
+
+
+# ---- ahead-of-time compile of the Triton kernel --------------------------------------------------------
+
+_COMPILE_ALL = r"""
+import json
+from fastvlm_kernels.ops.kv_cache.triton import KERNEL_CONFIGS, compile_for_sm90
+print(json.dumps([compile_for_sm90(config) for config in KERNEL_CONFIGS]))
+"""
+
+
+@pytest.mark.compile
+def test_triton_configs_compile_for_sm90_without_spills():
+    from tests.ops.test_verify_attention_compile import REPORT, SPILL_BUDGET_BYTES, _ptxas
+    if _dispatch.triton_import_error():
+        pytest.skip(_dispatch.triton_import_error())
+    if _ptxas() is None:
+        pytest.skip("ptxas (CUDA toolkit) not found")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_ALL], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    reports = json.loads(result.stdout.strip().splitlines()[-1])
+    assert reports
+    REPORT.extend(reports)
+    over = [r for r in reports if r["spill_stores"] > SPILL_BUDGET_BYTES or r["spill_loads"] > SPILL_BUDGET_BYTES]
+    assert not over, f"configurations spill registers: {over}"
