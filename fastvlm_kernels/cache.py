@@ -56,7 +56,8 @@ class KVCache:
             raise TypeError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
         self.dtype = dtype
         self.device = torch.device(device)
-        self.buffer = torch.empty((num_layers, 2, batch, num_kv_heads, max_len, head_dim), dtype=dtype,
+        # Zeroed once, so that stale positions never hold NaN/Inf garbage a masked kernel might touch.
+        self.buffer = torch.zeros((num_layers, 2, batch, num_kv_heads, max_len, head_dim), dtype=dtype,
                                   device=self.device)
         self.lengths = torch.zeros((num_layers, batch), dtype=torch.int32, device=self.device)
         # The host mirror of `lengths`: kept exact by every method, so reading it never synchronises.
