@@ -50,8 +50,12 @@ class CacheModel(RuleBasedStateMachine):
     @rule(data=st.data())
     def rollback(self, data):
         new_lens = [data.draw(st.integers(0, self._shortest(b))) for b in range(BATCH)]
-        as_tensor = data.draw(st.booleans())
-        self.cache.rollback(torch.tensor(new_lens) if as_tensor else new_lens)
+        form = data.draw(st.sampled_from(["list", "tensor", "tensor+host"]))
+        if form == "list":
+            self.cache.rollback(new_lens)
+        else:
+            self.cache.rollback(torch.tensor(new_lens, dtype=torch.int32),
+                                host_lens=new_lens if form == "tensor+host" else None)
         for layer in range(NUM_LAYERS):
             for b in range(BATCH):
                 del self.rows[layer][b][new_lens[b]:]
@@ -68,7 +72,11 @@ class CacheModel(RuleBasedStateMachine):
             paths.append(nodes)
         width = max([len(p) for p in paths] + [data.draw(st.integers(0, 2))])
         accepted = torch.tensor([p + [-1] * (width - len(p)) for p in paths], dtype=torch.int64).reshape(BATCH, width)
-        self.cache.compact(torch.tensor(starts, dtype=torch.int32), accepted)
+        if data.draw(st.booleans()):   # the decoder's way: lengths known on the host, nothing read back
+            host_lens = [starts[b] + len(paths[b]) for b in range(BATCH)]
+            self.cache.compact(torch.tensor(starts, dtype=torch.int32), accepted, host_lens, validate=False)
+        else:
+            self.cache.compact(torch.tensor(starts, dtype=torch.int32), accepted)
         for layer in range(NUM_LAYERS):
             for b in range(BATCH):
                 row = self.rows[layer][b]
@@ -236,6 +244,27 @@ def test_constructor_bad_input(kwargs, error, match):
     arguments.update(kwargs)
     with pytest.raises(error, match=match):
         KVCache(**arguments)
+
+
+def test_layer_views_feed_verify_attention():
+    """The layout verify_attention reads: append a ragged prefix and T new tokens, attend in place."""
+    from fastvlm_kernels import verify_attention
+    from fastvlm_kernels.ops.verify_attention import verify_attention_reference
+    generator = torch.Generator().manual_seed(5)
+    cache = KVCache(2, 2, 2, 64, 40, torch.float32, "cpu")
+    for layer in range(2):
+        prefix = torch.randn(2, 2, 12, 64, generator=generator)
+        cache.append(layer, prefix, prefix * 0.5)
+    cache.rollback([7, 12])
+    new = torch.randn(2, 2, 3, 64, generator=generator)
+    cache.append(1, new, -new)
+    prefix_lens = cache.lengths[1] - 3
+    q = torch.randn(2, 4, 3, 64, generator=generator)
+    keys, values = cache.layer(1)
+    out = verify_attention(q, keys, values, prefix_lens)
+    expected, _ = verify_attention_reference(q, keys, values, prefix_lens, None, 64 ** -0.5)
+    torch.testing.assert_close(out, expected.to(out.dtype), rtol=1e-5, atol=1e-5)
+    assert torch.equal(keys[0, :, 7:10], new[0]) and torch.equal(values[1, :, 12:15], -new[1])
 
 
 def test_transformers_cache_needs_equal_lengths():

@@ -23,7 +23,7 @@ constexpr int kVectorsPerThread = 4;  // registers holding one chunk before the 
 // loads its items of the chunk into registers, __syncthreads, then stores them. Sources of later chunks
 // lie at or after this chunk's destinations (accepted[j] >= j), and the barrier orders the chunk's loads
 // before its stores, so a destination that is another node's source is safe. Rows that stay put
-// (accepted[j] == j) are skipped; the loop ends at the first -1. Memory bound: read once, write once.
+// (accepted[j] == j) and padding are skipped; the loop ends at a chunk that starts on padding. Memory bound: read once, write once.
 template <typename Vec>
 __global__ void __launch_bounds__(kThreads) kv_compact_kernel(CompactParams params) {
   const int64_t slice = blockIdx.x;
@@ -36,14 +36,11 @@ __global__ void __launch_bounds__(kThreads) kv_compact_kernel(CompactParams para
   const int32_t* nodes = params.accepted + row * params.num_accepted;
   const int64_t row_start = params.start[row];
 
-  // Number of leading non-padding nodes (all threads agree; A is small next to the bytes moved).
-  int64_t num_nodes = params.num_accepted;
-  for (int64_t j = 0; j < params.num_accepted; ++j) {
-    if (nodes[j] < 0) { num_nodes = j; break; }
-  }
-  const int64_t total = num_nodes * params.vectors_per_row;
+  const int64_t total = params.num_accepted * params.vectors_per_row;
   constexpr int64_t kChunk = int64_t{kThreads} * kVectorsPerThread;
   for (int64_t chunk = 0; chunk < total; chunk += kChunk) {
+    // Padding is trailing: once a chunk starts on a -1, nothing is left (the same test in every thread).
+    if (nodes[chunk / params.vectors_per_row] < 0) break;
     Vec held[kVectorsPerThread];
     int64_t destination_offset[kVectorsPerThread];
 #pragma unroll
@@ -55,7 +52,7 @@ __global__ void __launch_bounds__(kThreads) kv_compact_kernel(CompactParams para
         const int64_t vector = item - j * params.vectors_per_row;
         const int64_t node = nodes[j];
         const int64_t source = row_start + node, destination = row_start + j;
-        if (node != j && destination >= 0 && source < params.cache_len) {
+        if (node >= 0 && node != j && destination >= 0 && source < params.cache_len) {
           held[i] = reinterpret_cast<const Vec*>(base + source * params.stride_pos)[vector];
           destination_offset[i] = destination * params.stride_pos + vector * int64_t{sizeof(Vec)};
         }
