@@ -1,5 +1,6 @@
-"""Benchmark the KV cache's rollback: kv_compact of a 64-node draft tree's accepted path, every layer at
-once, against the reference's per-layer index copies; and a chain rollback, which moves no bytes.
+"""Benchmark the KV cache: kv_compact of a 64-node draft tree's accepted path, every layer at once, against
+the reference's per-layer index copies; a chain rollback, which moves no bytes; and the append of one
+layer's new keys and values (kv_append, one launch, against slice copies and index_put).
 
     python bench/kv_cache.py                         # CPU: the C++ kernel vs the reference
     python bench/kv_cache.py --device cuda           # GPU: cuda and triton backends vs the reference
@@ -25,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fastvlm_kernels import KVCache  # noqa: E402
-from fastvlm_kernels.ops.kv_cache import BACKENDS, kv_compact  # noqa: E402
+from fastvlm_kernels.ops.kv_cache import BACKENDS, kv_append, kv_compact  # noqa: E402
 
 # (name, cache layers, KV heads, head dim)
 MODELS = [("llava-1.5-7b", 32, 32, 128), ("qwen2-vl-7b", 28, 4, 128)]
@@ -163,6 +164,42 @@ def run_gpu(args):
     return rows, copy_gbps
 
 
+def append_rows(device, timer):
+    """One layer's append at LLaVA / Qwen2-VL head shapes: equal rows (slice copy_ vs kv_append) and ragged
+    rows (index_put, what plain PyTorch needs, vs kv_append)."""
+    rows = []
+    for name, _, heads, head_dim in MODELS:
+        for batch, num_new in ((1, 1), (4, 1), (4, 9)):
+            k_cache = torch.zeros(batch, heads, 2048, head_dim, dtype=torch.float16, device=device)
+            v_cache = torch.zeros_like(k_cache)
+            keys = torch.randn(batch, heads, num_new, head_dim, device=device).half()
+            values = torch.randn_like(keys)
+            equal = torch.full((batch,), 1000, dtype=torch.int32, device=device)
+            ragged = torch.arange(1000, 1000 + batch, dtype=torch.int32, device=device)
+            rows_index = torch.arange(batch, device=device)[:, None]
+            steps = torch.arange(num_new, device=device)
+
+            def slice_copy():
+                k_cache[:, :, 1000:1000 + num_new].copy_(keys)
+                v_cache[:, :, 1000:1000 + num_new].copy_(values)
+
+            def index_put():
+                positions = ragged.long()[:, None] + steps
+                k_cache[rows_index, :, positions] = keys.transpose(1, 2)
+                v_cache[rows_index, :, positions] = values.transpose(1, 2)
+
+            row = dict(case="append", model=name, Hkv=heads, B=batch, T=num_new,
+                       slice_copy_us=timer(slice_copy),
+                       kv_append_equal_us=timer(lambda: kv_append(k_cache, v_cache, equal, keys, values,
+                                                                  validate=False)),
+                       index_put_ragged_us=timer(index_put),
+                       kv_append_ragged_us=timer(lambda: kv_append(k_cache, v_cache, ragged, keys, values,
+                                                                   validate=False)))
+            rows.append(row)
+            print(format_row(row), flush=True)
+    return rows
+
+
 def format_row(row):
     return "  ".join(f"{key}={value:.2f}" if isinstance(value, float) else f"{key}={value}"
                      for key, value in row.items())
@@ -197,16 +234,24 @@ def main():
     print(format_row(chain), flush=True)
     if args.device == "cpu":
         rows = run_cpu(args)
+        from torch.utils import benchmark
+        timer = lambda fn: benchmark.Timer(stmt="fn()", globals=dict(fn=fn)).blocked_autorange(  # noqa: E731
+            min_run_time=args.min_time).median * 1e6
     else:
         rows, env["copy_gbps"] = run_gpu(args)
+        import triton.testing
+        timer = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100) * 1e3  # noqa: E731
+    appends = append_rows(args.device, timer)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(environment=env, chain_rollback=chain, rows=rows), indent=1))
+        args.json.write_text(json.dumps(dict(environment=env, chain_rollback=chain, rows=rows, append=appends),
+                                        indent=1))
     if args.md:
         args.md.parent.mkdir(parents=True, exist_ok=True)
         args.md.write_text(markdown(rows, f"# kv_compact on {env['device']}, {env['date']}\n\ntorch {env['torch']}; "
                                           f"times in µs (medians); chain rollback: {chain['bytes_moved']} bytes moved, "
-                                          f"{chain['rollback_us']:.1f} µs"))
+                                          f"{chain['rollback_us']:.1f} µs")
+                            + "\n" + markdown(appends, "## append of one layer (µs)"))
     if args.device == "cpu":
         print(f"\nC++ kernel vs per-layer index copies: worst {min(r['speedup'] for r in rows):.1f}x (target >= 3x); "
               f"chain rollback moved {chain['bytes_moved']} bytes")

@@ -1,3 +1,6 @@
+// kv_append on CPU: at::parallel_for over the 2 * B * Hkv (keys|values, row, KV head) slices; each copies
+// its T new rows to the cache at lengths[b] + t with memcpy (rows past the cache are skipped). Memory bound.
+//
 // kv_compact on CPU: at::parallel_for over the num_layers * 2 * B * Hkv slices of the buffer. Each slice
 // copies its row's moving positions (start + accepted[j] -> start + j, j increasing, rows that stay put
 // skipped) with memcpy of one D-element row each. Sources are at or after destinations (accepted[j] >= j),
@@ -59,6 +62,37 @@ void kv_compact_cpu(at::Tensor& buffer, const at::Tensor& start, const at::Tenso
       char* base = data + layer * stride_layer + kv * stride_kv + b * stride_b + head * stride_h;
       for (const auto& [source, destination] : moves[b]) {
         std::memcpy(base + destination * stride_pos, base + source * stride_pos, row_bytes);
+      }
+    }
+  });
+}
+
+void kv_append_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& lengths, const at::Tensor& keys,
+                   const at::Tensor& values) {
+  const int64_t batch = k_cache.size(0), num_kv_heads = k_cache.size(1), cache_len = k_cache.size(2);
+  const int64_t num_new = keys.size(2);
+  const int64_t num_slices = 2 * batch * num_kv_heads;
+  if (num_slices == 0 || num_new == 0) return;
+  const int32_t* row_lengths = lengths.data_ptr<int32_t>();
+  const int64_t element_bytes = k_cache.element_size();
+  const int64_t row_bytes = k_cache.size(3) * element_bytes;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (num_new * row_bytes + 1));
+  at::parallel_for(0, num_slices, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t slice = begin; slice < end; ++slice) {
+      const bool is_values = slice >= batch * num_kv_heads;
+      const int64_t b = (slice / num_kv_heads) % batch, head = slice % num_kv_heads;
+      const at::Tensor& cache = is_values ? v_cache : k_cache;
+      const at::Tensor& source = is_values ? values : keys;
+      char* target = static_cast<char*>(cache.data_ptr()) +
+                     (b * cache.stride(0) + head * cache.stride(1)) * element_bytes;
+      const char* from = static_cast<const char*>(source.data_ptr()) +
+                         (b * source.stride(0) + head * source.stride(1)) * element_bytes;
+      const int64_t start = row_lengths[b];
+      for (int64_t t = 0; t < num_new; ++t) {
+        const int64_t position = start + t;
+        if (position < 0 || position >= cache_len) continue;
+        std::memcpy(target + position * cache.stride(2) * element_bytes,
+                    from + t * source.stride(2) * element_bytes, row_bytes);
       }
     }
   });

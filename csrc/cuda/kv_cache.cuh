@@ -66,5 +66,37 @@ __global__ void __launch_bounds__(kThreads) kv_compact_kernel(CompactParams para
   }
 }
 
+struct AppendParams {
+  char* cache[2];          // k_cache, v_cache [B, Hkv, L_max, D]
+  const char* source[2];   // keys, values [B, Hkv, T, D]
+  int64_t cache_stride[2][3];   // bytes: row, head, position
+  int64_t source_stride[2][3];  // bytes: row, head, token
+  const int32_t* lengths;  // [B]
+  int64_t num_kv_heads, cache_len, num_new;
+  int64_t vectors_per_row;
+};
+
+// Grid: (B * Hkv, 2) with kThreads threads. One block copies the T new rows of one (row, KV head) of the
+// keys (blockIdx.y = 0) or the values (1) to the cache at lengths[row] + t, one Vec per thread per step.
+// Sources and destinations are different tensors: no ordering needed. Memory bound: read once, write once.
+template <typename Vec>
+__global__ void __launch_bounds__(kThreads) kv_append_kernel(AppendParams params) {
+  const int which = blockIdx.y;
+  const int64_t row = blockIdx.x / params.num_kv_heads, head = blockIdx.x % params.num_kv_heads;
+  const int64_t start = params.lengths[row];
+  char* target = params.cache[which] + row * params.cache_stride[which][0] + head * params.cache_stride[which][1];
+  const char* from = params.source[which] + row * params.source_stride[which][0] +
+                     head * params.source_stride[which][1];
+  const int64_t total = params.num_new * params.vectors_per_row;
+  for (int64_t item = threadIdx.x; item < total; item += kThreads) {
+    const int64_t t = item / params.vectors_per_row;
+    const int64_t vector = item - t * params.vectors_per_row;
+    const int64_t position = start + t;
+    if (position < 0 || position >= params.cache_len) continue;
+    reinterpret_cast<Vec*>(target + position * params.cache_stride[which][2])[vector] =
+        reinterpret_cast<const Vec*>(from + t * params.source_stride[which][2])[vector];
+  }
+}
+
 }  // namespace kv_cache
 }  // namespace fastvlm

@@ -64,3 +64,7 @@ else:
     @torch.library.register_fake("fastvlm::kv_compact")
     def _kv_compact_fake(buffer, start, accepted):
         return None
+
+    @torch.library.register_fake("fastvlm::kv_append")
+    def _kv_append_fake(k_cache, v_cache, lengths, keys, values):
+        return None

@@ -183,8 +183,10 @@ def test_backend_errors():
 
 _COMPILE_ALL = r"""
 import json
-from fastvlm_kernels.ops.kv_cache.triton import KERNEL_CONFIGS, compile_for_sm90
-print(json.dumps([compile_for_sm90(config) for config in KERNEL_CONFIGS]))
+from fastvlm_kernels.ops.kv_cache.triton import (APPEND_KERNEL_CONFIGS, KERNEL_CONFIGS, compile_append_for_sm90,
+                                                 compile_for_sm90)
+print(json.dumps([compile_for_sm90(config) for config in KERNEL_CONFIGS]
+                 + [compile_append_for_sm90(config) for config in APPEND_KERNEL_CONFIGS]))
 """
 
 
@@ -204,3 +206,105 @@ def test_triton_configs_compile_for_sm90_without_spills():
     REPORT.extend(reports)
     over = [r for r in reports if r["spill_stores"] > SPILL_BUDGET_BYTES or r["spill_loads"] > SPILL_BUDGET_BYTES]
     assert not over, f"configurations spill registers: {over}"
+
+
+# ---- kv_append ---------------------------------------------------------------------------------------------
+
+from fastvlm_kernels.ops.kv_cache import APPEND_BACKENDS, kv_append  # noqa: E402
+
+# (B, Hkv, L_max, D, T, lengths): ragged rows, a row that ends exactly at L_max, T = 1 (a draft step), a
+# prefill-sized T, D whose rows are not a multiple of 16 bytes.
+APPEND_SHAPES = [
+    (1, 1, 8, 64, 1, (0,)),
+    (2, 3, 40, 64, 4, (0, 36)),
+    (3, 4, 70, 128, 1, (69, 5, 33)),
+    (2, 2, 300, 80, 257, (0, 40)),
+    (4, 2, 30, 5, 3, (1, 2, 3, 27)),
+    (2, 7, 50, 96, 17, (10, 0)),
+]
+APPEND_INTERPRETER_SHAPES = [APPEND_SHAPES[i] for i in (0, 1, 2, 4)]
+
+
+def _append_id(shape):
+    return f"B{shape[0]}-H{shape[1]}-Lmax{shape[2]}-D{shape[3]}-T{shape[4]}"
+
+
+def _check_append(backend, shape, dtype, device, transposed=False):
+    batch, heads, cache_len, head_dim, num_new, lens = shape
+    probe = torch.empty(1, 1, 1, 1, dtype=dtype, device=device)
+    reasons = {b.name: b for b in APPEND_BACKENDS}[backend].not_supported_reasons(probe)
+    if reasons:
+        pytest.skip(f"{backend} cannot run here: {reasons}")
+    generator = torch.Generator().manual_seed(7)
+    keys = torch.randn(batch, num_new, heads, head_dim, generator=generator).to(device, dtype)
+    keys = keys.transpose(1, 2) if transposed else keys.transpose(1, 2).contiguous()       # [B, Hkv, T, D]
+    values = torch.randn(batch, heads, num_new, head_dim, generator=generator).to(device, dtype)
+    lengths = torch.tensor(lens, dtype=torch.int32, device=device)
+    k_cache = torch.full((batch, heads, cache_len, head_dim), float("nan"), dtype=dtype, device=device)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    kv_append(k_cache, v_cache, lengths, keys, values, backend=backend)
+    written = torch.zeros(batch, cache_len, dtype=torch.bool, device=device)
+    for b, length in enumerate(lens):
+        assert torch.equal(_bits(k_cache[b, :, length:length + num_new]), _bits(keys[b]))
+        assert torch.equal(_bits(v_cache[b, :, length:length + num_new]), _bits(values[b]))
+        written[b, length:length + num_new] = True
+    region = (~written)[:, None, :, None].expand_as(k_cache)
+    assert k_cache[region].isnan().all() and v_cache[region].isnan().all()   # the rest: untouched poison
+
+
+@pytest.mark.parametrize("dtype", SUPPORTED_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape", APPEND_SHAPES, ids=_append_id)
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_append_cpu_backends(backend, shape, dtype):
+    _check_append(backend, shape, dtype, "cpu")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
+def test_append_transposed_keys(backend):
+    _check_append(backend, APPEND_SHAPES[5], torch.float32, "cpu", transposed=True)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape", APPEND_INTERPRETER_SHAPES, ids=_append_id)
+def test_append_triton_interpreter(shape, dtype):
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter tier runs without a GPU")
+    _check_append("triton", shape, dtype, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", SUPPORTED_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape", APPEND_SHAPES, ids=_append_id)
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_append_gpu_backends(backend, shape, dtype):
+    _check_append(backend, shape, dtype, "cuda")
+    _check_append(backend, shape, dtype, "cuda", transposed=True)
+
+
+def _append_good():
+    cache = torch.zeros(2, 2, 10, 4)
+    return cache, cache.clone(), torch.tensor([0, 3], dtype=torch.int32), torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
+
+
+@pytest.mark.parametrize("mutate, error, match", [
+    (lambda k, v, n, a, b: (k[0], v, n, a, b), ValueError, "k_cache must have 4 dimensions"),
+    (lambda k, v, n, a, b: (k, v[:, :, :5], n, a, b), ValueError, "v_cache must have the shape of k_cache"),
+    (lambda k, v, n, a, b: (k, v, n, a.half(), b), TypeError, "keys must have the dtype of k_cache"),
+    (lambda k, v, n, a, b: (k, v, n, a[:1], b), ValueError, r"keys must have shape \[B=2"),
+    (lambda k, v, n, a, b: (k, v, n, a, b[:, :, :2]), ValueError, "values must have the shape of keys"),
+    (lambda k, v, n, a, b: (k, v, n, a.to("meta"), b), ValueError, "keys is on meta"),
+    (lambda k, v, n, a, b: (k, v, n.float(), a, b), TypeError, "lengths must have dtype"),
+    (lambda k, v, n, a, b: (k, v, n[:1], a, b), ValueError, r"lengths.shape\[0\] must be 2"),
+    (lambda k, v, n, a, b: (k, v, torch.tensor([0, 8], dtype=torch.int32), a, b), ValueError, "the cache is full"),
+    (lambda k, v, n, a, b: (k, v, torch.tensor([-1, 0], dtype=torch.int32), a, b), ValueError, "lengths must be >= 0"),
+    (lambda k, v, n, a, b: (k, v, n, a.transpose(2, 3).contiguous().transpose(2, 3), b), ValueError,
+     "keys must have a contiguous last dimension"),
+], ids=["ndim", "v-shape", "dtype", "batch", "values-shape", "device", "lengths-dtype", "lengths-batch", "full",
+        "negative", "last-dim"])
+def test_append_bad_input(mutate, error, match):
+    k_cache, v_cache, lengths, keys, values = _append_good()
+    args = mutate(k_cache, v_cache, lengths, keys, values)
+    with pytest.raises(error, match=match):
+        kv_append(*args)
+    assert not k_cache.any() and not v_cache.any()

@@ -1,5 +1,6 @@
-"""kv_compact: moves the accepted path of a draft tree to the front of the tree's slots, in every layer of
-a KVCache's buffer at once, in place."""
+"""The KV cache's two ops: kv_compact moves the accepted path of a draft tree to the front of the tree's
+slots, in every layer of a KVCache's buffer at once; kv_append writes a layer's new keys and values at
+each row's own length. Both in place."""
 from __future__ import annotations
 
 from typing import List
@@ -8,10 +9,11 @@ import torch
 
 from .. import _checks
 from .._dispatch import Backend, device_reasons, extension_reasons, select, triton_device_reasons
-from .reference import kv_compact_reference
+from .reference import kv_append_reference, kv_compact_reference
 from .spec import INDEX_DTYPES, SUPPORTED_DTYPES
 
-__all__ = ["kv_compact", "kv_compact_reference", "BACKENDS", "PRIORITY"]
+__all__ = ["kv_compact", "kv_compact_reference", "kv_append", "kv_append_reference", "BACKENDS", "PRIORITY",
+           "APPEND_BACKENDS"]
 
 
 def kv_compact(buffer: torch.Tensor, start: torch.Tensor, accepted: torch.Tensor, *, validate: bool = True,
@@ -128,3 +130,75 @@ BACKENDS = (
 )
 # `auto` order per device type. GPU order to be confirmed by bench/kv_cache.py on a GPU.
 PRIORITY = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+
+# ---- kv_append -------------------------------------------------------------------------------------------
+
+def kv_append(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, keys: torch.Tensor,
+              values: torch.Tensor, *, validate: bool = True, backend: str = "auto") -> None:
+    """Writes T new positions per row at that row's length, keys and values in one launch, in place.
+
+    Args:
+        k_cache, v_cache: ``[B, Hkv, L_max, D]`` (a KVCache layer's views), fp32, fp16 or bf16, last dim
+            contiguous, other strides arbitrary. Written at ``[b, :, lengths[b] + t]`` for t < T.
+        lengths: ``[B]`` int32 or int64 on the cache's device: where each row's new positions begin. Only
+            read (the caller advances it), so rows may be ragged and nothing is read back to the host.
+        keys, values: ``[B, Hkv, T, D]`` in the cache's dtype, last dim contiguous (a transposed view of
+            ``[B, T, Hkv, D]`` is fine).
+        validate: check ``0 <= lengths[b]`` and ``lengths[b] + T <= L_max`` (a device-to-host read on a GPU);
+            KVCache checks its host copy instead and passes False. Kernels skip positions outside the cache.
+        backend: "auto", "cuda", "triton", "cpu" or "torch" (the reference).
+    """
+    k_cache = _checks.check_tensor("k_cache", k_cache, ndim=4, dtypes=SUPPORTED_DTYPES, shape_doc="[B, Hkv, L_max, D]")
+    v_cache = _checks.check_tensor("v_cache", v_cache, ndim=4, shape_doc="[B, Hkv, L_max, D]")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache must have the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    batch, num_kv_heads, cache_len, head_dim = k_cache.shape
+    for name, tensor in (("v_cache", v_cache), ("keys", keys), ("values", values)):
+        _checks.check_tensor(name, tensor, ndim=4, shape_doc="[B, Hkv, T, D]" if name != "v_cache" else "")
+        _checks.check_same_dtype(name, tensor, "k_cache", k_cache)
+        _checks.check_same_device(name, tensor, "k_cache", k_cache)
+    num_new = keys.shape[2]
+    if tuple(keys.shape) != (batch, num_kv_heads, num_new, head_dim):
+        raise ValueError(f"keys must have shape [B={batch}, Hkv={num_kv_heads}, T, D={head_dim}] like k_cache, "
+                         f"got {tuple(keys.shape)}")
+    if values.shape != keys.shape:
+        raise ValueError(f"values must have the shape of keys {tuple(keys.shape)}, got {tuple(values.shape)}")
+    for name, tensor in (("k_cache", k_cache), ("v_cache", v_cache), ("keys", keys), ("values", values)):
+        _checks.check_last_dim_contiguous(name, tensor)
+    lengths = _checks.check_tensor("lengths", lengths, ndim=1, dtypes=INDEX_DTYPES, shape_doc="[B]")
+    _checks.check_same_device("lengths", lengths, "k_cache", k_cache)
+    _checks.check_size("lengths", lengths, 0, batch, "the batch size B of k_cache")
+    if validate and not torch.compiler.is_compiling() and batch > 0:
+        low, high = (int(value) for value in torch.stack([lengths.min(), lengths.max()]).tolist())
+        if low < 0:
+            raise ValueError(f"lengths must be >= 0, got a row with {low}")
+        if high + num_new > cache_len:
+            raise ValueError(f"lengths[b] + T must be <= L_max: a row at {high} + T={num_new} = {high + num_new} > "
+                             f"L_max={cache_len} (the cache is full)")
+    if keys.numel() == 0:
+        return
+    lengths = lengths.to(torch.int32).contiguous()
+    chosen = select("kv_append", APPEND_BACKENDS, PRIORITY.get(k_cache.device.type, ("torch",)), backend, k_cache)
+    chosen.run(k_cache, v_cache, lengths, keys, values)
+
+
+def _run_append_reference(k_cache, v_cache, lengths, keys, values) -> None:
+    kv_append_reference(k_cache, v_cache, lengths, keys, values)
+
+
+def _run_append_extension(k_cache, v_cache, lengths, keys, values) -> None:
+    torch.ops.fastvlm.kv_append(k_cache, v_cache, lengths, keys, values)
+
+
+def _run_append_triton(k_cache, v_cache, lengths, keys, values) -> None:
+    from .triton import kv_append_triton_op
+    kv_append_triton_op(k_cache, v_cache, lengths, keys, values)
+
+
+APPEND_BACKENDS = (
+    Backend("cuda", _run_append_extension, _extension_reasons("cuda")),
+    Backend("triton", _run_append_triton, _triton_reasons),
+    Backend("cpu", _run_append_extension, _extension_reasons("cpu")),
+    Backend("torch", _run_append_reference, lambda k_cache: []),
+)

@@ -18,3 +18,13 @@ def kv_compact_reference(buffer: torch.Tensor, start: torch.Tensor, accepted: to
         for layer in range(num_layers):
             # Advanced indexing gathers into a new tensor before the write: overlap cannot corrupt it.
             buffer[layer, :, b, :, destination] = buffer[layer, :, b, :, source]
+
+
+def kv_append_reference(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+                        keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Writes ``keys[b, :, t]`` to ``k_cache[b, :, lengths[b] + t]`` (and values likewise) in place, for
+    every row b and new token t (see kv_append). Reads the lengths on the host."""
+    num_new = keys.shape[2]
+    for b, length in enumerate(lengths.tolist()):
+        k_cache[b, :, length:length + num_new] = keys[b]
+        v_cache[b, :, length:length + num_new] = values[b]

@@ -108,3 +108,77 @@ def compile_for_sm90(config: dict) -> dict:
     constexprs = {"HEAD_DIM": config["head_dim"], "BLOCK_D": block_d,
                   "BLOCK_A": block_a_for(config["dtype"], block_d)}
     return _compile_sm90(_kv_compact_kernel, types, constexprs, _NUM_WARPS, 1, config_name(config))
+
+
+# ---------------------------------------------------------------------------------------------------
+# kv_append
+
+@triton.jit
+def _kv_append_kernel(KCache, VCache, Lengths, Keys, Values,
+                      stride_cb, stride_ch, stride_cl, stride_vb, stride_vh, stride_vl,
+                      stride_kb, stride_kh, stride_kt, stride_nb, stride_nh, stride_nt,
+                      num_kv_heads, cache_len, num_new,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    # Grid: (B * Hkv, cdiv(T, BLOCK_T), 2). One program copies BLOCK_T new positions of one (row, KV head)
+    # of the keys (axis 2 = 0) or the values (= 1) to the cache at lengths[row] + t. Sources and
+    # destinations are different tensors, so no ordering is needed. Memory bound: read once, write once.
+    pid = tl.program_id(0)
+    row = pid // num_kv_heads
+    head = pid % num_kv_heads
+    is_values = tl.program_id(2)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    position = tl.load(Lengths + row) + t
+    mask = ((t < num_new) & (position >= 0) & (position < cache_len))[:, None] & (offs_d[None, :] < HEAD_DIM)
+    if is_values == 0:
+        source = Keys + row.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh + t[:, None].to(tl.int64) * stride_kt
+        target = KCache + row.to(tl.int64) * stride_cb + head.to(tl.int64) * stride_ch \
+            + position[:, None].to(tl.int64) * stride_cl
+    else:
+        source = Values + row.to(tl.int64) * stride_nb + head.to(tl.int64) * stride_nh + t[:, None].to(tl.int64) * stride_nt
+        target = VCache + row.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh \
+            + position[:, None].to(tl.int64) * stride_vl
+    tl.store(target + offs_d[None, :], tl.load(source + offs_d[None, :], mask=mask), mask=mask)
+
+
+def kv_append_triton(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, keys: torch.Tensor,
+                     values: torch.Tensor) -> None:
+    """kv_append in place; inputs are assumed valid (see kv_append). lengths [B] int32 contiguous."""
+    batch, num_kv_heads, cache_len, head_dim = k_cache.shape
+    num_new = keys.shape[2]
+    if batch * num_kv_heads * num_new == 0:
+        return
+    block_d = triton.next_power_of_2(head_dim)
+    block_t = min(block_a_for(_DTYPE_NAMES[k_cache.dtype], block_d), triton.next_power_of_2(num_new))
+    device_guard = torch.cuda.device(k_cache.device) if k_cache.is_cuda else contextlib.nullcontext()
+    with device_guard:
+        _kv_append_kernel[(batch * num_kv_heads, triton.cdiv(num_new, block_t), 2)](
+            k_cache, v_cache, lengths, keys, values,
+            *k_cache.stride()[:3], *v_cache.stride()[:3], *keys.stride()[:3], *values.stride()[:3],
+            num_kv_heads, cache_len, num_new,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=_NUM_WARPS,
+        )
+
+
+kv_append_triton_op = torch.library.custom_op(
+    "fastvlm::kv_append_triton", mutates_args=("k_cache", "v_cache"))(kv_append_triton)
+
+
+@kv_append_triton_op.register_fake
+def _kv_append_triton_fake(k_cache, v_cache, lengths, keys, values) -> None:
+    return None
+
+
+APPEND_KERNEL_CONFIGS = [{"dtype": dtype, "head_dim": 128, "block_t": block_t}
+                         for dtype in ("fp32", "bf16") for block_t in (1, 8)]
+
+
+def compile_append_for_sm90(config: dict) -> dict:
+    from ..verify_attention.triton import _compile_sm90
+
+    block_d = triton.next_power_of_2(config["head_dim"])
+    types = {name: f"*{config['dtype']}" for name in ("KCache", "VCache", "Keys", "Values")}
+    types["Lengths"] = "*i32"
+    constexprs = {"HEAD_DIM": config["head_dim"], "BLOCK_D": block_d, "BLOCK_T": config["block_t"]}
+    return _compile_sm90(_kv_append_kernel, types, constexprs, _NUM_WARPS, 1,
+                         f"kv_append_{config['dtype']}_d{config['head_dim']}_t{config['block_t']}")
