@@ -348,8 +348,9 @@ def test_tiny_llama_generate_with_the_cache():
     assert kv_cache.host_lengths[0] == [12, 12]
 
 
-def test_tiny_llava_decodes_exactly_as_with_dynamic_cache():
-    transformers = pytest.importorskip("transformers")
+def _tiny_llava():
+    """A LLaVA with a 2-layer CLIP tower (28x28 images, 4 patches) and the tiny Llama, random weights, and a
+    batch of 2 prompts with one image each."""
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
     torch.manual_seed(0)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -362,6 +363,26 @@ def test_tiny_llava_decodes_exactly_as_with_dynamic_cache():
     text = torch.randint(3, 100, (2, 6), generator=generator)
     input_ids = torch.cat([text[:, :2], torch.full((2, 4), image_token), text[:, 2:]], dim=1)   # 4 patches
     inputs = {"input_ids": input_ids, "pixel_values": torch.randn(2, 3, 28, 28, generator=generator)}
+    return model, config, inputs
+
+
+def test_tiny_llava_generate_with_the_cache():
+    pytest.importorskip("transformers")
+    model, config, inputs = _tiny_llava()
+    arguments = dict(**inputs, attention_mask=torch.ones_like(inputs["input_ids"]), max_new_tokens=5,
+                     do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    kv_cache = _kv_cache_for(config.text_config, 2, 32)
+    ours = model.generate(**arguments, **{_cache_argument(model): kv_cache.as_transformers_cache()})
+    theirs = model.generate(**arguments)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for step, (a, b) in enumerate(zip(ours.logits, theirs.logits)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"step {step}")
+    assert kv_cache.host_lengths[0] == [10 + 4, 10 + 4]
+
+
+def test_tiny_llava_decodes_exactly_as_with_dynamic_cache():
+    transformers = pytest.importorskip("transformers")
+    model, config, inputs = _tiny_llava()
     with torch.no_grad():
         expected = _decode(model, transformers.DynamicCache(config=config.text_config), inputs, 5,
                            torch.Generator().manual_seed(4))
@@ -370,3 +391,30 @@ def test_tiny_llava_decodes_exactly_as_with_dynamic_cache():
     for step, (ours, theirs) in enumerate(zip(result, expected)):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0, msg=f"step {step}")
     assert kv_cache.host_lengths[1] == [10 + 5 - 2] * 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_cache_follows_the_cpu_cache(backend):
+    """The same ragged appends, rollback and tree compaction on a CUDA cache and a CPU cache: same bytes."""
+    caches = [KVCache(3, 2, 4, 64, 48, torch.float16, device) for device in ("cpu", "cuda")]
+    generator = torch.Generator().manual_seed(9)
+    steps = [("append", 0, 10), ("append", 1, 10), ("append", 2, 10), ("rollback", [6, 9]),
+             ("append", 0, 12), ("append", 1, 12), ("append", 2, 12),
+             ("compact", [6, 9], [[0, 3, 4, 11], [0, 1, 7, -1]]), ("append", 1, 3)]
+    for step in steps:
+        if step[0] == "append":
+            keys = torch.randn(2, 4, step[2], 64, generator=generator).half()
+            for cache in caches:
+                cache.append(step[1], keys.to(cache.device), (keys * 2).to(cache.device))
+        elif step[0] == "rollback":
+            for cache in caches:
+                cache.rollback(torch.tensor(step[1], dtype=torch.int32, device=cache.device), host_lens=step[1])
+        else:
+            for cache in caches:
+                cache.compact(torch.tensor(step[1], device=cache.device),
+                              torch.tensor(step[2], device=cache.device),
+                              backend=backend if cache.device.type == "cuda" else "cpu")
+    assert caches[0].host_lengths == caches[1].host_lengths
+    assert caches[1].lengths.cpu().tolist() == caches[0].host_lengths
+    assert torch.equal(caches[0].buffer, caches[1].buffer.cpu())

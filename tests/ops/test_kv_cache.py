@@ -308,3 +308,25 @@ def test_append_bad_input(mutate, error, match):
     with pytest.raises(error, match=match):
         kv_append(*args)
     assert not k_cache.any() and not v_cache.any()
+
+
+# ---- torch.library registration: schemas, mutation annotations and fake implementations --------------------
+
+@pytest.mark.parametrize("op_name", ["kv_compact", "kv_compact_triton", "kv_append", "kv_append_triton"])
+def test_opcheck(op_name):
+    from fastvlm_kernels.ops import _library
+    if not op_name.endswith("triton") and not _library.EXTENSION.loaded:
+        pytest.skip(_library.EXTENSION.error)
+    if op_name.endswith("triton"):
+        if _dispatch.triton_import_error() or (not torch.cuda.is_available() and not _dispatch.triton_interpreting()):
+            pytest.skip("Triton cannot run here")
+        import fastvlm_kernels.ops.kv_cache.triton  # noqa: F401  (registers the custom ops)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if op_name.startswith("kv_compact"):
+        buffer, start, accepted = _inputs(TEST_SHAPES[1], torch.float32, device)
+        args = (buffer, start, accepted)
+    else:
+        k_cache, v_cache, lengths, keys, values = (t.to(device) for t in _append_good())
+        args = (k_cache, v_cache, lengths, keys, values)
+    torch.library.opcheck(getattr(torch.ops.fastvlm, op_name).default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
