@@ -91,9 +91,9 @@ def cases(device):
             for path_len in PATH_LENGTHS:
                 prefix = 256 if device == "cpu" else 1024
                 cache_len = prefix + TREE_NODES + 8
-                generator = torch.Generator().manual_seed(path_len + batch)
-                buffer = torch.randn(num_layers, 2, batch, heads, cache_len, head_dim, generator=generator,
-                                     dtype=torch.float32).to(device=device, dtype=torch.float16)
+                torch.manual_seed(path_len + batch)
+                buffer = torch.randn(num_layers, 2, batch, heads, cache_len, head_dim, device=device,
+                                     dtype=torch.float16)
                 start = torch.full((batch,), prefix, dtype=torch.int32, device=device)
                 accepted = accepted_path(batch, path_len, seed=batch * 100 + path_len).to(device)
                 yield dict(model=name, layers=num_layers, Hkv=heads, B=batch, path=path_len), buffer, start, accepted
@@ -119,13 +119,18 @@ def run_cpu(args):
 
 
 def kernels_launched(fn) -> int:
+    """GPU kernels one call runs (the profiler's CUDA events); -1 when the profiler is unavailable."""
     from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return sum(1 for event in prof.events() if event.device_type.name == "CUDA")
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return sum(1 for event in prof.events() if event.device_type.name == "CUDA")
+    except Exception as error:  # a profiler without CUPTI must not stop the benchmark
+        print(f"profiler unavailable: {error}", flush=True)
+        return -1
 
 
 def run_gpu(args):
