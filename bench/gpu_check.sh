@@ -30,5 +30,9 @@ step "benchmarks ($(date +%T))"
 $python bench/verify_attention.py --device cuda --json "${results}.json" --md "${results}.md" 2>&1 \
   | tee -a "$log" || status=1
 
+step "kv_cache benchmark ($(date +%T))"
+$python bench/kv_cache.py --device cuda --json "${results}-kv_cache.json" --md "${results}-kv_cache.md" 2>&1 \
+  | tee -a "$log" || status=1
+
 step "done ($(date +%T)): ${results}.{json,md,log}, status $status"
 exit $status

@@ -8,14 +8,20 @@ TORCH_LIBRARY(fastvlm, m) {
   m.def(
       "verify_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor prefix_lens, Tensor? tree_mask, "
       "float sm_scale, Tensor(a!) out, Tensor(b!)? lse) -> ()");
+  m.def("kv_compact(Tensor(a!) buffer, Tensor start, Tensor accepted) -> ()");
+  m.def("kv_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor lengths, Tensor keys, Tensor values) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastvlm, CPU, m) {
   m.impl("verify_attention", &fastvlm::verify_attention_cpu);
+  m.impl("kv_compact", &fastvlm::kv_compact_cpu);
+  m.impl("kv_append", &fastvlm::kv_append_cpu);
 }
 
 #ifdef FASTVLM_WITH_CUDA
 TORCH_LIBRARY_IMPL(fastvlm, CUDA, m) {
   m.impl("verify_attention", &fastvlm::verify_attention_cuda);
+  m.impl("kv_compact", &fastvlm::kv_compact_cuda);
+  m.impl("kv_append", &fastvlm::kv_append_cuda);
 }
 #endif

@@ -26,4 +26,21 @@ void verify_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const
                            double sm_scale, at::Tensor& out, const std::optional<at::Tensor>& lse);
 #endif
 
+// ---- kv_cache: kv_compact, kv_append -----------------------------------------------------------------------
+// buffer [num_layers, 2, B, Hkv, L_max, D] (any dtype, last dim contiguous, other strides arbitrary),
+// start [B] int32, accepted [B, A] int32 (-1 padded, strictly increasing). Moves position
+// start[b] + accepted[b, j] to start[b] + j in every layer, keys and values, in place; moves that would
+// leave the buffer are skipped.
+void kv_compact_cpu(at::Tensor& buffer, const at::Tensor& start, const at::Tensor& accepted);
+// kv_append: k_cache / v_cache [B, Hkv, L_max, D], keys / values [B, Hkv, T, D] (same dtype, last dim
+// contiguous), lengths [B] int32 (read only). Writes keys[b, :, t] at k_cache[b, :, lengths[b] + t] (values
+// likewise); positions outside the cache are skipped.
+void kv_append_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& lengths, const at::Tensor& keys,
+                   const at::Tensor& values);
+#ifdef FASTVLM_WITH_CUDA
+void kv_compact_cuda(at::Tensor& buffer, const at::Tensor& start, const at::Tensor& accepted);
+void kv_append_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& lengths, const at::Tensor& keys,
+                    const at::Tensor& values);
+#endif
+
 }  // namespace fastvlm

@@ -4,6 +4,8 @@ Importing the package never initialises CUDA and works without the compiled exte
 (`python -m fastvlm_kernels.info` says what is built and usable here).
 """
 from .ops import verify_attention
+from .ops import kv_append, kv_compact
+from .cache import KVCache
 
 __version__ = "0.1.0"
-__all__ = ["verify_attention", "__version__"]
+__all__ = ["verify_attention", "kv_compact", "kv_append", "KVCache", "__version__"]

@@ -7,14 +7,21 @@ import torch
 
 from .ops import _dispatch, _library
 from .ops.verify_attention import BACKENDS as VERIFY_ATTENTION_BACKENDS
+from .ops.kv_cache import APPEND_BACKENDS as KV_APPEND_BACKENDS
+from .ops.kv_cache import BACKENDS as KV_COMPACT_BACKENDS
 
-OPS = {"verify_attention": VERIFY_ATTENTION_BACKENDS}
+OPS = {"verify_attention": VERIFY_ATTENTION_BACKENDS,
+       "kv_compact": KV_COMPACT_BACKENDS,
+       "kv_append": KV_APPEND_BACKENDS}
 
 
 def _probe_inputs(device: torch.device):
     """A small valid input per op, on `device`, to ask each backend whether it would run."""
     q = torch.empty(1, 1, 1, 64, device=device, dtype=torch.float16)
-    return {"verify_attention": (q,)}
+    buffer = torch.empty(1, 2, 1, 1, 1, 64, device=device, dtype=torch.float16)
+    return {"verify_attention": (q,),
+            "kv_compact": (buffer,),
+            "kv_append": (buffer[0, 0],)}
 
 
 def report() -> str:

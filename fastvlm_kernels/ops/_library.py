@@ -60,3 +60,11 @@ else:
     @torch.library.register_fake("fastvlm::verify_attention")
     def _verify_attention_fake(q, k_cache, v_cache, prefix_lens, tree_mask, sm_scale, out, lse):
         return None
+
+    @torch.library.register_fake("fastvlm::kv_compact")
+    def _kv_compact_fake(buffer, start, accepted):
+        return None
+
+    @torch.library.register_fake("fastvlm::kv_append")
+    def _kv_append_fake(k_cache, v_cache, lengths, keys, values):
+        return None
