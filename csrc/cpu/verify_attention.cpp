@@ -626,12 +626,12 @@ FASTVLM_INLINE void run_items(const Problem& p, int64_t begin, int64_t end) {
 }
 
 // ---- bf16 on AMX: tiles of 16 rows x 32 bf16; S = Q K^T and O += P V as tile matmuls ------------------
-// Q is zero-padded to 32-row and 32-dim multiples, K is stored as bf16 pairs transposed (VNNI: [D/2][keys]),
+// Q is zero-padded to 16-row and 32-dim multiples, K is stored as bf16 pairs transposed (VNNI: [D/2][keys]),
 // V as key pairs interleaved ([keys/2][D][2]), P is rounded to bf16 (as torch's own CPU SDPA does), and
 // every accumulation stays fp32. Tile registers: C 0-3, A 4-5, B 6-7 (2 x 2 blocks of 16 x 16 outputs).
 #if FASTVLM_VA_AMX
 #define FASTVLM_AMX_TARGET \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,amx-tile,amx-bf16")))
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,amx-tile,amx-bf16")))
 
 typedef uint16_t bf16x32 __attribute__((vector_size(64)));
 
@@ -667,7 +667,7 @@ struct AmxBuffers {
   float *row_max, *row_sum;
 
   AmxBuffers(int64_t rows, int64_t head_dim)
-      : padded_rows((rows + 31) / 32 * 32), padded_dim((head_dim + 31) / 32 * 32) {
+      : padded_rows((rows + 15) / 16 * 16), padded_dim((head_dim + 31) / 32 * 32) {
     const int64_t R = padded_rows, Dp = padded_dim;
     const int64_t sizes[] = {R * Dp / 2, Dp / 2 * kKeyTile, kKeyTile * Dp / 2, R * kKeyTile, R * kKeyTile / 2,
                              R * Dp, R, R};  // in floats
@@ -692,56 +692,133 @@ struct AmxBuffers {
   }
 };
 
-FASTVLM_AMX_TARGET inline void amx_scores(const AmxBuffers& buf) {
+// S = Q K^T for the 16 (kRowTiles = 1) or 32 (2) rows from r0.
+template <int kRowTiles>
+FASTVLM_AMX_TARGET FASTVLM_INLINE void amx_scores_rows(const AmxBuffers& buf, int64_t r0) {
   const int64_t Dp = buf.padded_dim;
-  for (int64_t r0 = 0; r0 < buf.padded_rows; r0 += 32) {
-    for (int k0 = 0; k0 < kKeyTile; k0 += 32) {
-      _tile_zero(0);
-      _tile_zero(1);
+  for (int k0 = 0; k0 < kKeyTile; k0 += 32) {
+    _tile_zero(0);
+    _tile_zero(1);
+    if constexpr (kRowTiles == 2) {
       _tile_zero(2);
       _tile_zero(3);
-      for (int64_t d0 = 0; d0 < Dp; d0 += 32) {
-        _tile_loadd(4, buf.q + r0 * Dp + d0, Dp * 2);
+    }
+    for (int64_t d0 = 0; d0 < Dp; d0 += 32) {
+      _tile_loadd(4, buf.q + r0 * Dp + d0, Dp * 2);
+      _tile_loadd(6, buf.kt + d0 / 2 * kKeyTile + k0, kKeyTile * 4);
+      _tile_loadd(7, buf.kt + d0 / 2 * kKeyTile + k0 + 16, kKeyTile * 4);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      if constexpr (kRowTiles == 2) {
         _tile_loadd(5, buf.q + (r0 + 16) * Dp + d0, Dp * 2);
-        _tile_loadd(6, buf.kt + d0 / 2 * kKeyTile + k0, kKeyTile * 4);
-        _tile_loadd(7, buf.kt + d0 / 2 * kKeyTile + k0 + 16, kKeyTile * 4);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
       }
-      _tile_stored(0, buf.scores + r0 * kKeyTile + k0, kKeyTile * 4);
-      _tile_stored(1, buf.scores + r0 * kKeyTile + k0 + 16, kKeyTile * 4);
+    }
+    _tile_stored(0, buf.scores + r0 * kKeyTile + k0, kKeyTile * 4);
+    _tile_stored(1, buf.scores + r0 * kKeyTile + k0 + 16, kKeyTile * 4);
+    if constexpr (kRowTiles == 2) {
       _tile_stored(2, buf.scores + (r0 + 16) * kKeyTile + k0, kKeyTile * 4);
       _tile_stored(3, buf.scores + (r0 + 16) * kKeyTile + k0 + 16, kKeyTile * 4);
     }
   }
 }
 
-FASTVLM_AMX_TARGET inline void amx_accumulate(AmxBuffers& buf) {
+// O += P V for the 16 (kRowTiles = 1) or 32 (2) rows from r0.
+template <int kRowTiles>
+FASTVLM_AMX_TARGET FASTVLM_INLINE void amx_accumulate_rows(AmxBuffers& buf, int64_t r0) {
   const int64_t Dp = buf.padded_dim;
-  for (int64_t r0 = 0; r0 < buf.padded_rows; r0 += 32) {
-    for (int64_t d0 = 0; d0 < Dp; d0 += 32) {
-      _tile_loadd(0, buf.acc + r0 * Dp + d0, Dp * 4);
-      _tile_loadd(1, buf.acc + r0 * Dp + d0 + 16, Dp * 4);
+  for (int64_t d0 = 0; d0 < Dp; d0 += 32) {
+    _tile_loadd(0, buf.acc + r0 * Dp + d0, Dp * 4);
+    _tile_loadd(1, buf.acc + r0 * Dp + d0 + 16, Dp * 4);
+    if constexpr (kRowTiles == 2) {
       _tile_loadd(2, buf.acc + (r0 + 16) * Dp + d0, Dp * 4);
       _tile_loadd(3, buf.acc + (r0 + 16) * Dp + d0 + 16, Dp * 4);
-      for (int k0 = 0; k0 < kKeyTile; k0 += 32) {
-        _tile_loadd(4, buf.probs + r0 * kKeyTile + k0, kKeyTile * 2);
+    }
+    for (int k0 = 0; k0 < kKeyTile; k0 += 32) {
+      _tile_loadd(4, buf.probs + r0 * kKeyTile + k0, kKeyTile * 2);
+      _tile_loadd(6, buf.v + (k0 / 2 * Dp + d0) * 2, Dp * 4);
+      _tile_loadd(7, buf.v + (k0 / 2 * Dp + d0 + 16) * 2, Dp * 4);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      if constexpr (kRowTiles == 2) {
         _tile_loadd(5, buf.probs + (r0 + 16) * kKeyTile + k0, kKeyTile * 2);
-        _tile_loadd(6, buf.v + (k0 / 2 * Dp + d0) * 2, Dp * 4);
-        _tile_loadd(7, buf.v + (k0 / 2 * Dp + d0 + 16) * 2, Dp * 4);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
       }
-      _tile_stored(0, buf.acc + r0 * Dp + d0, Dp * 4);
-      _tile_stored(1, buf.acc + r0 * Dp + d0 + 16, Dp * 4);
+    }
+    _tile_stored(0, buf.acc + r0 * Dp + d0, Dp * 4);
+    _tile_stored(1, buf.acc + r0 * Dp + d0 + 16, Dp * 4);
+    if constexpr (kRowTiles == 2) {
       _tile_stored(2, buf.acc + (r0 + 16) * Dp + d0, Dp * 4);
       _tile_stored(3, buf.acc + (r0 + 16) * Dp + d0 + 16, Dp * 4);
     }
   }
+}
+
+// Both products over `rows` rows (a multiple of 16): 32-row blocks, then a 16-row one if left.
+FASTVLM_AMX_TARGET inline void amx_scores(const AmxBuffers& buf, int64_t rows) {
+  int64_t r0 = 0;
+  for (; r0 + 32 <= rows; r0 += 32) amx_scores_rows<2>(buf, r0);
+  if (r0 < rows) amx_scores_rows<1>(buf, r0);
+}
+
+FASTVLM_AMX_TARGET inline void amx_accumulate(AmxBuffers& buf, int64_t rows) {
+  int64_t r0 = 0;
+  for (; r0 + 32 <= rows; r0 += 32) amx_accumulate_rows<2>(buf, r0);
+  if (r0 < rows) amx_accumulate_rows<1>(buf, r0);
+}
+
+// softmax_row<16, true> with AVX-512 instructions the portable vectors cannot name: 2^x as
+// scalef(polynomial(fraction), round(x)), masked lanes zeroed by a compare mask, and the probabilities rounded
+// to bf16 (nearest even) 32 at a time by vcvtne2ps2bf16. Same contract as softmax_row.
+FASTVLM_AMX_TARGET FASTVLM_INLINE void softmax_row_amx(float* row_scores, float scale_log2, float& row_max,
+                                                       float& row_sum, float* acc_row, int64_t acc_len,
+                                                       uint16_t* bf16_probs) {
+  static_assert(kKeyTile % 32 == 0, "probabilities are converted 32 at a time");
+  constexpr int kVecs = kKeyTile / 16;
+  __m512 scores[kVecs];
+  __m512 tile_max = _mm512_set1_ps(kNegInf);
+  for (int vec = 0; vec < kVecs; ++vec) {
+    scores[vec] = _mm512_loadu_ps(row_scores + vec * 16);
+    tile_max = _mm512_max_ps(tile_max, scores[vec]);
+  }
+  const float old_max = row_max;
+  const float new_max = std::max(old_max, _mm512_reduce_max_ps(tile_max) * scale_log2);
+  if (new_max == kNegInf) {  // nothing visible yet
+    std::fill(bf16_probs, bf16_probs + kKeyTile, uint16_t{0});
+    return;
+  }
+  const __m512 scale = _mm512_set1_ps(scale_log2), shift = _mm512_set1_ps(new_max);
+  __m512 row_total = _mm512_setzero_ps();
+  for (int vec = 0; vec < kVecs; vec += 2) {
+    __m512 probs[2];
+    for (int half = 0; half < 2; ++half) {
+      const __m512 x = _mm512_fmsub_ps(scores[vec + half], scale, shift);  // <= 0, or -inf when masked
+      const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.0f), _CMP_GE_OQ);
+      const __m512 whole = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512 frac = _mm512_sub_ps(x, whole);  // in [-0.5, 0.5]
+      __m512 poly = _mm512_fmadd_ps(frac, _mm512_set1_ps(1.535336188319500e-4f), _mm512_set1_ps(1.339887440266574e-3f));
+      poly = _mm512_fmadd_ps(poly, frac, _mm512_set1_ps(9.618437357674640e-3f));
+      poly = _mm512_fmadd_ps(poly, frac, _mm512_set1_ps(5.550332471162809e-2f));
+      poly = _mm512_fmadd_ps(poly, frac, _mm512_set1_ps(2.402264791363012e-1f));
+      poly = _mm512_fmadd_ps(poly, frac, _mm512_set1_ps(6.931472028550421e-1f));
+      poly = _mm512_fmadd_ps(poly, frac, _mm512_set1_ps(1.0f));
+      probs[half] = _mm512_maskz_scalef_ps(live, poly, whole);
+      row_total = _mm512_add_ps(row_total, probs[half]);
+    }
+    _mm512_storeu_si512(bf16_probs + vec * 16, (__m512i)_mm512_cvtne2ps_pbh(probs[1], probs[0]));
+  }
+  if (new_max == old_max) {
+    row_sum += _mm512_reduce_add_ps(row_total);
+    return;
+  }
+  const float rescale = std::exp2(old_max - new_max);
+  row_sum = row_sum * rescale + _mm512_reduce_add_ps(row_total);
+  row_max = new_max;
+  const __m512 factor = _mm512_set1_ps(rescale);
+  for (int64_t d = 0; d < acc_len; d += 16)
+    _mm512_storeu_ps(acc_row + d, _mm512_mul_ps(_mm512_loadu_ps(acc_row + d), factor));
 }
 
 FASTVLM_AMX_TARGET inline void run_item_amx(const Problem& p, int64_t item, AmxBuffers& buf) {
@@ -750,15 +827,16 @@ FASTVLM_AMX_TARGET inline void run_item_amx(const Problem& p, int64_t item, AmxB
   const WorkItem w(p, item);
 
   const c10::BFloat16* q_base = static_cast<const c10::BFloat16*>(p.q) + w.b * p.q_stride[0];
-  std::fill(buf.q, buf.q + buf.padded_rows * Dp, uint16_t{0});
-  std::fill(buf.probs, buf.probs + buf.padded_rows * kKeyTile, uint16_t{0});
+  const int64_t padded_rows = (w.num_rows + 15) / 16 * 16;  // the tile matmuls' rows (<= buf.padded_rows)
+  std::fill(buf.q, buf.q + padded_rows * Dp, uint16_t{0});
+  std::fill(buf.probs, buf.probs + padded_rows * kKeyTile, uint16_t{0});
   for (int r = 0; r < w.num_rows; ++r) {
     const int64_t t = (w.first_row + r) / G, g = (w.first_row + r) % G;
     std::memcpy(buf.q + r * Dp, q_base + (w.kv_head * G + g) * p.q_stride[1] + t * p.q_stride[2], D * 2);
     buf.row_max[r] = kNegInf;
     buf.row_sum[r] = 0.0f;
   }
-  std::fill(buf.acc, buf.acc + buf.padded_rows * Dp, 0.0f);
+  std::fill(buf.acc, buf.acc + padded_rows * Dp, 0.0f);
 
   const auto* k_head = static_cast<const c10::BFloat16*>(p.k) + w.b * p.k_stride[0] + w.kv_head * p.k_stride[1];
   const auto* v_head = static_cast<const c10::BFloat16*>(p.v) + w.b * p.v_stride[0] + w.kv_head * p.v_stride[1];
@@ -783,14 +861,14 @@ FASTVLM_AMX_TARGET inline void run_item_amx(const Problem& p, int64_t item, AmxB
           store<16>(reinterpret_cast<float*>(buf.kt + (d0 / 2 + i) * kKeyTile + key0), block[i]);
       }
     }
-    amx_scores(buf);
+    amx_scores(buf, padded_rows);
 
     const int first_masked = static_cast<int>(std::clamp<int64_t>(w.prefix - tile_start, 0, num_keys));
     for (int r = 0; r < w.num_rows; ++r) {
       float* row_scores = buf.scores + r * kKeyTile;
       if (first_masked < kKeyTile)
         mask_row(p, w, (w.first_row + r) / G, tile_start, first_masked, num_keys, row_scores);
-      softmax_row<16, true>(row_scores, p.scale_log2, buf.row_max[r], buf.row_sum[r], buf.acc + r * Dp, Dp,
+      softmax_row_amx(row_scores, p.scale_log2, buf.row_max[r], buf.row_sum[r], buf.acc + r * Dp, Dp,
                             buf.probs + r * kKeyTile);
     }
 
@@ -807,7 +885,7 @@ FASTVLM_AMX_TARGET inline void run_item_amx(const Problem& p, int64_t item, AmxB
         std::memcpy(buf.v + (pair * Dp + d0 + 16) * 2, &high, sizeof(high));
       }
     }
-    amx_accumulate(buf);
+    amx_accumulate(buf, padded_rows);
   }
   write_rows<c10::BFloat16>(p, item, w, buf.acc, Dp, buf.row_max, buf.row_sum);
 }
@@ -839,7 +917,9 @@ FASTVLM_AMX_TARGET void run_items_amx_bf16(const Problem& p, int64_t begin, int6
 // The CPU has AMX-BF16 and Linux lets this process use the tile registers.
 bool amx_bf16_usable() {
   static const bool usable = [] {
-    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16")) return false;
+    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16") ||
+        !__builtin_cpu_supports("avx512bf16"))
+      return false;
     constexpr long kArchRequestXcompPerm = 0x1023, kXfeatureXtiledata = 18;
     return syscall(SYS_arch_prctl, kArchRequestXcompPerm, kXfeatureXtiledata) == 0;
   }();
