@@ -8,14 +8,27 @@ TORCH_LIBRARY(fastvlm, m) {
   m.def(
       "verify_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor prefix_lens, Tensor? tree_mask, "
       "float sm_scale, Tensor(a!) out, Tensor(b!)? lse) -> ()");
+  // acceptance
+  m.def(
+      "accept_greedy(Tensor draft_tokens, Tensor? parents, Tensor target_tokens, Tensor(a!) accept_len, "
+      "Tensor(b!)? path, Tensor(c!) emitted) -> ()");
+  m.def(
+      "accept_sampling(Tensor draft_tokens, Tensor? parents, Tensor draft_probs, Tensor target_probs, "
+      "Tensor uniforms, Tensor(a!) accept_len, Tensor(b!)? path, Tensor(c!) emitted) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastvlm, CPU, m) {
   m.impl("verify_attention", &fastvlm::verify_attention_cpu);
+  // acceptance
+  m.impl("accept_greedy", &fastvlm::accept_greedy_cpu);
+  m.impl("accept_sampling", &fastvlm::accept_sampling_cpu);
 }
 
 #ifdef FASTVLM_WITH_CUDA
 TORCH_LIBRARY_IMPL(fastvlm, CUDA, m) {
   m.impl("verify_attention", &fastvlm::verify_attention_cuda);
+  // acceptance
+  m.impl("accept_greedy", &fastvlm::accept_greedy_cuda);
+  m.impl("accept_sampling", &fastvlm::accept_sampling_cuda);
 }
 #endif

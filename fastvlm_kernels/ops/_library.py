@@ -60,3 +60,12 @@ else:
     @torch.library.register_fake("fastvlm::verify_attention")
     def _verify_attention_fake(q, k_cache, v_cache, prefix_lens, tree_mask, sm_scale, out, lse):
         return None
+
+    # acceptance: every output is preallocated by the Python wrapper and written in place.
+    @torch.library.register_fake("fastvlm::accept_greedy")
+    def _accept_greedy_fake(draft_tokens, parents, target_tokens, accept_len, path, emitted):
+        return None
+
+    @torch.library.register_fake("fastvlm::accept_sampling")
+    def _accept_sampling_fake(draft_tokens, parents, draft_probs, target_probs, uniforms, accept_len, path, emitted):
+        return None
