@@ -30,7 +30,8 @@ class TreeAcceptance(NamedTuple):
     emitted: torch.Tensor      # [B, N] int64: the accepted nodes' tokens then one more token, -1 padded
 
 
-def accept_greedy(draft_tokens: torch.Tensor, target_tokens: torch.Tensor, *, validate: bool = True,
+def accept_greedy(draft_tokens: torch.Tensor, target_tokens: torch.Tensor, *,
+                  out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, validate: bool = True,
                   backend: str = "auto") -> Acceptance:
     """Greedy acceptance of a chain: the longest prefix of the drafts that the full model agrees with.
 
@@ -38,6 +39,8 @@ def accept_greedy(draft_tokens: torch.Tensor, target_tokens: torch.Tensor, *, va
         draft_tokens: ``[B, k]`` int64 or int32, the drafted tokens d_0 .. d_(k-1).
         target_tokens: ``[B, k + 1]`` int64 or int32 on draft_tokens' device: ``target_tokens[b, i]`` is the
             full model's (argmax) token after the context ending in d_(i-1) (after x0 for i = 0).
+        out: optional preallocated ``(accept_len, emitted)`` (contiguous, the dtypes and shapes returned),
+            written in place (a CUDA graph's static outputs).
         validate: accepted for symmetry with the other ops (greedy acceptance reads no values to check).
         backend: "auto", "cuda", "triton", "cpu" or "torch" (the reference).
 
@@ -48,7 +51,7 @@ def accept_greedy(draft_tokens: torch.Tensor, target_tokens: torch.Tensor, *, va
     """
     draft_tokens, target_tokens = _check_chain_tokens(draft_tokens, target_tokens, "target_tokens")
     batch, num_nodes = target_tokens.shape
-    accept_len, _, emitted = _outputs(batch, num_nodes, target_tokens.device, with_path=False)
+    accept_len, _, emitted = _outputs(batch, num_nodes, target_tokens.device, with_path=False, out=out)
     if batch > 0:
         chosen = select("accept_greedy", BACKENDS, PRIORITY[_device_type(draft_tokens)], backend, draft_tokens, None)
         chosen.run("greedy", draft_tokens, None, target_tokens, None, None, None, accept_len, None, emitted)
@@ -57,7 +60,8 @@ def accept_greedy(draft_tokens: torch.Tensor, target_tokens: torch.Tensor, *, va
 
 def accept_sampling(draft_tokens: torch.Tensor, draft_probs: torch.Tensor, target_probs: torch.Tensor, *,
                     generator: Optional[torch.Generator] = None, uniforms: Optional[torch.Tensor] = None,
-                    validate: bool = True, backend: str = "auto") -> Acceptance:
+                    out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, validate: bool = True,
+                    backend: str = "auto") -> Acceptance:
     """Speculative rejection sampling of a chain: the emitted tokens follow the full model's distribution
     exactly, whatever the draft distribution.
 
@@ -70,6 +74,7 @@ def accept_sampling(draft_tokens: torch.Tensor, draft_probs: torch.Tensor, targe
         generator: the torch.Generator (on the tensors' device) that draws the uniforms.
         uniforms: optional ``[B, k + 1]`` fp32 in [0, 1) to use instead of drawing them (e.g. drawn ahead
             into a CUDA graph's static buffer): column i < k decides d_i, column k draws the emitted token.
+        out: optional preallocated ``(accept_len, emitted)``, written in place.
         validate: check values (tokens in [0, V), probabilities finite and >= 0, uniforms in [0, 1)); a
             device-to-host read, so the decoder passes False. Skipped under torch.compile.
         backend: "auto", "cuda", "triton", "cpu" or "torch" (the reference).
@@ -86,7 +91,7 @@ def accept_sampling(draft_tokens: torch.Tensor, draft_probs: torch.Tensor, targe
     uniforms = _uniforms(uniforms, generator, batch, num_drafts + 1, draft_tokens.device)
     if validate and not torch.compiler.is_compiling():
         _check_sampling_values(draft_tokens, None, draft_probs, target_probs, uniforms)
-    accept_len, _, emitted = _outputs(batch, num_drafts + 1, draft_tokens.device, with_path=False)
+    accept_len, _, emitted = _outputs(batch, num_drafts + 1, draft_tokens.device, with_path=False, out=out)
     if batch > 0:
         chosen = select("accept_sampling", BACKENDS, PRIORITY[_device_type(draft_tokens)], backend, draft_tokens,
                         draft_probs)
@@ -96,7 +101,8 @@ def accept_sampling(draft_tokens: torch.Tensor, draft_probs: torch.Tensor, targe
 
 
 def accept_greedy_tree(draft_tokens: torch.Tensor, parents: torch.Tensor, target_tokens: torch.Tensor, *,
-                       validate: bool = True, backend: str = "auto") -> TreeAcceptance:
+                       out: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None, validate: bool = True,
+                       backend: str = "auto") -> TreeAcceptance:
     """Greedy acceptance of a draft tree: the longest root-to-node path the full model agrees with.
 
     Args:
@@ -104,6 +110,7 @@ def accept_greedy_tree(draft_tokens: torch.Tensor, parents: torch.Tensor, target
             accepted token x0; its entry is not read); nodes are in topological order.
         parents: ``[B, N]`` int64 or int32: ``parents[b, 0] == -1`` and ``0 <= parents[b, j] < j``.
         target_tokens: ``[B, N]``: the full model's (argmax) token after the context ending at each node.
+        out: optional preallocated ``(accept_len, path, emitted)``, written in place.
         validate: check that parents is a valid tree (a device-to-host read; the decoder passes False).
         backend: "auto", "cuda", "triton", "cpu" or "torch" (the reference).
 
@@ -118,7 +125,7 @@ def accept_greedy_tree(draft_tokens: torch.Tensor, parents: torch.Tensor, target
     target_tokens = _check_token_tensor("target_tokens", target_tokens, draft_tokens, num_nodes, "N, the nodes of "
                                         "draft_tokens")
     batch = draft_tokens.shape[0]
-    accept_len, path, emitted = _outputs(batch, num_nodes, draft_tokens.device, with_path=True)
+    accept_len, path, emitted = _outputs(batch, num_nodes, draft_tokens.device, with_path=True, out=out)
     if batch > 0:
         chosen = select("accept_greedy_tree", BACKENDS, PRIORITY[_device_type(draft_tokens)], backend,
                         draft_tokens, None)
@@ -128,7 +135,8 @@ def accept_greedy_tree(draft_tokens: torch.Tensor, parents: torch.Tensor, target
 
 def accept_sampling_tree(draft_tokens: torch.Tensor, parents: torch.Tensor, draft_probs: torch.Tensor,
                          target_probs: torch.Tensor, *, generator: Optional[torch.Generator] = None,
-                         uniforms: Optional[torch.Tensor] = None, validate: bool = True,
+                         uniforms: Optional[torch.Tensor] = None,
+                         out: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None, validate: bool = True,
                          backend: str = "auto") -> TreeAcceptance:
     """Multi-candidate rejection sampling over a draft tree (SpecInfer's multi-step speculative sampling):
     the emitted tokens follow the full model's distribution exactly when siblings were drafted
@@ -145,6 +153,7 @@ def accept_sampling_tree(draft_tokens: torch.Tensor, parents: torch.Tensor, draf
         target_probs: ``[B, N, V]``, draft_probs' dtype and device: the full model's p_j after node j.
         generator / uniforms: as for accept_sampling; uniforms is ``[B, N]``: column c - 1 decides node c,
             column N - 1 draws the emitted token.
+        out: optional preallocated ``(accept_len, path, emitted)``, written in place.
         validate: check tokens, parents, probabilities and uniforms (a device-to-host read).
         backend: "auto", "cuda", "triton", "cpu" or "torch" (the reference).
 
@@ -163,7 +172,7 @@ def accept_sampling_tree(draft_tokens: torch.Tensor, parents: torch.Tensor, draf
     if validate and not torch.compiler.is_compiling():
         _check_parent_values(parents)
         _check_sampling_values(draft_tokens[:, 1:], parents, draft_probs, target_probs, uniforms)
-    accept_len, path, emitted = _outputs(batch, num_nodes, draft_tokens.device, with_path=True)
+    accept_len, path, emitted = _outputs(batch, num_nodes, draft_tokens.device, with_path=True, out=out)
     if batch > 0:
         chosen = select("accept_sampling_tree", BACKENDS, PRIORITY[_device_type(draft_tokens)], backend,
                         draft_tokens, draft_probs)
@@ -281,11 +290,26 @@ def _check_sampling_values(drafted_tokens, parents, draft_probs, target_probs, u
         raise ValueError("uniforms must lie in [0, 1)")
 
 
-def _outputs(batch: int, num_nodes: int, device: torch.device, with_path: bool):
-    accept_len = torch.empty(batch, dtype=torch.int32, device=device)
-    emitted = torch.empty(batch, num_nodes, dtype=torch.int64, device=device)
-    path = torch.empty(batch, num_nodes, dtype=torch.int64, device=device) if with_path else None
-    return accept_len, path, emitted
+def _outputs(batch: int, num_nodes: int, device: torch.device, with_path: bool, out):
+    """(accept_len, path or None, emitted): fresh, or the caller's `out` after checking it."""
+    if out is None:
+        accept_len = torch.empty(batch, dtype=torch.int32, device=device)
+        emitted = torch.empty(batch, num_nodes, dtype=torch.int64, device=device)
+        path = torch.empty(batch, num_nodes, dtype=torch.int64, device=device) if with_path else None
+        return accept_len, path, emitted
+    names = ("accept_len", "path", "emitted") if with_path else ("accept_len", "emitted")
+    if not isinstance(out, (tuple, list)) or len(out) != len(names):
+        raise TypeError(f"out must be a tuple ({', '.join(names)}) of tensors, got {type(out).__name__}"
+                        + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else ""))
+    expected = {"accept_len": ((batch,), torch.int32), "path": ((batch, num_nodes), torch.int64),
+                "emitted": ((batch, num_nodes), torch.int64)}
+    for name, tensor in zip(names, out):
+        shape, dtype = expected[name]
+        _checks.check_tensor(f"out[{names.index(name)}] ({name})", tensor, ndim=len(shape), dtypes=(dtype,))
+        if tuple(tensor.shape) != shape or not tensor.is_contiguous() or tensor.device != device:
+            raise ValueError(f"out[{names.index(name)}] ({name}) must be contiguous with shape {shape} on {device}, "
+                             f"got shape {tuple(tensor.shape)} on {tensor.device}")
+    return (out[0], out[1], out[2]) if with_path else (out[0], None, out[1])
 
 
 # ---- backends ----------------------------------------------------------------------------------------
