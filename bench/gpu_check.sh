@@ -30,5 +30,9 @@ step "benchmarks ($(date +%T))"
 $python bench/verify_attention.py --device cuda --json "${results}.json" --md "${results}.md" 2>&1 \
   | tee -a "$log" || status=1
 
+step "acceptance benchmarks ($(date +%T))"
+$python bench/acceptance.py --device cuda --json "${results}-acceptance.json" --md "${results}-acceptance.md" 2>&1 \
+  | tee -a "$log" || status=1
+
 step "done ($(date +%T)): ${results}.{json,md,log}, status $status"
 exit $status

@@ -4,6 +4,8 @@ Importing the package never initialises CUDA and works without the compiled exte
 (`python -m fastvlm_kernels.info` says what is built and usable here).
 """
 from .ops import verify_attention
+from .ops import accept_greedy, accept_greedy_tree, accept_sampling, accept_sampling_tree
 
 __version__ = "0.1.0"
 __all__ = ["verify_attention", "__version__"]
+__all__ += ["accept_greedy", "accept_sampling", "accept_greedy_tree", "accept_sampling_tree"]

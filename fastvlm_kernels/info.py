@@ -7,14 +7,19 @@ import torch
 
 from .ops import _dispatch, _library
 from .ops.verify_attention import BACKENDS as VERIFY_ATTENTION_BACKENDS
+from .ops.acceptance import BACKENDS as ACCEPTANCE_BACKENDS
 
 OPS = {"verify_attention": VERIFY_ATTENTION_BACKENDS}
+OPS.update({"accept_greedy / accept_sampling (chains and trees)": ACCEPTANCE_BACKENDS})
 
 
 def _probe_inputs(device: torch.device):
     """A small valid input per op, on `device`, to ask each backend whether it would run."""
     q = torch.empty(1, 1, 1, 64, device=device, dtype=torch.float16)
-    return {"verify_attention": (q,)}
+    inputs = {"verify_attention": (q,)}
+    inputs["accept_greedy / accept_sampling (chains and trees)"] = (
+        torch.empty(1, 1, device=device, dtype=torch.int64), torch.empty(1, 1, 1, device=device, dtype=torch.float16))
+    return inputs
 
 
 def report() -> str:

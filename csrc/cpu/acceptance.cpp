@@ -1,8 +1,9 @@
 // accept_greedy / accept_sampling (chains and trees) on CPU: at::parallel_for over batch rows; a row walks
 // its N nodes once in index order (reference.py gives the walk), so greedy acceptance is O(N) per row.
 // Sampling reads p and q only at the drafted tokens until a rejection; each rejection is one pass over the
-// vocabulary (residual r <- max(0, r - Z q) in a per-row fp64 buffer and its sum Z), and the final draw is
-// an inverse-CDF scan (a sum pass and a prefix pass) over the residual or p. Memory bound on those passes.
+// vocabulary (residual r <- max(0, r - Z q) in a per-row fp64 buffer, then its sums in 256-entry blocks,
+// whose total is Z), and the final draw walks the block sums and rescans one block (p's block sums are
+// computed first when no rejection happened). Memory bound on those passes.
 #include "ops.h"
 
 #include <algorithm>
@@ -73,28 +74,60 @@ double value(const T* row, int64_t index) {
   return static_cast<double>(static_cast<float>(row[index]));
 }
 
-// Inverse-CDF draw from unnormalised weights (the residual r, or p when r is not in use).
+constexpr int64_t kBlock = 256;  // the vocabulary is summed in blocks; a draw rescans one block
+
+// Sum of weight(j) over one block, four independent accumulators (no serial add chain).
 template <typename Weight>
-int64_t sample_index(Weight weight, int64_t vocab, double uniform) {
-  double total = 0.0;
-  for (int64_t j = 0; j < vocab; ++j) total += weight(j);
-  const double threshold = uniform * total;
-  double cumulative = 0.0;
-  int64_t last_positive = -1;
-  for (int64_t j = 0; j < vocab; ++j) {
-    const double w = weight(j);
-    cumulative += w;
-    if (cumulative > threshold) return j;
-    if (w > 0.0) last_positive = j;
+double block_sum(Weight weight, int64_t begin, int64_t end) {
+  double acc[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t j = begin;
+  for (; j + 4 <= end; j += 4) {
+    for (int lane = 0; lane < 4; ++lane) acc[lane] += weight(j + lane);
   }
-  return last_positive >= 0 ? last_positive : 0;
+  for (; j < end; ++j) acc[0] += weight(j);
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+// Inverse-CDF draw from unnormalised weights given their block sums: the first j whose running sum
+// exceeds u * total. Past the end (rounding), the last index with positive weight; 0 when none.
+template <typename Weight>
+int64_t sample_index(Weight weight, const double* sums, int64_t vocab, double uniform) {
+  const int64_t num_blocks = (vocab + kBlock - 1) / kBlock;
+  double total = 0.0;
+  for (int64_t b = 0; b < num_blocks; ++b) total += sums[b];
+  const double threshold = uniform * total;
+  double running = 0.0;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    if (running + sums[b] > threshold) {
+      const int64_t end = std::min((b + 1) * kBlock, vocab);
+      double cumulative = running;
+      int64_t last_positive = -1;
+      for (int64_t j = b * kBlock; j < end; ++j) {
+        const double w = weight(j);
+        cumulative += w;
+        if (cumulative > threshold) return j;
+        if (w > 0.0) last_positive = j;
+      }
+      if (last_positive >= 0) return last_positive;  // the block's sum rounded above its running sum
+    }
+    running += sums[b];
+  }
+  for (int64_t b = num_blocks - 1; b >= 0; --b) {
+    if (sums[b] > 0.0) {
+      for (int64_t j = std::min((b + 1) * kBlock, vocab) - 1; j >= b * kBlock; --j) {
+        if (weight(j) > 0.0) return j;
+      }
+    }
+  }
+  return 0;
 }
 
 template <typename T>
 void sampling_rows(const Tree& tree, const T* draft_probs, const T* target_probs, const float* uniforms,
                    int64_t vocab, int32_t* accept_len, int64_t* path, int64_t* emitted, int64_t begin, int64_t end) {
   const int64_t num_nodes = tree.num_nodes;
-  std::vector<double> residual(vocab);
+  const int64_t num_blocks = (vocab + kBlock - 1) / kBlock;
+  std::vector<double> residual(vocab), sums(num_blocks);
   for (int64_t row = begin; row < end; ++row) {
     const float* u = uniforms + row * num_nodes;
     int64_t* row_emitted = emitted + row * num_nodes;
@@ -118,21 +151,31 @@ void sampling_rows(const Tree& tree, const T* draft_probs, const T* target_probs
         has_residual = false;
         z = 1.0;
       } else {
-        double total = 0.0;
+        // r <- max(0, r - Z q) in place, and the block sums of the new r (what the draw needs).
+        double* r = residual.data();
         for (int64_t j = 0; j < vocab; ++j) {
-          const double base = has_residual ? residual[j] : value(p, j);
-          const double r = std::max(base - z * value(q, j), 0.0);
-          residual[j] = r;
-          total += r;
+          const double base = has_residual ? r[j] : value(p, j);
+          r[j] = std::max(base - z * value(q, j), 0.0);
+        }
+        double total = 0.0;
+        for (int64_t b = 0; b < num_blocks; ++b) {
+          sums[b] = block_sum([r](int64_t j) { return r[j]; }, b * kBlock, std::min((b + 1) * kBlock, vocab));
+          total += sums[b];
         }
         has_residual = total > 0.0;
         z = has_residual ? total : 1.0;
       }
     }
-    const T* p = target_probs + (row * num_nodes + cur) * vocab;
     const double uniform = static_cast<double>(u[num_nodes - 1]);
-    row_emitted[accepted] = has_residual ? sample_index([&](int64_t j) { return residual[j]; }, vocab, uniform)
-                                         : sample_index([&](int64_t j) { return value(p, j); }, vocab, uniform);
+    if (has_residual) {
+      const double* r = residual.data();
+      row_emitted[accepted] = sample_index([r](int64_t j) { return r[j]; }, sums.data(), vocab, uniform);
+    } else {
+      const T* p = target_probs + (row * num_nodes + cur) * vocab;
+      const auto weight = [p](int64_t j) { return value(p, j); };
+      for (int64_t b = 0; b < num_blocks; ++b) sums[b] = block_sum(weight, b * kBlock, std::min((b + 1) * kBlock, vocab));
+      row_emitted[accepted] = sample_index(weight, sums.data(), vocab, uniform);
+    }
     finish_row(accepted, num_nodes, accept_len + row, row_path, row_emitted);
   }
 }

@@ -135,7 +135,7 @@ accept_sampling_kernel(TreeParams tree, SamplingParams params) {
       double partial = 0.0;
       for (int64_t j = tid; j < vocab; j += kSamplingThreads) {
         const double base = has_residual ? residual[j] : load(p, j);
-        const double r = fmax(base - z * load(q, j), 0.0);
+        const double r = fmax(base - __dmul_rn(z, load(q, j)), 0.0);  // no FMA: round like the reference
         residual[j] = r;
         partial += r;
       }
@@ -175,6 +175,9 @@ accept_sampling_kernel(TreeParams tree, SamplingParams params) {
         break;
       }
     }
+    // The scan's inclusive sum can round above this thread's own running sum: then the draw falls at the
+    // segment's last positive weight (the next segment starts above the threshold).
+    if (found == INT64_MAX && last_positive >= 0) found = last_positive;
   }
   const int64_t first = ReduceIndex(temp.reduce_index).Reduce(found, [](int64_t a, int64_t b) { return min(a, b); });
   __syncthreads();

@@ -1,5 +1,7 @@
 """The ops of fastvlm_kernels: one public function each, with backends chosen by device."""
 from . import _library  # loads fastvlm_kernels._C (or says why not) before any op is used
 from .verify_attention import verify_attention
+from .acceptance import accept_greedy, accept_greedy_tree, accept_sampling, accept_sampling_tree
 
 __all__ = ["verify_attention"]
+__all__ += ["accept_greedy", "accept_sampling", "accept_greedy_tree", "accept_sampling_tree"]
