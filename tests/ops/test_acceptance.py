@@ -375,6 +375,15 @@ def test_rejection_sampling_preserves_the_target_distribution(backend):
     check_follows_target(accept_len, emitted, drafts, draft_probs)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_rejection_sampling_preserves_the_target_distribution(backend):
+    backend_or_skip(backend, "cuda")
+    drafts, draft_probs, target_probs, uniforms = toy_chain("cuda")
+    accept_len, emitted = accept_sampling(drafts, draft_probs, target_probs, uniforms=uniforms, backend=backend)
+    check_follows_target(accept_len.cpu(), emitted.cpu(), drafts.cpu(), draft_probs.cpu())
+
+
 def test_biased_sampler_is_caught():
     drafts, draft_probs, target_probs, uniforms = (t[:DRAWS // 4] for t in toy_chain("cpu"))
     accept_len, emitted = biased_sampling(drafts, draft_probs, target_probs, uniforms)
