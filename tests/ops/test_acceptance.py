@@ -533,3 +533,13 @@ def test_extension_ops_pass_opcheck():
                           (drafts, None, draft_probs, target_probs, uniforms, *outputs))
     torch.library.opcheck(torch.ops.fastvlm.accept_greedy.default,
                           (drafts, None, torch.zeros(2, 4, dtype=torch.int64), *outputs))
+
+
+@pytest.mark.skipif(not _library.EXTENSION.loaded, reason="the extension is not built")
+def test_torch_compile_fullgraph():
+    """The public ops trace into one graph (fake implementations, no host reads with validate=False)."""
+    drafts, draft_probs, target_probs, uniforms = sampling_inputs(3, 4, 111, torch.float32, "cpu", seed=1)
+    compiled = torch.compile(lambda d, q, p, u: accept_sampling(d, q, p, uniforms=u, validate=False, backend="cpu"),
+                             fullgraph=True)
+    assert_equal_results(compiled(drafts, draft_probs, target_probs, uniforms),
+                         accept_sampling_reference(drafts, draft_probs, target_probs, uniforms))
