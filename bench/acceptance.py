@@ -40,8 +40,8 @@ def make_case(batch, num_drafted, vocab, device, tree=False, seed=0):
     target = torch.softmax(shared + torch.randn(batch, num_nodes, vocab, generator=generator), -1)
     draft = torch.softmax(shared[:, :num_drafted] + torch.randn(batch, num_drafted, vocab, generator=generator), -1)
     if tree:
-        parents = torch.tensor([[-1] + [int(torch.randint(0, j, (1,), generator=generator)) for j in range(1, num_nodes)]
-                                for _ in range(batch)])
+        parents = torch.tensor([[-1] + [int(torch.randint(0, j, (1,), generator=generator))
+                                        for j in range(1, num_nodes)] for _ in range(batch)])
     else:
         parents = torch.arange(-1, num_drafted).expand(batch, num_nodes)
     tokens = torch.zeros(batch, num_nodes, dtype=torch.int64)
@@ -67,7 +67,8 @@ def vectorised_chain_sampling(draft_tokens, draft_probs, target_probs, uniforms)
     total = residual.sum(-1, keepdim=True)
     residual = torch.where(total > 0, residual, p_last)
     cumulative = residual.cumsum(-1)
-    token = torch.searchsorted(cumulative, uniforms[:, -1:] * cumulative[:, -1:], right=True).clamp(max=cumulative.shape[1] - 1)
+    token = torch.searchsorted(cumulative, uniforms[:, -1:] * cumulative[:, -1:], right=True)
+    token = token.clamp(max=cumulative.shape[1] - 1)
     emitted = torch.cat([draft_tokens, draft_tokens.new_full((batch, 1), -1)], 1)
     emitted = torch.where(torch.arange(num_drafted + 1, device=emitted.device) < accept_len[:, None], emitted, -1)
     emitted.scatter_(1, accept_len[:, None], token)
@@ -107,7 +108,8 @@ def run_case(op, batch, num_drafted, vocab, device, backends, timer, with_refere
         drafts = torch.randint(0, 3, (batch, num_drafted), generator=generator).to(device)
         targets = torch.randint(0, 3, (batch, num_drafted + 1), generator=generator).to(device)
         expected = accept_greedy_reference(drafts, targets)
-        call = {name: (lambda name=name: accept_greedy(drafts, targets, validate=False, backend=name)) for name in backends}
+        call = {name: (lambda name=name: accept_greedy(drafts, targets, validate=False, backend=name))
+                for name in backends}
         reference = lambda: accept_greedy_reference(drafts, targets)  # noqa: E731
     else:
         tree = op == "sampling_tree"

@@ -173,7 +173,9 @@ void sampling_rows(const Tree& tree, const T* draft_probs, const T* target_probs
     } else {
       const T* p = target_probs + (row * num_nodes + cur) * vocab;
       const auto weight = [p](int64_t j) { return value(p, j); };
-      for (int64_t b = 0; b < num_blocks; ++b) sums[b] = block_sum(weight, b * kBlock, std::min((b + 1) * kBlock, vocab));
+      for (int64_t b = 0; b < num_blocks; ++b) {
+        sums[b] = block_sum(weight, b * kBlock, std::min((b + 1) * kBlock, vocab));
+      }
       row_emitted[accepted] = sample_index(weight, sums.data(), vocab, uniform);
     }
     finish_row(accepted, num_nodes, accept_len + row, row_path, row_emitted);

@@ -179,9 +179,11 @@ accept_sampling_kernel(TreeParams tree, SamplingParams params) {
     // segment's last positive weight (the next segment starts above the threshold).
     if (found == INT64_MAX && last_positive >= 0) found = last_positive;
   }
-  const int64_t first = ReduceIndex(temp.reduce_index).Reduce(found, [](int64_t a, int64_t b) { return min(a, b); });
+  const auto smaller = [](int64_t a, int64_t b) { return min(a, b); };
+  const auto larger = [](int64_t a, int64_t b) { return max(a, b); };
+  const int64_t first = ReduceIndex(temp.reduce_index).Reduce(found, smaller);
   __syncthreads();
-  const int64_t last = ReduceIndex(temp.reduce_index).Reduce(last_positive, [](int64_t a, int64_t b) { return max(a, b); });
+  const int64_t last = ReduceIndex(temp.reduce_index).Reduce(last_positive, larger);
   if (tid == 0) emitted[accepted] = first != INT64_MAX ? first : (last >= 0 ? last : 0);
   finish_row(tree, row, accepted, tid, kSamplingThreads);
 }

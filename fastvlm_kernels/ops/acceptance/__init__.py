@@ -230,7 +230,8 @@ def _check_parent_values(parents: torch.Tensor) -> None:
     bad = (parents < expected_low) | (parents > expected_high)                         # [B, N]
     if bool(bad.any()):
         row, col = bad.nonzero()[0].tolist()
-        rule = "must be -1 (node 0 is the root)" if col == 0 else f"must be in [0, {col - 1}] (a parent precedes its child)"
+        rule = ("must be -1 (node 0 is the root)" if col == 0
+                else f"must be in [0, {col - 1}] (a parent precedes its child)")
         raise ValueError(f"parents is not a valid tree: parents[{row}, {col}] = {int(parents[row, col])} {rule}")
 
 
@@ -260,7 +261,8 @@ def _uniforms(uniforms, generator, batch: int, columns: int, device: torch.devic
             raise ValueError(f"generator is on {generator.device} but the tensors are on {device}: "
                              "pass a generator of the tensors' device")
         return torch.rand((batch, columns), generator=generator, device=device, dtype=torch.float32)
-    uniforms = _checks.check_tensor("uniforms", uniforms, ndim=2, dtypes=(torch.float32,), shape_doc="[B, k + 1 (or N)]")
+    uniforms = _checks.check_tensor("uniforms", uniforms, ndim=2, dtypes=(torch.float32,),
+                                    shape_doc="[B, k + 1 (or N)]")
     if uniforms.device != device:
         raise ValueError(f"uniforms is on {uniforms.device} but draft_tokens is on {device}: "
                          "all tensors must be on one device")
@@ -272,20 +274,22 @@ def _uniforms(uniforms, generator, batch: int, columns: int, device: torch.devic
 def _check_sampling_values(drafted_tokens, parents, draft_probs, target_probs, uniforms) -> None:
     """Drafted tokens in [0, V), probabilities finite and >= 0, uniforms in [0, 1): one host read."""
     vocab = target_probs.shape[2]
-    flags = torch.stack([
-        ((drafted_tokens < 0) | (drafted_tokens >= vocab)).any() if drafted_tokens.numel() else torch.tensor(False, device=uniforms.device),
-        (~torch.isfinite(draft_probs) | (draft_probs < 0)).any() if draft_probs.numel() else torch.tensor(False, device=uniforms.device),
+    outside = (drafted_tokens < 0) | (drafted_tokens >= vocab)
+    flags = torch.stack([                                   # .any() of an empty tensor is False
+        outside.any(),
+        (~torch.isfinite(draft_probs) | (draft_probs < 0)).any(),
         (~torch.isfinite(target_probs) | (target_probs < 0)).any(),
         ((uniforms < 0) | (uniforms >= 1) | uniforms.isnan()).any(),
     ]).tolist()
     if flags[0]:
-        row, col = ((drafted_tokens < 0) | (drafted_tokens >= vocab)).nonzero()[0].tolist()
+        row, col = outside.nonzero()[0].tolist()
         column = col + 1 if parents is not None else col
         raise ValueError(f"draft_tokens[{row}, {column}] = {int(drafted_tokens[row, col])} is outside the "
                          f"vocabulary [0, {vocab}) of target_probs")
     for flag, name in ((flags[1], "draft_probs"), (flags[2], "target_probs")):
         if flag:
-            raise ValueError(f"{name} holds a negative, NaN or infinite value; probabilities must be finite and >= 0")
+            raise ValueError(f"{name} holds a negative, NaN or infinite value; "
+                             "probabilities must be finite and >= 0")
     if flags[3]:
         raise ValueError("uniforms must lie in [0, 1)")
 

@@ -149,7 +149,8 @@ def _accept_sampling_kernel(DraftTokens, Parents, DraftProbs, TargetProbs, Unifo
             hit = (cumulative > threshold) & mask
             first = tl.min(tl.where(hit, offs, 2147483647), 0)
             found = tl.where(first < 2147483647, first.to(tl.int64), found)
-            last_positive = tl.maximum(last_positive, tl.max(tl.where((weights > 0.0) & mask, offs, -1), 0).to(tl.int64))
+            positive = tl.max(tl.where((weights > 0.0) & mask, offs, -1), 0)
+            last_positive = tl.maximum(last_positive, positive.to(tl.int64))
             running += tl.sum(weights, 0)
     choice = tl.where(found >= 0, found, tl.maximum(last_positive, 0))
     tl.store(Emitted + row * num_nodes + accepted, choice)
