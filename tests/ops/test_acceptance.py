@@ -420,6 +420,32 @@ def test_tree_rejection_sampling_preserves_the_target_distribution(backend):
         assert result.emitted[row, :length].tolist() == [int(tokens[row, node]) for node in path[1:]]
 
 
+@pytest.mark.parametrize("siblings", ["independent", "without_replacement"])
+def test_tree_sampling_needs_independent_siblings(siblings):
+    """The documented assumption, shown: two children of the root drawn independently from q give p's
+    distribution; drawn without replacement (always two distinct tokens) they do not. With p = (.6, .2, .2)
+    and q = (.5, .5, 0), distinct siblings emit token 0 with probability .7 instead of .6."""
+    backend_or_skip("cpu", "cpu")
+    draws = 20000
+    generator = torch.Generator().manual_seed(3)
+    target = torch.tensor([0.6, 0.2, 0.2])
+    draft = torch.tensor([0.5, 0.5, 0.0])
+    first = torch.multinomial(draft, draws, replacement=True, generator=generator)
+    second = (torch.multinomial(draft, draws, replacement=True, generator=generator) if siblings == "independent"
+              else 1 - first)
+    tokens = torch.stack([torch.zeros_like(first), first, second], dim=1)
+    parents = torch.tensor([-1, 0, 0]).expand(draws, -1).contiguous()
+    draft_probs = draft.expand(draws, 2, -1).contiguous()
+    target_probs = target.expand(draws, 3, -1).contiguous()
+    result = accept_sampling_tree(tokens, parents, draft_probs, target_probs, generator=generator, backend="cpu")
+    p_value = chi_square_p_value(result.emitted[:, 0], target.double())
+    if siblings == "independent":
+        assert p_value > P_VALUE_FLOOR
+    else:
+        assert p_value < 1e-6
+        assert abs(float((result.emitted[:, 0] == 0).double().mean()) - 0.7) < 0.02
+
+
 # ---- bad input: a ValueError / TypeError naming the argument -----------------------------------------
 
 def valid_chain(batch=2, num_drafted=3, vocab=11):
