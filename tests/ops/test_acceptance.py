@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from fastvlm_kernels.ops import _dispatch, _library
-from fastvlm_kernels.ops.acceptance import (BACKENDS, accept_greedy, accept_greedy_reference, accept_greedy_tree,
-                                            accept_greedy_tree_reference, accept_sampling, accept_sampling_reference,
-                                            accept_sampling_tree, accept_sampling_tree_reference)
+from fastvlm_kernels.ops.acceptance import (BACKENDS, Acceptance, accept_greedy, accept_greedy_reference,
+                                            accept_greedy_tree, accept_greedy_tree_reference, accept_sampling,
+                                            accept_sampling_reference, accept_sampling_tree,
+                                            accept_sampling_tree_reference)
 from fastvlm_kernels.ops.acceptance.reference import sample_index
 from fastvlm_kernels.ops.acceptance.spec import (INTERPRETER_SAMPLING_SHAPES, INTERPRETER_TREE_SHAPES,
                                                  SAMPLING_SHAPES, TREE_SAMPLING_SHAPES)
@@ -255,8 +256,7 @@ def test_gpu_sampling_captures_in_a_cuda_graph(backend):
         static_uniforms.copy_(fresh)
         graph.replay()
         torch.cuda.synchronize()
-        assert_equal_results(type(accept_sampling_reference(drafts, draft_probs, target_probs, fresh))(*out),
-                             accept_sampling_reference(drafts, draft_probs, target_probs, fresh))
+        assert_equal_results(Acceptance(*out), accept_sampling_reference(drafts, draft_probs, target_probs, fresh))
 
 
 # ---- a chain is a tree; generator handling ----------------------------------------------------------
