@@ -5,6 +5,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastvlm_kernels.ops import _dispatch, _library
 from fastvlm_kernels.ops.acceptance import (BACKENDS, Acceptance, accept_greedy, accept_greedy_reference,
@@ -257,6 +259,37 @@ def test_gpu_sampling_captures_in_a_cuda_graph(backend):
         graph.replay()
         torch.cuda.synchronize()
         assert_equal_results(Acceptance(*out), accept_sampling_reference(drafts, draft_probs, target_probs, fresh))
+
+
+@st.composite
+def trees(draw):
+    """(B, parents [B, N], node tokens [B, N], targets [B, N], V): shallow and deep trees, small vocabularies
+    (so that drafts often match), duplicate siblings included."""
+    batch = draw(st.integers(1, 3))
+    num_nodes = draw(st.integers(1, 12))
+    vocab = draw(st.integers(1, 4))
+    parents = [[-1] + [draw(st.integers(max(0, j - draw(st.integers(1, j))), j - 1)) for j in range(1, num_nodes)]
+               for _ in range(batch)]
+    tokens = [[draw(st.integers(0, vocab - 1)) for _ in range(num_nodes)] for _ in range(batch)]
+    targets = [[draw(st.integers(0, vocab - 1)) for _ in range(num_nodes)] for _ in range(batch)]
+    return batch, torch.tensor(parents), torch.tensor(tokens), torch.tensor(targets), vocab
+
+
+@settings(max_examples=60, deadline=None)
+@given(tree=trees(), seed=st.integers(0, 1000))
+def test_cpu_kernels_match_reference_on_random_trees(tree, seed):
+    if not _library.EXTENSION.loaded:
+        pytest.skip("the extension is not built")
+    batch, parents, tokens, targets, vocab = tree
+    num_nodes = parents.shape[1]
+    assert_equal_results(accept_greedy_tree(tokens, parents, targets, backend="cpu"),
+                         accept_greedy_tree_reference(tokens, parents, targets))
+    generator = torch.Generator().manual_seed(seed)
+    draft_probs = torch.softmax(torch.randn(batch, num_nodes - 1, vocab, generator=generator) * 2, -1)
+    target_probs = torch.softmax(torch.randn(batch, num_nodes, vocab, generator=generator) * 2, -1)
+    uniforms = torch.rand(batch, num_nodes, generator=generator)
+    got = accept_sampling_tree(tokens, parents, draft_probs, target_probs, uniforms=uniforms, backend="cpu")
+    assert_equal_results(got, accept_sampling_tree_reference(tokens, parents, draft_probs, target_probs, uniforms))
 
 
 # ---- a chain is a tree; generator handling ----------------------------------------------------------
