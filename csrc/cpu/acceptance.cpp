@@ -17,6 +17,14 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+// r - Z * q must round like the reference's separate multiply and subtract: no FMA contraction (GCC
+// contracts by default wherever the target has FMA, e.g. aarch64 or -march=native).
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 namespace fastvlm {
 namespace {
 
