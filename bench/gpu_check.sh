@@ -34,5 +34,9 @@ step "kv_cache benchmark ($(date +%T))"
 $python bench/kv_cache.py --device cuda --json "${results}-kv_cache.json" --md "${results}-kv_cache.md" 2>&1 \
   | tee -a "$log" || status=1
 
+step "acceptance benchmarks ($(date +%T))"
+$python bench/acceptance.py --device cuda --json "${results}-acceptance.json" --md "${results}-acceptance.md" 2>&1 \
+  | tee -a "$log" || status=1
+
 step "done ($(date +%T)): ${results}.{json,md,log}, status $status"
 exit $status

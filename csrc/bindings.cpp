@@ -10,12 +10,22 @@ TORCH_LIBRARY(fastvlm, m) {
       "float sm_scale, Tensor(a!) out, Tensor(b!)? lse) -> ()");
   m.def("kv_compact(Tensor(a!) buffer, Tensor start, Tensor accepted) -> ()");
   m.def("kv_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor lengths, Tensor keys, Tensor values) -> ()");
+  // acceptance
+  m.def(
+      "accept_greedy(Tensor draft_tokens, Tensor? parents, Tensor target_tokens, Tensor(a!) accept_len, "
+      "Tensor(b!)? path, Tensor(c!) emitted) -> ()");
+  m.def(
+      "accept_sampling(Tensor draft_tokens, Tensor? parents, Tensor draft_probs, Tensor target_probs, "
+      "Tensor uniforms, Tensor(a!) accept_len, Tensor(b!)? path, Tensor(c!) emitted) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastvlm, CPU, m) {
   m.impl("verify_attention", &fastvlm::verify_attention_cpu);
   m.impl("kv_compact", &fastvlm::kv_compact_cpu);
   m.impl("kv_append", &fastvlm::kv_append_cpu);
+  // acceptance
+  m.impl("accept_greedy", &fastvlm::accept_greedy_cpu);
+  m.impl("accept_sampling", &fastvlm::accept_sampling_cpu);
 }
 
 #ifdef FASTVLM_WITH_CUDA
@@ -23,5 +33,8 @@ TORCH_LIBRARY_IMPL(fastvlm, CUDA, m) {
   m.impl("verify_attention", &fastvlm::verify_attention_cuda);
   m.impl("kv_compact", &fastvlm::kv_compact_cuda);
   m.impl("kv_append", &fastvlm::kv_append_cuda);
+  // acceptance
+  m.impl("accept_greedy", &fastvlm::accept_greedy_cuda);
+  m.impl("accept_sampling", &fastvlm::accept_sampling_cuda);
 }
 #endif

@@ -43,4 +43,28 @@ void kv_append_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& 
                     const at::Tensor& values);
 #endif
 
+// ---- acceptance: accept_greedy, accept_sampling (chains and trees) --------------------------------------
+// A chain of k drafts is the tree of N = k + 1 nodes with parent(c) = c - 1. draft_tokens [B, N - 1] int64
+// (a chain, parents none: node c's token is draft_tokens[c - 1]) or [B, N] (a tree: draft_tokens[c], with
+// parents [B, N] int64, parents[c] < c). target_tokens [B, N] int64; draft_probs [B, N - 1, V] and
+// target_probs [B, N, V] (fp32 | fp16 | bf16, one dtype, contiguous); uniforms [B, N] fp32. Outputs:
+// accept_len [B] int32, path [B, N] int64 (trees; none for a chain), emitted [B, N] int64, all -1 padded.
+// The walk is fastvlm_kernels/ops/acceptance/reference.py's; token values are clamped to [0, V) where they
+// index probabilities, so no input makes a kernel read out of bounds.
+void accept_greedy_cpu(const at::Tensor& draft_tokens, const std::optional<at::Tensor>& parents,
+                       const at::Tensor& target_tokens, at::Tensor& accept_len,
+                       const std::optional<at::Tensor>& path, at::Tensor& emitted);
+void accept_sampling_cpu(const at::Tensor& draft_tokens, const std::optional<at::Tensor>& parents,
+                         const at::Tensor& draft_probs, const at::Tensor& target_probs, const at::Tensor& uniforms,
+                         at::Tensor& accept_len, const std::optional<at::Tensor>& path, at::Tensor& emitted);
+
+#ifdef FASTVLM_WITH_CUDA
+void accept_greedy_cuda(const at::Tensor& draft_tokens, const std::optional<at::Tensor>& parents,
+                        const at::Tensor& target_tokens, at::Tensor& accept_len,
+                        const std::optional<at::Tensor>& path, at::Tensor& emitted);
+void accept_sampling_cuda(const at::Tensor& draft_tokens, const std::optional<at::Tensor>& parents,
+                          const at::Tensor& draft_probs, const at::Tensor& target_probs, const at::Tensor& uniforms,
+                          at::Tensor& accept_len, const std::optional<at::Tensor>& path, at::Tensor& emitted);
+#endif
+
 }  // namespace fastvlm

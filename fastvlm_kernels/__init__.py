@@ -7,5 +7,8 @@ from .ops import verify_attention
 from .ops import kv_append, kv_compact
 from .cache import KVCache
 
+from .ops import accept_greedy, accept_greedy_tree, accept_sampling, accept_sampling_tree
+
 __version__ = "0.1.0"
-__all__ = ["verify_attention", "kv_compact", "kv_append", "KVCache", "__version__"]
+__all__ = ["verify_attention", "kv_compact", "kv_append", "KVCache",
+           "accept_greedy", "accept_sampling", "accept_greedy_tree", "accept_sampling_tree", "__version__"]

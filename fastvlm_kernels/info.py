@@ -9,10 +9,12 @@ from .ops import _dispatch, _library
 from .ops.verify_attention import BACKENDS as VERIFY_ATTENTION_BACKENDS
 from .ops.kv_cache import APPEND_BACKENDS as KV_APPEND_BACKENDS
 from .ops.kv_cache import BACKENDS as KV_COMPACT_BACKENDS
+from .ops.acceptance import BACKENDS as ACCEPTANCE_BACKENDS
 
 OPS = {"verify_attention": VERIFY_ATTENTION_BACKENDS,
        "kv_compact": KV_COMPACT_BACKENDS,
-       "kv_append": KV_APPEND_BACKENDS}
+       "kv_append": KV_APPEND_BACKENDS,
+       "accept_greedy / accept_sampling (chains and trees)": ACCEPTANCE_BACKENDS}
 
 
 def _probe_inputs(device: torch.device):
@@ -21,7 +23,10 @@ def _probe_inputs(device: torch.device):
     buffer = torch.empty(1, 2, 1, 1, 1, 64, device=device, dtype=torch.float16)
     return {"verify_attention": (q,),
             "kv_compact": (buffer,),
-            "kv_append": (buffer[0, 0],)}
+            "kv_append": (buffer[0, 0],),
+            "accept_greedy / accept_sampling (chains and trees)": (
+                torch.empty(1, 1, device=device, dtype=torch.int64),
+                torch.empty(1, 1, 1, device=device, dtype=torch.float16))}
 
 
 def report() -> str:

@@ -3,4 +3,7 @@ from . import _library  # loads fastvlm_kernels._C (or says why not) before any 
 from .verify_attention import verify_attention
 from .kv_cache import kv_append, kv_compact
 
-__all__ = ["verify_attention", "kv_compact", "kv_append"]
+from .acceptance import accept_greedy, accept_greedy_tree, accept_sampling, accept_sampling_tree
+
+__all__ = ["verify_attention", "kv_compact", "kv_append",
+           "accept_greedy", "accept_sampling", "accept_greedy_tree", "accept_sampling_tree"]

@@ -68,3 +68,12 @@ else:
     @torch.library.register_fake("fastvlm::kv_append")
     def _kv_append_fake(k_cache, v_cache, lengths, keys, values):
         return None
+
+    # acceptance: every output is preallocated by the Python wrapper and written in place.
+    @torch.library.register_fake("fastvlm::accept_greedy")
+    def _accept_greedy_fake(draft_tokens, parents, target_tokens, accept_len, path, emitted):
+        return None
+
+    @torch.library.register_fake("fastvlm::accept_sampling")
+    def _accept_sampling_fake(draft_tokens, parents, draft_probs, target_probs, uniforms, accept_len, path, emitted):
+        return None

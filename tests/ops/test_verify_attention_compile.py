@@ -45,3 +45,29 @@ def test_triton_configs_compile_for_sm90_without_spills():
     REPORT.extend(reports)
     over = [r for r in reports if r["spill_stores"] > SPILL_BUDGET_BYTES or r["spill_loads"] > SPILL_BUDGET_BYTES]
     assert not over, f"configurations spill registers: {over}"
+
+
+# ---- acceptance kernels (accept_greedy / accept_sampling, chains and trees) --------------------------
+
+_COMPILE_ACCEPTANCE = r"""
+import json
+from fastvlm_kernels.ops.acceptance.triton import KERNEL_CONFIGS, compile_for_sm90
+print(json.dumps([compile_for_sm90(config) for config in KERNEL_CONFIGS]))
+"""
+
+
+@pytest.mark.compile
+def test_acceptance_triton_kernels_compile_for_sm90_without_spills():
+    if _dispatch.triton_import_error():
+        pytest.skip(_dispatch.triton_import_error())
+    if _ptxas() is None:
+        pytest.skip("ptxas (CUDA toolkit) not found")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_ACCEPTANCE], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    reports = json.loads(result.stdout.strip().splitlines()[-1])
+    assert reports, "the acceptance KERNEL_CONFIGS is empty"
+    REPORT.extend(reports)
+    over = [r for r in reports if r["spill_stores"] > SPILL_BUDGET_BYTES or r["spill_loads"] > SPILL_BUDGET_BYTES]
+    assert not over, f"configurations spill registers: {over}"
