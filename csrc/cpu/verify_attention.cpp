@@ -1,10 +1,11 @@
 // verify_attention on CPU: flash-attention style, at::parallel_for over work items (batch row, KV head,
-// block of <= 128 rows of that head's flattened [T x G] query matrix, t-major[, chunk of the key range]).
-// An item streams the keys its rows can see in 64-key tiles, each read once and shared by all its rows:
-// S = Q K^T (<= 4 rows: dot products along D; more: K^T tile x 6-row register block), online softmax in
-// fp32, O += P V; bf16 with AMX does both products as 16x16 tile matmuls (P rounded to bf16, fp32 sums).
-// Key chunks (only when items are too few for the threads) merge by log-sum-exp. Aim: memory speed for
-// decode, FMA / AMX throughput when T x G is large.
+// block of <= 512 rows of that head's flattened [T x G] query matrix, t-major[, chunk of the key range]).
+// An item streams the keys its rows can see in 64-key tiles (prefetched a tile ahead), each read once and
+// shared by all its rows: S = Q K^T (<= 4 rows: dot products along D, bf16 pairs with AVX512-BF16; more:
+// K^T tile x 6-row register block), online softmax in fp32, O += P V; bf16 with AMX takes 128-key tiles and
+// does both products as 16x16 tile matmuls (P rounded to bf16, fp32 sums). Key chunks (only when items are
+// too few for the threads) merge by log-sum-exp. Aim: memory speed for decode, FMA / AMX throughput when
+// T x G is large.
 #include "ops.h"
 
 #include <algorithm>
@@ -42,6 +43,8 @@
 // The wide vector types below are only ever used inside always-inline code compiled for the ISA that
 // supports them; the ABI note GCC prints for them does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
+// GCC 12 reports the _mm512_undefined_* placeholders inside its own AVX-512 intrinsics as maybe-uninitialized.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #define FASTVLM_INLINE inline __attribute__((always_inline))
 
@@ -49,7 +52,8 @@ namespace fastvlm {
 namespace {
 
 constexpr int kKeyTile = 64;        // keys per tile (a multiple of every vector width)
-constexpr int kMaxBlockRows = 128;  // query rows (t, g) per work item
+constexpr int kAmxKeyTile = 128;    // keys per tile on AMX (fewer accumulator tile loads and stores per key)
+constexpr int kMaxBlockRows = 512;  // query rows (t, g) per work item
 constexpr int kMinSplitKeys = 256;  // a key chunk is never shorter than this
 constexpr int kMaxDirectRows = 4;   // blocks with more rows transpose K tiles (or use AMX)
 constexpr float kLog2e = 1.4426950408889634f;
@@ -276,9 +280,9 @@ struct TilePrefetch {
 
   template <typename scalar_t>
   TilePrefetch(const scalar_t* v_tile, int64_t v_row_stride, const scalar_t* k_tile, int64_t k_row_stride,
-               int64_t head_dim)
+               int64_t head_dim, int tile_keys)
       : v_rows(reinterpret_cast<const char*>(v_tile)),
-        next_k_rows(reinterpret_cast<const char*>(k_tile + kKeyTile * k_row_stride)),
+        next_k_rows(reinterpret_cast<const char*>(k_tile + tile_keys * k_row_stride)),
         v_stride(v_row_stride * static_cast<int64_t>(sizeof(scalar_t))),
         k_stride(k_row_stride * static_cast<int64_t>(sizeof(scalar_t))),
         row_bytes(head_dim * static_cast<int64_t>(sizeof(scalar_t))) {}
@@ -287,7 +291,7 @@ struct TilePrefetch {
     for (int key = first; key < first + count; ++key)
       for (int64_t byte = 0; byte < row_bytes; byte += 64) {
         __builtin_prefetch(v_rows + key * v_stride + byte);
-        __builtin_prefetch(next_k_rows + key * k_stride + byte);
+        __builtin_prefetch(next_k_rows + key * k_stride + byte, 0, 2);  // to L2: L1 holds this tile
       }
   }
 };
@@ -462,6 +466,11 @@ FASTVLM_INLINE void load_keys_transposed(const scalar_t* k, int64_t k_row_stride
   }
 }
 
+// scores_direct for bf16 on AVX512-BF16: q (bf16, unscaled) times K straight from the cache, bf16 pairs
+// multiplied exactly and summed in fp32; no conversion of K. Defined with the AMX code (AMX CPUs have it).
+void scores_direct_dpbf16(const uint16_t* q, const c10::BFloat16* k, int64_t k_row_stride, int num_keys,
+                          float* scores, int64_t head_dim, int rows, const TilePrefetch& prefetch);
+
 // ---- one work item --------------------------------------------------------------------------------------
 // Which rows and keys item `item` owns. Rows are (t, g) pairs, t-major; query head = kv_head * G + g.
 struct WorkItem {
@@ -484,25 +493,23 @@ struct WorkItem {
 
 };
 
-// Scores of keys row r may not see in this tile (past the tile's end, or new tokens outside its chain or
-// tree) become -inf. Keys before `first_masked` are prefix positions, visible to every row.
+// Scores of keys row r may not see in this tile of tile_keys (past the tile's end, or new tokens outside its
+// chain or tree) become -inf. Keys before `first_masked` are prefix positions, visible to every row.
 FASTVLM_INLINE void mask_row(const Problem& p, const WorkItem& w, int64_t t, int64_t tile_start, int first_masked,
-                             int num_keys, float* row_scores) {
-  for (int key = first_masked; key < kKeyTile; ++key) {
+                             int num_keys, int tile_keys, float* row_scores) {
+  for (int key = first_masked; key < tile_keys; ++key) {
     const bool visible = key < num_keys && p.new_token_visible(w.b, t, tile_start + key - w.prefix);
     if (!visible) row_scores[key] = kNegInf;
   }
 }
 
 // Online softmax of one row's scores for one tile, in base 2 (scores * scale_log2; scale_log2 > 0, so
-// masked -inf scores stay -inf): turns them into probabilities in place (or, for the AMX path, into bf16
-// probabilities; the running sum, and so lse, counts the unrounded fp32 ones), then rescales the row's
-// running max, sum and output accumulator.
-template <int W, bool kBf16Probs>
+// masked -inf scores stay -inf): turns them into probabilities in place, then rescales the row's running
+// max, sum and output accumulator.
+template <int W>
 FASTVLM_INLINE void softmax_row(float* row_scores, float scale_log2, float& row_max, float& row_sum, float* acc_row,
-                                int64_t acc_len, uint16_t* bf16_probs) {
+                                int64_t acc_len) {
   using F = typename Vec<W>::f32;
-  using U = typename Vec<W>::u32;
   F tile_max = load<W>(row_scores);
 #pragma GCC unroll 8
   for (int vec = 1; vec < kKeyTile / W; ++vec) {
@@ -513,21 +520,13 @@ FASTVLM_INLINE void softmax_row(float* row_scores, float scale_log2, float& row_
   const float new_max = std::max(old_max, reduce_max<W>(tile_max) * scale_log2);
   if (new_max == kNegInf) {  // nothing visible yet
     std::fill(row_scores, row_scores + kKeyTile, 0.0f);
-    if constexpr (kBf16Probs) std::fill(bf16_probs, bf16_probs + kKeyTile, uint16_t{0});
     return;
   }
   F row_total{};
 #pragma GCC unroll 8
   for (int vec = 0; vec < kKeyTile / W; ++vec) {
     const F prob = exp2_nonpositive<W>(load<W>(row_scores + vec * W) * scale_log2 - new_max);
-    if constexpr (kBf16Probs) {  // round to nearest even (probabilities are finite)
-      U bits = (U)prob;
-      bits = bits + 0x7fffu + ((bits >> 16) & 1u);
-      const typename Vec<W>::u16 half = __builtin_convertvector(bits >> 16, typename Vec<W>::u16);
-      std::memcpy(bf16_probs + vec * W, &half, sizeof(half));
-    } else {
-      store<W>(row_scores + vec * W, prob);
-    }
+    store<W>(row_scores + vec * W, prob);
     row_total += prob;
   }
   if (new_max == old_max) {
@@ -567,12 +566,14 @@ void write_rows(const Problem& p, int64_t item, const WorkItem& w, const float* 
   }
 }
 
-template <int W, typename scalar_t>
+template <int W, typename scalar_t, bool kBf16Dot = false>
 FASTVLM_INLINE void run_item(const Problem& p, int64_t item, Buffers& buf) {
   const int64_t D = p.head_dim, G = p.group;
   const WorkItem w(p, item);
   // Few rows: dot products straight from K rows beat transposing the tile for them.
   const bool transpose_keys = w.num_rows > kMaxDirectRows;
+  // The bf16 dot products read q as bf16 (in the K^T buffer, which the direct path leaves unused).
+  uint16_t* q_bf16 = reinterpret_cast<uint16_t*>(buf.kt);
   // Many rows: convert each 16-bit V tile to fp32 once instead of once per group of rows.
   const bool convert_values = !std::is_same_v<scalar_t, float> && w.num_rows > Blocking<W>::kRows;
 
@@ -581,6 +582,8 @@ FASTVLM_INLINE void run_item(const Problem& p, int64_t item, Buffers& buf) {
     const int64_t t = (w.first_row + r) / G, g = (w.first_row + r) % G;
     const scalar_t* src = q_base + (w.kv_head * G + g) * p.q_stride[1] + t * p.q_stride[2];
     for (int64_t d = 0; d < D; ++d) buf.q[r * D + d] = static_cast<float>(src[d]) * p.scale_log2;
+    if constexpr (kBf16Dot)
+      if (!transpose_keys) std::memcpy(q_bf16 + r * D, src, D * sizeof(uint16_t));
     buf.row_max[r] = kNegInf;
     buf.row_sum[r] = 0.0f;
   }
@@ -593,19 +596,23 @@ FASTVLM_INLINE void run_item(const Problem& p, int64_t item, Buffers& buf) {
     const scalar_t* k_tile = k_head + tile_start * p.k_stride[2];
     const scalar_t* v_tile = v_head + tile_start * p.v_stride[2];
 
-    const TilePrefetch prefetch(v_tile, p.v_stride[2], k_tile, p.k_stride[2], D);
+    const TilePrefetch prefetch(v_tile, p.v_stride[2], k_tile, p.k_stride[2], D, kKeyTile);
     if (transpose_keys) {
       load_keys_transposed<W>(k_tile, p.k_stride[2], num_keys, D, buf.kt, prefetch);
       scores_transposed<W>(buf.q, buf.kt, buf.scores, D, w.num_rows);
     } else {
-      scores_direct<W>(buf.q, k_tile, p.k_stride[2], num_keys, buf.scores, D, w.num_rows, prefetch);
+      if constexpr (kBf16Dot)
+        scores_direct_dpbf16(q_bf16, k_tile, p.k_stride[2], num_keys, buf.scores, D, w.num_rows, prefetch);
+      else
+        scores_direct<W>(buf.q, k_tile, p.k_stride[2], num_keys, buf.scores, D, w.num_rows, prefetch);
     }
     const int first_masked = static_cast<int>(std::clamp<int64_t>(w.prefix - tile_start, 0, num_keys));
     for (int r = 0; r < w.num_rows; ++r) {
       float* row_scores = buf.scores + r * kKeyTile;
       if (first_masked < kKeyTile)
-        mask_row(p, w, (w.first_row + r) / G, tile_start, first_masked, num_keys, row_scores);
-      softmax_row<W, false>(row_scores, 1.0f, buf.row_max[r], buf.row_sum[r], buf.acc + r * D, D, nullptr);
+        mask_row(p, w, (w.first_row + r) / G, tile_start, first_masked, num_keys, kKeyTile, row_scores);
+      const float scale = kBf16Dot && !transpose_keys ? p.scale_log2 : 1.0f;  // buf.q is pre-scaled
+      softmax_row<W>(row_scores, scale, buf.row_max[r], buf.row_sum[r], buf.acc + r * D, D);
     }
     if (convert_values) {
       for (int key = 0; key < num_keys; ++key)
@@ -659,18 +666,18 @@ struct AmxBuffers {
   std::vector<float> storage;
   int64_t padded_rows, padded_dim;
   uint16_t* q;       // [padded_rows][padded_dim]
-  uint32_t* kt;      // [padded_dim / 2][kKeyTile]
-  uint16_t* v;       // [kKeyTile / 2][padded_dim][2]
-  float* scores;     // [padded_rows][kKeyTile]
-  uint16_t* probs;   // [padded_rows][kKeyTile]
+  uint32_t* kt;      // [padded_dim / 2][kAmxKeyTile]
+  uint16_t* v;       // [kAmxKeyTile / 2][padded_dim][2]
+  float* scores;     // [padded_rows][kAmxKeyTile]
+  uint16_t* probs;   // [padded_rows][kAmxKeyTile]
   float* acc;        // [padded_rows][padded_dim]
   float *row_max, *row_sum;
 
   AmxBuffers(int64_t rows, int64_t head_dim)
       : padded_rows((rows + 15) / 16 * 16), padded_dim((head_dim + 31) / 32 * 32) {
     const int64_t R = padded_rows, Dp = padded_dim;
-    const int64_t sizes[] = {R * Dp / 2, Dp / 2 * kKeyTile, kKeyTile * Dp / 2, R * kKeyTile, R * kKeyTile / 2,
-                             R * Dp, R, R};  // in floats
+    const int64_t sizes[] = {R * Dp / 2, Dp / 2 * kAmxKeyTile, kAmxKeyTile * Dp / 2, R * kAmxKeyTile,
+                             R * kAmxKeyTile / 2, R * Dp, R, R};  // in floats
     int64_t total = 16;
     for (int64_t size : sizes) total += (size + 15) / 16 * 16;
     storage.assign(total, 0.0f);
@@ -696,7 +703,7 @@ struct AmxBuffers {
 template <int kRowTiles>
 FASTVLM_AMX_TARGET FASTVLM_INLINE void amx_scores_rows(const AmxBuffers& buf, int64_t r0) {
   const int64_t Dp = buf.padded_dim;
-  for (int k0 = 0; k0 < kKeyTile; k0 += 32) {
+  for (int k0 = 0; k0 < kAmxKeyTile; k0 += 32) {
     _tile_zero(0);
     _tile_zero(1);
     if constexpr (kRowTiles == 2) {
@@ -705,8 +712,8 @@ FASTVLM_AMX_TARGET FASTVLM_INLINE void amx_scores_rows(const AmxBuffers& buf, in
     }
     for (int64_t d0 = 0; d0 < Dp; d0 += 32) {
       _tile_loadd(4, buf.q + r0 * Dp + d0, Dp * 2);
-      _tile_loadd(6, buf.kt + d0 / 2 * kKeyTile + k0, kKeyTile * 4);
-      _tile_loadd(7, buf.kt + d0 / 2 * kKeyTile + k0 + 16, kKeyTile * 4);
+      _tile_loadd(6, buf.kt + d0 / 2 * kAmxKeyTile + k0, kAmxKeyTile * 4);
+      _tile_loadd(7, buf.kt + d0 / 2 * kAmxKeyTile + k0 + 16, kAmxKeyTile * 4);
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(1, 4, 7);
       if constexpr (kRowTiles == 2) {
@@ -715,11 +722,11 @@ FASTVLM_AMX_TARGET FASTVLM_INLINE void amx_scores_rows(const AmxBuffers& buf, in
         _tile_dpbf16ps(3, 5, 7);
       }
     }
-    _tile_stored(0, buf.scores + r0 * kKeyTile + k0, kKeyTile * 4);
-    _tile_stored(1, buf.scores + r0 * kKeyTile + k0 + 16, kKeyTile * 4);
+    _tile_stored(0, buf.scores + r0 * kAmxKeyTile + k0, kAmxKeyTile * 4);
+    _tile_stored(1, buf.scores + r0 * kAmxKeyTile + k0 + 16, kAmxKeyTile * 4);
     if constexpr (kRowTiles == 2) {
-      _tile_stored(2, buf.scores + (r0 + 16) * kKeyTile + k0, kKeyTile * 4);
-      _tile_stored(3, buf.scores + (r0 + 16) * kKeyTile + k0 + 16, kKeyTile * 4);
+      _tile_stored(2, buf.scores + (r0 + 16) * kAmxKeyTile + k0, kAmxKeyTile * 4);
+      _tile_stored(3, buf.scores + (r0 + 16) * kAmxKeyTile + k0 + 16, kAmxKeyTile * 4);
     }
   }
 }
@@ -735,14 +742,14 @@ FASTVLM_AMX_TARGET FASTVLM_INLINE void amx_accumulate_rows(AmxBuffers& buf, int6
       _tile_loadd(2, buf.acc + (r0 + 16) * Dp + d0, Dp * 4);
       _tile_loadd(3, buf.acc + (r0 + 16) * Dp + d0 + 16, Dp * 4);
     }
-    for (int k0 = 0; k0 < kKeyTile; k0 += 32) {
-      _tile_loadd(4, buf.probs + r0 * kKeyTile + k0, kKeyTile * 2);
+    for (int k0 = 0; k0 < kAmxKeyTile; k0 += 32) {
+      _tile_loadd(4, buf.probs + r0 * kAmxKeyTile + k0, kAmxKeyTile * 2);
       _tile_loadd(6, buf.v + (k0 / 2 * Dp + d0) * 2, Dp * 4);
       _tile_loadd(7, buf.v + (k0 / 2 * Dp + d0 + 16) * 2, Dp * 4);
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(1, 4, 7);
       if constexpr (kRowTiles == 2) {
-        _tile_loadd(5, buf.probs + (r0 + 16) * kKeyTile + k0, kKeyTile * 2);
+        _tile_loadd(5, buf.probs + (r0 + 16) * kAmxKeyTile + k0, kAmxKeyTile * 2);
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
       }
@@ -769,14 +776,38 @@ FASTVLM_AMX_TARGET inline void amx_accumulate(AmxBuffers& buf, int64_t rows) {
   if (r0 < rows) amx_accumulate_rows<1>(buf, r0);
 }
 
-// softmax_row<16, true> with AVX-512 instructions the portable vectors cannot name: 2^x as
-// scalef(polynomial(fraction), round(x)), masked lanes zeroed by a compare mask, and the probabilities rounded
-// to bf16 (nearest even) 32 at a time by vcvtne2ps2bf16. Same contract as softmax_row.
+FASTVLM_AMX_TARGET void scores_direct_dpbf16(const uint16_t* q, const c10::BFloat16* k, int64_t k_row_stride,
+                                             int num_keys, float* scores, int64_t head_dim, int rows,
+                                             const TilePrefetch& prefetch) {
+  for (int key0 = 0; key0 < num_keys; key0 += 16) {
+    prefetch.keys(key0, 16);
+    const c10::BFloat16* key_rows[16];
+    for (int j = 0; j < 16; ++j) key_rows[j] = k + std::min(key0 + j, num_keys - 1) * k_row_stride;
+    for (int r = 0; r < rows; ++r) {
+      __m512 acc[16];
+      for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < head_dim; d += 32) {
+        const __mmask32 lanes = d + 32 <= head_dim ? ~__mmask32{0} : __mmask32{0xffff};  // D % 32 == 16
+        const __m512bh query = (__m512bh)_mm512_maskz_loadu_epi16(lanes, q + r * head_dim + d);
+        for (int j = 0; j < 16; ++j)
+          acc[j] = _mm512_dpbf16_ps(acc[j], query, (__m512bh)_mm512_maskz_loadu_epi16(lanes, key_rows[j] + d));
+      }
+      Vec<16>::f32 sums[16];
+      for (int j = 0; j < 16; ++j) sums[j] = (Vec<16>::f32)acc[j];
+      store<16>(scores + r * kKeyTile + key0, sum_each<16>(sums));
+    }
+  }
+}
+
+// softmax_row for the AMX path, with AVX-512 instructions the portable vectors cannot name: 2^x as
+// scalef(polynomial(fraction), round(x)), masked lanes zeroed by a compare mask, and the probabilities written
+// as bf16 (nearest even, 32 at a time by vcvtne2ps2bf16); the running sum, and so lse, counts the unrounded
+// fp32 ones.
 FASTVLM_AMX_TARGET FASTVLM_INLINE void softmax_row_amx(float* row_scores, float scale_log2, float& row_max,
                                                        float& row_sum, float* acc_row, int64_t acc_len,
                                                        uint16_t* bf16_probs) {
-  static_assert(kKeyTile % 32 == 0, "probabilities are converted 32 at a time");
-  constexpr int kVecs = kKeyTile / 16;
+  static_assert(kAmxKeyTile % 32 == 0, "probabilities are converted 32 at a time");
+  constexpr int kVecs = kAmxKeyTile / 16;
   __m512 scores[kVecs];
   __m512 tile_max = _mm512_set1_ps(kNegInf);
   for (int vec = 0; vec < kVecs; ++vec) {
@@ -786,7 +817,7 @@ FASTVLM_AMX_TARGET FASTVLM_INLINE void softmax_row_amx(float* row_scores, float 
   const float old_max = row_max;
   const float new_max = std::max(old_max, _mm512_reduce_max_ps(tile_max) * scale_log2);
   if (new_max == kNegInf) {  // nothing visible yet
-    std::fill(bf16_probs, bf16_probs + kKeyTile, uint16_t{0});
+    std::fill(bf16_probs, bf16_probs + kAmxKeyTile, uint16_t{0});
     return;
   }
   const __m512 scale = _mm512_set1_ps(scale_log2), shift = _mm512_set1_ps(new_max);
@@ -829,7 +860,7 @@ FASTVLM_AMX_TARGET inline void run_item_amx(const Problem& p, int64_t item, AmxB
   const c10::BFloat16* q_base = static_cast<const c10::BFloat16*>(p.q) + w.b * p.q_stride[0];
   const int64_t padded_rows = (w.num_rows + 15) / 16 * 16;  // the tile matmuls' rows (<= buf.padded_rows)
   std::fill(buf.q, buf.q + padded_rows * Dp, uint16_t{0});
-  std::fill(buf.probs, buf.probs + padded_rows * kKeyTile, uint16_t{0});
+  std::fill(buf.probs, buf.probs + padded_rows * kAmxKeyTile, uint16_t{0});
   for (int r = 0; r < w.num_rows; ++r) {
     const int64_t t = (w.first_row + r) / G, g = (w.first_row + r) % G;
     std::memcpy(buf.q + r * Dp, q_base + (w.kv_head * G + g) * p.q_stride[1] + t * p.q_stride[2], D * 2);
@@ -840,14 +871,14 @@ FASTVLM_AMX_TARGET inline void run_item_amx(const Problem& p, int64_t item, AmxB
 
   const auto* k_head = static_cast<const c10::BFloat16*>(p.k) + w.b * p.k_stride[0] + w.kv_head * p.k_stride[1];
   const auto* v_head = static_cast<const c10::BFloat16*>(p.v) + w.b * p.v_stride[0] + w.kv_head * p.v_stride[1];
-  for (int64_t tile_start = w.key_begin; tile_start < w.key_end; tile_start += kKeyTile) {
-    const int num_keys = static_cast<int>(std::min<int64_t>(kKeyTile, w.key_end - tile_start));
+  for (int64_t tile_start = w.key_begin; tile_start < w.key_end; tile_start += kAmxKeyTile) {
+    const int num_keys = static_cast<int>(std::min<int64_t>(kAmxKeyTile, w.key_end - tile_start));
     const c10::BFloat16* k_tile = k_head + tile_start * p.k_stride[2];
     const c10::BFloat16* v_tile = v_head + tile_start * p.v_stride[2];
 
     // K^T as bf16 pairs: a 16 x 16 transpose of 32-bit words per 16 keys x 32 dims.
-    const TilePrefetch prefetch(v_tile, p.v_stride[2], k_tile, p.k_stride[2], D);
-    for (int key0 = 0; key0 < kKeyTile; key0 += 16) {
+    const TilePrefetch prefetch(v_tile, p.v_stride[2], k_tile, p.k_stride[2], D, kAmxKeyTile);
+    for (int key0 = 0; key0 < kAmxKeyTile; key0 += 16) {
       prefetch.keys(key0, 16);
       for (int64_t d0 = 0; d0 < Dp; d0 += 32) {
         F block[16];
@@ -858,22 +889,22 @@ FASTVLM_AMX_TARGET inline void run_item_amx(const Problem& p, int64_t item, AmxB
         }
         transpose<16>(block);
         for (int i = 0; i < 16; ++i)
-          store<16>(reinterpret_cast<float*>(buf.kt + (d0 / 2 + i) * kKeyTile + key0), block[i]);
+          store<16>(reinterpret_cast<float*>(buf.kt + (d0 / 2 + i) * kAmxKeyTile + key0), block[i]);
       }
     }
     amx_scores(buf, padded_rows);
 
     const int first_masked = static_cast<int>(std::clamp<int64_t>(w.prefix - tile_start, 0, num_keys));
     for (int r = 0; r < w.num_rows; ++r) {
-      float* row_scores = buf.scores + r * kKeyTile;
-      if (first_masked < kKeyTile)
-        mask_row(p, w, (w.first_row + r) / G, tile_start, first_masked, num_keys, row_scores);
+      float* row_scores = buf.scores + r * kAmxKeyTile;
+      if (first_masked < kAmxKeyTile)
+        mask_row(p, w, (w.first_row + r) / G, tile_start, first_masked, num_keys, kAmxKeyTile, row_scores);
       softmax_row_amx(row_scores, p.scale_log2, buf.row_max[r], buf.row_sum[r], buf.acc + r * Dp, Dp,
-                            buf.probs + r * kKeyTile);
+                            buf.probs + r * kAmxKeyTile);
     }
 
     // V with key pairs interleaved; keys past the tile's end are zero.
-    for (int pair = 0; pair < kKeyTile / 2; ++pair) {
+    for (int pair = 0; pair < kAmxKeyTile / 2; ++pair) {
       const int key = 2 * pair;
       for (int64_t d0 = 0; d0 < Dp; d0 += 32) {
         const bf16x32 even = key < num_keys ? load_bf16x32(v_tile + key * p.v_stride[2] + d0, D - d0) : bf16x32{};
@@ -908,6 +939,8 @@ FASTVLM_AMX_TARGET void run_items_amx_bf16(const Problem& p, int64_t begin, int6
   for (int64_t item = begin; item < end; ++item) {
     if (WorkItem(p, item).num_rows > kMaxDirectRows && p.scale_log2 > 0.0f)
       run_item_amx(p, item, amx_buf);
+    else if (p.scale_log2 > 0.0f)
+      run_item<16, c10::BFloat16, true>(p, item, buf);
     else
       run_item<16, c10::BFloat16>(p, item, buf);
   }
