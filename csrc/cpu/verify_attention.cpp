@@ -497,6 +497,12 @@ struct WorkItem {
 // chain or tree) become -inf. Keys before `first_masked` are prefix positions, visible to every row.
 FASTVLM_INLINE void mask_row(const Problem& p, const WorkItem& w, int64_t t, int64_t tile_start, int first_masked,
                              int num_keys, int tile_keys, float* row_scores) {
+  if (p.tree_mask == nullptr) {  // a chain: new tokens 0..t, the keys before prefix + t + 1
+    const int64_t chain_end = w.prefix + t + 1 - tile_start;
+    const int visible_end = static_cast<int>(std::clamp<int64_t>(chain_end, first_masked, num_keys));
+    std::fill(row_scores + visible_end, row_scores + tile_keys, kNegInf);
+    return;
+  }
   for (int key = first_masked; key < tile_keys; ++key) {
     const bool visible = key < num_keys && p.new_token_visible(w.b, t, tile_start + key - w.prefix);
     if (!visible) row_scores[key] = kNegInf;
