@@ -4,6 +4,8 @@ Importing the package never initialises CUDA and works without the compiled exte
 (`python -m fastvlm_kernels.info` says what is built and usable here).
 """
 from .ops import verify_attention
+from .ops import early_exit_head, verify_head, vocab_subset_from_counts
 
 __version__ = "0.1.0"
 __all__ = ["verify_attention", "__version__"]
+__all__ += ["early_exit_head", "verify_head", "vocab_subset_from_counts"]
