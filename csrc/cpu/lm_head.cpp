@@ -23,8 +23,13 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+#include <type_traits>
 
 #pragma GCC diagnostic ignored "-Wpsabi"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on _mm512_reduce_add_ps
 #define FASTVLM_INLINE inline __attribute__((always_inline))
 
 namespace fastvlm {
@@ -137,6 +142,7 @@ FASTVLM_INLINE float gumbel(uint64_t row_base, int64_t token) {
 struct Problem {
   int64_t M = 0, H = 0, Hp = 0, num_cols = 0, vocab = 0;
   const float* y = nullptr;           // [M, Hp] normed hidden rows, fp32, zero padded
+  const void* y_bf16 = nullptr;       // the same rows as bf16 (bf16 inputs), for the vdpbf16ps kernel
   const void* weight = nullptr;       // [V, H], rows at weight_stride
   int64_t weight_stride = 0;
   const int64_t* subset = nullptr;    // column j reads weight row subset[j] (token id), or j itself
@@ -175,19 +181,24 @@ struct RowState {
   std::vector<Candidate> heap;
 };
 
-// ---- micro-kernel: kCols weight rows (fp32, [kCols, Hp]) x ROWS hidden rows -------------------------
-template <int W, int ROWS>
-FASTVLM_INLINE void dot_block(const float* wbuf, const float* y, int64_t Hp, float* scores, int64_t tile_col) {
+// ---- micro-kernel: kCols weight rows (read in place, converted on the fly) x ROWS hidden rows ---------
+template <int W, int ROWS, typename scalar_t>
+FASTVLM_INLINE void dot_block(const scalar_t* const* wrows, const float* y, int64_t H, int64_t Hp, float* scores,
+                              int64_t tile_col) {
   using F = typename Vec<W>::f32;
   F acc[kCols][ROWS];
 #pragma GCC unroll 4
   for (int c = 0; c < kCols; ++c)
 #pragma GCC unroll 6
     for (int r = 0; r < ROWS; ++r) acc[c][r] = F{};
-  for (int64_t h = 0; h < Hp; h += W) {
-    F w[kCols];
-#pragma GCC unroll 4
-    for (int c = 0; c < kCols; ++c) w[c] = load<W>(wbuf + c * Hp + h);
+  const scalar_t* w0 = wrows[0];
+  const scalar_t* w1 = wrows[1];
+  const scalar_t* w2 = wrows[2];
+  const scalar_t* w3 = wrows[3];
+  const int64_t body = H / W * W;
+  for (int64_t h = 0; h < body; h += W) {
+    const F w[kCols] = {load_as_float<W>(w0 + h), load_as_float<W>(w1 + h), load_as_float<W>(w2 + h),
+                        load_as_float<W>(w3 + h)};
 #pragma GCC unroll 6
     for (int r = 0; r < ROWS; ++r) {
       const F yv = load<W>(y + r * Hp + h);
@@ -198,24 +209,84 @@ FASTVLM_INLINE void dot_block(const float* wbuf, const float* y, int64_t Hp, flo
 #pragma GCC unroll 6
   for (int r = 0; r < ROWS; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < kCols; ++c) scores[r * kTile + tile_col + c] = reduce_sum<W>(acc[c][r]);
+    for (int c = 0; c < kCols; ++c) {
+      float total = reduce_sum<W>(acc[c][r]);
+      for (int64_t h = body; h < H; ++h) total += static_cast<float>(wrows[c][h]) * y[r * Hp + h];
+      scores[r * kTile + tile_col + c] = total;
+    }
 }
 
-template <int W, int ROWS_BLOCK>
-FASTVLM_INLINE void dot_rows(const float* wbuf, const float* y, int64_t M, int64_t Hp, float* scores,
-                             int64_t tile_col) {
+#if defined(__x86_64__)
+// bf16 weights on CPUs with AVX512-BF16: vdpbf16ps multiplies bf16 pairs exactly and accumulates in fp32,
+// twice the multiply-adds of fp32 FMA and no conversion. y holds the normed rows as bf16 ([M, Hp], Hp a
+// multiple of 32, zero padded); the weight's H tail is read with a masked load.
+#define FASTVLM_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+template <int ROWS>
+FASTVLM_BF16_TARGET FASTVLM_INLINE void dot_block_bf16(
+    const c10::BFloat16* const* wrows, const c10::BFloat16* y, int64_t H, int64_t Hp, float* scores,
+    int64_t tile_col) {
+  __m512 acc[kCols][ROWS];
+#pragma GCC unroll 4
+  for (int c = 0; c < kCols; ++c)
+#pragma GCC unroll 6
+    for (int r = 0; r < ROWS; ++r) acc[c][r] = _mm512_setzero_ps();
+  for (int64_t h = 0; h < H; h += 32) {
+    const __mmask32 mask = H - h >= 32 ? ~__mmask32{0} : (__mmask32{1} << (H - h)) - 1;
+    __m512bh w[kCols];
+#pragma GCC unroll 4
+    for (int c = 0; c < kCols; ++c) w[c] = (__m512bh)_mm512_maskz_loadu_epi16(mask, wrows[c] + h);
+#pragma GCC unroll 6
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512bh yv = (__m512bh)_mm512_loadu_si512(y + r * Hp + h);
+#pragma GCC unroll 4
+      for (int c = 0; c < kCols; ++c) acc[c][r] = _mm512_dpbf16_ps(acc[c][r], w[c], yv);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < kCols; ++c) scores[r * kTile + tile_col + c] = _mm512_reduce_add_ps(acc[c][r]);
+}
+template <int ROWS_BLOCK>
+FASTVLM_BF16_TARGET void dot_rows_bf16(const c10::BFloat16* const* wrows, const c10::BFloat16* yb, int64_t M,
+                                       int64_t H, int64_t Hp, float* scores, int64_t tile_col) {
+    int64_t m = 0;
+    for (; m + ROWS_BLOCK <= M; m += ROWS_BLOCK)
+      dot_block_bf16<ROWS_BLOCK>(wrows, yb + m * Hp, H, Hp, scores + m * kTile, tile_col);
+    const c10::BFloat16* ym = yb + m * Hp;
+    float* sm = scores + m * kTile;
+    switch (M - m) {
+      case 1: dot_block_bf16<1>(wrows, ym, H, Hp, sm, tile_col); break;
+      case 2: dot_block_bf16<2>(wrows, ym, H, Hp, sm, tile_col); break;
+      case 3: dot_block_bf16<3>(wrows, ym, H, Hp, sm, tile_col); break;
+      case 4: dot_block_bf16<4>(wrows, ym, H, Hp, sm, tile_col); break;
+      case 5: dot_block_bf16<5>(wrows, ym, H, Hp, sm, tile_col); break;
+      default: break;
+    }
+}
+#endif
+
+template <int W, int ROWS_BLOCK, typename scalar_t, bool kBf16Dot>
+FASTVLM_INLINE void dot_rows(const scalar_t* const* wrows, const float* y, const void* y_bf16, int64_t M, int64_t H,
+                             int64_t Hp, float* scores, int64_t tile_col) {
+#if defined(__x86_64__)
+  if constexpr (kBf16Dot) {
+    dot_rows_bf16<ROWS_BLOCK>(reinterpret_cast<const c10::BFloat16* const*>(wrows),
+                              static_cast<const c10::BFloat16*>(y_bf16), M, H, Hp, scores, tile_col);
+    return;
+  }
+#endif
   int64_t m = 0;
   for (; m + ROWS_BLOCK <= M; m += ROWS_BLOCK)
-    dot_block<W, ROWS_BLOCK>(wbuf, y + m * Hp, Hp, scores + m * kTile, tile_col);
-  const int64_t rest = M - m;
+    dot_block<W, ROWS_BLOCK>(wrows, y + m * Hp, H, Hp, scores + m * kTile, tile_col);
   const float* ym = y + m * Hp;
   float* sm = scores + m * kTile;
-  switch (rest) {
-    case 1: dot_block<W, 1>(wbuf, ym, Hp, sm, tile_col); break;
-    case 2: dot_block<W, 2>(wbuf, ym, Hp, sm, tile_col); break;
-    case 3: dot_block<W, 3>(wbuf, ym, Hp, sm, tile_col); break;
-    case 4: if constexpr (ROWS_BLOCK > 4) dot_block<W, 4>(wbuf, ym, Hp, sm, tile_col); break;
-    case 5: if constexpr (ROWS_BLOCK > 5) dot_block<W, 5>(wbuf, ym, Hp, sm, tile_col); break;
+  switch (M - m) {
+    case 1: dot_block<W, 1>(wrows, ym, H, Hp, sm, tile_col); break;
+    case 2: dot_block<W, 2>(wrows, ym, H, Hp, sm, tile_col); break;
+    case 3: dot_block<W, 3>(wrows, ym, H, Hp, sm, tile_col); break;
+    case 4: if constexpr (ROWS_BLOCK > 4) dot_block<W, 4>(wrows, ym, H, Hp, sm, tile_col); break;
+    case 5: if constexpr (ROWS_BLOCK > 5) dot_block<W, 5>(wrows, ym, H, Hp, sm, tile_col); break;
     default: break;
   }
 }
@@ -268,31 +339,23 @@ FASTVLM_INLINE void update_row(const Problem& p, int64_t m, float* s, int64_t co
   }
 }
 
-template <int W, typename scalar_t>
-void run_chunk(const Problem& p, int64_t col_begin, int64_t col_end, RowState* states) {
-  using F = typename Vec<W>::f32;
+template <int W, typename scalar_t, bool kBf16Dot = false>
+FASTVLM_INLINE void run_chunk(const Problem& p, int64_t col_begin, int64_t col_end, RowState* states) {
   constexpr int kRowsBlock = W >= 16 ? 6 : 4;
   static_assert(kRowsBlock <= kMaxRowsBlock);
-  std::vector<float> wbuf(kCols * p.Hp, 0.0f);
+  std::vector<scalar_t> zero_row(p.H, scalar_t(0.0f));
   std::vector<float> scores(p.M * kTile);
   const scalar_t* weight = static_cast<const scalar_t*>(p.weight);
   const bool processed = p.logit_scale != 1.0f || p.softcap > 0.0f || p.temperature != 1.0f;
   for (int64_t tile0 = col_begin; tile0 < col_end; tile0 += kTile) {
     const int64_t n = std::min<int64_t>(kTile, col_end - tile0);
     for (int64_t g = 0; g < n; g += kCols) {
+      const scalar_t* wrows[kCols];
       for (int c = 0; c < kCols; ++c) {
-        float* dst = wbuf.data() + c * p.Hp;
-        if (g + c >= n) {
-          std::fill(dst, dst + p.Hp, 0.0f);
-          continue;
-        }
         const int64_t col = tile0 + g + c;
-        const scalar_t* src = weight + (p.subset ? p.subset[col] : col) * p.weight_stride;
-        int64_t h = 0;
-        for (; h + W <= p.H; h += W) store<W>(dst + h, load_as_float<W>(src + h));
-        for (; h < p.H; ++h) dst[h] = static_cast<float>(src[h]);
+        wrows[c] = g + c < n ? weight + (p.subset ? p.subset[col] : col) * p.weight_stride : zero_row.data();
       }
-      dot_rows<W, kRowsBlock>(wbuf.data(), p.y, p.M, p.Hp, scores.data(), g);
+      dot_rows<W, kRowsBlock, scalar_t, kBf16Dot>(wrows, p.y, p.y_bf16, p.M, p.H, p.Hp, scores.data(), g);
     }
     for (int64_t m = 0; m < p.M; ++m) {
       float* s = scores.data() + m * kTile;
@@ -308,7 +371,6 @@ void run_chunk(const Problem& p, int64_t col_begin, int64_t col_end, RowState* s
       update_row<W>(p, m, s, tile0, n, states[m]);
     }
   }
-  (void)sizeof(F);
 }
 
 using ChunkFn = void (*)(const Problem&, int64_t, int64_t, RowState*);
@@ -325,12 +387,19 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))) void
     const Problem& p, int64_t b, int64_t e, RowState* s) {
   run_chunk<16, scalar_t>(p, b, e, s);
 }
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c"))) void run_chunk_avx512_bf16(
+    const Problem& p, int64_t b, int64_t e, RowState* s) {
+  run_chunk<16, c10::BFloat16, true>(p, b, e, s);
+}
 #endif
 
 template <typename scalar_t>
 ChunkFn select_chunk_fn() {
 #if defined(__x86_64__)
   static const std::string capability = at::get_cpu_capability();
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
+    if (capability == "AVX512" && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw"))
+      return run_chunk_avx512_bf16;
   if (capability == "AVX512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma"))
     return run_chunk_avx512<scalar_t>;
@@ -387,7 +456,7 @@ void lm_head_cpu(FASTVLM_LM_HEAD_ARGS) {
   Problem p;
   p.M = hidden.size(0);
   p.H = hidden.size(1);
-  p.Hp = (p.H + 15) / 16 * 16;
+  p.Hp = (p.H + 31) / 32 * 32;
   p.vocab = lm_head_weight.size(0);
   p.num_cols = vocab_subset ? vocab_subset->numel() : p.vocab;
   p.weight = lm_head_weight.data_ptr();
@@ -401,7 +470,7 @@ void lm_head_cpu(FASTVLM_LM_HEAD_ARGS) {
   TORCH_CHECK(p.top_p >= 1.0f || p.top_k > 0, "lm_head (cpu): top_p needs top_k on this backend");
   p.logit_scale = static_cast<float>(logit_scale);
   p.softcap = static_cast<float>(logit_softcap);
-  p.temperature = mode == 0 ? 1.0f : static_cast<float>(temperature);
+  p.temperature = static_cast<float>(temperature);
   if (prob_rows && probs) {
     p.prob_rows = prob_rows->data_ptr<int64_t>();
     p.num_prob_rows = prob_rows->numel();
@@ -431,6 +500,12 @@ void lm_head_cpu(FASTVLM_LM_HEAD_ARGS) {
     default: TORCH_CHECK(false, "lm_head (cpu): unsupported dtype ", hidden.scalar_type());
   }
   p.y = y.data();
+  std::vector<c10::BFloat16> y_bf16;
+  if (hidden.scalar_type() == at::kBFloat16) {
+    y_bf16.resize(y.size());
+    for (size_t i = 0; i < y.size(); ++i) y_bf16[i] = c10::BFloat16(y[i]);  // exact: y was rounded to bf16
+    p.y_bf16 = y_bf16.data();
+  }
 
   // Chunks: contiguous column ranges (multiples of kTile), a few per thread for balance.
   const int64_t num_tiles = (p.num_cols + kTile - 1) / kTile;

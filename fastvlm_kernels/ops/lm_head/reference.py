@@ -108,7 +108,7 @@ def lm_head_reference(hidden: torch.Tensor, norm_weight: torch.Tensor, lm_head_w
     device = hidden.device
     col_ids = (vocab_subset.to(torch.int64) if vocab_subset is not None
                else torch.arange(num_cols, device=device))
-    scores = logits if mode == "argmax" else logits / temperature
+    scores = logits / temperature                   # early_exit_head passes 1.0 in "argmax" mode
     if mode == "sample":
         scores = filter_scores(scores, top_k, top_p)
     max_logit = scores.max(dim=-1).values
