@@ -26,6 +26,13 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
+#if defined(__x86_64__) && defined(__linux__)
+#define FASTVLM_LM_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define FASTVLM_LM_AMX 0
+#endif
 #include <type_traits>
 
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -143,6 +150,8 @@ struct Problem {
   int64_t M = 0, H = 0, Hp = 0, num_cols = 0, vocab = 0;
   const float* y = nullptr;           // [M, Hp] normed hidden rows, fp32, zero padded
   const void* y_bf16 = nullptr;       // the same rows as bf16 (bf16 inputs), for the vdpbf16ps kernel
+  const uint16_t* y_vnni = nullptr;   // AMX: [M / 16 blocks][H / 2][16 rows][2] bf16 pairs, zero padded
+  int64_t num_row_blocks = 0;         // AMX: ceil(M / 16)
   const void* weight = nullptr;       // [V, H], rows at weight_stride
   int64_t weight_stride = 0;
   const int64_t* subset = nullptr;    // column j reads weight row subset[j] (token id), or j itself
@@ -266,6 +275,66 @@ FASTVLM_BF16_TARGET void dot_rows_bf16(const c10::BFloat16* const* wrows, const 
 }
 #endif
 
+#if FASTVLM_LM_AMX
+// ---- bf16 on AMX: 16 weight rows at a time as the A tile (read in place, row stride of the head), the
+// normed rows pre-arranged as bf16 pairs (VNNI) as B tiles, C = 16 vocab rows x 16 hidden rows in fp32.
+// Tiles: C 0-3 (up to 64 hidden rows per pass), A 4, B 5-7. Needs H % 32 == 0 and contiguous rows.
+#define FASTVLM_AMX_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,amx-tile,amx-bf16")))
+
+FASTVLM_AMX_TARGET void amx_group(const Problem& p, const c10::BFloat16* wrow0, float* scores, int64_t tile_col) {
+  alignas(64) float c[4][16 * 16];
+  const int64_t half = p.H / 2;
+  const int64_t w_stride_bytes = p.weight_stride * 2;
+  for (int64_t mb0 = 0; mb0 < p.num_row_blocks; mb0 += 4) {
+    const int64_t blocks = std::min<int64_t>(4, p.num_row_blocks - mb0);
+    const uint16_t* b0 = p.y_vnni + mb0 * half * 32;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t h = 0; h < p.H; h += 32) {
+      _tile_loadd(4, wrow0 + h, w_stride_bytes);
+      const uint16_t* b = b0 + h / 2 * 32;
+      _tile_loadd(5, b, 64);
+      _tile_dpbf16ps(0, 4, 5);
+      if (blocks > 1) {
+        _tile_loadd(6, b + half * 32, 64);
+        _tile_dpbf16ps(1, 4, 6);
+      }
+      if (blocks > 2) {
+        _tile_loadd(7, b + 2 * half * 32, 64);
+        _tile_dpbf16ps(2, 4, 7);
+      }
+      if (blocks > 3) {
+        _tile_loadd(5, b + 3 * half * 32, 64);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+    }
+    _tile_stored(0, c[0], 64);
+    if (blocks > 1) _tile_stored(1, c[1], 64);
+    if (blocks > 2) _tile_stored(2, c[2], 64);
+    if (blocks > 3) _tile_stored(3, c[3], 64);
+    for (int64_t j = 0; j < blocks; ++j)
+      for (int64_t mi = 0; mi < 16; ++mi) {
+        const int64_t m = (mb0 + j) * 16 + mi;
+        if (m >= p.M) break;
+        for (int v = 0; v < 16; ++v) scores[m * kTile + tile_col + v] = c[j][v * 16 + mi];
+      }
+  }
+}
+
+// The CPU has AMX-BF16 and Linux lets this process use the tile registers.
+bool amx_bf16_usable() {
+  static const bool usable = [] {
+    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16")) return false;
+    constexpr long kArchRequestXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchRequestXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return usable;
+}
+#endif
+
 template <int W, int ROWS_BLOCK, typename scalar_t, bool kBf16Dot>
 FASTVLM_INLINE void dot_rows(const scalar_t* const* wrows, const float* y, const void* y_bf16, int64_t M, int64_t H,
                              int64_t Hp, float* scores, int64_t tile_col) {
@@ -339,7 +408,7 @@ FASTVLM_INLINE void update_row(const Problem& p, int64_t m, float* s, int64_t co
   }
 }
 
-template <int W, typename scalar_t, bool kBf16Dot = false>
+template <int W, typename scalar_t, bool kBf16Dot = false, bool kAmx = false>
 FASTVLM_INLINE void run_chunk(const Problem& p, int64_t col_begin, int64_t col_end, RowState* states) {
   constexpr int kRowsBlock = W >= 16 ? 6 : 4;
   static_assert(kRowsBlock <= kMaxRowsBlock);
@@ -350,6 +419,15 @@ FASTVLM_INLINE void run_chunk(const Problem& p, int64_t col_begin, int64_t col_e
   for (int64_t tile0 = col_begin; tile0 < col_end; tile0 += kTile) {
     const int64_t n = std::min<int64_t>(kTile, col_end - tile0);
     for (int64_t g = 0; g < n; g += kCols) {
+#if FASTVLM_LM_AMX
+      if constexpr (kAmx) {
+        if (g + 16 <= n) {
+          amx_group(p, reinterpret_cast<const c10::BFloat16*>(weight + (tile0 + g) * p.weight_stride), scores.data(), g);
+          g += 16 - kCols;
+          continue;
+        }
+      }
+#endif
       const scalar_t* wrows[kCols];
       for (int c = 0; c < kCols; ++c) {
         const int64_t col = tile0 + g + c;
@@ -391,15 +469,37 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f1
     const Problem& p, int64_t b, int64_t e, RowState* s) {
   run_chunk<16, c10::BFloat16, true>(p, b, e, s);
 }
+#if FASTVLM_LM_AMX
+FASTVLM_AMX_TARGET void run_chunk_amx_bf16(const Problem& p, int64_t b, int64_t e, RowState* s) {
+  struct alignas(64) TileConfig {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+  } config{};
+  config.palette = 1;
+  for (int i = 0; i < 8; ++i) {
+    config.bytes_per_row[i] = 64;
+    config.rows[i] = 16;
+  }
+  _tile_loadconfig(&config);
+  run_chunk<16, c10::BFloat16, true, true>(p, b, e, s);
+  _tile_release();
+}
+#endif
 #endif
 
 template <typename scalar_t>
-ChunkFn select_chunk_fn() {
+ChunkFn select_chunk_fn(bool amx_shape) {
 #if defined(__x86_64__)
   static const std::string capability = at::get_cpu_capability();
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+#if FASTVLM_LM_AMX
+    if (amx_shape && capability == "AVX512" && __builtin_cpu_supports("avx512bf16") && amx_bf16_usable())
+      return run_chunk_amx_bf16;
+#endif
     if (capability == "AVX512" && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw"))
       return run_chunk_avx512_bf16;
+  }
   if (capability == "AVX512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma"))
     return run_chunk_avx512<scalar_t>;
@@ -486,12 +586,14 @@ void lm_head_cpu(FASTVLM_LM_HEAD_ARGS) {
   }
   if (p.M == 0) return;
 
+  // AMX for bf16 heads read in place (no subset) with H % 32 == 0, once there are rows enough to use it.
+  const bool amx_shape = hidden.scalar_type() == at::kBFloat16 && p.subset == nullptr && p.H % 32 == 0 && p.M >= 4;
   std::vector<float> y;
   ChunkFn run = nullptr;
   auto prepare = [&](auto typed_zero) {
     using scalar_t = decltype(typed_zero);
     y = normed_rows<scalar_t>(hidden, norm_weight, eps, norm_offset, p.Hp);
-    run = select_chunk_fn<scalar_t>();
+    run = select_chunk_fn<scalar_t>(amx_shape);
   };
   switch (hidden.scalar_type()) {
     case at::kFloat: prepare(float{}); break;
@@ -505,6 +607,16 @@ void lm_head_cpu(FASTVLM_LM_HEAD_ARGS) {
     y_bf16.resize(y.size());
     for (size_t i = 0; i < y.size(); ++i) y_bf16[i] = c10::BFloat16(y[i]);  // exact: y was rounded to bf16
     p.y_bf16 = y_bf16.data();
+  }
+  std::vector<uint16_t> y_vnni;
+  if (amx_shape) {
+    p.num_row_blocks = (p.M + 15) / 16;
+    y_vnni.assign(p.num_row_blocks * p.H * 16, 0);
+    const uint16_t* bits = reinterpret_cast<const uint16_t*>(y_bf16.data());
+    for (int64_t m = 0; m < p.M; ++m)
+      for (int64_t h = 0; h < p.H; ++h)
+        y_vnni[((m / 16) * (p.H / 2) + h / 2) * 32 + (m % 16) * 2 + h % 2] = bits[m * p.Hp + h];
+    p.y_vnni = y_vnni.data();
   }
 
   // Chunks: contiguous column ranges (multiples of kTile), a few per thread for balance.
