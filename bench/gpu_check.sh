@@ -30,5 +30,8 @@ step "benchmarks ($(date +%T))"
 $python bench/verify_attention.py --device cuda --json "${results}.json" --md "${results}.md" 2>&1 \
   | tee -a "$log" || status=1
 
+$python bench/lm_head.py --device cuda --json "${results}-lm_head.json" --md "${results}-lm_head.md" 2>&1 \
+  | tee -a "$log" || status=1
+
 step "done ($(date +%T)): ${results}.{json,md,log}, status $status"
 exit $status

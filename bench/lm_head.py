@@ -29,8 +29,6 @@ from fastvlm_kernels.ops.lm_head import BACKENDS, _prepare, early_exit_head, ver
 
 # (name, V, H): LLaVA-1.5 / Phi-3 heads, Qwen2-VL-7B's.
 HEADS = [("32064x4096", 32064, 4096), ("151936x3584", 151936, 3584)]
-import os
-if os.environ.get("LM_HEAD_BENCH_QUICK"): HEADS = HEADS[:1]
 ROWS = (1, 5, 17, 65)
 EPS = 1e-6
 
@@ -98,8 +96,9 @@ def alternate(functions: dict, repeats: int, min_time: float) -> dict:
 def run_cpu(args):
     rows = []
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    heads = [head for head in HEADS if args.heads is None or head[0] in args.heads]
     for dtype_name, dtype in dtypes.items():
-        for head_name, vocab, hidden_size in HEADS:
+        for head_name, vocab, hidden_size in heads:
             for num_rows in ROWS:
                 hidden, norm_weight, weight = make_case(vocab, hidden_size, num_rows, dtype, "cpu")
                 check(hidden, norm_weight, weight, "cpu")
@@ -202,6 +201,7 @@ def main():
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--repeats", type=int, default=7, help="CPU: alternating calls per function (at least)")
     parser.add_argument("--min-time", type=float, default=1.0, help="CPU: seconds per configuration (at least)")
+    parser.add_argument("--heads", nargs="+", choices=[head[0] for head in HEADS], help="only these heads")
     parser.add_argument("--json", type=Path, help="write the rows and the environment here")
     parser.add_argument("--md", type=Path, help="write a markdown table here")
     args = parser.parse_args()

@@ -7,14 +7,23 @@ import torch
 
 from .ops import _dispatch, _library
 from .ops.verify_attention import BACKENDS as VERIFY_ATTENTION_BACKENDS
+from .ops.lm_head import BACKENDS as LM_HEAD_BACKENDS
 
 OPS = {"verify_attention": VERIFY_ATTENTION_BACKENDS}
+OPS["lm_head (early_exit_head, verify_head)"] = LM_HEAD_BACKENDS
 
 
 def _probe_inputs(device: torch.device):
     """A small valid input per op, on `device`, to ask each backend whether it would run."""
     q = torch.empty(1, 1, 1, 64, device=device, dtype=torch.float16)
-    return {"verify_attention": (q,)}
+    from .ops.lm_head import _prepare
+    hidden = torch.empty(1, 64, device=device, dtype=torch.float16)
+    head = _prepare(hidden, torch.empty(64, device=device, dtype=torch.float16),
+                    torch.empty(128, 64, device=device, dtype=torch.float16), eps=1e-6, mode="argmax",
+                    temperature=1.0, top_k=None, top_p=None, vocab_subset=None, generator=None, seed=None,
+                    norm_offset=0.0, logit_scale=1.0, logit_softcap=None, draft_tokens=None, prob_rows=None,
+                    validate=False)
+    return {"verify_attention": (q,), "lm_head (early_exit_head, verify_head)": (head,)}
 
 
 def report() -> str:
