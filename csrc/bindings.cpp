@@ -12,7 +12,7 @@ TORCH_LIBRARY(fastvlm, m) {
   m.def(
       "lm_head(Tensor hidden, Tensor norm_weight, Tensor lm_head_weight, Tensor? vocab_subset, "
       "Tensor? draft_tokens, Tensor? prob_rows, Tensor? seed, float eps, float norm_offset, float logit_scale, "
-      "float logit_softcap, float temperature, int mode, int top_k, float top_p, Tensor(a!) tokens, "
+      "float logit_softcap, float temperature, int selection, int top_k, float top_p, Tensor(a!) tokens, "
       "Tensor(b!) max_logit, Tensor(c!) lse, Tensor(d!) logprob, Tensor(e!)? draft_logprob, "
       "Tensor(f!)? probs) -> ()");
 }

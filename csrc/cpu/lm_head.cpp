@@ -549,6 +549,7 @@ void merge_states(RowState& into, RowState& from, int64_t top_k) {
 }  // namespace
 
 void lm_head_cpu(FASTVLM_LM_HEAD_ARGS) {
+  const int64_t mode = selection;  // 0 argmax, 1 sample, 2 topk
   TORCH_CHECK(hidden.dim() == 2 && lm_head_weight.dim() == 2 && hidden.size(1) == lm_head_weight.size(1),
               "lm_head (cpu): hidden [M, H] and lm_head_weight [V, H] expected");
   TORCH_CHECK(lm_head_weight.stride(1) == 1 && hidden.stride(1) == 1, "lm_head (cpu): contiguous rows expected");

@@ -47,6 +47,7 @@ void launch(const at::Tensor& hidden, const at::Tensor& norm_weight, lm_head::Pa
 }  // namespace
 
 void lm_head_cuda(FASTVLM_LM_HEAD_ARGS) {
+  const int64_t mode = selection;  // 0 argmax, 1 sample
   TORCH_CHECK(hidden.is_cuda() && hidden.dim() == 2 && lm_head_weight.dim() == 2 &&
                   lm_head_weight.size(1) == hidden.size(1) && lm_head_weight.scalar_type() == hidden.scalar_type() &&
                   norm_weight.scalar_type() == hidden.scalar_type() && hidden.stride(1) == 1 &&

@@ -63,6 +63,6 @@ else:
 
     @torch.library.register_fake("fastvlm::lm_head")
     def _lm_head_fake(hidden, norm_weight, lm_head_weight, vocab_subset, draft_tokens, prob_rows, seed, eps,
-                      norm_offset, logit_scale, logit_softcap, temperature, mode, top_k, top_p, tokens, max_logit,
+                      norm_offset, logit_scale, logit_softcap, temperature, selection, top_k, top_p, tokens, max_logit,
                       lse, logprob, draft_logprob, probs):
         return None

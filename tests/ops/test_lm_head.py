@@ -480,3 +480,29 @@ def test_triton_configs_compile_for_sm90_without_spills():
     REPORT.extend(reports)
     over = [r for r in reports if r["spill_stores"] > SPILL_BUDGET_BYTES or r["spill_loads"] > SPILL_BUDGET_BYTES]
     assert not over, f"configurations spill registers: {over}"
+
+
+# ---- registration: schema, fake implementation, torch.compile ---------------------------------------
+
+@pytest.mark.parametrize("mode", ["argmax", "sample", "verify"])
+def test_opcheck_cpu_op(mode):
+    backend_or_skip("cpu", "cpu", torch.float32)
+    hidden, norm_weight, weight = make_head(3, 64, 100, torch.float32)
+    call = _prepare(hidden, norm_weight, weight, eps=EPS, mode="sample" if mode == "sample" else "argmax",
+                    temperature=0.9, top_k=None, top_p=None, vocab_subset=None, generator=None,
+                    seed=3 if mode == "sample" else None, norm_offset=0.0, logit_scale=1.0, logit_softcap=None,
+                    draft_tokens=torch.tensor([1, 2, -1]) if mode == "verify" else None,
+                    prob_rows=torch.tensor([2]) if mode == "verify" else None, validate=False,
+                    verify=mode == "verify")
+    torch.library.opcheck(torch.ops.fastvlm.lm_head.default, call.op_args())
+
+
+def test_compiles_in_one_graph():
+    backend_or_skip("cpu", "cpu", torch.float32)
+    hidden, norm_weight, weight = make_head(3, 64, 100, torch.float32)
+    draft = torch.tensor([1, 2, -1])
+    head = lambda h: verify_head(h, norm_weight, weight, draft, eps=EPS, validate=False, backend="cpu")  # noqa: E731
+    compiled = torch.compile(head, fullgraph=True)
+    expected, got = head(hidden), compiled(hidden)
+    assert torch.equal(got.tokens, expected.tokens)
+    torch.testing.assert_close(got.draft_logprob, expected.draft_logprob)

@@ -1,5 +1,14 @@
 """early_exit_head and verify_head: final RMSNorm, LM-head projection and token selection in one pass over
-the head's rows, never writing the [M, V] logits."""
+the head's rows, never writing the [M, V] logits.
+
+Backends: "cpu" (csrc/cpu/lm_head.cpp) does every mode. Sampling with top_k (and top_p) keeps each row's
+top_k (score, id) candidates in the same single pass over the head, then applies top-p over those
+candidates (Hugging Face's rules on the renormalised top-k distribution) and draws by Gumbel-max among the
+survivors; top_p without top_k needs the whole sorted row, so that case goes to the reference. "cuda" and
+"triton" do argmax, plain sampling and verify_head; "topk" and top-k / top-p sampling on GPU tensors fall
+back to "torch" (the reference, which materialises the logits). All backends draw the same noise for the
+same seed: a splitmix64 hash of (seed, offset, row, token id), see reference.gumbel_noise.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass

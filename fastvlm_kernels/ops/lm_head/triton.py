@@ -165,16 +165,16 @@ def merge_partials(tile_max, tile_arg, tile_sum, tile_best, tile_best_arg, tile_
 def lm_head_triton(hidden: torch.Tensor, norm_weight: torch.Tensor, lm_head_weight: torch.Tensor,
                    vocab_subset: Optional[torch.Tensor], draft_tokens: Optional[torch.Tensor],
                    prob_rows: Optional[torch.Tensor], seed: Optional[torch.Tensor], eps: float, norm_offset: float,
-                   logit_scale: float, logit_softcap: float, temperature: float, mode: int, top_k: int, top_p: float,
+                   logit_scale: float, logit_softcap: float, temperature: float, selection: int, top_k: int, top_p: float,
                    tokens: torch.Tensor, max_logit: torch.Tensor, lse: torch.Tensor, logprob: torch.Tensor,
                    draft_logprob: Optional[torch.Tensor], probs: Optional[torch.Tensor]) -> None:
-    """The lm_head op (schema of csrc/bindings.cpp) on Triton: mode 0 (argmax) or 1 (sample, no top-k/p)."""
+    """The lm_head op (schema of csrc/bindings.cpp) on Triton: selection 0 (argmax) or 1 (sample, no top-k/p)."""
     num_rows, hidden_size = hidden.shape
     if num_rows == 0:
         return
     vocab = lm_head_weight.shape[0]
     num_cols = vocab_subset.numel() if vocab_subset is not None else vocab
-    sample = mode == 1
+    sample = selection == 1
     config = _tile_config(hidden.dtype, num_rows)
     block_v = config["BLOCK_V"]
     num_tiles = triton.cdiv(num_cols, block_v)
@@ -223,7 +223,7 @@ lm_head_triton_op = torch.library.custom_op(
 
 @lm_head_triton_op.register_fake
 def _lm_head_triton_fake(hidden, norm_weight, lm_head_weight, vocab_subset, draft_tokens, prob_rows, seed, eps,
-                         norm_offset, logit_scale, logit_softcap, temperature, mode, top_k, top_p, tokens,
+                         norm_offset, logit_scale, logit_softcap, temperature, selection, top_k, top_p, tokens,
                          max_logit, lse, logprob, draft_logprob, probs) -> None:
     return None
 
