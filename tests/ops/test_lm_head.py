@@ -191,11 +191,8 @@ def test_gpu_backends(backend, shape, dtype):
     check_sample(backend, shape, dtype, "cuda", subset=shape[0] == 17)
 
 
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
-def test_topk_mode(backend, dtype):
-    backend_or_skip(backend, "cpu", dtype)
-    hidden, norm_weight, weight = make_head(17, 59, 507, dtype)
+def check_topk(backend, dtype, device):
+    hidden, norm_weight, weight = make_head(17, 59, 507, dtype, device)
     call = run_poisoned(backend, hidden, norm_weight, weight, mode="topk", top_k=8, temperature=1.3)
     scores = fp64_scores(hidden, norm_weight, weight, 1.3)
     values, indices = torch.topk(scores, 9, dim=-1)
@@ -206,6 +203,20 @@ def test_topk_mode(backend, dtype):
     bound = value_bound(dtype, 59, backend)
     torch.testing.assert_close(call.logprob.double(), values[:, :8] - torch.logsumexp(scores, -1, keepdim=True),
                                atol=bound, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
+def test_topk_mode(backend, dtype):
+    backend_or_skip(backend, "cpu", dtype)
+    check_topk(backend, dtype, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_topk_mode_triton_gpu(dtype):
+    backend_or_skip("triton", "cuda", dtype)
+    check_topk("triton", dtype, "cuda")
 
 
 @pytest.mark.parametrize("top_k, top_p", [(5, None), (40, 0.8), (507, 0.5)], ids=["k5", "k40-p0.8", "kall-p0.5"])
@@ -250,9 +261,8 @@ def test_ties_break_to_the_lowest_index(backend, dtype):
     assert call.tokens.tolist() == [5, 5, 5]
     assert torch.equal(call.draft_logprob, call.logprob)      # the tied draft scores are bit-identical
     torch.testing.assert_close(call.draft_logprob, call.max_logit - call.lse)
-    if backend != "triton":
-        top = run_poisoned(backend, hidden, norm_weight, weight, mode="topk", top_k=4)
-        assert top.tokens.tolist() == [[5, 70, 600, 999]] * 3
+    top = run_poisoned(backend, hidden, norm_weight, weight, mode="topk", top_k=4)
+    assert top.tokens.tolist() == [[5, 70, 600, 999]] * 3
 
 
 @pytest.mark.gpu
@@ -263,6 +273,9 @@ def test_ties_break_to_the_lowest_index_gpu(backend, dtype):
     hidden, norm_weight, weight = tied_head(dtype, "cuda", vocab=151936, hidden_size=128)
     call = run_poisoned(backend, hidden, norm_weight, weight, draft_tokens=torch.tensor([70, 5, 600], device="cuda"))
     assert call.tokens.tolist() == [5, 5, 5]
+    if backend == "triton":
+        top = run_poisoned(backend, hidden, norm_weight, weight, mode="topk", top_k=4)
+        assert top.tokens.tolist() == [[5, 70, 600, 151935]] * 3
 
 
 # ---- samplers, statistically ------------------------------------------------------------------------

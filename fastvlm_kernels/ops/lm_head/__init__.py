@@ -5,8 +5,9 @@ Backends: "cpu" (csrc/cpu/lm_head.cpp) does every mode. Sampling with top_k (and
 top_k (score, id) candidates in the same single pass over the head, then applies top-p over those
 candidates (Hugging Face's rules on the renormalised top-k distribution) and draws by Gumbel-max among the
 survivors; top_p without top_k needs the whole sorted row, so that case goes to the reference. "cuda" and
-"triton" do argmax, plain sampling and verify_head; "topk" and top-k / top-p sampling on GPU tensors fall
-back to "torch" (the reference, which materialises the logits). All backends draw the same noise for the
+"triton" do argmax, plain sampling and verify_head, "triton" also "topk" (k <= 64: each tile's k best, then
+a stable sort of the candidates); top-k / top-p sampling on GPU tensors falls back to "torch" (the
+reference, which materialises the logits). All backends draw the same noise for the
 same seed: a splitmix64 hash of (seed, offset, row, token id), see reference.gumbel_noise.
 """
 from __future__ import annotations
@@ -337,8 +338,6 @@ def _run_triton(call: _Call) -> None:
 def _filter_reasons(call: _Call) -> List[str]:
     """What the fused GPU kernels do not do (the CPU kernel and the reference do)."""
     reasons = []
-    if call.mode == "topk":
-        reasons.append("mode='topk' is not implemented in this backend")
     if call.mode == "sample" and (call.top_k or call.top_p < 1):
         reasons.append("sampling with top_k / top_p is not implemented in this backend")
     return reasons
@@ -352,11 +351,16 @@ def _cpu_reasons(call: _Call) -> List[str]:
 
 
 def _cuda_reasons(call: _Call) -> List[str]:
-    return device_reasons(call.hidden.device, "cuda") + extension_reasons(call.hidden.device) + _filter_reasons(call)
+    reasons = device_reasons(call.hidden.device, "cuda") + extension_reasons(call.hidden.device) + _filter_reasons(call)
+    if call.mode == "topk":
+        reasons.append("mode='topk' is not implemented in the CUDA kernel (the Triton one does it)")
+    return reasons
 
 
 def _triton_reasons(call: _Call) -> List[str]:
     reasons = triton_device_reasons(call.hidden.device) + _filter_reasons(call)
+    if call.mode == "topk" and call.top_k > 64:
+        reasons.append(f"mode='topk' with top_k={call.top_k}: the Triton kernel takes top_k <= 64")
     if call.hidden.device.type == "cpu" and call.hidden.dtype == torch.bfloat16:
         reasons.append("the Triton interpreter does not run bf16 reliably on the CPU")
     return reasons

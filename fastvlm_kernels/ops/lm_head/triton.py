@@ -1,5 +1,5 @@
-"""Triton backend of the LM-head ops (argmax, Gumbel-max sampling, verify_head's draft log-prob and
-probability rows; no top-k / top-p, no "topk" mode: the dispatcher says so).
+"""Triton backend of the LM-head ops (argmax, Gumbel-max sampling, "topk" with k <= 64, verify_head's draft
+log-prob and probability rows; no top-k / top-p sampling: the dispatcher says so).
 
 Three steps, none of which writes the [M, V] logits: _rms_norm_kernel writes the normed rows [M, H] in
 hidden's dtype (what the model's LM head receives); _lm_head_tile_kernel computes a [BLOCK_M, BLOCK_V]
@@ -52,12 +52,12 @@ def _rms_norm_kernel(Hidden, NormWeight, Out, stride_h, hidden_size, eps, norm_o
 @triton.jit
 def _lm_head_tile_kernel(
     Normed, Weight, Subset, Draft, ProbIndex, Probs, Seed,
-    TileMax, TileArg, TileSum, TileBest, TileBestArg, TileBestScore, TileDraft,
+    TileMax, TileArg, TileSum, TileBest, TileBestArg, TileBestScore, TileDraft, CandScore, CandCol,
     stride_w, num_rows, hidden_size, num_cols, vocab, num_tiles,
     logit_scale, softcap, temperature,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SUBSET: tl.constexpr,
     SAMPLE: tl.constexpr, HAS_DRAFT: tl.constexpr, HAS_PROBS: tl.constexpr, SOFTCAP: tl.constexpr,
-    FP32: tl.constexpr,
+    FP32: tl.constexpr, TOPK: tl.constexpr,
 ):
     # Grid (cdiv(num_cols, BLOCK_V), cdiv(M, BLOCK_M)). A program owns BLOCK_V head rows (vocabulary
     # columns) and BLOCK_M hidden rows: scores = normed @ W^T by tl.dot over BLOCK_K slices of H (fp32
@@ -119,6 +119,14 @@ def _lm_head_tile_kernel(
         draft = tl.load(Draft + rows, mask=row_ok, other=-1)
         is_draft = cols.to(tl.int64)[None, :] == draft[:, None]
         tl.store(TileDraft + out, tl.max(tl.where(is_draft, scores, float("-inf")), 1), mask=row_ok)
+    if TOPK > 0:   # the tile's TOPK best (score, column), best first, ties to the lower column
+        work = scores
+        lanes = tl.arange(0, BLOCK_V)
+        for i in tl.static_range(TOPK):
+            pick = tl.argmax(work, 1, tie_break_left=True)
+            tl.store(CandScore + out * TOPK + i, tl.max(work, 1), mask=row_ok)
+            tl.store(CandCol + out * TOPK + i, tile * BLOCK_V + pick.to(tl.int64), mask=row_ok)
+            work = tl.where(lanes[None, :] == pick[:, None], float("-inf"), work)
     if HAS_PROBS:
         prob_index = tl.load(ProbIndex + rows, mask=row_ok, other=-1)
         ptrs = Probs + prob_index[:, None].to(tl.int64) * vocab + cols[None, :]
@@ -126,6 +134,7 @@ def _lm_head_tile_kernel(
 
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+MAX_TOPK = 64   # "topk" unrolls k extraction steps per tile
 
 
 def _tile_config(dtype: torch.dtype, num_rows: int) -> dict:
@@ -138,18 +147,30 @@ def _tile_config(dtype: torch.dtype, num_rows: int) -> dict:
 
 # Every (dtype, BLOCK_M, mode flags) the launcher can pick, compiled ahead of time for sm_90 by the tests.
 KERNEL_CONFIGS = tuple(
-    dict(dtype=dtype_name, sample=sample, draft=not sample, probs=not sample, **_tile_config(dtype, rows))
-    for dtype, dtype_name in _DTYPE_NAMES.items() for rows in (16, 32, 64) for sample in (False, True))
+    dict(dtype=dtype_name, sample=sample, draft=not sample, probs=not sample, topk=0, **_tile_config(dtype, rows))
+    for dtype, dtype_name in _DTYPE_NAMES.items() for rows in (16, 32, 64) for sample in (False, True)) + tuple(
+    dict(dtype=dtype_name, sample=False, draft=False, probs=False, topk=8, **_tile_config(dtype, 16))
+    for dtype, dtype_name in _DTYPE_NAMES.items())   # draft-tree widths: "topk" with k = 8, few rows
 
 
 def merge_partials(tile_max, tile_arg, tile_sum, tile_best, tile_best_arg, tile_best_score, tile_draft,
-                   subset, sample: bool, tokens, max_logit, lse, logprob, draft_logprob) -> None:
-    """Reduces [M, num_tiles] partials in vocabulary order (ties to the lowest tile) into the outputs."""
+                   subset, sample: bool, tokens, max_logit, lse, logprob, draft_logprob,
+                   cand_score=None, cand_col=None) -> None:
+    """Reduces [M, num_tiles] partials in vocabulary order (ties to the lowest tile) into the outputs;
+    for "topk", the [M, num_tiles * k] candidates (tile order, best first within a tile) by a stable sort,
+    which keeps equal scores in column order."""
     row_max, first_tile = tile_max.max(dim=1)              # max returns the first maximal tile
     total = (tile_sum * torch.exp(tile_max - row_max[:, None])).sum(dim=1)
     row_lse = row_max + torch.log(total)
     max_logit.copy_(row_max)
     lse.copy_(row_lse)
+    if cand_score is not None:
+        top_k = tokens.shape[1]
+        order = torch.sort(cand_score, dim=1, descending=True, stable=True).indices[:, :top_k]
+        col = cand_col.gather(1, order)
+        tokens.copy_(subset[col] if subset is not None else col)
+        logprob.copy_(cand_score.gather(1, order) - row_lse[:, None])
+        return
     if sample:
         best, best_tile = tile_best.max(dim=1)
         col = tile_best_arg.gather(1, best_tile[:, None])[:, 0]
@@ -168,7 +189,8 @@ def lm_head_triton(hidden: torch.Tensor, norm_weight: torch.Tensor, lm_head_weig
                    logit_scale: float, logit_softcap: float, temperature: float, selection: int, top_k: int, top_p: float,
                    tokens: torch.Tensor, max_logit: torch.Tensor, lse: torch.Tensor, logprob: torch.Tensor,
                    draft_logprob: Optional[torch.Tensor], probs: Optional[torch.Tensor]) -> None:
-    """The lm_head op (schema of csrc/bindings.cpp) on Triton: selection 0 (argmax) or 1 (sample, no top-k/p)."""
+    """The lm_head op (schema of csrc/bindings.cpp) on Triton: selection 0 (argmax), 1 (sample, no top-k /
+    top-p) or 2 (topk, k <= MAX_TOPK)."""
     num_rows, hidden_size = hidden.shape
     if num_rows == 0:
         return
@@ -186,6 +208,9 @@ def lm_head_triton(hidden: torch.Tensor, norm_weight: torch.Tensor, lm_head_weig
     tile_best_arg = partial(torch.int64) if sample else tile_arg
     has_draft = draft_tokens is not None
     tile_draft = partial(torch.float32) if has_draft else tile_max
+    top_k = top_k if selection == 2 else 0
+    cand_score = torch.empty((num_rows, num_tiles * top_k), dtype=torch.float32, device=device) if top_k else None
+    cand_col = torch.empty((num_rows, num_tiles * top_k), dtype=torch.int64, device=device) if top_k else None
     has_probs = probs is not None and probs.numel() > 0
     prob_index = None
     if has_probs:
@@ -204,14 +229,15 @@ def lm_head_triton(hidden: torch.Tensor, norm_weight: torch.Tensor, lm_head_weig
             draft_tokens if has_draft else dummy, prob_index if has_probs else dummy,
             probs if has_probs else dummy, seed if sample else dummy,
             tile_max, tile_arg, tile_sum, tile_best, tile_best_arg, tile_best_score, tile_draft,
+            cand_score if top_k else tile_max, cand_col if top_k else tile_arg,
             lm_head_weight.stride(0), num_rows, hidden_size, num_cols, vocab, num_tiles,
             logit_scale, logit_softcap if logit_softcap > 0 else 1.0, temperature,
             BLOCK_M=config["BLOCK_M"], BLOCK_V=block_v, BLOCK_K=config["BLOCK_K"],
             HAS_SUBSET=vocab_subset is not None, SAMPLE=sample, HAS_DRAFT=has_draft, HAS_PROBS=has_probs,
-            SOFTCAP=logit_softcap > 0, FP32=hidden.dtype == torch.float32,
+            SOFTCAP=logit_softcap > 0, FP32=hidden.dtype == torch.float32, TOPK=top_k,
             num_warps=config["num_warps"], num_stages=config["num_stages"])
     merge_partials(tile_max, tile_arg, tile_sum, tile_best, tile_best_arg, tile_best_score, tile_draft,
-                   vocab_subset, sample, tokens, max_logit, lse, logprob, draft_logprob)
+                   vocab_subset, sample, tokens, max_logit, lse, logprob, draft_logprob, cand_score, cand_col)
     if has_probs:
         probs.sub_(lse[prob_rows][:, None]).exp_()
 
@@ -232,7 +258,7 @@ def _lm_head_triton_fake(hidden, norm_weight, lm_head_weight, vocab_subset, draf
 # Ahead-of-time compilation for sm_90 (no GPU needed): the compile test tier.
 
 def config_name(config: dict) -> str:
-    kind = "sample" if config["sample"] else "argmax_draft_probs"
+    kind = f"topk{config['topk']}" if config["topk"] else "sample" if config["sample"] else "argmax_draft_probs"
     return (f"lm_head_{config['dtype']}_{kind}_m{config['BLOCK_M']}_v{config['BLOCK_V']}_k{config['BLOCK_K']}"
             f"_w{config['num_warps']}_s{config['num_stages']}")
 
@@ -245,9 +271,11 @@ def compile_for_sm90(config: dict) -> dict:
     types = {"Normed": f"*{dtype}", "Weight": f"*{dtype}", "Subset": "*i64", "Draft": "*i64", "ProbIndex": "*i32",
              "Probs": "*fp32", "Seed": "*i64", "TileMax": "*fp32", "TileArg": "*i64", "TileSum": "*fp32",
              "TileBest": "*fp32", "TileBestArg": "*i64", "TileBestScore": "*fp32", "TileDraft": "*fp32",
+             "CandScore": "*fp32", "CandCol": "*i64",
              "logit_scale": "fp32", "softcap": "fp32", "temperature": "fp32"}
     constexprs = {"BLOCK_M": config["BLOCK_M"], "BLOCK_V": config["BLOCK_V"], "BLOCK_K": config["BLOCK_K"],
                   "HAS_SUBSET": False, "SAMPLE": config["sample"], "HAS_DRAFT": config["draft"],
-                  "HAS_PROBS": config["probs"], "SOFTCAP": False, "FP32": dtype == "fp32"}
+                  "HAS_PROBS": config["probs"], "SOFTCAP": False, "FP32": dtype == "fp32",
+                  "TOPK": config["topk"]}
     return _compile_sm90(_lm_head_tile_kernel, types, constexprs, config["num_warps"], config["num_stages"],
                          config_name(config))
