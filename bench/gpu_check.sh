@@ -38,5 +38,9 @@ step "acceptance benchmarks ($(date +%T))"
 $python bench/acceptance.py --device cuda --json "${results}-acceptance.json" --md "${results}-acceptance.md" 2>&1 \
   | tee -a "$log" || status=1
 
+step "lm_head benchmark ($(date +%T))"
+$python bench/lm_head.py --device cuda --json "${results}-lm_head.json" --md "${results}-lm_head.md" 2>&1 \
+  | tee -a "$log" || status=1
+
 step "done ($(date +%T)): ${results}.{json,md,log}, status $status"
 exit $status

@@ -17,6 +17,13 @@ TORCH_LIBRARY(fastvlm, m) {
   m.def(
       "accept_sampling(Tensor draft_tokens, Tensor? parents, Tensor draft_probs, Tensor target_probs, "
       "Tensor uniforms, Tensor(a!) accept_len, Tensor(b!)? path, Tensor(c!) emitted) -> ()");
+  // lm_head: early_exit_head and verify_head (fastvlm_kernels/ops/lm_head)
+  m.def(
+      "lm_head(Tensor hidden, Tensor norm_weight, Tensor lm_head_weight, Tensor? vocab_subset, "
+      "Tensor? draft_tokens, Tensor? prob_rows, Tensor? seed, float eps, float norm_offset, float logit_scale, "
+      "float logit_softcap, float temperature, int selection, int top_k, float top_p, Tensor(a!) tokens, "
+      "Tensor(b!) max_logit, Tensor(c!) lse, Tensor(d!) logprob, Tensor(e!)? draft_logprob, "
+      "Tensor(f!)? probs) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastvlm, CPU, m) {
@@ -26,6 +33,7 @@ TORCH_LIBRARY_IMPL(fastvlm, CPU, m) {
   // acceptance
   m.impl("accept_greedy", &fastvlm::accept_greedy_cpu);
   m.impl("accept_sampling", &fastvlm::accept_sampling_cpu);
+  m.impl("lm_head", &fastvlm::lm_head_cpu);
 }
 
 #ifdef FASTVLM_WITH_CUDA
@@ -36,5 +44,6 @@ TORCH_LIBRARY_IMPL(fastvlm, CUDA, m) {
   // acceptance
   m.impl("accept_greedy", &fastvlm::accept_greedy_cuda);
   m.impl("accept_sampling", &fastvlm::accept_sampling_cuda);
+  m.impl("lm_head", &fastvlm::lm_head_cuda);
 }
 #endif

@@ -67,4 +67,23 @@ void accept_sampling_cuda(const at::Tensor& draft_tokens, const std::optional<at
                           at::Tensor& accept_len, const std::optional<at::Tensor>& path, at::Tensor& emitted);
 #endif
 
+// ---- lm_head (early_exit_head, verify_head) ----------------------------------------------------------
+// hidden [M, H], norm_weight [H], lm_head_weight [V, H] (one dtype: fp32 | fp16 | bf16; rows contiguous),
+// vocab_subset [S] int64 (columns read weight rows subset[j]) or none, draft_tokens [M] int64 (-1: none)
+// or none, prob_rows [R] int64 or none, seed [2] int64 (seed, offset; read by sampling) or none.
+// selection: 0 argmax, 1 sample (Gumbel-max; top_k > 0 / top_p < 1 filter), 2 topk. Outputs: tokens [M] ([M, k] for
+// topk) int64, max_logit / lse [M] fp32, logprob [M] ([M, k]) fp32, draft_logprob [M] fp32 or none,
+// probs [R, V] fp32 contiguous or none. logit_softcap <= 0 means none. Semantics: ops/lm_head/reference.py.
+#define FASTVLM_LM_HEAD_ARGS                                                                                      \
+  const at::Tensor &hidden, const at::Tensor &norm_weight, const at::Tensor &lm_head_weight,                      \
+      const std::optional<at::Tensor>&vocab_subset, const std::optional<at::Tensor>&draft_tokens,                \
+      const std::optional<at::Tensor>&prob_rows, const std::optional<at::Tensor>&seed, double eps,               \
+      double norm_offset, double logit_scale, double logit_softcap, double temperature, int64_t selection,          \
+      int64_t top_k, double top_p, at::Tensor &tokens, at::Tensor &max_logit, at::Tensor &lse,                   \
+      at::Tensor &logprob, const std::optional<at::Tensor>&draft_logprob, const std::optional<at::Tensor>&probs
+void lm_head_cpu(FASTVLM_LM_HEAD_ARGS);
+#ifdef FASTVLM_WITH_CUDA
+void lm_head_cuda(FASTVLM_LM_HEAD_ARGS);
+#endif
+
 }  // namespace fastvlm

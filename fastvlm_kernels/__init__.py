@@ -8,7 +8,9 @@ from .ops import kv_append, kv_compact
 from .cache import KVCache
 
 from .ops import accept_greedy, accept_greedy_tree, accept_sampling, accept_sampling_tree
+from .ops import early_exit_head, verify_head, vocab_subset_from_counts
 
 __version__ = "0.1.0"
 __all__ = ["verify_attention", "kv_compact", "kv_append", "KVCache",
-           "accept_greedy", "accept_sampling", "accept_greedy_tree", "accept_sampling_tree", "__version__"]
+           "accept_greedy", "accept_sampling", "accept_greedy_tree", "accept_sampling_tree",
+           "early_exit_head", "verify_head", "vocab_subset_from_counts", "__version__"]

@@ -10,11 +10,13 @@ from .ops.verify_attention import BACKENDS as VERIFY_ATTENTION_BACKENDS
 from .ops.kv_cache import APPEND_BACKENDS as KV_APPEND_BACKENDS
 from .ops.kv_cache import BACKENDS as KV_COMPACT_BACKENDS
 from .ops.acceptance import BACKENDS as ACCEPTANCE_BACKENDS
+from .ops.lm_head import BACKENDS as LM_HEAD_BACKENDS
 
 OPS = {"verify_attention": VERIFY_ATTENTION_BACKENDS,
        "kv_compact": KV_COMPACT_BACKENDS,
        "kv_append": KV_APPEND_BACKENDS,
-       "accept_greedy / accept_sampling (chains and trees)": ACCEPTANCE_BACKENDS}
+       "accept_greedy / accept_sampling (chains and trees)": ACCEPTANCE_BACKENDS,
+       "lm_head (early_exit_head, verify_head)": LM_HEAD_BACKENDS}
 
 
 def _probe_inputs(device: torch.device):
@@ -26,7 +28,19 @@ def _probe_inputs(device: torch.device):
             "kv_append": (buffer[0, 0],),
             "accept_greedy / accept_sampling (chains and trees)": (
                 torch.empty(1, 1, device=device, dtype=torch.int64),
-                torch.empty(1, 1, 1, device=device, dtype=torch.float16))}
+                torch.empty(1, 1, 1, device=device, dtype=torch.float16)),
+            "lm_head (early_exit_head, verify_head)": (_lm_head_probe(device),)}
+
+
+def _lm_head_probe(device: torch.device):
+    from .ops.lm_head import _prepare
+    hidden = torch.empty(1, 64, device=device, dtype=torch.float16)
+    head = _prepare(hidden, torch.empty(64, device=device, dtype=torch.float16),
+                    torch.empty(128, 64, device=device, dtype=torch.float16), eps=1e-6, mode="argmax",
+                    temperature=1.0, top_k=None, top_p=None, vocab_subset=None, generator=None, seed=None,
+                    norm_offset=0.0, logit_scale=1.0, logit_softcap=None, draft_tokens=None, prob_rows=None,
+                    validate=False)
+    return head
 
 
 def report() -> str:

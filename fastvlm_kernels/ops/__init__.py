@@ -5,5 +5,8 @@ from .kv_cache import kv_append, kv_compact
 
 from .acceptance import accept_greedy, accept_greedy_tree, accept_sampling, accept_sampling_tree
 
+from .lm_head import early_exit_head, verify_head, vocab_subset_from_counts
+
 __all__ = ["verify_attention", "kv_compact", "kv_append",
-           "accept_greedy", "accept_sampling", "accept_greedy_tree", "accept_sampling_tree"]
+           "accept_greedy", "accept_sampling", "accept_greedy_tree", "accept_sampling_tree",
+           "early_exit_head", "verify_head", "vocab_subset_from_counts"]

@@ -77,3 +77,9 @@ else:
     @torch.library.register_fake("fastvlm::accept_sampling")
     def _accept_sampling_fake(draft_tokens, parents, draft_probs, target_probs, uniforms, accept_len, path, emitted):
         return None
+
+    @torch.library.register_fake("fastvlm::lm_head")
+    def _lm_head_fake(hidden, norm_weight, lm_head_weight, vocab_subset, draft_tokens, prob_rows, seed, eps,
+                      norm_offset, logit_scale, logit_softcap, temperature, selection, top_k, top_p, tokens, max_logit,
+                      lse, logprob, draft_logprob, probs):
+        return None

@@ -1,0 +1,227 @@
+"""Benchmark the fused LM heads against the chain a user would otherwise write.
+
+    python bench/lm_head.py                      # CPU: the C++ kernel vs RMSNorm + F.linear + argmax / multinomial
+    python bench/lm_head.py --device cuda        # GPU: every backend vs F.linear + argmax (+ FlashInfer's sampler)
+    python bench/lm_head.py --json out.json --md out.md
+
+CPU: the kernel and the reference chain are timed alternately (one call each, repeated), and the medians
+compared, because timings on a shared machine drift; compare ratios, not absolute times. GPU:
+triton.testing.do_bench medians, µs and the % of the measured copy bandwidth that reading the head's
+weight once at that speed represents (the goal is >= 85%).
+Each configuration is checked against the reference chain before it is timed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fastvlm_kernels.ops.lm_head import BACKENDS, _prepare, early_exit_head, verify_head  # noqa: E402
+
+# (name, V, H): LLaVA-1.5 / Phi-3 heads, Qwen2-VL-7B's.
+HEADS = [("32064x4096", 32064, 4096), ("151936x3584", 151936, 3584)]
+ROWS = (1, 5, 17, 65)
+EPS = 1e-6
+
+
+def make_case(vocab, hidden_size, num_rows, dtype, device):
+    generator = torch.Generator().manual_seed(vocab + num_rows)
+    weight = torch.empty(vocab, hidden_size, dtype=dtype, device=device)
+    for start in range(0, vocab, 16384):   # filled in chunks: no fp32 copy of a large head
+        chunk = torch.randn(min(16384, vocab - start), hidden_size, generator=generator) / hidden_size ** 0.5
+        weight[start:start + chunk.shape[0]] = chunk.to(device, dtype)
+    norm_weight = (torch.rand(hidden_size, generator=generator) + 0.5).to(device, dtype)
+    hidden = torch.randn(num_rows, hidden_size, generator=generator).to(device, dtype)
+    return hidden, norm_weight, weight
+
+
+def reference_logits(hidden, norm_weight, weight):
+    """What a user writes: the model's RMSNorm, then the LM head as F.linear (logits [M, V])."""
+    x = hidden.float()
+    normed = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * norm_weight.float()).to(hidden.dtype)
+    return F.linear(normed, weight)
+
+
+def reference_argmax(hidden, norm_weight, weight):
+    return reference_logits(hidden, norm_weight, weight).argmax(-1)
+
+
+def reference_sample(hidden, norm_weight, weight, temperature=0.8):
+    probs = torch.softmax(reference_logits(hidden, norm_weight, weight).float() / temperature, dim=-1)
+    return torch.multinomial(probs, 1)[:, 0]
+
+
+def usable(backend_name, hidden, norm_weight, weight, mode="argmax"):
+    call = _prepare(hidden, norm_weight, weight, eps=EPS, mode=mode, temperature=0.8, top_k=None, top_p=None,
+                    vocab_subset=None, generator=None, seed=0 if mode == "sample" else None, norm_offset=0.0,
+                    logit_scale=1.0, logit_softcap=None, draft_tokens=None, prob_rows=None, validate=False)
+    return not {b.name: b for b in BACKENDS}[backend_name].not_supported_reasons(call)
+
+
+def check(hidden, norm_weight, weight, backend):
+    """The kernel's argmax equals the chain's on rows where the chain's top-2 gap exceeds rounding."""
+    logits = reference_logits(hidden, norm_weight, weight).float()
+    top2 = torch.topk(logits, 2, dim=-1).values
+    got = early_exit_head(hidden, norm_weight, weight, eps=EPS, backend=backend).tokens
+    safe = (top2[:, 0] - top2[:, 1]) > 0.05
+    if (safe & (got != logits.argmax(-1))).any():
+        raise SystemExit(f"{backend} disagrees with F.linear + argmax")
+
+
+def alternate(functions: dict, repeats: int, min_time: float) -> dict:
+    """Median seconds per function, calling them in turn so that machine load hits all alike."""
+    for fn in functions.values():
+        fn()
+    times = {name: [] for name in functions}
+    start = time.perf_counter()
+    while len(next(iter(times.values()))) < repeats or time.perf_counter() - start < min_time:
+        for name, fn in functions.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        if len(times[next(iter(times))]) >= 50:
+            break
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def run_cpu(args):
+    rows = []
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    heads = [head for head in HEADS if args.heads is None or head[0] in args.heads]
+    for dtype_name, dtype in dtypes.items():
+        for head_name, vocab, hidden_size in heads:
+            for num_rows in ROWS:
+                hidden, norm_weight, weight = make_case(vocab, hidden_size, num_rows, dtype, "cpu")
+                check(hidden, norm_weight, weight, "cpu")
+                seed = torch.tensor([1, 0])
+                medians = alternate({
+                    "ref_argmax": lambda: reference_argmax(hidden, norm_weight, weight),
+                    "cpu_argmax": lambda: early_exit_head(hidden, norm_weight, weight, eps=EPS, backend="cpu"),
+                    "ref_sample": lambda: reference_sample(hidden, norm_weight, weight),
+                    "cpu_sample": lambda: early_exit_head(hidden, norm_weight, weight, eps=EPS, mode="sample",
+                                                          temperature=0.8, seed=seed, backend="cpu"),
+                }, repeats=args.repeats, min_time=args.min_time)
+                row = dict(dtype=dtype_name, head=head_name, M=num_rows,
+                           **{f"{name}_ms": 1e3 * value for name, value in medians.items()})
+                row["speedup_argmax"] = medians["ref_argmax"] / medians["cpu_argmax"]
+                row["speedup_sample"] = medians["ref_sample"] / medians["cpu_sample"]
+                row["cpu_argmax_gbps"] = weight.numel() * weight.element_size() / medians["cpu_argmax"] / 1e9
+                rows.append(row)
+                print(format_row(row), flush=True)
+                del hidden, norm_weight, weight
+    return rows
+
+
+def run_gpu(args):
+    import triton.testing
+
+    device = "cuda"
+    buffer = torch.empty(1 << 29, dtype=torch.float16, device=device)
+    copy_ms = triton.testing.do_bench(lambda: buffer.clone(), warmup=25, rep=200)
+    copy_gbps = 2 * buffer.numel() * buffer.element_size() / copy_ms / 1e6
+    del buffer
+    print(f"measured copy bandwidth: {copy_gbps:.0f} GB/s", flush=True)
+    try:
+        import flashinfer.sampling as flashinfer_sampling
+    except ImportError:
+        flashinfer_sampling = None
+    rows = []
+    for dtype_name, dtype in {"bf16": torch.bfloat16, "fp16": torch.float16}.items():
+        for head_name, vocab, hidden_size in HEADS:
+            for num_rows in ROWS:
+                hidden, norm_weight, weight = make_case(vocab, hidden_size, num_rows, dtype, device)
+                weight_bytes = weight.numel() * weight.element_size()
+                row = dict(dtype=dtype_name, head=head_name, M=num_rows, copy_gbps=copy_gbps)
+                row["linear_argmax_us"] = 1e3 * triton.testing.do_bench(
+                    lambda: reference_argmax(hidden, norm_weight, weight))
+                if flashinfer_sampling is not None:
+                    def flashinfer_chain():
+                        probs = torch.softmax(reference_logits(hidden, norm_weight, weight).float() / 0.8, -1)
+                        return flashinfer_sampling.sampling_from_probs(probs)
+                    row["linear_flashinfer_sample_us"] = 1e3 * triton.testing.do_bench(flashinfer_chain)
+                draft = torch.zeros(num_rows, dtype=torch.int64, device=device)
+                seed = torch.tensor([1, 0], device=device)
+                for backend in ("cuda", "triton"):
+                    if not usable(backend, hidden, norm_weight, weight):
+                        continue
+                    check(hidden, norm_weight, weight, backend)
+                    argmax_us = 1e3 * triton.testing.do_bench(
+                        lambda: early_exit_head(hidden, norm_weight, weight, eps=EPS, backend=backend))
+                    sample_us = 1e3 * triton.testing.do_bench(
+                        lambda: early_exit_head(hidden, norm_weight, weight, eps=EPS, mode="sample", seed=seed,
+                                                temperature=0.8, backend=backend))
+                    verify_us = 1e3 * triton.testing.do_bench(
+                        lambda: verify_head(hidden, norm_weight, weight, draft, eps=EPS, validate=False,
+                                            backend=backend))
+                    row[f"{backend}_argmax_us"] = argmax_us
+                    row[f"{backend}_sample_us"] = sample_us
+                    row[f"{backend}_verify_us"] = verify_us
+                    row[f"{backend}_argmax_pct_copy"] = 100 * weight_bytes / argmax_us / 1e3 / copy_gbps
+                    row[f"{backend}_speedup_vs_linear"] = row["linear_argmax_us"] / argmax_us
+                rows.append(row)
+                print(format_row(row), flush=True)
+                del hidden, norm_weight, weight
+    return rows
+
+
+def format_row(row):
+    return "  ".join(f"{key}={value:.2f}" if isinstance(value, float) else f"{key}={value}"
+                     for key, value in row.items() if key != "copy_gbps")
+
+
+def markdown(rows, header):
+    if not rows:
+        return header + "\n\n(no rows)\n"
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    lines = [header, "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in rows:
+        cells = [f"{row[k]:.2f}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def environment(device):
+    info = dict(date=datetime.date.today().isoformat(), python=platform.python_version(), torch=torch.__version__,
+                machine=platform.machine(), threads=torch.get_num_threads())
+    info["device"] = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or "cpu")
+    return info
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--repeats", type=int, default=7, help="CPU: alternating calls per function (at least)")
+    parser.add_argument("--min-time", type=float, default=1.0, help="CPU: seconds per configuration (at least)")
+    parser.add_argument("--heads", nargs="+", choices=[head[0] for head in HEADS], help="only these heads")
+    parser.add_argument("--json", type=Path, help="write the rows and the environment here")
+    parser.add_argument("--md", type=Path, help="write a markdown table here")
+    args = parser.parse_args()
+
+    env = environment(args.device)
+    print(f"lm_head on {env['device']} (torch {env['torch']}, {env['threads']} threads)", flush=True)
+    rows = run_cpu(args) if args.device == "cpu" else run_gpu(args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
+    if args.md:
+        args.md.parent.mkdir(parents=True, exist_ok=True)
+        args.md.write_text(markdown(rows, f"# lm_head on {env['device']}, {env['date']}\n\ntorch {env['torch']}; "
+                                          "times are medians"))
+    if args.device == "cpu" and rows:
+        worst = min(min(row["speedup_argmax"], row["speedup_sample"]) for row in rows)
+        small = [row["speedup_argmax"] for row in rows if row["M"] in (5, 17)]
+        print(f"\nC++ kernel vs the reference chain: worst {worst:.2f}x; argmax at M = 5, 17: worst {min(small):.2f}x "
+              "(targets: >= 1x everywhere, >= 1.5x at M = 5 and 17)")
+
+
+if __name__ == "__main__":
+    main()

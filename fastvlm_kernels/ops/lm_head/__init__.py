@@ -1,0 +1,376 @@
+"""early_exit_head and verify_head: final RMSNorm, LM-head projection and token selection in one pass over
+the head's rows, never writing the [M, V] logits.
+
+Backends: "cpu" (csrc/cpu/lm_head.cpp) does every mode. Sampling with top_k (and top_p) keeps each row's
+top_k (score, id) candidates in the same single pass over the head, then applies top-p over those
+candidates (Hugging Face's rules on the renormalised top-k distribution) and draws by Gumbel-max among the
+survivors; top_p without top_k needs the whole sorted row, so that case goes to the reference. "cuda" and
+"triton" do argmax, plain sampling and verify_head, "triton" also "topk" (k <= 64: each tile's k best, then
+a stable sort of the candidates); top-k / top-p sampling on GPU tensors falls back to "torch" (the
+reference, which materialises the logits). All backends draw the same noise for the
+same seed: a splitmix64 hash of (seed, offset, row, token id), see reference.gumbel_noise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, NamedTuple, Optional, Union
+
+import torch
+
+from .. import _checks
+from .._dispatch import Backend, device_reasons, extension_reasons, select, triton_device_reasons
+from .reference import lm_head_reference
+from .spec import MODE_CODES, MODES, SUPPORTED_DTYPES
+
+__all__ = ["early_exit_head", "verify_head", "EarlyExitHeadOutput", "VerifyHeadOutput", "vocab_subset_from_counts",
+           "lm_head_reference", "BACKENDS", "PRIORITY"]
+
+
+class EarlyExitHeadOutput(NamedTuple):
+    """tokens [M] int64 ([M, top_k] for "topk"); max_logit, lse [M] fp32 of the processed scores; logprob
+    [M] ([M, top_k]) fp32: the chosen tokens' log-probabilities under the processed distribution."""
+    tokens: torch.Tensor
+    max_logit: torch.Tensor
+    lse: torch.Tensor
+    logprob: torch.Tensor
+
+
+class VerifyHeadOutput(NamedTuple):
+    """tokens [M] int64 (the target's argmax); max_logit, lse [M] fp32; draft_logprob [M] fp32 (-inf where
+    the draft token is -1); probs [R, V] fp32 softmax rows for prob_rows (None when not asked)."""
+    tokens: torch.Tensor
+    max_logit: torch.Tensor
+    lse: torch.Tensor
+    draft_logprob: torch.Tensor
+    probs: Optional[torch.Tensor]
+
+
+@dataclass
+class _Call:
+    """One validated call, as every backend receives it."""
+    hidden: torch.Tensor
+    norm_weight: torch.Tensor
+    lm_head_weight: torch.Tensor
+    vocab_subset: Optional[torch.Tensor]
+    draft_tokens: Optional[torch.Tensor]
+    prob_rows: Optional[torch.Tensor]
+    seed: Optional[torch.Tensor]          # [2] int64 (seed, offset) on hidden's device, for "sample"
+    eps: float
+    norm_offset: float
+    logit_scale: float
+    logit_softcap: float                  # 0: none
+    temperature: float
+    mode: str
+    top_k: int                            # 0: none
+    top_p: float                          # 1: none
+    tokens: torch.Tensor
+    max_logit: torch.Tensor
+    lse: torch.Tensor
+    logprob: torch.Tensor
+    draft_logprob: Optional[torch.Tensor]
+    probs: Optional[torch.Tensor]
+
+    def op_args(self) -> tuple:
+        return (self.hidden, self.norm_weight, self.lm_head_weight, self.vocab_subset, self.draft_tokens,
+                self.prob_rows, self.seed, self.eps, self.norm_offset, self.logit_scale, self.logit_softcap,
+                self.temperature, MODE_CODES[self.mode], self.top_k, self.top_p, self.tokens, self.max_logit,
+                self.lse, self.logprob, self.draft_logprob, self.probs)
+
+
+def early_exit_head(hidden: torch.Tensor, norm_weight: torch.Tensor, lm_head_weight: torch.Tensor, *,
+                    eps: float, mode: str = "argmax", temperature: float = 1.0, top_k: Optional[int] = None,
+                    top_p: Optional[float] = None, vocab_subset: Optional[torch.Tensor] = None,
+                    generator: Optional[torch.Generator] = None, seed: Optional[Union[int, torch.Tensor]] = None,
+                    norm_offset: float = 0.0, logit_scale: float = 1.0, logit_softcap: Optional[float] = None,
+                    validate: bool = True, backend: str = "auto") -> EarlyExitHeadOutput:
+    """The drafter's head: RMSNorm, projection and selection fused over vocabulary tiles.
+
+    Args:
+        hidden: ``[M, H]`` hidden states (fp32, fp16 or bf16; last dim contiguous).
+        norm_weight: ``[H]`` the model's final RMSNorm weight, hidden's dtype.
+        lm_head_weight: ``[V, H]`` the LM head (rows contiguous), hidden's dtype and device.
+        eps: the RMSNorm epsilon. norm_offset: 1.0 for Gemma-style ``(1 + w)`` norms, else 0.
+        logit_scale: logits are multiplied by it (models that scale logits); logit_softcap: when set,
+            logits become ``softcap * tanh(logits / softcap)`` (Gemma 2).
+        mode: "argmax" (ties to the lowest index, like torch.argmax; temperature is ignored),
+            "sample" (exact draw from softmax(logits / temperature) after optional top_k / top_p filtering,
+            by the Gumbel-max trick with counter-based noise) or "topk" (the top_k tokens of
+            softmax(logits / temperature), best first, ties to the lowest index).
+        temperature: > 0 for "sample" and "topk". top_k: an int >= 1 ("topk": required, at most the number
+            of columns; "sample": values above the vocabulary are clamped, like Hugging Face).
+            top_p: in (0, 1], "sample" only, applied after top_k (Hugging Face's rules).
+        vocab_subset: ``[S]`` int64 strictly increasing token ids in [0, V): only those rows are read and
+            the distribution is the softmax over them (returned ids are vocabulary ids). See
+            :func:`vocab_subset_from_counts`.
+        generator: draws the sampling seed when ``seed`` is not given (``torch.randint`` on hidden's device,
+            so it follows the generator's state under CUDA-graph capture).
+        seed: an int, or a ``[2]`` int64 tensor ``(seed, offset)`` on hidden's device (graph-safe: update it
+            in place between replays). Same seed, same tokens, on every backend.
+        validate: check vocab_subset's values (a device-to-host read on a GPU).
+        backend: "auto", "cuda", "triton", "cpu" or "torch" (the reference).
+
+    Returns:
+        :class:`EarlyExitHeadOutput` (tokens, max_logit, lse, logprob).
+    """
+    call = _prepare(hidden, norm_weight, lm_head_weight, eps=eps, mode=mode, temperature=temperature, top_k=top_k,
+                    top_p=top_p, vocab_subset=vocab_subset, generator=generator, seed=seed, norm_offset=norm_offset,
+                    logit_scale=logit_scale, logit_softcap=logit_softcap, draft_tokens=None, prob_rows=None,
+                    validate=validate)
+    _run(call, backend)
+    return EarlyExitHeadOutput(call.tokens, call.max_logit, call.lse, call.logprob)
+
+
+def verify_head(hidden: torch.Tensor, norm_weight: torch.Tensor, lm_head_weight: torch.Tensor,
+                draft_tokens: torch.Tensor, *, eps: float, temperature: float = 1.0,
+                prob_rows: Optional[torch.Tensor] = None, norm_offset: float = 0.0, logit_scale: float = 1.0,
+                logit_softcap: Optional[float] = None, validate: bool = True,
+                backend: str = "auto") -> VerifyHeadOutput:
+    """The full model's head over the T+1 verification rows, fused like :func:`early_exit_head`.
+
+    Args:
+        hidden, norm_weight, lm_head_weight, eps, norm_offset, logit_scale, logit_softcap: as in
+            :func:`early_exit_head` (the full vocabulary is always read).
+        draft_tokens: ``[M]`` int64 draft token per row in [0, V), or -1 for a row without one (the
+            bonus row); its log-probability under softmax(logits / temperature) is returned.
+        temperature: > 0; scales lse, draft_logprob and probs (the argmax does not depend on it).
+        prob_rows: ``[R]`` int64 distinct row indices in [0, M) whose full probability rows are wanted
+            (rejection sampling's residual or bonus draw); None for none.
+        validate: check draft_tokens' and prob_rows' values (a device-to-host read on a GPU).
+        backend: "auto", "cuda", "triton", "cpu" or "torch".
+
+    Returns:
+        :class:`VerifyHeadOutput` (tokens, max_logit, lse, draft_logprob, probs).
+    """
+    call = _prepare(hidden, norm_weight, lm_head_weight, eps=eps, mode="argmax", temperature=temperature,
+                    top_k=None, top_p=None, vocab_subset=None, generator=None, seed=None, norm_offset=norm_offset,
+                    logit_scale=logit_scale, logit_softcap=logit_softcap, draft_tokens=draft_tokens,
+                    prob_rows=prob_rows, validate=validate, verify=True)
+    _run(call, backend)
+    return VerifyHeadOutput(call.tokens, call.max_logit, call.lse, call.draft_logprob, call.probs)
+
+
+def vocab_subset_from_counts(token_ids: torch.Tensor, vocab_size: int, size: int,
+                             always_include: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The ``size`` most frequent token ids of a corpus (ties to the lower id), plus ``always_include``
+    (special tokens such as EOS), as a sorted int64 tensor for ``early_exit_head(vocab_subset=...)``.
+
+    token_ids: any-shaped integer tensor of token ids in [0, vocab_size) (the tokenised corpus).
+    """
+    token_ids = _checks.check_tensor("token_ids", token_ids)
+    if token_ids.dtype.is_floating_point or token_ids.dtype == torch.bool:
+        raise TypeError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
+    if not 1 <= size <= vocab_size:
+        raise ValueError(f"size must be in [1, vocab_size={vocab_size}], got {size}")
+    flat = token_ids.reshape(-1).to(torch.int64).cpu()
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= vocab_size):
+        raise ValueError(f"token_ids must lie in [0, {vocab_size}), got values in [{int(flat.min())}, {int(flat.max())}]")
+    counts = torch.bincount(flat, minlength=vocab_size)
+    order = torch.sort(-counts, stable=True).indices            # most frequent first, ties to the lower id
+    chosen = order[:size]
+    if always_include is not None:
+        chosen = torch.cat([chosen, always_include.reshape(-1).to(torch.int64).cpu()])
+    return torch.unique(chosen)                                  # sorted, distinct
+
+
+# ---- checks -----------------------------------------------------------------------------------------
+
+def _prepare(hidden, norm_weight, lm_head_weight, *, eps, mode, temperature, top_k, top_p, vocab_subset, generator,
+             seed, norm_offset, logit_scale, logit_softcap, draft_tokens, prob_rows, validate,
+             verify: bool = False) -> _Call:
+    hidden = _checks.check_tensor("hidden", hidden, ndim=2, dtypes=SUPPORTED_DTYPES, shape_doc="[M, H]")
+    num_rows, hidden_size = hidden.shape
+    norm_weight = _checks.check_tensor("norm_weight", norm_weight, ndim=1, shape_doc="[H]")
+    lm_head_weight = _checks.check_tensor("lm_head_weight", lm_head_weight, ndim=2, shape_doc="[V, H]")
+    for name, tensor in (("norm_weight", norm_weight), ("lm_head_weight", lm_head_weight)):
+        _checks.check_same_dtype(name, tensor, "hidden", hidden)
+        _checks.check_same_device(name, tensor, "hidden", hidden)
+    _checks.check_size("norm_weight", norm_weight, 0, hidden_size, "the hidden size H of hidden")
+    _checks.check_size("lm_head_weight", lm_head_weight, 1, hidden_size, "the hidden size H of hidden")
+    if hidden_size == 0:
+        raise ValueError("hidden has hidden size H=0")
+    vocab = lm_head_weight.shape[0]
+    if vocab == 0:
+        raise ValueError("lm_head_weight has V=0 rows")
+    _checks.check_last_dim_contiguous("hidden", hidden)
+    _checks.check_last_dim_contiguous("lm_head_weight", lm_head_weight)
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode != "argmax" or verify:
+        if not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ValueError(f"temperature must be > 0 with mode={mode!r}, got {temperature}"
+                             + (" (use mode='argmax' for greedy decoding)" if mode == "sample" else ""))
+    else:
+        temperature = 1.0
+    if logit_softcap is not None and not logit_softcap > 0:
+        raise ValueError(f"logit_softcap must be > 0 or None, got {logit_softcap}")
+
+    num_cols = vocab
+    if vocab_subset is not None:
+        vocab_subset = _checks.check_tensor("vocab_subset", vocab_subset, ndim=1, dtypes=(torch.int64,), shape_doc="[S]")
+        _checks.check_same_device("vocab_subset", vocab_subset, "hidden", hidden)
+        if vocab_subset.numel() == 0:
+            raise ValueError("vocab_subset is empty: it must hold at least one token id")
+        vocab_subset = vocab_subset.contiguous()
+        num_cols = vocab_subset.numel()
+        if validate and not torch.compiler.is_compiling():
+            low, high, increasing = (int(v) for v in torch.stack([
+                vocab_subset.min(), vocab_subset.max(),
+                (vocab_subset[1:] > vocab_subset[:-1]).all().to(torch.int64)]).tolist())
+            if low < 0 or high >= vocab:
+                raise ValueError(f"vocab_subset holds ids in [{low}, {high}], outside [0, V={vocab})")
+            if not increasing:
+                raise ValueError("vocab_subset must be strictly increasing (sorted, distinct token ids)")
+
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+    if mode == "topk":
+        if top_k is None:
+            raise ValueError("top_k is required with mode='topk'")
+        if top_k > num_cols:
+            raise ValueError(f"top_k={top_k} exceeds the {num_cols} tokens to choose from")
+    if top_p is not None:
+        if mode != "sample":
+            raise ValueError(f"top_p applies to mode='sample' only, got mode={mode!r}")
+        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if mode == "sample" and top_k is not None:
+        top_k = min(top_k, num_cols)
+    if mode == "argmax":
+        top_k = None
+
+    device = hidden.device
+    seed_tensor = None
+    if mode == "sample":
+        if isinstance(seed, torch.Tensor):
+            seed_tensor = _checks.check_tensor("seed", seed, ndim=1, dtypes=(torch.int64,), shape_doc="[2] (seed, offset)")
+            _checks.check_size("seed", seed_tensor, 0, 2, "(seed, offset)")
+            _checks.check_same_device("seed", seed_tensor, "hidden", hidden)
+            seed_tensor = seed_tensor.contiguous()
+        elif seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise TypeError(f"seed must be an int or a [2] int64 tensor, got {type(seed).__name__}")
+            seed_tensor = torch.tensor([seed, 0], dtype=torch.int64).to(device)
+        else:
+            gen_device = generator.device if generator is not None else device
+            seed_tensor = torch.randint(0, 2 ** 62, (2,), generator=generator, device=gen_device).to(device)
+    elif seed is not None or generator is not None:
+        raise ValueError(f"seed and generator apply to mode='sample' only, got mode={mode!r}")
+
+    if draft_tokens is not None:
+        draft_tokens = _checks.check_tensor("draft_tokens", draft_tokens, ndim=1, dtypes=(torch.int64,), shape_doc="[M]")
+        _checks.check_same_device("draft_tokens", draft_tokens, "hidden", hidden)
+        _checks.check_size("draft_tokens", draft_tokens, 0, num_rows, "the number of rows M of hidden")
+        draft_tokens = draft_tokens.contiguous()
+        if validate and num_rows and not torch.compiler.is_compiling():
+            low, high = (int(v) for v in torch.stack([draft_tokens.min(), draft_tokens.max()]).tolist())
+            if low < -1 or high >= vocab:
+                raise ValueError(f"draft_tokens must be in [0, V={vocab}) or -1 (no draft), got values in [{low}, {high}]")
+    if prob_rows is not None:
+        prob_rows = _checks.check_tensor("prob_rows", prob_rows, ndim=1, dtypes=(torch.int64,), shape_doc="[R]")
+        _checks.check_same_device("prob_rows", prob_rows, "hidden", hidden)
+        prob_rows = prob_rows.contiguous()
+        if validate and prob_rows.numel() and not torch.compiler.is_compiling():
+            low, high, distinct = (int(v) for v in torch.stack([
+                prob_rows.min(), prob_rows.max(),
+                torch.tensor(prob_rows.unique().numel() == prob_rows.numel(), device=device).to(torch.int64)]).tolist())
+            if low < 0 or high >= num_rows:
+                raise ValueError(f"prob_rows must be row indices in [0, M={num_rows}), got values in [{low}, {high}]")
+            if not distinct:
+                raise ValueError("prob_rows must hold distinct row indices")
+
+    k_out = top_k if mode == "topk" else None
+    token_shape = (num_rows, k_out) if k_out else (num_rows,)
+    return _Call(
+        hidden=hidden, norm_weight=norm_weight, lm_head_weight=lm_head_weight, vocab_subset=vocab_subset,
+        draft_tokens=draft_tokens, prob_rows=prob_rows, seed=seed_tensor, eps=float(eps),
+        norm_offset=float(norm_offset), logit_scale=float(logit_scale),
+        logit_softcap=float(logit_softcap) if logit_softcap is not None else 0.0, temperature=float(temperature),
+        mode=mode, top_k=int(top_k or 0), top_p=float(top_p if top_p is not None else 1.0),
+        tokens=torch.empty(token_shape, dtype=torch.int64, device=device),
+        max_logit=torch.empty(num_rows, dtype=torch.float32, device=device),
+        lse=torch.empty(num_rows, dtype=torch.float32, device=device),
+        logprob=torch.empty(token_shape, dtype=torch.float32, device=device),
+        draft_logprob=(torch.empty(num_rows, dtype=torch.float32, device=device)
+                       if draft_tokens is not None else None),
+        probs=(torch.empty(prob_rows.numel(), vocab, dtype=torch.float32, device=device)
+               if prob_rows is not None else None),
+    )
+
+
+def _run(call: _Call, backend: str) -> None:
+    chosen = select("lm_head", BACKENDS, PRIORITY.get(call.hidden.device.type, ("torch",)), backend, call)
+    if call.hidden.shape[0] > 0:
+        chosen.run(call)
+
+
+# ---- backends ----------------------------------------------------------------------------------------
+
+def _run_reference(call: _Call) -> None:
+    seed, offset = (int(v) for v in call.seed.tolist()) if call.seed is not None else (0, 0)
+    result = lm_head_reference(
+        call.hidden, call.norm_weight, call.lm_head_weight, eps=call.eps, mode=call.mode,
+        temperature=call.temperature, top_k=call.top_k or None, top_p=call.top_p if call.top_p < 1 else None,
+        vocab_subset=call.vocab_subset, seed=seed, offset=offset, norm_offset=call.norm_offset,
+        logit_scale=call.logit_scale, logit_softcap=call.logit_softcap or None, draft_tokens=call.draft_tokens,
+        prob_rows=call.prob_rows)
+    call.tokens.copy_(result["tokens"])
+    call.max_logit.copy_(result["max_logit"])
+    call.lse.copy_(result["lse"])
+    call.logprob.copy_(result["logprob"])
+    if call.draft_logprob is not None:
+        call.draft_logprob.copy_(result["draft_logprob"])
+    if call.probs is not None:
+        call.probs.copy_(result["probs"])
+
+
+def _run_extension(call: _Call) -> None:
+    torch.ops.fastvlm.lm_head(*call.op_args())
+
+
+def _run_triton(call: _Call) -> None:
+    from .triton import lm_head_triton_op
+    lm_head_triton_op(*call.op_args())
+
+
+def _filter_reasons(call: _Call) -> List[str]:
+    """What the fused GPU kernels do not do (the CPU kernel and the reference do)."""
+    reasons = []
+    if call.mode == "sample" and (call.top_k or call.top_p < 1):
+        reasons.append("sampling with top_k / top_p is not implemented in this backend")
+    return reasons
+
+
+def _cpu_reasons(call: _Call) -> List[str]:
+    reasons = device_reasons(call.hidden.device, "cpu") + extension_reasons(call.hidden.device)
+    if call.mode == "sample" and call.top_p < 1 and not call.top_k:
+        reasons.append("top_p without top_k is not implemented in the CPU kernel (it keeps top_k candidates)")
+    return reasons
+
+
+def _cuda_reasons(call: _Call) -> List[str]:
+    reasons = device_reasons(call.hidden.device, "cuda") + extension_reasons(call.hidden.device) + _filter_reasons(call)
+    if call.mode == "topk":
+        reasons.append("mode='topk' is not implemented in the CUDA kernel (the Triton one does it)")
+    return reasons
+
+
+def _triton_reasons(call: _Call) -> List[str]:
+    reasons = triton_device_reasons(call.hidden.device) + _filter_reasons(call)
+    if call.mode == "topk" and call.top_k > 64:
+        reasons.append(f"mode='topk' with top_k={call.top_k}: the Triton kernel takes top_k <= 64")
+    if call.hidden.device.type == "cpu" and call.hidden.dtype == torch.bfloat16:
+        reasons.append("the Triton interpreter does not run bf16 reliably on the CPU")
+    return reasons
+
+
+BACKENDS = (
+    Backend("cuda", _run_extension, _cuda_reasons),
+    Backend("triton", _run_triton, _triton_reasons),
+    Backend("cpu", _run_extension, _cpu_reasons),
+    Backend("torch", _run_reference, lambda call: []),
+)
+# `auto` order per device type; the GPU order is to be confirmed by bench/lm_head.py on a GPU.
+PRIORITY = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
