@@ -1,11 +1,10 @@
 // verify_attention on CPU: flash-attention style, at::parallel_for over work items (batch row, KV head,
 // block of <= 512 rows of that head's flattened [T x G] query matrix, t-major[, chunk of the key range]).
-// An item streams the keys its rows can see in 64-key tiles (prefetched a tile ahead), each read once and
-// shared by all its rows: S = Q K^T (<= 4 rows: dot products along D, bf16 pairs with AVX512-BF16; more:
-// K^T tile x 6-row register block), online softmax in fp32, O += P V; bf16 with AMX takes 128-key tiles and
-// does both products as 16x16 tile matmuls (P rounded to bf16, fp32 sums). Key chunks (only when items are
-// too few for the threads) merge by log-sum-exp. Aim: memory speed for decode, FMA / AMX throughput when
-// T x G is large.
+// An item streams the keys its rows can see in 64-key tiles, each read once and shared by all its rows:
+// S = Q K^T (<= 4 rows: dot products along D, bf16 pairs on AVX512-BF16, next tile prefetched; more: K^T
+// tile x 6-row register block), online softmax in fp32, O += P V; bf16 with AMX: 128-key tiles, both
+// products as 16x16 tile matmuls (P rounded to bf16, fp32 sums). Key chunks (only when items are too few for
+// the threads) merge by log-sum-exp. Aim: memory speed for decode, FMA / AMX throughput when T x G is large.
 #include "ops.h"
 
 #include <algorithm>
@@ -272,7 +271,8 @@ struct Buffers {
 };
 
 // Software prefetch, spread over the pass over a tile's K rows: that tile's V rows (read right after) and the
-// next tile's K rows. The cache comes from L3 or DRAM; without this the loads wait on the hardware prefetcher.
+// next tile's K rows. Used where little work hides the loads (few rows, and AMX): the cache comes from L3 or
+// DRAM, and the hardware prefetcher alone leaves the loads waiting. (The fp32 K^T path does not gain from it.)
 struct TilePrefetch {
   const char* v_rows;       // this tile's V rows
   const char* next_k_rows;  // the next tile's K rows (prefetch never faults, so past the end is harmless)
@@ -450,10 +450,9 @@ FASTVLM_INLINE void accumulate(const float* probs, const value_t* v, int64_t v_r
 // K rows [0, num_keys) of the tile as fp32 K^T [D][kKeyTile]; keys past num_keys read as zero.
 template <int W, typename scalar_t>
 FASTVLM_INLINE void load_keys_transposed(const scalar_t* k, int64_t k_row_stride, int num_keys,
-                                         int64_t head_dim, float* kt, const TilePrefetch& prefetch) {
+                                         int64_t head_dim, float* kt) {
   using F = typename Vec<W>::f32;
   for (int key0 = 0; key0 < kKeyTile; key0 += W) {
-    prefetch.keys(key0, W);
     for (int64_t d0 = 0; d0 < head_dim; d0 += W) {
       F block[W];
 #pragma GCC unroll 16
@@ -604,7 +603,7 @@ FASTVLM_INLINE void run_item(const Problem& p, int64_t item, Buffers& buf) {
 
     const TilePrefetch prefetch(v_tile, p.v_stride[2], k_tile, p.k_stride[2], D, kKeyTile);
     if (transpose_keys) {
-      load_keys_transposed<W>(k_tile, p.k_stride[2], num_keys, D, buf.kt, prefetch);
+      load_keys_transposed<W>(k_tile, p.k_stride[2], num_keys, D, buf.kt);
       scores_transposed<W>(buf.q, buf.kt, buf.scores, D, w.num_rows);
     } else {
       if constexpr (kBf16Dot)
