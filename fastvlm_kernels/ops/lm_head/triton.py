@@ -137,19 +137,22 @@ _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 MAX_TOPK = 64   # "topk" unrolls k extraction steps per tile
 
 
-def _tile_config(dtype: torch.dtype, num_rows: int) -> dict:
+def _tile_config(dtype: torch.dtype, num_rows: int, topk: bool = False) -> dict:
     """BLOCK_M holds every row up to 64 (the weight is then read once); fp32's FMA dot takes smaller tiles."""
     block_m = max(16, min(64, triton.next_power_of_2(num_rows)))
     if dtype == torch.float32:
         return dict(BLOCK_M=block_m, BLOCK_V=64, BLOCK_K=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=block_m, BLOCK_V=128 if block_m <= 32 else 64, BLOCK_K=64, num_warps=4, num_stages=3)
+    # Triton 3.6 (what GPU machines carry) caps registers by warp count and spills: the BLOCK_M=16 sample
+    # kernel at 4 warps (128 registers), the topk kernel at 8 (64 registers). Checked with 3.6 and 3.8.
+    return dict(BLOCK_M=block_m, BLOCK_V=128 if block_m <= 32 else 64, BLOCK_K=64,
+                num_warps=8 if block_m == 16 and not topk else 4, num_stages=3)
 
 
 # Every (dtype, BLOCK_M, mode flags) the launcher can pick, compiled ahead of time for sm_90 by the tests.
 KERNEL_CONFIGS = tuple(
     dict(dtype=dtype_name, sample=sample, draft=not sample, probs=not sample, topk=0, **_tile_config(dtype, rows))
     for dtype, dtype_name in _DTYPE_NAMES.items() for rows in (16, 32, 64) for sample in (False, True)) + tuple(
-    dict(dtype=dtype_name, sample=False, draft=False, probs=False, topk=8, **_tile_config(dtype, 16))
+    dict(dtype=dtype_name, sample=False, draft=False, probs=False, topk=8, **_tile_config(dtype, 16, topk=True))
     for dtype, dtype_name in _DTYPE_NAMES.items())   # draft-tree widths: "topk" with k = 8, few rows
 
 
@@ -197,7 +200,7 @@ def lm_head_triton(hidden: torch.Tensor, norm_weight: torch.Tensor, lm_head_weig
     vocab = lm_head_weight.shape[0]
     num_cols = vocab_subset.numel() if vocab_subset is not None else vocab
     sample = selection == 1
-    config = _tile_config(hidden.dtype, num_rows)
+    config = _tile_config(hidden.dtype, num_rows, topk=selection == 2)
     block_v = config["BLOCK_V"]
     num_tiles = triton.cdiv(num_cols, block_v)
     device = hidden.device
