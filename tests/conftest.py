@@ -18,7 +18,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_terminal_summary(terminalreporter):
-    from tests.ops.test_verify_attention_compile import REPORT
+    from tests.ops.test_triton_compile import REPORT
     if REPORT:
         terminalreporter.section("Triton kernels compiled for sm_90 (ptxas -v)")
         for report in REPORT:

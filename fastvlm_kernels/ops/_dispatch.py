@@ -86,3 +86,27 @@ def select(op_name: str, backends: Sequence[Backend], priority: Sequence[str], r
             return by_name[name]
         all_reasons.append(f"{name}: " + "; ".join(reasons))
     raise ValueError(f"no backend of {op_name} can run these inputs:\n  " + "\n  ".join(all_reasons))
+
+
+# ---- the not_supported_reasons shared by the ops' backends (each asked of the op's first tensor) --------
+
+def compiled_backend_reasons(device_type: str) -> Callable[..., List[str]]:
+    """Reasons of the compiled `cpu` or `cuda` backend: the tensors' device and the extension's state."""
+    def reasons(tensor: torch.Tensor, *others) -> List[str]:
+        return device_reasons(tensor.device, device_type) + extension_reasons(tensor.device)
+    return reasons
+
+
+def triton_backend_reasons(tensor: torch.Tensor, data=None) -> List[str]:
+    """Reasons of a Triton backend; `data` (default: `tensor`) is the floating-point input whose dtype the
+    interpreter must handle."""
+    data = tensor if data is None else data
+    reasons = triton_device_reasons(tensor.device)
+    if tensor.device.type == "cpu" and data.dtype == torch.bfloat16:
+        reasons.append("the Triton interpreter does not run bf16 reliably on the CPU")
+    return reasons
+
+
+def always_supported(*inputs) -> List[str]:
+    """Reasons of the PyTorch reference: none, it runs anywhere torch does."""
+    return []

@@ -1,9 +1,5 @@
 """kv_compact: every runnable backend against the reference (bit for bit), untouched positions checked
 untouched, non-contiguous buffers, bad input, and the Triton kernel compiled for sm_90."""
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -177,35 +173,6 @@ def test_backend_errors():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="backend='cuda' cannot run kv_compact here"):
             kv_compact(buffer, start, accepted, backend="cuda")
-
-
-# ---- ahead-of-time compile of the Triton kernel --------------------------------------------------------
-
-_COMPILE_ALL = r"""
-import json
-from fastvlm_kernels.ops.kv_cache.triton import (APPEND_KERNEL_CONFIGS, KERNEL_CONFIGS, compile_append_for_sm90,
-                                                 compile_for_sm90)
-print(json.dumps([compile_for_sm90(config) for config in KERNEL_CONFIGS]
-                 + [compile_append_for_sm90(config) for config in APPEND_KERNEL_CONFIGS]))
-"""
-
-
-@pytest.mark.compile
-def test_triton_configs_compile_for_sm90_without_spills():
-    from tests.ops.test_verify_attention_compile import REPORT, SPILL_BUDGET_BYTES, _ptxas
-    if _dispatch.triton_import_error():
-        pytest.skip(_dispatch.triton_import_error())
-    if _ptxas() is None:
-        pytest.skip("ptxas (CUDA toolkit) not found")
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _COMPILE_ALL], capture_output=True, text=True, env=env,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    reports = json.loads(result.stdout.strip().splitlines()[-1])
-    assert reports
-    REPORT.extend(reports)
-    over = [r for r in reports if r["spill_stores"] > SPILL_BUDGET_BYTES or r["spill_loads"] > SPILL_BUDGET_BYTES]
-    assert not over, f"configurations spill registers: {over}"
 
 
 # ---- kv_append ---------------------------------------------------------------------------------------------

@@ -4,12 +4,12 @@ distribution). Results stay on the device: no op here reads a value back to the 
 `validate` checks), so a decoding step can be captured in a CUDA graph."""
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 from .. import _checks
-from .._dispatch import Backend, device_reasons, extension_reasons, select, triton_device_reasons
+from .._dispatch import Backend, always_supported, compiled_backend_reasons, select, triton_backend_reasons
 from .reference import (accept_greedy_reference, accept_greedy_tree_reference, accept_sampling_reference,
                         accept_sampling_tree_reference)
 from .spec import MAX_NODES, PROB_DTYPES, TOKEN_DTYPES
@@ -355,24 +355,11 @@ def _run_triton(mode, draft_tokens, parents, target_tokens, draft_probs, target_
                                   emitted)
 
 
-def _extension_reasons(device_type: str):
-    def reasons(draft_tokens: torch.Tensor, probs: Optional[torch.Tensor]) -> List[str]:
-        return device_reasons(draft_tokens.device, device_type) + extension_reasons(draft_tokens.device)
-    return reasons
-
-
-def _triton_reasons(draft_tokens: torch.Tensor, probs: Optional[torch.Tensor]) -> List[str]:
-    reasons = triton_device_reasons(draft_tokens.device)
-    if draft_tokens.device.type == "cpu" and probs is not None and probs.dtype == torch.bfloat16:
-        reasons.append("the Triton interpreter does not run bf16 reliably on the CPU")
-    return reasons
-
-
 BACKENDS = (
-    Backend("cuda", _run_extension, _extension_reasons("cuda")),
-    Backend("triton", _run_triton, _triton_reasons),
-    Backend("cpu", _run_extension, _extension_reasons("cpu")),
-    Backend("torch", _run_reference, lambda draft_tokens, probs: []),
+    Backend("cuda", _run_extension, compiled_backend_reasons("cuda")),
+    Backend("triton", _run_triton, triton_backend_reasons),
+    Backend("cpu", _run_extension, compiled_backend_reasons("cpu")),
+    Backend("torch", _run_reference, always_supported),
 )
 # `auto` order per device type (Triton on CPU tensors is for tests under the interpreter only).
 # GPU order to be confirmed by bench/acceptance.py on a GPU.

@@ -24,7 +24,7 @@ which can move a drawn token across a boundary with probability about 1e-12 per 
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 

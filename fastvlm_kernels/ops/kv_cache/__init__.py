@@ -3,12 +3,10 @@ slots, in every layer of a KVCache's buffer at once; kv_append writes a layer's 
 each row's own length. Both in place."""
 from __future__ import annotations
 
-from typing import List
-
 import torch
 
 from .. import _checks
-from .._dispatch import Backend, device_reasons, extension_reasons, select, triton_device_reasons
+from .._dispatch import Backend, always_supported, compiled_backend_reasons, select, triton_backend_reasons
 from .reference import kv_append_reference, kv_compact_reference
 from .spec import INDEX_DTYPES, SUPPORTED_DTYPES
 
@@ -109,24 +107,11 @@ def _run_triton(buffer, start, accepted) -> None:
     kv_compact_triton_op(buffer, start, accepted)
 
 
-def _extension_reasons(device_type: str):
-    def reasons(buffer: torch.Tensor) -> List[str]:
-        return device_reasons(buffer.device, device_type) + extension_reasons(buffer.device)
-    return reasons
-
-
-def _triton_reasons(buffer: torch.Tensor) -> List[str]:
-    reasons = triton_device_reasons(buffer.device)
-    if buffer.device.type == "cpu" and buffer.dtype == torch.bfloat16:
-        reasons.append("the Triton interpreter does not run bf16 reliably on the CPU")
-    return reasons
-
-
 BACKENDS = (
-    Backend("cuda", _run_extension, _extension_reasons("cuda")),
-    Backend("triton", _run_triton, _triton_reasons),
-    Backend("cpu", _run_extension, _extension_reasons("cpu")),
-    Backend("torch", _run_reference, lambda buffer: []),
+    Backend("cuda", _run_extension, compiled_backend_reasons("cuda")),
+    Backend("triton", _run_triton, triton_backend_reasons),
+    Backend("cpu", _run_extension, compiled_backend_reasons("cpu")),
+    Backend("torch", _run_reference, always_supported),
 )
 # `auto` order per device type. GPU order to be confirmed by bench/kv_cache.py on a GPU.
 PRIORITY = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
@@ -197,8 +182,8 @@ def _run_append_triton(k_cache, v_cache, lengths, keys, values) -> None:
 
 
 APPEND_BACKENDS = (
-    Backend("cuda", _run_append_extension, _extension_reasons("cuda")),
-    Backend("triton", _run_append_triton, _triton_reasons),
-    Backend("cpu", _run_append_extension, _extension_reasons("cpu")),
-    Backend("torch", _run_append_reference, lambda k_cache: []),
+    Backend("cuda", _run_append_extension, compiled_backend_reasons("cuda")),
+    Backend("triton", _run_append_triton, triton_backend_reasons),
+    Backend("cpu", _run_append_extension, compiled_backend_reasons("cpu")),
+    Backend("torch", _run_append_reference, always_supported),
 )

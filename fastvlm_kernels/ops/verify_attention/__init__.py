@@ -2,12 +2,12 @@
 and to the new tokens their mask allows, reading the cache in place."""
 from __future__ import annotations
 
-from typing import List, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
 from .. import _checks
-from .._dispatch import Backend, device_reasons, extension_reasons, select, triton_device_reasons
+from .._dispatch import Backend, always_supported, compiled_backend_reasons, select, triton_backend_reasons
 from .reference import verify_attention_reference
 from .spec import HEAD_DIMS, MAX_TREE_TOKENS, SUPPORTED_DTYPES
 
@@ -156,24 +156,11 @@ def _run_triton(q, k_cache, v_cache, prefix_lens, tree_mask, sm_scale, out, lse)
     verify_attention_triton_op(q, k_cache, v_cache, prefix_lens, tree_mask, sm_scale, out, lse)
 
 
-def _extension_reasons(device_type: str):
-    def reasons(q: torch.Tensor) -> List[str]:
-        return device_reasons(q.device, device_type) + extension_reasons(q.device)
-    return reasons
-
-
-def _triton_reasons(q: torch.Tensor) -> List[str]:
-    reasons = triton_device_reasons(q.device)
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        reasons.append("the Triton interpreter does not run bf16 reliably on the CPU")
-    return reasons
-
-
 BACKENDS = (
-    Backend("cuda", _run_extension, _extension_reasons("cuda")),
-    Backend("triton", _run_triton, _triton_reasons),
-    Backend("cpu", _run_extension, _extension_reasons("cpu")),
-    Backend("torch", _run_reference, lambda q: []),
+    Backend("cuda", _run_extension, compiled_backend_reasons("cuda")),
+    Backend("triton", _run_triton, triton_backend_reasons),
+    Backend("cpu", _run_extension, compiled_backend_reasons("cpu")),
+    Backend("torch", _run_reference, always_supported),
 )
 # `auto` order per device type (Triton on CPU tensors is for tests under the interpreter only).
 # GPU order to be confirmed by bench/verify_attention.py on a GPU.
