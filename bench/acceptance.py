@@ -13,15 +13,14 @@ timed (integer outputs must be equal).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import environment, format_row, markdown  # noqa: E402
 from fastvlm_kernels.ops.acceptance import (BACKENDS, accept_greedy, accept_greedy_reference,  # noqa: E402
                                             accept_sampling, accept_sampling_reference, accept_sampling_tree,
                                             accept_sampling_tree_reference)
@@ -160,29 +159,6 @@ def run(args):
         rows.append(row)
         print(f"[{index + 1}/{len(all_cases)}] " + format_row(row), flush=True)
     return rows
-
-
-def format_row(row):
-    return "  ".join(f"{key}={value:.2f}" if isinstance(value, float) else f"{key}={value}"
-                     for key, value in row.items())
-
-
-def markdown(rows, header):
-    if not rows:
-        return header + "\n\n(no rows)\n"
-    keys = list(dict.fromkeys(key for row in rows for key in row))
-    lines = [header, "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for row in rows:
-        cells = [f"{row[k]:.2f}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def environment(device):
-    info = dict(date=datetime.date.today().isoformat(), python=platform.python_version(), torch=torch.__version__,
-                machine=platform.machine(), threads=torch.get_num_threads())
-    info["device"] = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or "cpu")
-    return info
 
 
 def main():

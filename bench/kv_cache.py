@@ -16,15 +16,14 @@ call launches is counted with the profiler. Every configuration is checked again
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import environment, format_row, markdown  # noqa: E402
 from fastvlm_kernels import KVCache  # noqa: E402
 from fastvlm_kernels.ops.kv_cache import BACKENDS, kv_append, kv_compact  # noqa: E402
 
@@ -203,27 +202,6 @@ def append_rows(device, timer):
             rows.append(row)
             print(format_row(row), flush=True)
     return rows
-
-
-def format_row(row):
-    return "  ".join(f"{key}={value:.2f}" if isinstance(value, float) else f"{key}={value}"
-                     for key, value in row.items())
-
-
-def markdown(rows, header):
-    keys = list(dict.fromkeys(key for row in rows for key in row))
-    lines = [header, "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for row in rows:
-        lines.append("| " + " | ".join(f"{row[k]:.2f}" if isinstance(row.get(k), float) else str(row.get(k, ""))
-                                       for k in keys) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def environment(device):
-    info = dict(date=datetime.date.today().isoformat(), python=platform.python_version(), torch=torch.__version__,
-                machine=platform.machine(), threads=torch.get_num_threads())
-    info["device"] = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or "cpu")
-    return info
 
 
 def main():

@@ -13,9 +13,7 @@ Each configuration is checked against the reference chain before it is timed.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
 import sys
 import time
@@ -25,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import environment, format_row, markdown  # noqa: E402
 from fastvlm_kernels.ops.lm_head import BACKENDS, _prepare, early_exit_head, verify_head  # noqa: E402
 
 # (name, V, H): LLaVA-1.5 / Phi-3 heads, Qwen2-VL-7B's.
@@ -171,29 +170,6 @@ def run_gpu(args):
                 print(format_row(row), flush=True)
                 del hidden, norm_weight, weight
     return rows
-
-
-def format_row(row):
-    return "  ".join(f"{key}={value:.2f}" if isinstance(value, float) else f"{key}={value}"
-                     for key, value in row.items() if key != "copy_gbps")
-
-
-def markdown(rows, header):
-    if not rows:
-        return header + "\n\n(no rows)\n"
-    keys = list(dict.fromkeys(key for row in rows for key in row))
-    lines = [header, "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for row in rows:
-        cells = [f"{row[k]:.2f}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def environment(device):
-    info = dict(date=datetime.date.today().isoformat(), python=platform.python_version(), torch=torch.__version__,
-                machine=platform.machine(), threads=torch.get_num_threads())
-    info["device"] = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or "cpu")
-    return info
 
 
 def main():

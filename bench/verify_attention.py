@@ -12,9 +12,7 @@ Each configuration is checked against the reference before it is timed.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import environment, format_row, markdown  # noqa: E402
 from fastvlm_kernels.ops.verify_attention import BACKENDS, verify_attention, verify_attention_reference  # noqa: E402
 from fastvlm_kernels.ops.verify_attention.reference import visibility_mask  # noqa: E402
 
@@ -150,38 +149,6 @@ def run_gpu(args):
                         rows.append(row)
                         print(format_row(row), flush=True)
     return rows
-
-
-def format_row(row):
-    keys = [key for key in row if key not in ("copy_gbps",)]
-    return "  ".join(f"{key}={row[key]:.1f}" if isinstance(row[key], float) else f"{key}={row[key]}"
-                     for key in keys)
-
-
-def markdown(rows, header):
-    if not rows:
-        return header + "\n\n(no rows)\n"
-    keys = list(dict.fromkeys(key for row in rows for key in row))
-    lines = [header, "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for row in rows:
-        cells = [f"{row[k]:.2f}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def environment(device):
-    info = dict(date=datetime.date.today().isoformat(), python=platform.python_version(), torch=torch.__version__,
-                machine=platform.machine(), threads=torch.get_num_threads())
-    if device == "cuda":
-        info["device"] = torch.cuda.get_device_name()
-        try:
-            import triton
-            info["triton"] = triton.__version__
-        except ImportError:
-            pass
-    else:
-        info["device"] = platform.processor() or "cpu"
-    return info
 
 
 def main():
