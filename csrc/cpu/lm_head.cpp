@@ -7,6 +7,7 @@
 // top-k candidates); chunks are merged in vocabulary order, so ties keep the lowest index. Aim: the
 // weight's memory bandwidth for small M, fp32 FMA throughput beyond.
 #include "ops.h"
+#include "cpu/vec.h"
 
 #include <algorithm>
 #include <cmath>
@@ -37,7 +38,6 @@
 
 #pragma GCC diagnostic ignored "-Wpsabi"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on _mm512_reduce_add_ps
-#define FASTVLM_INLINE inline __attribute__((always_inline))
 
 namespace fastvlm {
 namespace {
@@ -51,84 +51,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 // more than this below the best perturbed score cannot win, and its noise is never computed.
 constexpr float kGumbelMax = 36.8f;
 
-template <int W>
-struct Vec {
-  typedef float f32 __attribute__((vector_size(W * 4)));
-  typedef int32_t i32 __attribute__((vector_size(W * 4)));
-  typedef uint32_t u32 __attribute__((vector_size(W * 4)));
-  typedef uint16_t u16 __attribute__((vector_size(W * 2)));
-};
-
-template <int W>
-FASTVLM_INLINE typename Vec<W>::f32 load(const float* p) {
-  typename Vec<W>::f32 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <int W>
-FASTVLM_INLINE void store(float* p, typename Vec<W>::f32 v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
-template <int W>
-FASTVLM_INLINE typename Vec<W>::f32 load_as_float(const float* p) {
-  return load<W>(p);
-}
-
-template <int W>
-FASTVLM_INLINE typename Vec<W>::f32 load_as_float(const c10::BFloat16* p) {
-  typename Vec<W>::u16 bits;
-  std::memcpy(&bits, p, sizeof(bits));
-  return (typename Vec<W>::f32)(__builtin_convertvector(bits, typename Vec<W>::u32) << 16);
-}
-
-template <int W>
-FASTVLM_INLINE typename Vec<W>::f32 load_as_float(const c10::Half* p) {
-  using U = typename Vec<W>::u32;
-  using F = typename Vec<W>::f32;
-  typename Vec<W>::u16 bits;
-  std::memcpy(&bits, p, sizeof(bits));
-  const U half = __builtin_convertvector(bits, U);
-  const U magnitude = half & 0x7fffu;
-  F value = (F)(magnitude << 13) * 5.192296858534828e+33f;  // exact for normals and subnormals
-  const U inf_or_nan = (U)(magnitude >= 0x7c00u);
-  U result = ((U)value & ~inf_or_nan) | (((magnitude << 13) | 0x7f800000u) & inf_or_nan);
-  return (F)(result | ((half & 0x8000u) << 16));
-}
-
-template <int W, int half, size_t... Lane>
-FASTVLM_INLINE typename Vec<W>::f32 upper_half(typename Vec<W>::f32 v, std::index_sequence<Lane...>) {
-  return __builtin_shufflevector(v, v, ((Lane + half) % W)...);
-}
-
-template <int W, int half = W / 2>
-FASTVLM_INLINE float reduce_sum(typename Vec<W>::f32 v) {
-  if constexpr (half == 0) {
-    return v[0];
-  } else {
-    return reduce_sum<W, half / 2>(v + upper_half<W, half>(v, std::make_index_sequence<W>{}));
-  }
-}
-
-// 2^x for x <= 0 (relative error ~2e-7); 0 below -125.
-template <int W>
-FASTVLM_INLINE typename Vec<W>::f32 exp2_nonpositive(typename Vec<W>::f32 x) {
-  using F = typename Vec<W>::f32;
-  using I = typename Vec<W>::i32;
-  const I underflow = x < -125.0f;
-  x = underflow ? F{} - 125.0f : x;
-  const I whole = __builtin_convertvector(x - 0.5f, I);
-  const F frac = x - __builtin_convertvector(whole, F);
-  F poly = frac * 1.535336188319500e-4f + 1.339887440266574e-3f;
-  poly = poly * frac + 9.618437357674640e-3f;
-  poly = poly * frac + 5.550332471162809e-2f;
-  poly = poly * frac + 2.402264791363012e-1f;
-  poly = poly * frac + 6.931472028550421e-1f;
-  poly = poly * frac + 1.0f;
-  const F result = (F)((I)poly + (whole << 23));
-  return underflow ? F{} : result;
-}
+using namespace cpu_vec;
 
 // ---- the counter-based Gumbel noise (reference.py's gumbel_noise, bit for bit) ----------------------
 constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
