@@ -1,6 +1,7 @@
 """What every benchmark script prints and writes the same way: a row per line, a markdown table, and the
 environment the numbers were taken in (device, versions, date)."""
 import datetime
+import json
 import platform
 
 import torch
@@ -27,10 +28,32 @@ def markdown(rows, header: str) -> str:
 def environment(device: str) -> dict:
     info = dict(date=datetime.date.today().isoformat(), python=platform.python_version(), torch=torch.__version__,
                 machine=platform.machine(), threads=torch.get_num_threads())
-    info["device"] = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or "cpu")
+    info["device"] = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
     try:
         import triton
         info["triton"] = triton.__version__
     except ImportError:
         pass
     return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def write_results(args, env: dict, rows, title: str, units: str) -> None:
+    """--json: the rows and the environment; --md: a table headed by the op, device, date and units."""
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
+    if args.md:
+        args.md.parent.mkdir(parents=True, exist_ok=True)
+        args.md.write_text(markdown(rows, f"# {title} on {env['device']}, {env['date']}\n\n"
+                                          f"torch {env['torch']}; {units}"))

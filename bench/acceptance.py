@@ -13,14 +13,13 @@ timed (integer outputs must be equal).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import environment, format_row, markdown  # noqa: E402
+from _common import environment, format_row, write_results  # noqa: E402
 from fastvlm_kernels.ops.acceptance import (BACKENDS, accept_greedy, accept_greedy_reference,  # noqa: E402
                                             accept_sampling, accept_sampling_reference, accept_sampling_tree,
                                             accept_sampling_tree_reference)
@@ -173,13 +172,7 @@ def main():
     env = environment(args.device)
     print(f"acceptance on {env['device']} (torch {env['torch']}, {env['threads']} threads)", flush=True)
     rows = run(args)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
-    if args.md:
-        args.md.parent.mkdir(parents=True, exist_ok=True)
-        args.md.write_text(markdown(rows, f"# acceptance on {env['device']}, {env['date']}\n\n"
-                                          f"torch {env['torch']}; times in µs (medians)"))
+    write_results(args, env, rows, "acceptance", "times in µs (medians)")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Each configuration is checked against the reference chain before it is timed.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import environment, format_row, markdown  # noqa: E402
+from _common import environment, format_row, write_results  # noqa: E402
 from fastvlm_kernels.ops.lm_head import BACKENDS, _prepare, early_exit_head, verify_head  # noqa: E402
 
 # (name, V, H): LLaVA-1.5 / Phi-3 heads, Qwen2-VL-7B's.
@@ -185,13 +184,7 @@ def main():
     env = environment(args.device)
     print(f"lm_head on {env['device']} (torch {env['torch']}, {env['threads']} threads)", flush=True)
     rows = run_cpu(args) if args.device == "cpu" else run_gpu(args)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
-    if args.md:
-        args.md.parent.mkdir(parents=True, exist_ok=True)
-        args.md.write_text(markdown(rows, f"# lm_head on {env['device']}, {env['date']}\n\ntorch {env['torch']}; "
-                                          "times are medians"))
+    write_results(args, env, rows, "lm_head", "times are medians")
     if args.device == "cpu" and rows:
         worst = min(min(row["speedup_argmax"], row["speedup_sample"]) for row in rows)
         small = [row["speedup_argmax"] for row in rows if row["M"] in (5, 17)]

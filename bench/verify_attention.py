@@ -12,7 +12,6 @@ Each configuration is checked against the reference before it is timed.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import environment, format_row, markdown  # noqa: E402
+from _common import environment, format_row, write_results  # noqa: E402
 from fastvlm_kernels.ops.verify_attention import BACKENDS, verify_attention, verify_attention_reference  # noqa: E402
 from fastvlm_kernels.ops.verify_attention.reference import visibility_mask  # noqa: E402
 
@@ -163,13 +162,7 @@ def main():
     env = environment(args.device)
     print(f"verify_attention on {env['device']} (torch {env['torch']}, {env['threads']} threads)", flush=True)
     rows = run_cpu(args) if args.device == "cpu" else run_gpu(args)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
-    if args.md:
-        args.md.parent.mkdir(parents=True, exist_ok=True)
-        args.md.write_text(markdown(rows, f"# verify_attention on {env['device']}, {env['date']}\n\n"
-                                          f"torch {env['torch']}; times in µs (medians)"))
+    write_results(args, env, rows, "verify_attention", "times in µs (medians)")
     if args.device == "cpu" and rows and "cpu_us" in rows[0]:
         worst = min(row["speedup_vs_sdpa"] for row in rows)
         gqa_bf16 = [row["speedup_vs_sdpa"] for row in rows if row["dtype"] == "bf16" and row["Hq"] != row["Hkv"]]
