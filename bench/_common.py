@@ -57,3 +57,15 @@ def write_results(args, env: dict, rows, title: str, units: str) -> None:
         args.md.parent.mkdir(parents=True, exist_ok=True)
         args.md.write_text(markdown(rows, f"# {title} on {env['device']}, {env['date']}\n\n"
                                           f"torch {env['torch']}; {units}"))
+
+
+def copy_bandwidth_gbps(device: str = "cuda") -> float:
+    """The device's measured copy bandwidth (bytes read + written by cloning 1 GiB, cold L2): the roofline
+    that every bandwidth-bound kernel's GB/s is reported against."""
+    import triton.testing
+
+    buffer = torch.empty(1 << 29, dtype=torch.float16, device=device)
+    copy_ms = triton.testing.do_bench(lambda: buffer.clone(), warmup=25, rep=200)
+    gbps = 2 * buffer.numel() * buffer.element_size() / copy_ms / 1e6
+    print(f"measured copy bandwidth (1 GiB clone): {gbps:.0f} GB/s", flush=True)
+    return gbps

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import environment, format_row, markdown  # noqa: E402
+from _common import copy_bandwidth_gbps, environment, format_row, markdown  # noqa: E402
 from fastvlm_kernels import KVCache  # noqa: E402
 from fastvlm_kernels.ops.kv_cache import BACKENDS, kv_append, kv_compact  # noqa: E402
 
@@ -135,11 +135,7 @@ def kernels_launched(fn) -> int:
 def run_gpu(args):
     import triton.testing
 
-    big = torch.empty(1 << 29, dtype=torch.float16, device="cuda")
-    copy_ms = triton.testing.do_bench(lambda: big.clone(), warmup=25, rep=200)
-    copy_gbps = 2 * big.numel() * big.element_size() / copy_ms / 1e6
-    del big
-    print(f"measured copy bandwidth (1 GiB clone): {copy_gbps:.0f} GB/s", flush=True)
+    copy_gbps = copy_bandwidth_gbps("cuda")
     rows = []
     for row, buffer, start, accepted in cases("cuda"):
         nbytes = moved_bytes(buffer, accepted)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import environment, format_row, write_results  # noqa: E402
+from _common import copy_bandwidth_gbps, environment, format_row, write_results  # noqa: E402
 from fastvlm_kernels.ops.lm_head import BACKENDS, _prepare, early_exit_head, verify_head  # noqa: E402
 
 # (name, V, H): LLaVA-1.5 / Phi-3 heads, Qwen2-VL-7B's.
@@ -123,11 +123,7 @@ def run_gpu(args):
     import triton.testing
 
     device = "cuda"
-    buffer = torch.empty(1 << 29, dtype=torch.float16, device=device)
-    copy_ms = triton.testing.do_bench(lambda: buffer.clone(), warmup=25, rep=200)
-    copy_gbps = 2 * buffer.numel() * buffer.element_size() / copy_ms / 1e6
-    del buffer
-    print(f"measured copy bandwidth: {copy_gbps:.0f} GB/s", flush=True)
+    copy_gbps = copy_bandwidth_gbps("cuda")
     try:
         import flashinfer.sampling as flashinfer_sampling
     except ImportError:

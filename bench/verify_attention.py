@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import environment, format_row, write_results  # noqa: E402
+from _common import copy_bandwidth_gbps, environment, format_row, write_results  # noqa: E402
 from fastvlm_kernels.ops.verify_attention import BACKENDS, verify_attention, verify_attention_reference  # noqa: E402
 from fastvlm_kernels.ops.verify_attention.reference import visibility_mask  # noqa: E402
 
@@ -103,12 +103,7 @@ def run_gpu(args):
 
     device = "cuda"
     rows = []
-    # Measured copy bandwidth: read + write of a 1 GiB buffer.
-    buffer = torch.empty(1 << 29, dtype=torch.float16, device=device)
-    copy_ms = triton.testing.do_bench(lambda: buffer.clone(), warmup=25, rep=200)
-    copy_gbps = 2 * buffer.numel() * buffer.element_size() / copy_ms / 1e6
-    del buffer
-    print(f"measured copy bandwidth: {copy_gbps:.0f} GB/s", flush=True)
+    copy_gbps = copy_bandwidth_gbps("cuda")
     try:
         from flash_attn import flash_attn_with_kvcache
     except ImportError:
