@@ -63,6 +63,7 @@ class KVCache:
         # Zeroed once, so that stale positions never hold NaN/Inf garbage a masked kernel might touch.
         self.buffer = torch.zeros((num_layers, 2, batch, num_kv_heads, max_len, head_dim), dtype=dtype,
                                   device=self.device)
+        self.device = self.buffer.device   # with its index ("cuda" -> "cuda:0"), as tensors report theirs
         self.lengths = torch.zeros((num_layers, batch), dtype=torch.int32, device=self.device)
         # The host mirror of `lengths`: kept exact by every method, so reading it never synchronises.
         self._host_lengths: List[List[int]] = [[0] * batch for _ in range(num_layers)]

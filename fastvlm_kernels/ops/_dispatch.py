@@ -110,3 +110,14 @@ def triton_backend_reasons(tensor: torch.Tensor, data=None) -> List[str]:
 def always_supported(*inputs) -> List[str]:
     """Reasons of the PyTorch reference: none, it runs anywhere torch does."""
     return []
+
+
+def call_custom_op(op, *args) -> None:
+    """Calls a Python-defined ``torch.library.custom_op`` (the Triton launchers): through the op while
+    torch.compile traces, so that the graph holds it, else the function itself, which skips the custom
+    op's dispatch (tens of microseconds per call on a GPU host, more than a small kernel takes)."""
+    function = getattr(op, "_init_fn", None)
+    if function is None or torch.compiler.is_compiling():
+        op(*args)
+    else:
+        function(*args)

@@ -144,7 +144,9 @@ def check_sample(backend, shape, dtype, device, subset=False):
     bound = value_bound(dtype, hidden_size, backend)
     torch.testing.assert_close(call.lse.double(), lse, atol=bound, rtol=0)
     index = torch.searchsorted(cols, call.tokens)
-    torch.testing.assert_close(call.logprob.double(), scores.gather(1, index[:, None])[:, 0] - lse, atol=bound, rtol=0)
+    # logprob = logit - lse: two values, each within the bound (an H100 run missed a single bound by 1.7x)
+    torch.testing.assert_close(call.logprob.double(), scores.gather(1, index[:, None])[:, 0] - lse, atol=2 * bound,
+                               rtol=0)
 
 
 # ---- backends against the reference ---------------------------------------------------------------

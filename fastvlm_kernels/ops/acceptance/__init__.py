@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from .. import _checks
-from .._dispatch import Backend, always_supported, compiled_backend_reasons, select, triton_backend_reasons
+from .._dispatch import Backend, call_custom_op, always_supported, compiled_backend_reasons, select, triton_backend_reasons
 from .reference import (accept_greedy_reference, accept_greedy_tree_reference, accept_sampling_reference,
                         accept_sampling_tree_reference)
 from .spec import MAX_NODES, PROB_DTYPES, TOKEN_DTYPES
@@ -349,10 +349,10 @@ def _run_triton(mode, draft_tokens, parents, target_tokens, draft_probs, target_
                 accept_len, path, emitted) -> None:
     from .triton import accept_greedy_triton_op, accept_sampling_triton_op
     if mode == "greedy":
-        accept_greedy_triton_op(draft_tokens, parents, target_tokens, accept_len, path, emitted)
+        call_custom_op(accept_greedy_triton_op, draft_tokens, parents, target_tokens, accept_len, path, emitted)
     else:
-        accept_sampling_triton_op(draft_tokens, parents, draft_probs, target_probs, uniforms, accept_len, path,
-                                  emitted)
+        call_custom_op(accept_sampling_triton_op, draft_tokens, parents, draft_probs, target_probs, uniforms,
+                       accept_len, path, emitted)
 
 
 BACKENDS = (

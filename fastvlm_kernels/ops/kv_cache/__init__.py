@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks
-from .._dispatch import Backend, always_supported, compiled_backend_reasons, select, triton_backend_reasons
+from .._dispatch import Backend, call_custom_op, always_supported, compiled_backend_reasons, select, triton_backend_reasons
 from .reference import kv_append_reference, kv_compact_reference
 from .spec import INDEX_DTYPES, SUPPORTED_DTYPES
 
@@ -104,7 +104,7 @@ def _run_extension(buffer, start, accepted) -> None:
 
 def _run_triton(buffer, start, accepted) -> None:
     from .triton import kv_compact_triton_op
-    kv_compact_triton_op(buffer, start, accepted)
+    call_custom_op(kv_compact_triton_op, buffer, start, accepted)
 
 
 BACKENDS = (
@@ -178,7 +178,7 @@ def _run_append_extension(k_cache, v_cache, lengths, keys, values) -> None:
 
 def _run_append_triton(k_cache, v_cache, lengths, keys, values) -> None:
     from .triton import kv_append_triton_op
-    kv_append_triton_op(k_cache, v_cache, lengths, keys, values)
+    call_custom_op(kv_append_triton_op, k_cache, v_cache, lengths, keys, values)
 
 
 APPEND_BACKENDS = (
