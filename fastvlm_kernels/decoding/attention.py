@@ -1,0 +1,79 @@
+"""The decoder's attention: one function registered with transformers' ``AttentionInterface``.
+
+The decoder calls the model's own decoder layers with no transformers cache and passes a
+:class:`StepState` through the layers' ``**kwargs`` (transformers forwards them to the attention
+function). The function receives the new tokens' queries, keys and values with rotary applied, appends the
+keys and values to the package's :class:`~fastvlm_kernels.KVCache` at ``module.layer_idx`` and runs
+:func:`~fastvlm_kernels.verify_attention` over that layer's cache. Calls without a state (the vision
+tower, a later ``model.generate``) go to transformers' SDPA function, so registering the name changes
+nothing for anyone else.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional
+
+import torch
+
+from ..cache import KVCache
+from ..ops.verify_attention import verify_attention
+
+ATTENTION_NAME = "fastvlm_kernels"
+STATE_KWARG = "fastvlm_state"
+
+
+@dataclass
+class StepState:
+    """What one pass over some layers needs: the cache, where each row's new tokens start (``[B]`` int32
+    on the cache's device; every layer of one pass starts at the same lengths) and an optional tree mask."""
+    cache: KVCache
+    prefix_lens: torch.Tensor
+    tree_mask: Optional[torch.Tensor] = None
+    calls: Optional[dict] = None   # layer_idx -> number of tokens attended, when counting (tests)
+
+
+def fastvlm_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: ``query [B, Hq, T, D]``, ``key``/``value [B, Hkv, T, D]`` -> ``([B, T, Hq, D], None)``."""
+    state = kwargs.pop(STATE_KWARG, None)
+    if state is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    layer = module.layer_idx
+    state.cache.append(layer, key, value)
+    keys, values = state.cache.layer(layer)
+    if state.calls is not None:
+        state.calls[layer] = state.calls.get(layer, 0) + query.shape[0] * query.shape[2]
+    sm_scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = verify_attention(query, keys, values, state.prefix_lens, state.tree_mask, sm_scale=sm_scale,
+                           validate=False)
+    return out.transpose(1, 2), None
+
+
+_registered = False
+
+
+def register() -> None:
+    """Registers :data:`ATTENTION_NAME` with transformers (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    AttentionInterface.register(ATTENTION_NAME, fastvlm_attention)
+    _registered = True
+
+
+@contextlib.contextmanager
+def attention_implementation(configs: Iterable) -> Iterator[None]:
+    """Sets the decoder's attention on these config objects for the duration of the block (try/finally)."""
+    register()
+    configs = list({id(config): config for config in configs}.values())
+    previous = [config._attn_implementation for config in configs]
+    try:
+        for config in configs:
+            config._attn_implementation_internal = ATTENTION_NAME
+        yield
+    finally:
+        for config, value in zip(configs, previous):
+            config._attn_implementation_internal = value
