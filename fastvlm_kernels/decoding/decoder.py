@@ -286,11 +286,13 @@ class SelfSpeculativeDecoder:
         if pixel_values is not None:
             model_inputs["pixel_values"] = pixel_values
         draft_len = self.draft_len
-        max_len = prompt_len + max_new_tokens + self.max_draft_len + 2
+        # A row that finishes mid-step keeps up to k tokens past max_new_tokens in its cache, and a finished
+        # row still runs (and rolls back) k + 1 positions per step while other rows go on.
+        max_len = prompt_len + max_new_tokens + 2 * self.max_draft_len + 1
         if self.max_cache_len is not None and max_len > self.max_cache_len:
-            raise ValueError(f"max_new_tokens={max_new_tokens}: the prompt ({prompt_len}) + new tokens + draft "
-                             f"({self.max_draft_len}) + 2 need {max_len} cache positions > max_cache_len="
-                             f"{self.max_cache_len}")
+            raise ValueError(f"max_new_tokens={max_new_tokens}: the prompt ({prompt_len}) + new tokens + twice the "
+                             f"draft length ({self.max_draft_len}) + 1 need {max_len} cache positions > "
+                             f"max_cache_len={self.max_cache_len}")
 
         adapter = self.adapter
         device = input_ids.device

@@ -1,0 +1,117 @@
+"""Tiny random-weight models of every family the decoder supports, built offline from configs, with
+inputs shaped like their processors' outputs (left-padded, image tokens in place)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NUM_LAYERS = 4
+VOCAB = 120
+TEXT = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=NUM_LAYERS,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, bos_token_id=1,
+            eos_token_id=2, pad_token_id=0)
+IMAGE_TOKEN = 119
+
+FAMILIES = ("llama", "mistral", "qwen2", "llava", "llava-qwen2", "llava_next", "qwen2_vl", "qwen2_5_vl")
+
+
+@dataclass
+class Case:
+    model: torch.nn.Module
+    inputs: dict           # input_ids, attention_mask, pixel_values, ... as a processor returns them
+
+
+def sharpen(model, exit_layer: int, scale: float = 0.05) -> None:
+    """Shrinks what layers >= exit_layer add to the residual stream, so that an early exit agrees with the
+    full model often (but not always): acceptance paths get exercised, not only rejections."""
+    layers = find_layers(model)
+    with torch.no_grad():
+        for layer in layers[exit_layer:]:
+            layer.self_attn.o_proj.weight.mul_(scale)
+            layer.mlp.down_proj.weight.mul_(scale)
+
+
+def find_layers(model):
+    inner = model.model
+    return inner.language_model.layers if hasattr(inner, "language_model") else inner.layers
+
+
+def _text_ids(generator, batch, length, pad_rows):
+    ids = torch.randint(3, 100, (batch, length), generator=generator)
+    mask = torch.ones_like(ids)
+    for row, pad in pad_rows.items():
+        if row < batch:
+            ids[row, :pad] = 0
+            mask[row, :pad] = 0
+    return ids, mask
+
+
+def build(family: str, seed: int = 0, batch: int = 1, dtype=torch.float32) -> Case:
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed + 100)
+    pad_rows = {1: 3, 2: 1, 3: 5}
+    if family in ("llama", "mistral", "qwen2"):
+        import transformers
+        config_class, model_class = {
+            "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        }[family]
+        extra = dict(sliding_window=None) if family in ("mistral", "qwen2") else {}
+        model = model_class(config_class(**TEXT, **extra))
+        ids, mask = _text_ids(generator, batch, 11, pad_rows)
+        return Case(model.to(dtype).eval(), dict(input_ids=ids, attention_mask=mask))
+    if family in ("llava", "llava-qwen2"):
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=28, patch_size=14)
+        text = LlamaConfig(**TEXT) if family == "llava" else Qwen2Config(**TEXT, sliding_window=None)
+        model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
+                                                          image_token_id=IMAGE_TOKEN))
+        ids, mask = _text_ids(generator, batch, 14, pad_rows)
+        ids[:, 7:11] = IMAGE_TOKEN            # 4 patches of 14x14 in a 28x28 image, CLS dropped
+        pixels = torch.randn(batch, 3, 28, 28, generator=generator)
+        return Case(model.to(dtype).eval(), dict(input_ids=ids, attention_mask=mask, pixel_values=pixels.to(dtype)))
+    if family == "llava_next":
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=28, patch_size=14)
+        model = LlavaNextForConditionalGeneration(LlavaNextConfig(
+            vision_config=vision, text_config=LlamaConfig(**TEXT), image_token_id=IMAGE_TOKEN,
+            image_grid_pinpoints=[[28, 56], [56, 28]]))
+        image_sizes = torch.tensor([[28, 56]] * batch)
+        pixels = torch.randn(batch, 3, 3, 28, 28, generator=generator)   # base image + 2 tiles
+        with torch.no_grad():
+            features = model.model.get_image_features(pixel_values=pixels, image_sizes=image_sizes)
+        features = getattr(features, "pooler_output", features)
+        num_image_tokens = features[0].shape[0]
+        length = num_image_tokens + 10
+        ids, mask = _text_ids(generator, batch, length, pad_rows)
+        ids[:, 6:6 + num_image_tokens] = IMAGE_TOKEN
+        return Case(model.to(dtype).eval(), dict(input_ids=ids, attention_mask=mask, pixel_values=pixels.to(dtype),
+                                                  image_sizes=image_sizes))
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        import transformers
+        text = dict(TEXT, vocab_size=160, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                           "mrope_section": [8, 12, 12]})
+        tokens = dict(image_token_id=151, video_token_id=152, vision_start_token_id=150, vision_end_token_id=153)
+        if family == "qwen2_vl":
+            vision = dict(depth=1, embed_dim=32, num_heads=2, hidden_size=128, patch_size=14, spatial_merge_size=2,
+                          temporal_patch_size=2, in_chans=3, mlp_ratio=2)
+            model = transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(
+                text_config=text, vision_config=vision, **tokens))
+        else:
+            vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=128, patch_size=14,
+                          spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=56,
+                          fullatt_block_indexes=[0])
+            model = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(
+                text_config=text, vision_config=vision, **tokens))
+        ids, mask = _text_ids(generator, batch, 16, pad_rows)
+        ids[:, 6], ids[:, 7:11], ids[:, 11] = 150, 151, 153       # a 4x4 patch grid merged 2x2: 4 image tokens
+        pixels = torch.randn(batch * 16, 3 * 2 * 14 * 14, generator=generator)
+        grid = torch.tensor([[1, 4, 4]] * batch)
+        mm_types = (ids == 151).long()
+        return Case(model.to(dtype).eval(), dict(input_ids=ids, attention_mask=mask, pixel_values=pixels.to(dtype),
+                                                  image_grid_thw=grid, mm_token_type_ids=mm_types))
+    raise ValueError(family)

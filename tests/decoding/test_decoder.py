@@ -1,0 +1,349 @@
+"""SelfSpeculativeDecoder: lossless greedy and sampling, layer calls, caches, bad input, memory."""
+from __future__ import annotations
+
+import gc
+import math
+
+import pytest
+import torch
+
+from fastvlm_kernels.decoding import SelfSpeculativeDecoder, UnsupportedModelError
+from fastvlm_kernels.imitation import ImitationNetwork
+
+from .models import FAMILIES, NUM_LAYERS, build, find_layers, sharpen
+
+DRAFT_LENS = (1, 3, 8, "adaptive")
+MAX_NEW = 12
+TIE_GAP = 1e-4
+
+
+def _extended_inputs(inputs: dict, sequences: torch.Tensor) -> dict:
+    """The processor outputs with input_ids replaced by prompt + generated tokens (teacher forcing)."""
+    extended = dict(inputs)
+    prompt_len = inputs["input_ids"].shape[1]
+    extra = sequences.shape[1] - prompt_len
+    extended["input_ids"] = sequences
+    extended["attention_mask"] = torch.cat([inputs["attention_mask"],
+                                            torch.ones(sequences.shape[0], extra, dtype=torch.long)], dim=1)
+    if "mm_token_type_ids" in inputs:
+        extended["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"],
+                                                   torch.zeros(sequences.shape[0], extra, dtype=torch.long)], dim=1)
+    return extended
+
+
+def assert_lossless(case, got: torch.Tensor, expected: torch.Tensor, label: str, ties: list) -> None:
+    """Token-identical, or the first difference of each row is a floating-point tie of the full model
+    (top-2 logit gap under 1e-4 at that position), which is recorded in ``ties``."""
+    if torch.equal(got, expected):
+        return
+    prompt_len = case.inputs["input_ids"].shape[1]
+    width = min(got.shape[1], expected.shape[1])
+    logits = None
+    for row in range(expected.shape[0]):
+        differs = (got[row, :width] != expected[row, :width]).nonzero()
+        if len(differs) == 0:
+            if got.shape[1] != expected.shape[1]:
+                # One run stopped earlier: only possible after a tie changed an EOS; check the shorter
+                # side's last token instead (it must be the row's EOS or padding)
+                continue
+            continue
+        position = int(differs[0])
+        assert position >= prompt_len, f"{label}: row {row} differs inside the prompt"
+        if logits is None:
+            with torch.no_grad():
+                logits = case.model(**_extended_inputs(case.inputs, expected)).logits.float()
+        top2 = torch.topk(logits[row, position - 1], 2).values
+        gap = float(top2[0] - top2[1])
+        assert gap < TIE_GAP, (f"{label}: row {row} differs from model.generate at new token {position - prompt_len} "
+                               f"(got {int(got[row, position])}, expected {int(expected[row, position])}) and the "
+                               f"model's top-2 logit gap there is {gap:.3g} >= {TIE_GAP}: not a tie")
+        ties.append(f"{label}: row {row}, new token {position - prompt_len}, top-2 gap {gap:.2e}")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_is_token_identical_to_generate(family, batch, seed):
+    """Every supported family, exit layers 1 .. N-1, draft_len 1, 3, 8 and adaptive, batch 1 and 4 ragged
+    rows with images; seed 0 shrinks the deep layers (high acceptance), seed 1 keeps random weights
+    (mostly rejections)."""
+    case = build(family, seed=seed, batch=batch)
+    if seed == 0:
+        sharpen(case.model, 1, scale=0.1)
+    expected = case.model.generate(**case.inputs, max_new_tokens=MAX_NEW, do_sample=False)
+    ties = []
+    accepted = []
+    for exit_layer in range(1, NUM_LAYERS):
+        for draft_len in DRAFT_LENS:
+            decoder = SelfSpeculativeDecoder(case.model, exit_layer=exit_layer, draft_len=draft_len)
+            out = decoder.generate(**case.inputs, max_new_tokens=MAX_NEW)
+            assert_lossless(case, out.sequences, expected, f"{family} B={batch} E={exit_layer} k={draft_len}", ties)
+            accepted.append(out.stats.mean_accepted)
+    if ties:
+        print("floating-point ties:", *ties, sep="\n  ")
+    if seed == 0:
+        assert max(accepted) > 1.0, "the sharpened model should accept drafts: the acceptance path went untested"
+
+
+@pytest.mark.parametrize("kind", ["layers", "mlp"])
+@pytest.mark.parametrize("family", ["llama", "llava", "qwen2_vl"])
+def test_untrained_imitation_network_keeps_output_identical(family, kind):
+    case = build(family, seed=3, batch=4)
+    expected = case.model.generate(**case.inputs, max_new_tokens=MAX_NEW, do_sample=False)
+    imitation = ImitationNetwork.from_model(case.model, exit_layer=2, kind=kind, num_layers=2 if kind == "layers" else 0)
+    for draft_len in (3, "adaptive"):
+        decoder = SelfSpeculativeDecoder(case.model, exit_layer=2, imitation=imitation, draft_len=draft_len)
+        out = decoder.generate(**case.inputs, max_new_tokens=MAX_NEW)
+        assert_lossless(case, out.sequences, expected, f"{family} imitation={kind} k={draft_len}", [])
+        if kind == "layers":   # the imitation layers own cache layers N, N+1 and were rolled back with the rest
+            lengths = decoder._cache.host_lengths
+            assert lengths[NUM_LAYERS] == lengths[0] and lengths[NUM_LAYERS + 1] == lengths[0]
+
+
+def test_draft_len_zero_is_the_model_itself():
+    case = build("llava", seed=4, batch=4)
+    expected = case.model.generate(**case.inputs, max_new_tokens=20, do_sample=False)
+    out = SelfSpeculativeDecoder(case.model, exit_layer=2, draft_len=0).generate(**case.inputs, max_new_tokens=20)
+    assert_lossless(case, out.sequences, expected, "k=0", [])
+    assert out.stats.drafted == 0
+
+
+# ---- layer calls and cache lengths ---------------------------------------------------------------------
+
+def test_layers_below_exit_run_once_per_token_and_caches_end_at_the_accepted_length():
+    case = build("llama", seed=5, batch=1)
+    sharpen(case.model, 1, scale=0.2)
+    layers = find_layers(case.model)
+    tokens_seen = [0] * NUM_LAYERS
+    calls_with_many = [0] * NUM_LAYERS
+    handles = []
+    for index, layer in enumerate(layers):
+        def hook(module, args, kwargs, output, index=index):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            tokens_seen[index] += hidden.shape[0] * hidden.shape[1]
+            calls_with_many[index] += hidden.shape[1] > 1
+        handles.append(layer.register_forward_hook(hook, with_kwargs=True))
+    exit_layer, draft_len = 2, 3
+    decoder = SelfSpeculativeDecoder(case.model, exit_layer=exit_layer, draft_len=draft_len)
+    try:
+        out = decoder.generate(**case.inputs, max_new_tokens=24, eos_token_id=[])
+    finally:
+        for handle in handles:
+            handle.remove()
+    stats = out.stats
+    prompt_len = int(case.inputs["attention_mask"].sum())
+    # Below E: the prompt once, then x0 and each draft exactly once per step (k + 1 single-token passes).
+    per_step = sum(k + 1 for k in stats.draft_lens)
+    for index in range(exit_layer):
+        assert tokens_seen[index] == prompt_len + per_step
+        assert calls_with_many[index] == 1                      # only the prefill passes more than one token
+    # From E on: the prompt, then one (k + 1)-token verification pass per step.
+    for index in range(exit_layer, NUM_LAYERS):
+        assert tokens_seen[index] == prompt_len + per_step
+        assert calls_with_many[index] == 1 + stats.steps
+    # Every cache layer ends at the prompt plus x0 and the accepted drafts of every step.
+    kept = sum(a + 1 for step in stats.accepted for a in step)
+    assert decoder._cache.host_lengths == [[prompt_len + kept]] * NUM_LAYERS
+    assert decoder._cache.lengths.tolist() == [[prompt_len + kept]] * NUM_LAYERS
+    assert stats.mean_accepted > 0.5
+
+
+# ---- sampling ------------------------------------------------------------------------------------------
+
+def _chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's test of counts against probs, cells with expected count < 5 pooled."""
+    expected = probs.double() * counts.sum()
+    small = expected < 5
+    observed = torch.cat([counts[~small].double(), counts[small].double().sum()[None]])
+    expected = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = expected > 0
+    statistic = float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+    dof = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(statistic / 2, dtype=torch.float64)))
+
+
+def _sampling_case():
+    import transformers
+    torch.manual_seed(11)
+    config = transformers.LlamaConfig(vocab_size=12, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                      bos_token_id=1, eos_token_id=None, pad_token_id=0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(6.0)   # peaked but not degenerate distributions
+    prompt = torch.tensor([[1, 5, 7, 3]])
+    return model, prompt
+
+
+def _exact_marginals(model, prompt, temperature, depth=3):
+    """Exact distributions of the 1st .. depth-th sampled tokens, by enumerating every prefix."""
+    vocab = model.config.vocab_size
+    prefixes = prompt
+    weights = torch.ones(1, dtype=torch.float64)
+    marginals = []
+    for _ in range(depth):
+        with torch.no_grad():
+            logits = model(prefixes).logits[:, -1].double()
+        step = torch.softmax(logits / temperature, -1)                  # [P, V]
+        joint = weights[:, None] * step
+        marginals.append(joint.sum(0))
+        weights = joint.reshape(-1)
+        prefixes = torch.cat([prefixes.repeat_interleave(vocab, 0), torch.arange(vocab).repeat(len(prefixes))[:, None]], 1)
+    return marginals
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_sampling_preserves_the_model_distribution(wrong, monkeypatch):
+    """The 2nd and 3rd tokens come from speculative steps (the 1st from the prefill): their empirical
+    distribution over many seeded runs matches the exact one (chi-square); a deliberately wrong acceptance
+    rule (every draft accepted) fails the same test."""
+    model, prompt = _sampling_case()
+    temperature = 1.0
+    marginals = _exact_marginals(model, prompt, temperature)
+    rows = 256
+    decoder = SelfSpeculativeDecoder(model, exit_layer=1, draft_len=3)
+    if wrong:
+        import fastvlm_kernels.decoding.decoder as decoder_module
+
+        def accept_everything(drafts, draft_probs, target_probs, generator=None, validate=False):
+            batch, k = drafts.shape
+            bonus = torch.multinomial(target_probs[:, k], 1, generator=generator)
+            return torch.full((batch,), k, dtype=torch.int32), torch.cat([drafts, bonus], 1)
+        monkeypatch.setattr(decoder_module, "accept_sampling", accept_everything)
+    counts = [torch.zeros(model.config.vocab_size) for _ in marginals]
+    generator = torch.Generator().manual_seed(2024)
+    for _ in range(12):
+        out = decoder.generate(prompt.repeat(rows, 1), max_new_tokens=3, do_sample=True, temperature=temperature,
+                               top_k=0, top_p=1.0, generator=generator)
+        new = out.sequences[:, prompt.shape[1]:]
+        for position, count in enumerate(counts):
+            count += torch.bincount(new[:, position], minlength=model.config.vocab_size)
+    p_values = [_chi_square_p_value(count, marginal) for count, marginal in zip(counts, marginals)]
+    assert p_values[0] > 1e-4, p_values       # the prefill's own sample
+    if wrong:
+        assert min(p_values[1:]) < 1e-6, f"a wrong acceptance rule went undetected: p-values {p_values}"
+    else:
+        assert min(p_values[1:]) > 1e-4, f"speculative samples do not follow the model: p-values {p_values}"
+
+
+def test_sampling_with_top_k_top_p_runs_and_respects_the_filter():
+    model, prompt = _sampling_case()
+    decoder = SelfSpeculativeDecoder(model, exit_layer=1, draft_len=4)
+    out = decoder.generate(prompt.repeat(64, 1), max_new_tokens=6, do_sample=True, temperature=0.7, top_k=2,
+                           generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(out.sequences).logits[:, prompt.shape[1] - 1:-1]
+    allowed = torch.topk(logits, 2, dim=-1).indices
+    assert (allowed == out.sequences[:, prompt.shape[1]:, None]).any(-1).all()
+
+
+# ---- bad input -----------------------------------------------------------------------------------------
+
+def test_bad_exit_layer_and_draft_len():
+    case = build("llama", seed=0)
+    for exit_layer in (0, NUM_LAYERS, -1):
+        with pytest.raises(ValueError, match="exit_layer"):
+            SelfSpeculativeDecoder(case.model, exit_layer=exit_layer)
+    with pytest.raises(TypeError, match="exit_layer"):
+        SelfSpeculativeDecoder(case.model, exit_layer="2")
+    with pytest.raises(ValueError, match="draft_len"):
+        SelfSpeculativeDecoder(case.model, exit_layer=2, draft_len=-1)
+    with pytest.raises(ValueError, match="tree"):
+        SelfSpeculativeDecoder(case.model, exit_layer=2, tree="binary")
+    imitation = ImitationNetwork.from_model(case.model, exit_layer=1)
+    with pytest.raises(ValueError, match="exit layer"):
+        SelfSpeculativeDecoder(case.model, exit_layer=2, imitation=imitation)
+
+
+def test_unsupported_models_are_named():
+    import transformers
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedModelError, match="gpt2.*supported: llava"):
+        SelfSpeculativeDecoder(model, exit_layer=1)
+    sliding = transformers.MistralForCausalLM(transformers.MistralConfig(
+        vocab_size=50, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, sliding_window=8))
+    with pytest.raises(UnsupportedModelError, match="sliding window"):
+        SelfSpeculativeDecoder(sliding, exit_layer=1)
+
+
+def test_bad_inputs_raise_and_leave_the_decoder_usable():
+    case = build("llava", seed=6, batch=2)
+    decoder = SelfSpeculativeDecoder(case.model, exit_layer=2, draft_len=3, max_cache_len=64)
+    inputs = case.inputs
+    wrong_image_tokens = dict(inputs, input_ids=inputs["input_ids"].clone())
+    wrong_image_tokens["input_ids"][:, 11] = 119                        # 5 image tokens for 4 features
+    with pytest.raises(ValueError, match="[Ii]mage"):
+        decoder.generate(**wrong_image_tokens, max_new_tokens=4)
+    with pytest.raises(ValueError, match="[Ii]mage"):                   # 2 rows with image tokens, 1 image
+        decoder.generate(**dict(inputs, pixel_values=inputs["pixel_values"][:1]), max_new_tokens=4)
+    with pytest.raises(ValueError, match="max_cache_len"):
+        decoder.generate(**inputs, max_new_tokens=60)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        decoder.generate(**inputs, max_new_tokens=0)
+    right_padded = dict(inputs, attention_mask=inputs["attention_mask"].flip(1))
+    with pytest.raises(ValueError, match="left-padded"):
+        decoder.generate(**right_padded, max_new_tokens=4)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        decoder.generate(**inputs, max_new_tokens=4, repetition_penalty=1.2)
+    with pytest.raises(TypeError, match="input_ids"):
+        decoder.generate(inputs["input_ids"].float(), max_new_tokens=4)
+    # Still usable, still exact, and the model's own attention is untouched.
+    expected = case.model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
+    out = decoder.generate(**inputs, max_new_tokens=MAX_NEW)
+    assert_lossless(case, out.sequences, expected, "after errors", [])
+    assert case.model.config.text_config._attn_implementation != "fastvlm_kernels"
+
+
+def test_streamer_receives_the_prompt_then_the_tokens():
+    case = build("llama", seed=7, batch=1)
+    received = []
+
+    class Streamer:
+        def put(self, value):
+            received.append(value.tolist())
+
+        def end(self):
+            received.append("end")
+
+    out = SelfSpeculativeDecoder(case.model, exit_layer=2, draft_len=3).generate(
+        **case.inputs, max_new_tokens=10, streamer=Streamer())
+    assert received[0] == case.inputs["input_ids"].tolist() and received[-1] == "end"
+    streamed = [token for chunk in received[1:-1] for token in chunk]
+    assert streamed == out.sequences[0, case.inputs["input_ids"].shape[1]:].tolist()
+
+
+# ---- memory --------------------------------------------------------------------------------------------
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+def test_repeated_generate_does_not_grow_memory():
+    case = build("llava", seed=8, batch=2)
+    decoder = SelfSpeculativeDecoder(case.model, exit_layer=2, draft_len=3)
+    for _ in range(20):
+        decoder.generate(**case.inputs, max_new_tokens=6)
+    gc.collect()
+    rss_before, objects_before = _rss_bytes(), len(gc.get_objects())
+    for _ in range(200):
+        decoder.generate(**case.inputs, max_new_tokens=6)
+    gc.collect()
+    rss_growth = _rss_bytes() - rss_before
+    object_growth = len(gc.get_objects()) - objects_before
+    assert rss_growth < 8 * 2 ** 20, f"RSS grew by {rss_growth / 2 ** 20:.1f} MiB over 200 calls"
+    assert object_growth < 500, f"{object_growth} more live Python objects after 200 calls"
+
+
+def test_stats_are_consistent():
+    case = build("qwen2_vl", seed=0, batch=4)
+    sharpen(case.model, 1, scale=0.1)
+    out = SelfSpeculativeDecoder(case.model, exit_layer=1, draft_len=4).generate(**case.inputs, max_new_tokens=16)
+    stats = out.stats
+    assert stats.steps == len(stats.accepted) == len(stats.draft_lens) > 0
+    assert all(0 <= a <= 4 for step in stats.accepted for a in step)
+    assert math.isclose(stats.mean_emitted, stats.mean_accepted + 1)
+    assert stats.tokens_per_s > 0 and stats.prefill_time > 0 and stats.draft_time > 0 and stats.verify_time > 0
+    assert len(stats.new_tokens) == 4 and all(1 <= n <= 16 for n in stats.new_tokens)
