@@ -9,8 +9,12 @@ from .cache import KVCache
 
 from .ops import accept_greedy, accept_greedy_tree, accept_sampling, accept_sampling_tree
 from .ops import early_exit_head, verify_head, vocab_subset_from_counts
+from .decoding import GenerateOutput, GenerateStats, SelfSpeculativeDecoder
+from .imitation import ImitationConfig, ImitationNetwork
 
 __version__ = "0.1.0"
 __all__ = ["verify_attention", "kv_compact", "kv_append", "KVCache",
            "accept_greedy", "accept_sampling", "accept_greedy_tree", "accept_sampling_tree",
-           "early_exit_head", "verify_head", "vocab_subset_from_counts", "__version__"]
+           "early_exit_head", "verify_head", "vocab_subset_from_counts",
+           "SelfSpeculativeDecoder", "GenerateOutput", "GenerateStats", "ImitationNetwork", "ImitationConfig",
+           "__version__"]

@@ -9,8 +9,10 @@ untrained network is a valid (if poor) drafter, which is what the decoder's test
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
-from typing import Optional
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -28,6 +30,11 @@ class ImitationConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ImitationConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
 
 
 class ImitationNetwork(nn.Module):
@@ -74,7 +81,9 @@ class ImitationNetwork(nn.Module):
                 layer = copy.deepcopy(adapter.layers[init_layer])
             else:
                 template = adapter.layers[0]
-                layer = type(template)(adapter.text_config, num_backbone + i)
+                # Built with a backbone index (per-layer config lists such as layer_types have N entries),
+                # then renumbered below.
+                layer = type(template)(adapter.text_config, num_backbone - 1)
                 layer.to(template.input_layernorm.weight.device, template.input_layernorm.weight.dtype)
             layer.self_attn.layer_idx = num_backbone + i
             layers.append(layer)
@@ -92,3 +101,55 @@ class ImitationNetwork(nn.Module):
             out = layer(hidden, attention_mask=None, position_embeddings=position_embeddings, **attention_kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
+
+    # ---- persistence ------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, folder: Union[str, Path], base_model: Optional[nn.Module] = None) -> None:
+        """Writes ``config.json`` (this config plus the base model's architecture and size) and
+        ``model.safetensors`` (the network's own weights only)."""
+        from safetensors.torch import save_file
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {"imitation": self.config.to_dict()}
+        if base_model is not None:
+            record["base_model"] = _describe(base_model)
+        (folder / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        save_file(state, str(folder / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, folder: Union[str, Path], model: nn.Module) -> "ImitationNetwork":
+        """Loads a network saved by :meth:`save_pretrained` for ``model``; a network trained for another
+        architecture, size or depth is a clear error."""
+        from safetensors.torch import load_file
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder} holds no imitation network (no config.json)")
+        record = json.loads((folder / "config.json").read_text())
+        config = ImitationConfig.from_dict(record["imitation"])
+        expected = record.get("base_model")
+        if expected is not None:
+            actual = _describe(model)
+            mismatched = {key: (expected[key], actual.get(key)) for key in expected if expected[key] != actual.get(key)}
+            if mismatched:
+                details = ", ".join(f"{key}: trained for {want}, this model has {have}"
+                                    for key, (want, have) in mismatched.items())
+                raise ValueError(f"the imitation network in {folder} was trained for another model ({details})")
+        network = cls.from_model(model, config.exit_layer, num_layers=config.num_layers, kind=config.kind,
+                                 target_layer=config.target_layer, init_layer=-1)   # weights replaced below
+        network.config = config
+        state = load_file(str(folder / "model.safetensors"))
+        reference = next(iter(network.state_dict().values()), None)
+        if reference is not None:
+            state = {name: tensor.to(reference.device, reference.dtype) for name, tensor in state.items()}
+        network.load_state_dict(state)
+        return network
+
+
+def _describe(model: nn.Module) -> dict:
+    from ..decoding.adapters import adapter_for
+    adapter = adapter_for(model)
+    config = adapter.text_config
+    return {"model_type": model.config.model_type, "text_model_type": getattr(config, "model_type", None),
+            "hidden_size": config.hidden_size, "num_hidden_layers": adapter.num_layers,
+            "vocab_size": adapter.lm_head.weight.shape[0]}
