@@ -6,6 +6,7 @@
 // top-k / top-p; the Python dispatcher sends the rest elsewhere.
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
 #include <type_traits>
 
 #include <ATen/ATen.h>
@@ -18,6 +19,8 @@
 
 namespace fastvlm {
 namespace {
+
+constexpr int kMaxDevices = 64;
 
 // Rows per launch: kMaxRows. fp32 runs the CUDA-core kernel (kColsPerWarp columns per partial);
 // fp16 / bf16 the tensor-core kernel (kTileCols columns per partial), sized to the chunk's padded rows.
@@ -34,12 +37,19 @@ void launch(const at::Tensor& hidden, const at::Tensor& norm_weight, lm_head::Pa
     // may be a view.
     base.vector_loads = base.hidden % 8 == 0 && base.stride_w % 8 == 0 &&
                         reinterpret_cast<uintptr_t>(base.weight) % 16 == 0;
-    const int max_bytes = lm_head::mma_shared_bytes(lm_head::kMaxRows);
-    C10_CUDA_CHECK(cudaFuncSetAttribute(lm_head::lm_head_mma_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        max_bytes));
-    C10_CUDA_CHECK(cudaFuncSetAttribute(lm_head::lm_head_mma_kernel<T>,
-                                        cudaFuncAttributePreferredSharedMemoryCarveout,
-                                        cudaSharedmemCarveoutMaxShared));
+    // Once per device: opt in to more than 48 KB of shared memory, and ask for the largest carve-out so
+    // that two CTAs fit on an SM.
+    static std::once_flag prepared[kMaxDevices];
+    const int device = hidden.get_device();
+    TORCH_CHECK(device >= 0 && device < kMaxDevices, "lm_head (cuda): device index ", device, " out of range");
+    std::call_once(prepared[device], [] {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(lm_head::lm_head_mma_kernel<T>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          lm_head::mma_shared_bytes(lm_head::kMaxRows)));
+      C10_CUDA_CHECK(cudaFuncSetAttribute(lm_head::lm_head_mma_kernel<T>,
+                                          cudaFuncAttributePreferredSharedMemoryCarveout,
+                                          cudaSharedmemCarveoutMaxShared));
+    });
   }
   const unsigned int blocks = static_cast<unsigned int>(
       kTensorCores ? base.num_tiles : (base.num_tiles + lm_head::kWarps - 1) / lm_head::kWarps);

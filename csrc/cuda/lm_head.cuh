@@ -4,11 +4,12 @@
 // 128 vocabulary columns (head rows; subset[j] when given) and every row of a chunk of <= 64 rows
 // (padded to 16). It streams [128 x 64] weight slices and [rows x 64] normed slices along H through a
 // kStages-deep cp.async ring in shared memory (16-byte copies, zero-filled past H / V / M); warp w runs
-// nvcuda::wmma 16x16x16 (fp32 accumulation) for columns 16w..16w+15 and every 16-row tile. Epilogue:
-// the fp32 [rows x 128] tile goes to shared memory, warp w reduces rows w, w + 8, ...: lane l feeds
-// columns l, l + 32, l + 64, l + 96 in order to update(), then a butterfly merges the lanes' states
-// (ties to the lower column). Bound: the weight's DRAM bandwidth (each byte read once per row chunk);
-// the normed slices (rows x H x 2 bytes per CTA) come from L2.
+// mma.sync m16n8k16 (ldmatrix operands, fp32 accumulation) for columns 16w..16w+15 and every 16-row
+// tile. Epilogue: the fp32 [rows x 128] tile goes to shared memory, warp w reduces rows w, w + 8, ...:
+// lane l feeds columns l, l + 32, l + 64, l + 96 in order to update(), then a butterfly merges the
+// lanes' states (ties to the lower column). Bound: the weight's DRAM bandwidth (each byte read once per
+// row chunk; 2 CTAs per SM keep up to 6 x 16 KB of it in flight); the normed slices (rows x H x 2 bytes
+// per CTA) come from L2.
 // lm_head_tile_kernel (fp32; CUDA cores, no tf32): grid (cdiv(num_tiles, kWarps)); a warp owns kColsPerWarp
 // columns and the chunk's rows, streams each weight row with 16-byte loads and dots it with the rows
 // (from L1/L2) in register chunks of kRowChunk; the lane that owns a row (lane, lane + 32) updates it.
