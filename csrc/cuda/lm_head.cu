@@ -1,9 +1,13 @@
-// Launcher of the lm_head CUDA kernels (lm_head.cuh): normalises the rows, launches the tile kernel per
-// chunk of <= 64 rows on the current stream, then merges the [M, num_tiles] partials in vocabulary order
-// with a few ATen ops on the device (no host synchronisation, so it can be captured in a CUDA graph).
+// Launcher of the lm_head CUDA kernels (lm_head.cuh): normalises the rows, launches the tile kernel
+// (tensor cores for fp16 / bf16, CUDA cores for fp32) per chunk of <= 64 rows on the current stream,
+// then merges the [M, num_tiles] partials in vocabulary order with a few ATen ops on the device (no
+// host synchronisation, so it can be captured in a CUDA graph).
 // Modes: 0 argmax (verify_head's draft log-prob and probability rows included), 1 sample without
 // top-k / top-p; the Python dispatcher sends the rest elsewhere.
+#include <algorithm>
 #include <cstdint>
+#include <mutex>
+#include <type_traits>
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -16,14 +20,39 @@
 namespace fastvlm {
 namespace {
 
+constexpr int kMaxDevices = 64;
+
+// Rows per launch: kMaxRows. fp32 runs the CUDA-core kernel (kColsPerWarp columns per partial);
+// fp16 / bf16 the tensor-core kernel (kTileCols columns per partial), sized to the chunk's padded rows.
 template <typename T>
 void launch(const at::Tensor& hidden, const at::Tensor& norm_weight, lm_head::Params base, double eps,
-            double norm_offset, float* normed, int64_t num_rows, cudaStream_t stream) {
+            double norm_offset, T* normed, int64_t num_rows, cudaStream_t stream) {
   lm_head::rms_norm_kernel<T><<<static_cast<unsigned int>(num_rows), 256, 0, stream>>>(
       static_cast<const T*>(hidden.data_ptr()), hidden.stride(0), static_cast<const T*>(norm_weight.data_ptr()),
       normed, static_cast<int>(hidden.size(1)), static_cast<float>(eps), static_cast<float>(norm_offset));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const unsigned int blocks = static_cast<unsigned int>((base.num_tiles + lm_head::kWarps - 1) / lm_head::kWarps);
+  constexpr bool kTensorCores = !std::is_same_v<T, float>;
+  if constexpr (kTensorCores) {
+    // 16-byte copies need 16-byte aligned rows: the normed buffer is fresh (H % 8 == 0 suffices), the head
+    // may be a view.
+    base.vector_loads = base.hidden % 8 == 0 && base.stride_w % 8 == 0 &&
+                        reinterpret_cast<uintptr_t>(base.weight) % 16 == 0;
+    // Once per device: opt in to more than 48 KB of shared memory, and ask for the largest carve-out so
+    // that two CTAs fit on an SM.
+    static std::once_flag prepared[kMaxDevices];
+    const int device = hidden.get_device();
+    TORCH_CHECK(device >= 0 && device < kMaxDevices, "lm_head (cuda): device index ", device, " out of range");
+    std::call_once(prepared[device], [] {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(lm_head::lm_head_mma_kernel<T>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          lm_head::mma_shared_bytes(lm_head::kMaxRows)));
+      C10_CUDA_CHECK(cudaFuncSetAttribute(lm_head::lm_head_mma_kernel<T>,
+                                          cudaFuncAttributePreferredSharedMemoryCarveout,
+                                          cudaSharedmemCarveoutMaxShared));
+    });
+  }
+  const unsigned int blocks = static_cast<unsigned int>(
+      kTensorCores ? base.num_tiles : (base.num_tiles + lm_head::kWarps - 1) / lm_head::kWarps);
   for (int64_t row0 = 0; row0 < num_rows; row0 += lm_head::kMaxRows) {
     lm_head::Params p = base;
     const int64_t offset = row0 * base.num_tiles;
@@ -39,7 +68,12 @@ void launch(const at::Tensor& hidden, const at::Tensor& norm_weight, lm_head::Pa
     p.tile_best_arg += offset;
     p.tile_best_score += offset;
     p.tile_draft += offset;
-    lm_head::lm_head_tile_kernel<T><<<blocks, lm_head::kWarps * 32, 0, stream>>>(p);
+    if constexpr (kTensorCores) {
+      const int shared_bytes = lm_head::mma_shared_bytes((p.rows + 15) / 16 * 16);
+      lm_head::lm_head_mma_kernel<T><<<blocks, lm_head::kMmaThreads, shared_bytes, stream>>>(p);
+    } else {
+      lm_head::lm_head_tile_kernel<T><<<blocks, lm_head::kWarps * 32, 0, stream>>>(p);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -60,11 +94,22 @@ void lm_head_cuda(FASTVLM_LM_HEAD_ARGS) {
   TORCH_CHECK(hidden_size <= INT32_MAX && vocab <= INT32_MAX, "lm_head (cuda): sizes beyond int32");
   const c10::cuda::CUDAGuard guard(hidden.device());
   const int64_t num_cols = vocab_subset ? vocab_subset->numel() : vocab;
-  const int64_t num_tiles = (num_cols + lm_head::kColsPerWarp - 1) / lm_head::kColsPerWarp;
+  const bool fp32 = hidden.scalar_type() == at::kFloat;
+  if (!fp32) {
+    const auto* properties = at::cuda::getCurrentDeviceProperties();
+    TORCH_CHECK(properties->major >= 8, "lm_head (cuda): fp16 / bf16 need tensor cores of sm_80 or later; ",
+                properties->name, " is sm_", properties->major, properties->minor);
+    TORCH_CHECK(lm_head::mma_shared_bytes(lm_head::kMaxRows) <= static_cast<int>(properties->sharedMemPerBlockOptin),
+                "lm_head (cuda): the tensor-core kernel needs ", lm_head::mma_shared_bytes(lm_head::kMaxRows),
+                " bytes of shared memory per block; ", properties->name, " allows ",
+                properties->sharedMemPerBlockOptin);
+  }
+  const int64_t tile_cols = fp32 ? lm_head::kColsPerWarp : lm_head::kTileCols;
+  const int64_t num_tiles = (num_cols + tile_cols - 1) / tile_cols;
   const bool sample = mode == 1;
   const auto f32 = hidden.options().dtype(at::kFloat);
   const auto i64 = hidden.options().dtype(at::kLong);
-  at::Tensor normed = at::empty({num_rows, hidden_size}, f32);
+  at::Tensor normed = at::empty({num_rows, hidden_size}, hidden.options());   // rounded to T, as the model does
   at::Tensor tile_max = at::empty({num_rows, num_tiles}, f32), tile_sum = at::empty({num_rows, num_tiles}, f32);
   at::Tensor tile_arg = at::empty({num_rows, num_tiles}, i64);
   at::Tensor tile_best = sample ? at::empty({num_rows, num_tiles}, f32) : tile_max;
@@ -103,9 +148,12 @@ void lm_head_cuda(FASTVLM_LM_HEAD_ARGS) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   switch (hidden.scalar_type()) {
     case at::kFloat: launch<float>(hidden, norm_weight, p, eps, norm_offset, normed.data_ptr<float>(), num_rows, stream); break;
-    case at::kHalf: launch<__half>(hidden, norm_weight, p, eps, norm_offset, normed.data_ptr<float>(), num_rows, stream); break;
+    case at::kHalf:
+      launch<__half>(hidden, norm_weight, p, eps, norm_offset, static_cast<__half*>(normed.data_ptr()), num_rows, stream);
+      break;
     case at::kBFloat16:
-      launch<__nv_bfloat16>(hidden, norm_weight, p, eps, norm_offset, normed.data_ptr<float>(), num_rows, stream);
+      launch<__nv_bfloat16>(hidden, norm_weight, p, eps, norm_offset, static_cast<__nv_bfloat16*>(normed.data_ptr()),
+                            num_rows, stream);
       break;
     default: TORCH_CHECK(false, "lm_head (cuda): unsupported dtype ", hidden.scalar_type());
   }

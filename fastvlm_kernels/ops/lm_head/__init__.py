@@ -374,7 +374,10 @@ BACKENDS = (
 )
 # `auto` order per device type. GPU order measured on an H100 (bench/results/H100-2026-11-25*,
 # bench/profile_gpu.py, fp16 151936x3584): the Triton kernel streams the head at 2.55-2.6 TB/s for
-# M = 1..17 (kernel time equal to cuBLAS F.linear + argmax, 0.97-1.03x); the CUDA C++ kernel dots on CUDA
-# cores with the normed rows re-read from L1/L2 per column (0.4 TB/s at M=5, 0.09 at M=17), so the plain
-# PyTorch chain beats it and it comes last.
+# M = 1..17 (kernel time equal to cuBLAS F.linear + argmax, 0.97-1.03x); the CUDA C++ kernel measured then
+# dotted on CUDA cores with the normed rows re-read from L1/L2 per column (0.4 TB/s at M=5, 0.09 at M=17),
+# so the plain PyTorch chain beat it and it comes last. Since then fp16 / bf16 run on tensor cores in the
+# CUDA kernel (csrc/cuda/lm_head.cuh, lm_head_mma_kernel: the weight streamed once per 64 rows through a
+# cp.async ring), not yet measured; proposal: ("cuda", "triton", "torch") if it matches or beats Triton
+# for M = 1..64 on the H100 (fp32 stays on its CUDA-core kernel, which is slower than Triton's).
 PRIORITY = {"cuda": ("triton", "torch", "cuda"), "cpu": ("cpu", "torch")}
