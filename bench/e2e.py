@@ -113,9 +113,10 @@ def main():
                 name = f"decoder_k{draft_len}{suffix}"
                 decoder = SelfSpeculativeDecoder(model, args.exit_layer, imitation=network, draft_len=k)
                 out = decoder.generate(**inputs, **options)
-                if not torch.equal(out.sequences, expected):
+                identical = torch.equal(out.sequences, expected)
+                if not identical and args.dtype == "fp32":
                     raise SystemExit(f"{name}: output differs from model.generate")
-                decoders[name] = (decoder, out.stats)
+                decoders[name] = (decoder, out.stats, identical)
                 functions[name] = lambda decoder=decoder: decoder.generate(**inputs, **options)
         medians = time_alternately(functions, args.repeats)
         new_tokens = batch * args.max_new_tokens
@@ -123,8 +124,9 @@ def main():
             row = dict(batch=batch, config=name, seconds=seconds, tokens_per_s=new_tokens / seconds,
                        speedup_vs_generate=medians["generate"] / seconds)
             if name in decoders:
-                stats = decoders[name][1]
-                row.update(mean_accepted=stats.mean_accepted, steps=stats.steps)
+                _, stats, identical = decoders[name]
+                # bf16: kernels round differently from SDPA, so a near-tie can flip; fp32 must be identical.
+                row.update(mean_accepted=stats.mean_accepted, steps=stats.steps, identical=identical)
             rows.append(row)
             print(format_row(row), flush=True)
     env = environment(args.device)

@@ -134,6 +134,31 @@ class KVCache:
         self.lengths[layer] += num_new
         self._host_lengths[layer] = [length + num_new for length in row_lengths]
 
+    def append_unchecked(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """:meth:`append` without the tensor checks, for a caller that has passed the same kind of tensors
+        to :meth:`append` before (the decoder, once per generate). The full-cache check stays: it reads only
+        the host lengths, and nothing is written when it fails."""
+        num_new = keys.shape[2]
+        row_lengths = self._host_lengths[layer]
+        longest = max(row_lengths)
+        if longest + num_new > self.max_len:
+            row = row_lengths.index(longest)
+            raise ValueError(f"the cache is full: appending T={num_new} positions to layer {layer} would take row "
+                             f"{row} from {longest} to {longest + num_new} > max_len={self.max_len}")
+        key_view, value_view = self.buffer[layer, 0], self.buffer[layer, 1]
+        if min(row_lengths) == longest:
+            key_view[:, :, longest:longest + num_new].copy_(keys)
+            value_view[:, :, longest:longest + num_new].copy_(values)
+        else:
+            kv_append(key_view, value_view, self.lengths[layer], _last_dim_contiguous(keys),
+                      _last_dim_contiguous(values), validate=False)
+        self.lengths[layer] += num_new
+        self._host_lengths[layer] = [length + num_new for length in row_lengths]
+
+    def layer_unchecked(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`layer` without the index check."""
+        return self.buffer[index, 0], self.buffer[index, 1]
+
     # ---- rollback and compaction ----------------------------------------------------------------------
 
     def rollback(self, new_lens: Lengths, host_lens: Optional[Sequence[int]] = None) -> None:

@@ -17,7 +17,8 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 from ..cache import KVCache
-from ..ops.verify_attention import verify_attention
+from ..ops._dispatch import select
+from ..ops.verify_attention import BACKENDS, PRIORITY, verify_attention
 
 ATTENTION_NAME = "fastvlm_kernels"
 STATE_KWARG = "fastvlm_state"
@@ -31,6 +32,7 @@ class StepState:
     prefix_lens: torch.Tensor
     tree_mask: Optional[torch.Tensor] = None
     calls: Optional[dict] = None   # layer_idx -> number of tokens attended, when counting (tests)
+    backend: Optional[object] = None   # the verify_attention backend, chosen (and the inputs checked) once
 
 
 def fastvlm_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -41,14 +43,26 @@ def fastvlm_attention(module, query, key, value, attention_mask, scaling=None, d
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     layer = module.layer_idx
-    state.cache.append(layer, key, value)
-    keys, values = state.cache.layer(layer)
+    sm_scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if state.calls is not None:
         state.calls[layer] = state.calls.get(layer, 0) + query.shape[0] * query.shape[2]
-    sm_scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = verify_attention(query, keys, values, state.prefix_lens, state.tree_mask, sm_scale=sm_scale,
-                           validate=False)
-    return out.transpose(1, 2), None
+    if state.backend is None:
+        # The first call of a generate: the public functions check everything once and the backend that
+        # verify_attention picks is kept; later calls of the same generate skip the Python checks.
+        state.cache.append(layer, key, value)
+        keys, values = state.cache.layer(layer)
+        out = verify_attention(query, keys, values, state.prefix_lens, state.tree_mask, sm_scale=sm_scale,
+                               validate=False)
+        state.backend = select("verify_attention", BACKENDS, PRIORITY.get(query.device.type, ("torch",)), "auto",
+                               query)
+        return out.transpose(1, 2), None
+    state.cache.append_unchecked(layer, key, value)
+    keys, values = state.cache.layer_unchecked(layer)
+    batch, num_heads, num_new, head_dim = query.shape
+    out = query.new_empty((batch, num_new, num_heads, head_dim))       # what the attention module reshapes
+    state.backend.run(query, keys, values, state.prefix_lens, state.tree_mask, float(sm_scale), out.transpose(1, 2),
+                      None)
+    return out, None
 
 
 _registered = False

@@ -23,11 +23,13 @@ def _extended_inputs(inputs: dict, sequences: torch.Tensor) -> dict:
     prompt_len = inputs["input_ids"].shape[1]
     extra = sequences.shape[1] - prompt_len
     extended["input_ids"] = sequences
+    device = sequences.device
     extended["attention_mask"] = torch.cat([inputs["attention_mask"],
-                                            torch.ones(sequences.shape[0], extra, dtype=torch.long)], dim=1)
+                                            torch.ones(sequences.shape[0], extra, dtype=torch.long, device=device)], 1)
     if "mm_token_type_ids" in inputs:
         extended["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"],
-                                                   torch.zeros(sequences.shape[0], extra, dtype=torch.long)], dim=1)
+                                                   torch.zeros(sequences.shape[0], extra, dtype=torch.long,
+                                                               device=device)], 1)
     return extended
 
 
@@ -98,6 +100,26 @@ def test_untrained_imitation_network_keeps_output_identical(family, kind):
         if kind == "layers":   # the imitation layers own cache layers N, N+1 and were rolled back with the rest
             lengths = decoder._cache.host_lengths
             assert lengths[NUM_LAYERS] == lengths[0] and lengths[NUM_LAYERS + 1] == lengths[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llama"])
+def test_greedy_on_gpu_is_token_identical_to_generate(family):
+    """fp32 on the GPU: the decoder's attention runs the GPU backends (Triton / CUDA) over the cache."""
+    case = build(family, seed=0, batch=4)
+    sharpen(case.model, 1, scale=0.1)
+    case.model.cuda()
+    case.inputs = {name: value.cuda() for name, value in case.inputs.items()}
+    expected = case.model.generate(**case.inputs, max_new_tokens=MAX_NEW, do_sample=False)
+    ties = []
+    for exit_layer in (1, 2):
+        for draft_len in (0, 3, "adaptive"):
+            decoder = SelfSpeculativeDecoder(case.model, exit_layer=exit_layer, draft_len=draft_len)
+            out = decoder.generate(**case.inputs, max_new_tokens=MAX_NEW)
+            assert out.sequences.device.type == "cuda"
+            assert_lossless(case, out.sequences, expected, f"cuda {family} E={exit_layer} k={draft_len}", ties)
+    if ties:
+        print("floating-point ties:", *ties, sep="\n  ")
 
 
 def test_draft_len_zero_is_the_model_itself():
