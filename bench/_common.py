@@ -69,3 +69,51 @@ def copy_bandwidth_gbps(device: str = "cuda") -> float:
     gbps = 2 * buffer.numel() * buffer.element_size() / copy_ms / 1e6
     print(f"measured copy bandwidth (1 GiB clone): {gbps:.0f} GB/s", flush=True)
     return gbps
+
+
+_FLUSH = {}
+
+
+def gpu_time_ms(fn, warmup=None, rep=None, iters: int = 10) -> float:
+    """Device time of one ``fn()`` in ms with a cold L2 and the host out of the way: ``iters`` calls, each
+    after a 256 MB memset that evicts L2, are captured in a CUDA graph and replayed, and a graph of the
+    memsets alone is subtracted. Eager timing (``triton.testing.do_bench``) of a small kernel measures the
+    Python and launch path instead (tens to hundreds of µs on a GPU host: bench/profile_gpu.py); that is the
+    fallback when ``fn`` cannot be captured (a host sync, a CPU generator). ``warmup``/``rep`` are accepted
+    for do_bench's signature."""
+    import triton.testing
+
+    flush = _FLUSH.setdefault("buffer", torch.empty(64 << 20, dtype=torch.int32, device="cuda"))
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        work, flushes = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(work):
+            for _ in range(iters):
+                flush.zero_()
+                fn()
+        with torch.cuda.graph(flushes):
+            for _ in range(iters):
+                flush.zero_()
+    except Exception:  # noqa: BLE001 - not capturable: time it eagerly instead
+        torch.cuda.synchronize()
+        return triton.testing.do_bench(fn, **{k: v for k, v in (("warmup", warmup), ("rep", rep)) if v is not None})
+
+    def replay_ms(graph) -> float:
+        samples = []
+        for _ in range(7):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end))
+        return sorted(samples)[len(samples) // 2]
+
+    replay_ms(work)
+    return max(replay_ms(work) - replay_ms(flushes), 1e-6) / iters

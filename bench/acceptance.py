@@ -1,13 +1,13 @@
 """Benchmark the acceptance ops (accept_greedy, accept_sampling and the tree versions).
 
     python bench/acceptance.py                      # CPU: the C++ kernel vs the reference vs vectorised PyTorch
-    python bench/acceptance.py --device cuda        # GPU: cuda and triton vs vectorised PyTorch (do_bench)
+    python bench/acceptance.py --device cuda        # GPU: cuda and triton vs vectorised PyTorch (device time)
     python bench/acceptance.py --json out.json --md out.md
 
 Baselines: the reference (a Python loop per row: the specification, not a contender) and what a user
 would write in vectorised PyTorch for a chain (gather, cumprod, residual, cumsum + searchsorted; no host
 synchronisation). CPU: torch.utils.benchmark medians (a shared machine: compare ratios within one run).
-GPU: triton.testing.do_bench medians. Each configuration is checked against the reference before it is
+GPU: device time per call (bench/_common.py gpu_time_ms: CUDA-graph replay, cold L2, no host overhead). Each configuration is checked against the reference before it is
 timed (integer outputs must be equal).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import environment, format_row, write_results  # noqa: E402
+from _common import gpu_time_ms, environment, format_row, write_results  # noqa: E402
 from fastvlm_kernels.ops.acceptance import (BACKENDS, accept_greedy, accept_greedy_reference,  # noqa: E402
                                             accept_sampling, accept_sampling_reference, accept_sampling_tree,
                                             accept_sampling_tree_reference)
@@ -147,9 +147,8 @@ def run(args):
         backends = ["cpu"] if usable("cpu", "cpu") else []
         timer = lambda fn: time_cpu(fn, args.min_time)  # noqa: E731
     else:
-        import triton.testing
         backends = [name for name in ("cuda", "triton") if usable(name, "cuda")]
-        timer = lambda fn: 1e3 * triton.testing.do_bench(fn)  # noqa: E731
+        timer = lambda fn: 1e3 * gpu_time_ms(fn)  # noqa: E731
     rows = []
     all_cases = list(cases())
     for index, (op, batch, num_drafted, vocab) in enumerate(all_cases):

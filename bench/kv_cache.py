@@ -9,7 +9,7 @@ layer's new keys and values (kv_append, one launch, against slice copies and ind
 Shapes: LLaVA-1.5-7B (32 layers, 32 KV heads, D 128) and Qwen2-VL-7B (28 layers, 4 KV heads, D 128), fp16,
 a tree of 64 nodes appended after the prompt, accepted paths of 4 and 10 nodes (the root included).
 CPU: torch.utils.benchmark medians (compare ratios within one run: the machine is shared). GPU:
-triton.testing.do_bench medians; GB/s counts the bytes moved (read + write of each moved row) and is
+device time per call (_common.gpu_time_ms: CUDA-graph replay, cold L2, no host overhead); GB/s counts the bytes moved (read + write of each moved row) and is
 compared with a plain copy of the same bytes and with the large-copy bandwidth; the number of kernels one
 call launches is counted with the profiler. Every configuration is checked against the reference first.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import copy_bandwidth_gbps, environment, format_row, markdown  # noqa: E402
+from _common import copy_bandwidth_gbps, gpu_time_ms, environment, format_row, markdown  # noqa: E402
 from fastvlm_kernels import KVCache  # noqa: E402
 from fastvlm_kernels.ops.kv_cache import BACKENDS, kv_append, kv_compact  # noqa: E402
 
@@ -133,7 +133,6 @@ def kernels_launched(fn) -> int:
 
 
 def run_gpu(args):
-    import triton.testing
 
     copy_gbps = copy_bandwidth_gbps("cuda")
     rows = []
@@ -142,15 +141,15 @@ def run_gpu(args):
         row["MB_moved"] = nbytes / 1e6
         same_bytes = torch.empty(nbytes // 4, dtype=torch.float16, device="cuda")
         same_out = torch.empty_like(same_bytes)
-        same_ms = triton.testing.do_bench(lambda: same_out.copy_(same_bytes), warmup=25, rep=100)
+        same_ms = gpu_time_ms(lambda: same_out.copy_(same_bytes), warmup=25, rep=100)
         row["same_bytes_copy_us"] = same_ms * 1e3
-        row["reference_us"] = triton.testing.do_bench(
+        row["reference_us"] = gpu_time_ms(
             lambda: kv_compact(buffer, start, accepted, validate=False, backend="torch"), warmup=5, rep=50) * 1e3
         for backend in ("cuda", "triton"):
             if not usable(backend, buffer):
                 continue
             check(buffer, start, accepted, backend)
-            ms = triton.testing.do_bench(lambda: kv_compact(buffer, start, accepted, validate=False, backend=backend),
+            ms = gpu_time_ms(lambda: kv_compact(buffer, start, accepted, validate=False, backend=backend),
                                          warmup=25, rep=200)
             row[f"{backend}_us"] = ms * 1e3
             row[f"{backend}_GBps"] = nbytes / ms / 1e6
@@ -218,8 +217,7 @@ def main():
             min_run_time=args.min_time).median * 1e6
     else:
         rows, env["copy_gbps"] = run_gpu(args)
-        import triton.testing
-        timer = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100) * 1e3  # noqa: E731
+        timer = lambda fn: gpu_time_ms(fn, warmup=25, rep=100) * 1e3  # noqa: E731
     appends = append_rows(args.device, timer)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

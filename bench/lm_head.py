@@ -6,7 +6,7 @@
 
 CPU: the kernel and the reference chain are timed alternately (one call each, repeated), and the medians
 compared, because timings on a shared machine drift; compare ratios, not absolute times. GPU:
-triton.testing.do_bench medians, µs and the % of the measured copy bandwidth that reading the head's
+device time per call (_common.gpu_time_ms: CUDA-graph replay, cold L2, no host overhead), µs and the % of the measured copy bandwidth that reading the head's
 weight once at that speed represents (the goal is >= 85%).
 Each configuration is checked against the reference chain before it is timed.
 """
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import copy_bandwidth_gbps, environment, format_row, write_results  # noqa: E402
+from _common import copy_bandwidth_gbps, gpu_time_ms, environment, format_row, write_results  # noqa: E402
 from fastvlm_kernels.ops.lm_head import BACKENDS, _prepare, early_exit_head, verify_head  # noqa: E402
 
 # (name, V, H): LLaVA-1.5 / Phi-3 heads, Qwen2-VL-7B's.
@@ -120,7 +120,6 @@ def run_cpu(args):
 
 
 def run_gpu(args):
-    import triton.testing
 
     device = "cuda"
     copy_gbps = copy_bandwidth_gbps("cuda")
@@ -135,25 +134,25 @@ def run_gpu(args):
                 hidden, norm_weight, weight = make_case(vocab, hidden_size, num_rows, dtype, device)
                 weight_bytes = weight.numel() * weight.element_size()
                 row = dict(dtype=dtype_name, head=head_name, M=num_rows, copy_gbps=copy_gbps)
-                row["linear_argmax_us"] = 1e3 * triton.testing.do_bench(
+                row["linear_argmax_us"] = 1e3 * gpu_time_ms(
                     lambda: reference_argmax(hidden, norm_weight, weight))
                 if flashinfer_sampling is not None:
                     def flashinfer_chain():
                         probs = torch.softmax(reference_logits(hidden, norm_weight, weight).float() / 0.8, -1)
                         return flashinfer_sampling.sampling_from_probs(probs)
-                    row["linear_flashinfer_sample_us"] = 1e3 * triton.testing.do_bench(flashinfer_chain)
+                    row["linear_flashinfer_sample_us"] = 1e3 * gpu_time_ms(flashinfer_chain)
                 draft = torch.zeros(num_rows, dtype=torch.int64, device=device)
                 seed = torch.tensor([1, 0], device=device)
                 for backend in ("cuda", "triton"):
                     if not usable(backend, hidden, norm_weight, weight):
                         continue
                     check(hidden, norm_weight, weight, backend)
-                    argmax_us = 1e3 * triton.testing.do_bench(
+                    argmax_us = 1e3 * gpu_time_ms(
                         lambda: early_exit_head(hidden, norm_weight, weight, eps=EPS, backend=backend))
-                    sample_us = 1e3 * triton.testing.do_bench(
+                    sample_us = 1e3 * gpu_time_ms(
                         lambda: early_exit_head(hidden, norm_weight, weight, eps=EPS, mode="sample", seed=seed,
                                                 temperature=0.8, backend=backend))
-                    verify_us = 1e3 * triton.testing.do_bench(
+                    verify_us = 1e3 * gpu_time_ms(
                         lambda: verify_head(hidden, norm_weight, weight, draft, eps=EPS, validate=False,
                                             backend=backend))
                     row[f"{backend}_argmax_us"] = argmax_us

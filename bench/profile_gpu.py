@@ -37,6 +37,8 @@ HEAD_CASES = [
     ("151936x3584 M1 argmax", 151936, 3584, 1, "argmax"),
     ("151936x3584 M5 argmax", 151936, 3584, 5, "argmax"),
     ("151936x3584 M17 argmax", 151936, 3584, 17, "argmax"),
+    ("151936x3584 M64 argmax", 151936, 3584, 64, "argmax"),
+    ("151936x3584 M5 sample", 151936, 3584, 5, "sample"),
     ("32064x4096 M5 argmax", 32064, 4096, 5, "argmax"),
 ]
 
@@ -75,6 +77,10 @@ def head_call(case, backend, device):
             normed = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.float()).half()
             return torch.nn.functional.linear(normed, weight).argmax(-1)
         return chain, bytes_read
+    if mode == "sample":
+        seed = torch.tensor([7, 0], dtype=torch.int64, device=device)
+        return (lambda: early_exit_head(hidden, norm, weight, eps=1e-6, mode="sample", temperature=0.8, seed=seed,
+                                        backend=backend)), bytes_read
     return (lambda: early_exit_head(hidden, norm, weight, eps=1e-6, mode=mode, backend=backend)), bytes_read
 
 

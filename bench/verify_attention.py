@@ -5,7 +5,7 @@
     python bench/verify_attention.py --json out.json --md out.md
 
 CPU: torch.utils.benchmark medians (compare ratios within one run: timings on a shared 2-core machine are
-noisy). GPU: triton.testing.do_bench medians with a cold L2, with GB/s and % of the measured copy bandwidth
+noisy). GPU: device time per call (_common.gpu_time_ms: CUDA-graph replay, cold L2, no host overhead), with GB/s and % of the measured copy bandwidth
 (the kernel is memory bound: it must read the cache once per KV head).
 Each configuration is checked against the reference before it is timed.
 """
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import copy_bandwidth_gbps, environment, format_row, write_results  # noqa: E402
+from _common import copy_bandwidth_gbps, gpu_time_ms, environment, format_row, write_results  # noqa: E402
 from fastvlm_kernels.ops.verify_attention import BACKENDS, verify_attention, verify_attention_reference  # noqa: E402
 from fastvlm_kernels.ops.verify_attention.reference import visibility_mask  # noqa: E402
 
@@ -99,7 +99,6 @@ def run_cpu(args):
 
 
 def run_gpu(args):
-    import triton.testing
 
     device = "cuda"
     rows = []
@@ -124,16 +123,16 @@ def run_gpu(args):
                         row = dict(dtype="bf16", shape=shape_name, B=batch, Hq=num_q_heads, Hkv=num_kv_heads,
                                    D=head_dim, prefix=prefix, T=num_new, mask="tree" if tree else "chain",
                                    copy_gbps=copy_gbps)
-                        row["sdpa_mask_us"] = 1e3 * triton.testing.do_bench(
+                        row["sdpa_mask_us"] = 1e3 * gpu_time_ms(
                             lambda: sdpa_with_mask(q, k_cache, v_cache, mask))
                         if flash_attn_with_kvcache is not None and not tree:
                             q_fa, k_fa, v_fa = (t.transpose(1, 2) for t in (q, k_cache, v_cache))
                             seqlens = prefix_lens + num_new
-                            row["flash_attn_us"] = 1e3 * triton.testing.do_bench(
+                            row["flash_attn_us"] = 1e3 * gpu_time_ms(
                                 lambda: flash_attn_with_kvcache(q_fa, k_fa, v_fa, cache_seqlens=seqlens, causal=True))
                         for backend in backends:
                             check(q, k_cache, v_cache, prefix_lens, backend)
-                            microseconds = 1e3 * triton.testing.do_bench(
+                            microseconds = 1e3 * gpu_time_ms(
                                 lambda: verify_attention(q, k_cache, v_cache, prefix_lens, tree_mask,
                                                          validate=False, backend=backend))
                             row[f"{backend}_us"] = microseconds
