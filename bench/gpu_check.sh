@@ -41,6 +41,7 @@ if wants profile; then
   step "kernel profile ($(date +%T))"
   $python bench/profile_gpu.py --json "${results}-profile.json" 2>&1 | tee "${results}-profile.txt" | grep -v "^      " \
     || status=1
+  $python bench/profile_gpu.py --host-profile > "${results}-host-profile.txt" 2>&1 || status=1
 fi
 
 for op in kv_cache acceptance lm_head verify_attention; do

@@ -139,12 +139,37 @@ def kernel_times_us(fn, iters=10):
     return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
+def host_profile():
+    import cProfile
+    import pstats
+    for make, case, backends in ((attention_call, ATTENTION_CASES[3], ("cuda", "triton")),
+                                 (head_call, HEAD_CASES[1], ("cuda", "triton"))):
+        for backend in backends:
+            fn, _ = make(case, backend, "cuda")
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(200):
+                fn()
+            profiler.disable()
+            torch.cuda.synchronize()
+            print(f"\n== host time of 200 eager calls: {case[0]}, {backend}", flush=True)
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(14)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=("verify_attention", "lm_head"))
     parser.add_argument("--ncu", action="store_true", help="one call per case and backend, nothing timed")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--host-profile", action="store_true",
+                        help="cProfile 200 eager calls of each backend on one case per op: where the host time goes")
     args = parser.parse_args()
+    if args.host_profile:
+        host_profile()
+        return
     device = "cuda"
     rows = []
     suites = []
