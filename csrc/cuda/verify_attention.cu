@@ -58,7 +58,7 @@ void launch_attention(va::Params params, const at::Tensor& q, cudaStream_t strea
     kernel = va::verify_attention_tensor_core_kernel<T, kHeadDimPadded>;
     threads = Config::kThreads;
     shared_bytes = Config::kSharedBytes;
-    min_split_keys = 4 * Config::kBlockN;
+    min_split_keys = 2 * Config::kBlockN;  // short splits: decode shapes are latency bound per CTA
     // 16 query rows per warp; warps not needed for rows share each tile's keys instead.
     const int64_t rows = static_cast<int64_t>(params.num_new) * params.group;
     params.warps_m = rows <= 16 ? 1 : rows <= 32 ? 2 : 4;
@@ -84,6 +84,9 @@ void launch_attention(va::Params params, const at::Tensor& q, cudaStream_t strea
                 " allows ", properties->sharedMemPerBlockOptin);
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(shared_bytes)));
+    // Shared memory over L1 (K/V bypass L1 anyway), so that 2 or 3 CTAs of 64-99 KB fit on an SM.
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                        static_cast<int>(cudaSharedmemCarveoutMaxShared)));
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas_per_sm, kernel, threads, shared_bytes));
     ctas_per_sm = std::max(ctas_per_sm, 1);
     if (device < kMaxDevices) ctas_per_sm_by_device[device].store(ctas_per_sm, std::memory_order_relaxed);
