@@ -969,8 +969,8 @@ __global__ void __launch_bounds__(kMergeThreads) verify_attention_merge_kernel(c
   T* out = static_cast<T*>(p.out) + b * p.out_stride_b + head * p.out_stride_h + token * p.out_stride_t;
   for (int dim = 4 * lane; dim < p.head_dim; dim += 128) {
     float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll 8
-    for (int s = 0; s < p.num_splits; ++s) {  // independent loads: 8 partials in flight per lane
+#pragma unroll 4
+    for (int s = 0; s < p.num_splits; ++s) {  // independent loads: 4 partials in flight per lane
       const float weight = exp2f(partial_lse[s * total_rows] - reference);  // 0 for an empty split
       const float4 part = *reinterpret_cast<const float4*>(p.partial_out + (s * total_rows + row_id) * p.head_dim + dim);
       acc.x = fmaf(weight, part.x, acc.x);
