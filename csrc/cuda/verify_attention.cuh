@@ -1,17 +1,20 @@
 // verify_attention kernels: T new tokens of a KV-head group attend to their row's cache in one pass.
-// Grid: 1-D, one CTA per (batch row b * KV head, block of 64 query rows, KV split). A group's query rows
+// Grid: 1-D, one CTA per (batch row b * KV head, block of query rows, KV split). A group's query rows
 // are flattened as r = t * G + g (new token t, query head Hkv_index * G + g), so a block covers a range
-// of tokens and a causal chain bounds its keys by its last token. Each K/V tile (64 positions, 32 for
-// D = 256) is loaded once into shared memory for all rows of the block; online softmax in fp32 (log2
-// domain). Decode shapes are memory bound (each cached byte is read once per group); prefill with T in
-// the thousands is compute bound. With num_splits > 1 each split writes normalised partial outputs and
-// a log2-sum-exp to a workspace, merged by verify_attention_merge_kernel.
-// Two compute paths share the loaders, masking and epilogue:
-//   - CudaCoreKernel (all dtypes; the only one for fp32): 8 warps x 8 rows; for S = QK^T a lane owns
-//     keys lane and lane + 32, for O += PV a lane owns D / 32 contiguous dims. fp32 FMA, no tf32.
-//   - TensorCoreKernel (fp16 / bf16, sm_80+): 4 warps x 16 rows; nvcuda::wmma 16x16x16 fragments with fp32
-//     accumulation for QK^T and PV; S, P and the O accumulator live in the warp's shared-memory slice so
-//     that the softmax is plain per-row thread code (a wmma accumulator's element layout is unspecified).
+// of tokens and a causal chain bounds its keys by its last token. Each K/V tile is loaded once into
+// shared memory for all rows of the block; online softmax in fp32 (log2 domain). Decode shapes (T * G
+// from 1 to a few hundred) are memory bound: each cached byte is read once per query block, and the
+// launcher splits the cache until the grid fills the GPU's resident CTA slots. With num_splits > 1 each
+// split writes normalised fp32 partial outputs and a log2-sum-exp, merged by verify_attention_merge_kernel.
+// Two compute paths share the work split, masking rule and split-KV format:
+//   - TensorCoreKernel (fp16 / bf16, sm_80+), flash-decoding style: 4 warps; a query block of 16, 32 or
+//     64 rows (warps_m = 1, 2, 4 row groups of 16), and the 4 / warps_m warps of a row group split each
+//     64-key tile into slices of 64 / 32 / 16 keys, merged across warps at the end. mma.sync m16n8k16
+//     (fp32 accumulators) on ldmatrix fragments: S, P and O stay in registers, Q too for D <= 128. K/V
+//     tiles stream through a 2-4 stage cp.async pipeline (swizzled 16-byte chunks, one barrier per tile).
+//   - CudaCoreKernel (all dtypes; the only one for fp32, and fp16 / bf16 before sm_80): 64 query rows,
+//     8 warps x 8 rows; for S = QK^T a lane owns keys lane and lane + 32, for O += PV a lane owns D / 32
+//     contiguous dims. fp32 FMA, no tf32; synchronous tile loads.
 #pragma once
 
 #include <cstdint>
@@ -19,7 +22,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
+#include <type_traits>
 
 namespace fastvlm::verify_attention {
 
@@ -44,13 +47,17 @@ struct Params {
   int num_new;        // T
   int cache_len;      // L_max
   int head_dim;       // D, a multiple of 16, <= the instance's padded head dim
+  int block_m;        // query rows per CTA: kCudaCoreBlockM, or 16 * warps_m on tensor cores
+  int warps_m;        // tensor cores: row groups of 16 among the 4 warps (1, 2 or 4); the rest split keys
   int num_query_blocks;
   int num_splits;
   float scale_log2;   // sm_scale * log2(e)
-  bool vector_loads;  // q, k_cache, v_cache pointers and strides allow 16-byte loads
+  bool q_vector_loads;   // q's pointer and strides allow 16-byte loads
+  bool kv_vector_loads;  // k_cache's and v_cache's pointers and strides allow 16-byte loads
+  bool vector_loads;     // both
 };
 
-constexpr int kBlockM = 64;  // query rows per CTA, both paths
+constexpr int kCudaCoreBlockM = 64;  // query rows per CTA of the CUDA-core path
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -124,8 +131,8 @@ __device__ __forceinline__ BlockWork block_work(const Params& p, int block_n) {
   w.kv_head = bh % p.num_kv_heads;
 
   const int total_rows = p.num_new * p.group;
-  w.row_begin = w.query_block * kBlockM;
-  w.num_rows = min(kBlockM, total_rows - w.row_begin);
+  w.row_begin = w.query_block * p.block_m;
+  w.num_rows = min(p.block_m, total_rows - w.row_begin);
 
   const int max_prefix = max(p.cache_len - p.num_new, 0);
   w.prefix = min(max(p.prefix_lens[w.b], 0), max_prefix);
@@ -148,7 +155,7 @@ struct RowInfo {
 };
 
 __device__ __forceinline__ void load_row_info(const Params& p, const BlockWork& w, RowInfo* rows) {
-  for (int r = threadIdx.x; r < kBlockM; r += blockDim.x) {
+  for (int r = threadIdx.x; r < kCudaCoreBlockM; r += blockDim.x) {
     RowInfo info{0, -1};
     if (r < w.num_rows) {
       info.token = (w.row_begin + r) / p.group;
@@ -209,7 +216,7 @@ __device__ __forceinline__ void load_query_tile(StoreT* smem, int smem_stride, c
   constexpr int kVec = 16 / sizeof(T);
   constexpr int kChunksPerRow = kHeadDimPadded / kVec;
   const T* q = static_cast<const T*>(p.q) + w.b * p.q_stride_b;
-  for (int chunk = threadIdx.x; chunk < kBlockM * kChunksPerRow; chunk += kThreads) {
+  for (int chunk = threadIdx.x; chunk < kCudaCoreBlockM * kChunksPerRow; chunk += kThreads) {
     const int row = chunk / kChunksPerRow;
     const int dim = (chunk % kChunksPerRow) * kVec;
     T elements[kVec];
@@ -280,7 +287,7 @@ template <typename T, int kHeadDimPadded>
 struct CudaCoreConfig {
   static constexpr int kWarps = 8;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kRowsPerWarp = kBlockM / kWarps;              // 8
+  static constexpr int kRowsPerWarp = kCudaCoreBlockM / kWarps;              // 8
   static constexpr int kBlockN = block_n<kHeadDimPadded>();
   static constexpr int kKeysPerLane = kBlockN / 32;                  // 2, or 1 for D = 256
   static constexpr int kDimsPerLane = kHeadDimPadded / 32;           // 2, 4 or 8
@@ -288,11 +295,11 @@ struct CudaCoreConfig {
   static constexpr int kQueryStride = kHeadDimPadded;                // fp32, read as broadcasts
   static constexpr int kKeyStride = kHeadDimPadded + kVec;           // +16 B: conflict-free row-per-lane reads
   static constexpr int kValueStride = kHeadDimPadded;                // read row-contiguously
-  static constexpr size_t kQueryBytes = sizeof(float) * kBlockM * kQueryStride;
+  static constexpr size_t kQueryBytes = sizeof(float) * kCudaCoreBlockM * kQueryStride;
   static constexpr size_t kKeyBytes = sizeof(T) * kBlockN * kKeyStride;
   static constexpr size_t kValueBytes = sizeof(T) * kBlockN * kValueStride;
-  static constexpr size_t kProbBytes = sizeof(float) * kBlockM * kBlockN;
-  static constexpr size_t kRowInfoBytes = sizeof(RowInfo) * kBlockM;
+  static constexpr size_t kProbBytes = sizeof(float) * kCudaCoreBlockM * kBlockN;
+  static constexpr size_t kRowInfoBytes = sizeof(RowInfo) * kCudaCoreBlockM;
   static constexpr size_t kSharedBytes = kQueryBytes + kKeyBytes + kValueBytes + kProbBytes + kRowInfoBytes;
 };
 
@@ -445,199 +452,538 @@ verify_attention_cuda_core_kernel(const Params p) {
   }
 }
 
-// ---- tensor-core path (fp16 / bf16) -----------------------------------------------------------------
+// ---- tensor-core path (fp16 / bf16, sm_80+) ---------------------------------------------------------
+// PTX wrappers: cp.async (16-byte global -> shared copies that bypass registers and L1), ldmatrix (8x8
+// b16 matrices from shared memory into the mma fragment layout) and mma.sync m16n8k16 with fp32
+// accumulators. Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16"), with g = lane / 4 and
+// c = lane % 4: A (16x16) reg 0 = (row g, cols 2c, 2c+1), reg 1 = (row g+8, same cols), reg 2 = (row g,
+// cols 8+2c, 8+2c+1), reg 3 = (row g+8, cols 8+2c..); B (16x8, k x n) reg 0 = (k 2c, 2c+1; n g),
+// reg 1 = (k 8+2c, 8+2c+1; n g); C/D (16x8) d0, d1 = (row g, cols 2c, 2c+1), d2, d3 = (row g+8, same).
+// So the S accumulators of two neighbouring 8-key tiles are, packed to 16 bits, the A operand of P V.
+__device__ __forceinline__ uint32_t shared_address(const void* pointer) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
+}
+
+// Copies 16 bytes; when !valid, writes 16 zero bytes and reads nothing.
+__device__ __forceinline__ void cp_async_16(uint32_t smem, const void* gmem, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Lanes 8i..8i+7 give the row addresses of matrix i; register i receives matrix i's fragment
+// (row lane / 4, cols 2 (lane % 4), +1), or with .trans (rows 2 (lane % 4), +1, col lane / 4).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+
+// d += a b for a 16x16 A (row major), a 16x8 B (column major), fp32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Two floats rounded to T, the first in the low half (the lower column of a fragment register).
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float low, float high) {
+  uint32_t bits;
+  if constexpr (std::is_same_v<T, __half>) {
+    const __half2 pair = __floats2half2_rn(low, high);
+    memcpy(&bits, &pair, 4);
+  } else {
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(low, high);
+    memcpy(&bits, &pair, 4);
+  }
+  return bits;
+}
+
+// Elements [0, 2) of a global row as one register (low half first), 4-byte aligned or not.
+template <typename T>
+__device__ __forceinline__ uint32_t load_pair(const T* src, bool aligned) {
+  if (aligned) return __ldg(reinterpret_cast<const unsigned int*>(src));
+  const uint16_t* halves = reinterpret_cast<const uint16_t*>(src);
+  return static_cast<uint32_t>(halves[0]) | (static_cast<uint32_t>(halves[1]) << 16);
+}
+
+// Shared tiles are [rows, kHeadDimPadded] in 16-byte chunks (8 elements), chunk c of row r stored at
+// chunk c ^ (r % 8): the 8 rows that one ldmatrix matrix reads, or that a warp's copies write, fall in
+// 8 different 16-byte bank groups (no padding, so the K / V stages stay powers of two in size).
+template <int kHeadDimPadded>
+__device__ __forceinline__ int swizzled(int row, int chunk) {
+  return row * kHeadDimPadded + ((chunk ^ (row & 7)) << 3);
+}
+
+// Starts copying rows [0, num_valid) of a [rows, head_dim] global matrix into a swizzled shared tile of
+// kRows rows (cp.async, zero-filling rows >= num_valid; chunks past head_dim are left alone: never
+// read). Without 16-byte alignment it copies element by element, synchronously. A thread keeps one
+// column chunk and steps down the rows, so its addresses advance by constants.
+template <typename T, int kRows, int kHeadDimPadded, int kThreads>
+__device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t gmem_stride, int num_valid,
+                                                int head_dim, bool vector_loads) {
+  constexpr int kChunksPerRow = kHeadDimPadded / 8;
+  constexpr int kRowsPerRound = kThreads / kChunksPerRow;
+  static_assert(kThreads % kChunksPerRow == 0 && kRows % kRowsPerRound == 0, "whole rounds of 16-byte chunks");
+  const int first_row = static_cast<int>(threadIdx.x) / kChunksPerRow;
+  const int col = static_cast<int>(threadIdx.x) % kChunksPerRow;
+  if (col >= head_dim / 8) return;
+  const T* src = gmem + first_row * gmem_stride + col * 8;
+  const int64_t round_stride = kRowsPerRound * gmem_stride;
+#pragma unroll
+  for (int round = 0; round < kRows / kRowsPerRound; ++round, src += round_stride) {
+    const int row = first_row + round * kRowsPerRound;
+    T* dst = smem + swizzled<kHeadDimPadded>(row, col);
+    const bool valid = row < num_valid;
+    if (vector_loads) {
+      cp_async_16(shared_address(dst), valid ? src : gmem, valid);
+    } else {
+      T elements[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) elements[i] = valid ? src[i] : from_float<T>(0.0f);
+      memcpy(dst, elements, 16);
+    }
+  }
+}
+
+// ldmatrix addressing: every x4 load of this kernel reads rows whose index is lane % 8 modulo 8 and
+// logical chunk 2 step + half (half = 0 or 1, fixed per lane) of a swizzled row. The physical chunk is
+// 8 (step / 4) + ((2 (step % 4) + half) ^ (lane % 8)): four per-lane byte offsets, the rest immediates
+// once the loops over step unroll.
+struct SwizzleOffsets {
+  uint32_t bytes[4];
+  __device__ __forceinline__ SwizzleOffsets(int lane, int half) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) bytes[k] = static_cast<uint32_t>(((2 * k + half) ^ (lane % 8)) * 16);
+  }
+  // Byte offset within a row of logical chunks (2 step + half).
+  __device__ __forceinline__ uint32_t at(int step) const { return bytes[step % 4] + (step / 4) * 128; }
+};
+
 template <typename T, int kHeadDimPadded>
 struct TensorCoreConfig {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kRowsPerWarp = 16;                            // one wmma row of fragments
-  static constexpr int kBlockN = block_n<kHeadDimPadded>();
-  static constexpr int kPad = 8;                                     // 16 B: wmma ldm % 8 == 0, fewer bank conflicts
-  static constexpr int kOperandStride = kHeadDimPadded + kPad;       // Q, K, V tiles (T)
-  static constexpr int kScoreStride = kBlockN + 4;                   // S (fp32), per warp
-  static constexpr int kProbStride = kBlockN + kPad;                 // P (T), per warp
-  static constexpr int kAccStride = kHeadDimPadded + 4;              // O (fp32), per warp
-  static constexpr size_t kQueryBytes = sizeof(T) * kBlockM * kOperandStride;
-  static constexpr size_t kKeyBytes = sizeof(T) * kBlockN * kOperandStride;
-  static constexpr size_t kValueBytes = kKeyBytes;
-  static constexpr size_t kScoreBytes = sizeof(float) * kBlockM * kScoreStride;
-  static constexpr size_t kProbBytes = sizeof(T) * kBlockM * kProbStride;
-  static constexpr size_t kAccBytes = sizeof(float) * kBlockM * kAccStride;
-  static constexpr size_t kRowInfoBytes = sizeof(RowInfo) * kBlockM;
-  static constexpr size_t kSharedBytes =
-      kQueryBytes + kKeyBytes + kValueBytes + kScoreBytes + kProbBytes + kAccBytes + kRowInfoBytes;
-  // Every region size is a multiple of 32 bytes, so each region starts 32-byte aligned as wmma requires.
-  static_assert(kQueryBytes % 32 == 0 && kKeyBytes % 32 == 0 && kScoreBytes % 32 == 0 && kProbBytes % 32 == 0 &&
-                kAccBytes % 32 == 0, "wmma needs 32-byte aligned shared-memory regions");
+  static constexpr int kMaxBlockM = 64;          // query rows per CTA: 16 * warps_m, warps_m in {1, 2, 4}
+  static constexpr int kBlockN = 64;             // keys per K / V tile, split among the 4 / warps_m warps of a row group
+  static constexpr int kKeyTiles = kBlockN / 8;  // 8-key mma tiles of S when one warp takes the whole tile
+  static constexpr int kKSteps = kHeadDimPadded / 16;
+  static constexpr int kDimTiles = kHeadDimPadded / 8;
+  static constexpr int kStages = kHeadDimPadded <= 64 ? 4 : kHeadDimPadded <= 128 ? 3 : 2;
+  // D <= 128: each warp's 16 query rows stay in registers as A fragments, read once from global memory.
+  // D = 256: they stay in shared memory (registers hold the 16 x 256 fp32 O accumulator).
+  static constexpr bool kQueryInRegisters = kHeadDimPadded <= 128;
+  static constexpr size_t kTileBytes = sizeof(T) * kBlockN * kHeadDimPadded;
+  static constexpr size_t kStageBytes = 2 * kTileBytes;  // K then V
+  static constexpr size_t kQueryBytes = kQueryInRegisters ? 0 : sizeof(T) * kMaxBlockM * kHeadDimPadded;
+  static constexpr size_t kStatsBytes = sizeof(float) * kWarps * 16 * 2;  // (m, l) per warp row, for the merge
+  static constexpr size_t kSharedBytes = kStages * kStageBytes + kQueryBytes + kStatsBytes;
+  // After the last tile the stages hold every warp's O accumulator for the merge across key slices.
+  static_assert(sizeof(float) * kWarps * kDimTiles * 4 * 32 <= kStages * kStageBytes, "merge scratch fits");
 };
 
 template <typename T, int kHeadDimPadded>
 __global__ void __launch_bounds__(TensorCoreConfig<T, kHeadDimPadded>::kThreads)
 verify_attention_tensor_core_kernel(const Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  __trap();  // bf16 wmma needs sm_80; the launcher only picks this path on sm_80+
+  __trap();  // cp.async, ldmatrix and bf16 mma need sm_80; the launcher only picks this path on sm_80+
 #else
-  namespace wmma = nvcuda::wmma;
   using Config = TensorCoreConfig<T, kHeadDimPadded>;
+  constexpr int kThreads = Config::kThreads;
   constexpr int kBlockN = Config::kBlockN;
-  constexpr int kRows = Config::kRowsPerWarp;
-  constexpr int kKeysPerLane = kBlockN / 2;         // two lanes per row, each half of the keys
-  constexpr int kDimsPerLane = kHeadDimPadded / 2;  // and half of the dims
+  constexpr int kStages = Config::kStages;
+  constexpr int kKSteps = Config::kKSteps;
+  constexpr int kDimTiles = Config::kDimTiles;
+  constexpr int kKeyTiles = Config::kKeyTiles;
 
   extern __shared__ __align__(128) unsigned char shared_raw[];
-  unsigned char* cursor = shared_raw;
-  T* query_tile = reinterpret_cast<T*>(cursor);      cursor += Config::kQueryBytes;
-  T* key_tile = reinterpret_cast<T*>(cursor);        cursor += Config::kKeyBytes;
-  T* value_tile = reinterpret_cast<T*>(cursor);      cursor += Config::kValueBytes;
-  float* score_tile = reinterpret_cast<float*>(cursor); cursor += Config::kScoreBytes;
-  T* prob_tile = reinterpret_cast<T*>(cursor);       cursor += Config::kProbBytes;
-  float* acc_tile = reinterpret_cast<float*>(cursor); cursor += Config::kAccBytes;
-  RowInfo* row_info = reinterpret_cast<RowInfo*>(cursor);
+  T* stages = reinterpret_cast<T*>(shared_raw);  // [kStages][K, V][kBlockN, kHeadDimPadded], swizzled
+  T* query_tile = reinterpret_cast<T*>(shared_raw + kStages * Config::kStageBytes);  // D = 256 only
+  float* stats = reinterpret_cast<float*>(shared_raw + kStages * Config::kStageBytes + Config::kQueryBytes);
 
   const BlockWork w = block_work(p, kBlockN);
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  const int warp_row = warp * kRows;
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int group_id = lane / 4;       // g: this lane's rows are g and g + 8 of its warp's 16
+  const int lane_in_group = lane % 4;  // c: its columns are 2c, 2c + 1 of each 8-wide tile
+  // Warps form warps_m row groups of 16 rows x warps_n key slices of each tile.
+  const int warps_n = Config::kWarps / p.warps_m;
+  const int warp_m = warp / warps_n;
+  const int warp_n = warp % warps_n;
+  const int warp_row = warp_m * 16;
+  const int slice_keys = kBlockN / warps_n;   // 64, 32 or 16
+  const int slice_tiles = slice_keys / 8;     // 8-key tiles of S
+  const int slice_begin = warp_n * slice_keys;
   const bool warp_active = warp_row < w.num_rows;
   const bool has_tree = p.tree_mask != nullptr;
-  // In the softmax and epilogue, lanes 2r and 2r + 1 share row r of the warp's 16.
-  const int my_row = lane / 2;
-  const int my_half = lane % 2;
-
-  const T* warp_queries = query_tile + warp_row * Config::kOperandStride;
-  float* scores = score_tile + warp_row * Config::kScoreStride;
-  T* probs = prob_tile + warp_row * Config::kProbStride;
-  float* acc = acc_tile + warp_row * Config::kAccStride;
-
-  load_query_tile<T, T, kHeadDimPadded, Config::kThreads>(query_tile, Config::kOperandStride, p, w, 1.0f);
-  load_row_info(p, w, row_info);
-  for (int i = lane; i < kRows * Config::kAccStride; i += 32) acc[i] = 0.0f;
-
-  float m = -INFINITY;  // of row my_row, identical in both lanes of the pair
-  float l = 0.0f;       // this lane's half of the keys
+  const int head_dim_steps = p.head_dim / 16;
 
   const T* keys = static_cast<const T*>(p.k_cache) + w.b * p.k_stride_b + w.kv_head * p.k_stride_h;
   const T* values = static_cast<const T*>(p.v_cache) + w.b * p.v_stride_b + w.kv_head * p.v_stride_h;
-  const int head_dim_steps = p.head_dim / 16;
+  const T* queries = static_cast<const T*>(p.q) + w.b * p.q_stride_b;
+  const int num_tiles = w.kv_stop > w.kv_begin ? (w.kv_stop - w.kv_begin + kBlockN - 1) / kBlockN : 0;
 
-  for (int tile_start = w.kv_begin; tile_start < w.kv_stop; tile_start += kBlockN) {
+  const auto load_kv_tile = [&](int tile, int stage) {
+    const int tile_start = w.kv_begin + tile * kBlockN;
     const int tile_valid = min(kBlockN, w.kv_stop - tile_start);
-    __syncthreads();
-    load_tile<T, kBlockN, kHeadDimPadded, Config::kThreads>(key_tile, Config::kOperandStride,
-        keys + tile_start * p.k_stride_l, p.k_stride_l, tile_valid, p.head_dim, p.vector_loads);
-    load_tile<T, kBlockN, kHeadDimPadded, Config::kThreads>(value_tile, Config::kOperandStride,
-        values + tile_start * p.v_stride_l, p.v_stride_l, tile_valid, p.head_dim, p.vector_loads);
-    __syncthreads();
-    if (!warp_active) continue;
+    T* key_dst = stages + static_cast<size_t>(stage) * 2 * kBlockN * kHeadDimPadded;
+    T* value_dst = key_dst + kBlockN * kHeadDimPadded;
+    load_tile_async<T, kBlockN, kHeadDimPadded, kThreads>(key_dst, keys + tile_start * p.k_stride_l, p.k_stride_l,
+                                                          tile_valid, p.head_dim, p.kv_vector_loads);
+    load_tile_async<T, kBlockN, kHeadDimPadded, kThreads>(value_dst, values + tile_start * p.v_stride_l,
+                                                          p.v_stride_l, tile_valid, p.head_dim, p.kv_vector_loads);
+  };
 
-    // S[16, kBlockN] = Q[16, D] K[kBlockN, D]^T (K read as a column-major D x kBlockN matrix).
+  // Prologue: the query tile (D = 256) joins the first group; then kStages - 1 tiles in flight.
+  if constexpr (!Config::kQueryInRegisters) {
+    constexpr int kChunksPerRow = kHeadDimPadded / 8;
+    const int head_chunks = p.head_dim / 8;
+    for (int chunk = threadIdx.x; chunk < p.block_m * kChunksPerRow; chunk += kThreads) {
+      const int row = chunk / kChunksPerRow;
+      const int col = chunk % kChunksPerRow;
+      if (col >= head_chunks) continue;
+      const bool valid = row < w.num_rows;
+      const int flat = w.row_begin + (valid ? row : 0);
+      const T* src = queries + (w.kv_head * p.group + flat % p.group) * p.q_stride_h +
+                     (flat / p.group) * p.q_stride_t + col * 8;
+      T* dst = query_tile + swizzled<kHeadDimPadded>(row, col);
+      if (p.q_vector_loads) {
+        cp_async_16(shared_address(dst), src, valid);
+      } else {
+        T elements[8];
 #pragma unroll
-    for (int n0 = 0; n0 < kBlockN; n0 += 16) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> s_frag;
-      wmma::fill_fragment(s_frag, 0.0f);
-      for (int step = 0; step < head_dim_steps; ++step) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> q_frag;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> k_frag;
-        wmma::load_matrix_sync(q_frag, warp_queries + step * 16, Config::kOperandStride);
-        wmma::load_matrix_sync(k_frag, key_tile + n0 * Config::kOperandStride + step * 16, Config::kOperandStride);
-        wmma::mma_sync(s_frag, q_frag, k_frag, s_frag);
+        for (int i = 0; i < 8; ++i) elements[i] = valid ? src[i] : from_float<T>(0.0f);
+        memcpy(dst, elements, 16);
       }
-      wmma::store_matrix_sync(scores + n0, s_frag, Config::kScoreStride, wmma::mem_row_major);
     }
-    __syncwarp();
-
-    // Online softmax of row my_row; the lane pair interleaves keys (n = 2j + my_half) and dims, so that
-    // the two lanes of a row touch neighbouring shared-memory words.
-    {
-      const RowInfo row = row_info[warp_row + my_row];
-      const bool needs_mask = tile_start + kBlockN > w.prefix || tile_start + kBlockN > w.kv_stop;
-      const float* s_row = scores + my_row * Config::kScoreStride;
-      float tile_max = -INFINITY;
-#pragma unroll 4
-      for (int j = 0; j < kKeysPerLane; ++j) {
-        const int n = 2 * j + my_half;
-        if (!needs_mask || is_visible(row, tile_start + n, w, p.num_new, has_tree)) {
-          tile_max = fmaxf(tile_max, s_row[n] * p.scale_log2);
-        }
-      }
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-      const float m_new = fmaxf(m, tile_max);
-      const float m_ref = m_new == -INFINITY ? 0.0f : m_new;  // nothing visible yet: avoid -inf - -inf
-      const float alpha = exp2f(m - m_ref);
-      m = m_new;
-      l *= alpha;
-      T* p_row = probs + my_row * Config::kProbStride;
-#pragma unroll 4
-      for (int j = 0; j < kKeysPerLane; ++j) {
-        const int n = 2 * j + my_half;
-        const bool visible = !needs_mask || is_visible(row, tile_start + n, w, p.num_new, has_tree);
-        const float prob = visible ? exp2f(s_row[n] * p.scale_log2 - m_ref) : 0.0f;
-        l += prob;
-        p_row[n] = from_float<T>(prob);
-      }
-      float* acc_row = acc + my_row * Config::kAccStride;
-#pragma unroll 4
-      for (int i = 0; i < kDimsPerLane; ++i) acc_row[2 * i + my_half] *= alpha;
-    }
-    __syncwarp();
-
-    // O[16, D] += P[16, kBlockN] V[kBlockN, D], accumulating in the warp's fp32 shared slice.
-    for (int step = 0; step < head_dim_steps; ++step) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> o_frag;
-      wmma::load_matrix_sync(o_frag, acc + step * 16, Config::kAccStride, wmma::mem_row_major);
+  }
 #pragma unroll
-      for (int k0 = 0; k0 < kBlockN; k0 += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> p_frag;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> v_frag;
-        wmma::load_matrix_sync(p_frag, probs + k0, Config::kProbStride);
-        wmma::load_matrix_sync(v_frag, value_tile + k0 * Config::kOperandStride + step * 16, Config::kOperandStride);
-        wmma::mma_sync(o_frag, p_frag, v_frag, o_frag);
-      }
-      wmma::store_matrix_sync(acc + step * 16, o_frag, Config::kAccStride, wmma::mem_row_major);
-    }
-    __syncwarp();
+  for (int stage = 0; stage < kStages - 1; ++stage) {
+    if (stage < num_tiles) load_kv_tile(stage, stage);
+    cp_async_commit();
   }
 
+  // This lane's two rows: masking facts and, for D <= 128, the query A fragments (zero for padding rows).
+  RowInfo rows[2];
+  const T* query_rows[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = warp_row + group_id + 8 * i;
+    rows[i] = RowInfo{0, -1};
+    query_rows[i] = nullptr;
+    if (row < w.num_rows) {
+      const int flat = w.row_begin + row;
+      rows[i].token = flat / p.group;
+      if (has_tree) {
+        rows[i].tree_bits = static_cast<uint64_t>(p.tree_mask[static_cast<int64_t>(w.b) * p.num_new + rows[i].token]);
+      }
+      query_rows[i] = queries + (w.kv_head * p.group + flat % p.group) * p.q_stride_h + rows[i].token * p.q_stride_t;
+    }
+  }
+  constexpr int kQueryFragments = Config::kQueryInRegisters ? kKSteps : 1;
+  uint32_t q_frag[kQueryFragments][4];
+#pragma unroll
+  for (int step = 0; step < kQueryFragments; ++step) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const T* row = query_rows[r % 2];  // register r: row g + 8 (r % 2), cols 16 step + 8 (r / 2) + 2c
+      const bool load = Config::kQueryInRegisters && row != nullptr && step < head_dim_steps;
+      q_frag[step][r] = load ? load_pair(row + step * 16 + (r / 2) * 8 + 2 * lane_in_group, p.q_vector_loads) : 0u;
+    }
+  }
+
+  // ldmatrix rows of this lane: K (B operand, keys 0-7 then 8-15 of a 16-key pair), V (transposed B,
+  // keys 0-7, 8-15, 0-7, 8-15) and Q (A operand, rows 0-15); all are lane % 8 modulo 8.
+  constexpr uint32_t kRowBytes = kHeadDimPadded * sizeof(T);
+  const uint32_t stages_address = shared_address(stages);
+  const int key_row = slice_begin + lane % 8 + (lane / 16) * 8;
+  const int value_row = slice_begin + lane % 8 + ((lane / 8) % 2) * 8;
+  const SwizzleOffsets key_offsets(lane, (lane / 8) % 2);
+  const SwizzleOffsets value_offsets(lane, lane / 16);
+  const SwizzleOffsets query_offsets(lane, lane / 16);
+  const uint32_t query_row_address = shared_address(query_tile) + (warp_row + lane % 16) * kRowBytes;
+
+  float o[kDimTiles][4];  // O of rows (g, g + 8), dims 8 j + 2c + (0, 1): fp32, unnormalised
+#pragma unroll
+  for (int j = 0; j < kDimTiles; ++j) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) o[j][r] = 0.0f;
+  }
+  float m[2] = {-INFINITY, -INFINITY};  // running max of rows g, g + 8 (log2 domain), the same in the quad
+  float l[2] = {0.0f, 0.0f};            // running sum over this lane's columns only
+
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    cp_async_wait<kStages - 2>();  // this thread's copies of `tile` have landed
+    __syncthreads();               // everyone's have, and nobody still reads the stage refilled next
+    {
+      const int next = tile + kStages - 1;
+      if (next < num_tiles) load_kv_tile(next, next % kStages);
+      cp_async_commit();  // possibly empty: keeps one group per tile
+    }
+    if (!warp_active) continue;
+
+    // Shared byte addresses of this lane's ldmatrix rows in the stage of `tile`.
+    const uint32_t stage_address = stages_address + static_cast<uint32_t>(tile % kStages) * Config::kStageBytes;
+    const uint32_t key_row_address = stage_address + key_row * kRowBytes;
+    const uint32_t value_row_address = stage_address + Config::kTileBytes + value_row * kRowBytes;
+    const int tile_start = w.kv_begin + tile * kBlockN;
+
+    // S[16, slice] = Q K^T over this warp's key slice. The x4 load gives B fragments of two 8-key
+    // tiles: matrices (keys 0-7, dims lo), (keys 0-7, dims hi), (keys 8-15, lo), (keys 8-15, hi).
+    float s[kKeyTiles][4];
+#pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) s[n][r] = 0.0f;
+    }
+#pragma unroll
+    for (int step = 0; step < kKSteps; ++step) {
+      if (step >= head_dim_steps) break;
+      uint32_t a[4];
+      if constexpr (Config::kQueryInRegisters) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) a[r] = q_frag[step][r];
+      } else {  // matrices (rows 0-7, dims lo), (rows 8-15, lo), (rows 0-7, hi), (rows 8-15, hi)
+        ldmatrix_x4(a, query_row_address + query_offsets.at(step));
+      }
+#pragma unroll
+      for (int pair = 0; pair < kKeyTiles / 2; ++pair) {
+        if (2 * pair >= slice_tiles) break;
+        uint32_t b[4];
+        ldmatrix_x4(b, key_row_address + pair * 16 * kRowBytes + key_offsets.at(step));
+        mma_m16n8k16<T>(s[2 * pair], a, b[0], b[1]);
+        mma_m16n8k16<T>(s[2 * pair + 1], a, b[2], b[3]);
+      }
+    }
+
+    // Online softmax on the fragments: scale to the log2 domain, mask where the tile reaches past the
+    // prefix or this split, then row max over the quad (the 4 lanes of a row).
+    const bool needs_mask = tile_start + kBlockN > w.prefix || tile_start + kBlockN > w.kv_stop;
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n) {
+      if (n >= slice_tiles) break;
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        float score = s[n][r] * p.scale_log2;
+        if (needs_mask) {
+          const int pos = tile_start + slice_begin + 8 * n + 2 * lane_in_group + r % 2;
+          if (!is_visible(rows[r / 2], pos, w, p.num_new, has_tree)) score = -INFINITY;
+        }
+        s[n][r] = score;
+        tile_max[r / 2] = fmaxf(tile_max[r / 2], score);
+      }
+    }
+    float reference[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 1));
+      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 2));
+      const float m_new = fmaxf(m[i], tile_max[i]);
+      reference[i] = m_new == -INFINITY ? 0.0f : m_new;  // nothing visible yet: avoid -inf - -inf
+      const float alpha = exp2f(m[i] - reference[i]);
+      m[i] = m_new;
+      l[i] *= alpha;
+#pragma unroll
+      for (int j = 0; j < kDimTiles; ++j) {
+        o[j][2 * i] *= alpha;
+        o[j][2 * i + 1] *= alpha;
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n) {
+      if (n >= slice_tiles) break;
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const float prob = exp2f(s[n][r] - reference[r / 2]);
+        l[r / 2] += prob;
+        s[n][r] = prob;
+      }
+    }
+
+    // O[16, D] += P[16, slice] V[slice, D]: P from registers, V via transposed x4 loads giving B
+    // fragments of two 8-dim tiles: matrices (keys 0-7, dims lo), (keys 8-15, lo), (keys 0-7, hi), (8-15, hi).
+#pragma unroll
+    for (int chunk = 0; chunk < kKeyTiles / 2; ++chunk) {
+      if (2 * chunk >= slice_tiles) break;
+      const uint32_t a[4] = {pack_pair<T>(s[2 * chunk][0], s[2 * chunk][1]),
+                             pack_pair<T>(s[2 * chunk][2], s[2 * chunk][3]),
+                             pack_pair<T>(s[2 * chunk + 1][0], s[2 * chunk + 1][1]),
+                             pack_pair<T>(s[2 * chunk + 1][2], s[2 * chunk + 1][3])};
+#pragma unroll
+      for (int step = 0; step < kKSteps; ++step) {  // 16 dims: two 8-dim tiles of O
+        if (step >= head_dim_steps) break;
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, value_row_address + chunk * 16 * kRowBytes + value_offsets.at(step));
+        mma_m16n8k16<T>(o[2 * step], a, b[0], b[1]);
+        mma_m16n8k16<T>(o[2 * step + 1], a, b[2], b[3]);
+      }
+    }
+  }
+  cp_async_wait<0>();  // only empty groups remain, but leave none behind
+
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+  }
+
+  // Warps of a row group saw different key slices: merge their (m, l, O) through shared memory; the
+  // first warp of the group keeps the result. The stages are free once every warp passed the barrier.
+  if (warps_n > 1) {
+    __syncthreads();
+    if (lane_in_group == 0) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        stats[(warp * 16 + group_id + 8 * i) * 2] = m[i];
+        stats[(warp * 16 + group_id + 8 * i) * 2 + 1] = l[i];
+      }
+    }
+    __syncthreads();
+    float scale[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int first = (warp_m * warps_n * 16 + group_id + 8 * i) * 2;  // this row in the group's first warp
+      float group_max = -INFINITY;
+      for (int other = 0; other < warps_n; ++other) group_max = fmaxf(group_max, stats[first + other * 32]);
+      const float group_ref = group_max == -INFINITY ? 0.0f : group_max;
+      float group_sum = 0.0f;
+      for (int other = 0; other < warps_n; ++other) {
+        group_sum += stats[first + other * 32 + 1] * exp2f(stats[first + other * 32] - group_ref);
+      }
+      scale[i] = exp2f(m[i] - group_ref);
+      m[i] = group_max;
+      l[i] = group_sum;
+    }
+    float* partial_o = reinterpret_cast<float*>(stages);  // [warp][kDimTiles * 4][32 lanes]
+    if (warp_n > 0) {
+#pragma unroll
+      for (int j = 0; j < kDimTiles; ++j) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) partial_o[((warp * kDimTiles + j) * 4 + r) * 32 + lane] = o[j][r] * scale[r / 2];
+      }
+    }
+    __syncthreads();
+    if (warp_n > 0) return;
+#pragma unroll
+    for (int j = 0; j < kDimTiles; ++j) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        float sum = o[j][r] * scale[r / 2];
+        for (int other = 1; other < warps_n; ++other) sum += partial_o[(((warp + other) * kDimTiles + j) * 4 + r) * 32 + lane];
+        o[j][r] = sum;
+      }
+    }
+  }
   if (!warp_active) return;
-  __syncwarp();  // the accumulator's zero fill is visible even when this split had no tile
-  const float row_sum = l + __shfl_xor_sync(0xffffffffu, l, 1);
-  if (warp_row + my_row >= w.num_rows) return;
-  const int dim = my_half * kDimsPerLane;
-  const int count = max(0, min(kDimsPerLane, p.head_dim - dim));
-  write_row<T, kDimsPerLane>(p, w, warp_row + my_row, dim, acc + my_row * Config::kAccStride + dim, count, m, row_sum,
-               my_half == 0);
+
+  // Epilogue: rows g and g + 8, dims 8 j + 2c + (0, 1), to out (one split) or the fp32 partials.
+  const int64_t total_rows = static_cast<int64_t>(p.batch) * p.num_q_heads * p.num_new;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = warp_row + group_id + 8 * i;
+    if (row >= w.num_rows) continue;
+    const int flat = w.row_begin + row;
+    const int token = flat / p.group;
+    const int head = w.kv_head * p.group + flat % p.group;
+    const int64_t row_id = (static_cast<int64_t>(w.b) * p.num_q_heads + head) * p.num_new + token;
+    const bool empty = !(l[i] > 0.0f);
+    const float inv_l = empty ? 0.0f : 1.0f / l[i];
+    const float lse_log2 = empty ? -INFINITY : m[i] + log2f(l[i]);
+    if (p.num_splits == 1) {
+      T* out = static_cast<T*>(p.out) + w.b * p.out_stride_b + head * p.out_stride_h + token * p.out_stride_t;
+#pragma unroll
+      for (int j = 0; j < kDimTiles; ++j) {
+        const int dim = 8 * j + 2 * lane_in_group;
+        if (8 * j >= p.head_dim) break;
+        out[dim] = from_float<T>(o[j][2 * i] * inv_l);
+        out[dim + 1] = from_float<T>(o[j][2 * i + 1] * inv_l);
+      }
+      if (lane_in_group == 0 && p.lse != nullptr) p.lse[row_id] = lse_log2 * kLn2;
+    } else {
+      const int64_t split_row = w.split * total_rows + row_id;
+      float* out = p.partial_out + split_row * p.head_dim;
+#pragma unroll
+      for (int j = 0; j < kDimTiles; ++j) {
+        const int dim = 8 * j + 2 * lane_in_group;
+        if (8 * j >= p.head_dim) break;
+        *reinterpret_cast<float2*>(out + dim) = make_float2(o[j][2 * i] * inv_l, o[j][2 * i + 1] * inv_l);
+      }
+      if (lane_in_group == 0) p.partial_lse[split_row] = lse_log2;
+    }
+  }
 #endif
 }
 
 // ---- split-KV merge -----------------------------------------------------------------------------------
-// Grid: one CTA per (b, h, t) row; the threads split D. Each thread reads the row's num_splits
-// log2-sum-exps (a few dozen floats, cached) and combines the normalised partial outputs.
+// Grid: one warp per (b, h, t) row, kMergeThreads / 32 rows per CTA. The lanes read the row's
+// num_splits log2-sum-exps (max and sum by warp shuffles), then each lane combines 4 consecutive dims
+// (float4 loads; D is a multiple of 16) of the normalised partial outputs. Memory bound on the partials.
 constexpr int kMergeThreads = 128;
+constexpr int kMergeRowsPerBlock = kMergeThreads / 32;
 
 template <typename T>
 __global__ void __launch_bounds__(kMergeThreads) verify_attention_merge_kernel(const Params p) {
-  const int64_t row_id = blockIdx.x;  // (b * Hq + h) * T + t
   const int64_t total_rows = static_cast<int64_t>(p.batch) * p.num_q_heads * p.num_new;
+  const int64_t row_id = static_cast<int64_t>(blockIdx.x) * kMergeRowsPerBlock + threadIdx.x / 32;  // (b * Hq + h) * T + t
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  if (row_id >= total_rows) return;
   const int token = static_cast<int>(row_id % p.num_new);
   const int head = static_cast<int>((row_id / p.num_new) % p.num_q_heads);
   const int b = static_cast<int>(row_id / (static_cast<int64_t>(p.num_new) * p.num_q_heads));
+  const float* partial_lse = p.partial_lse + row_id;  // split s at s * total_rows
 
   float max_lse = -INFINITY;
-  for (int s = 0; s < p.num_splits; ++s) max_lse = fmaxf(max_lse, p.partial_lse[s * total_rows + row_id]);
+  for (int s = lane; s < p.num_splits; s += 32) max_lse = fmaxf(max_lse, partial_lse[s * total_rows]);
+  max_lse = warp_max(max_lse);
   const bool empty = max_lse == -INFINITY;
+  const float reference = empty ? 0.0f : max_lse;
   float weight_sum = 0.0f;
-  for (int s = 0; s < p.num_splits && !empty; ++s) weight_sum += exp2f(p.partial_lse[s * total_rows + row_id] - max_lse);
+  for (int s = lane; s < p.num_splits; s += 32) weight_sum += exp2f(partial_lse[s * total_rows] - reference);
+  weight_sum = warp_sum(weight_sum);
+  const float inv_sum = empty ? 0.0f : 1.0f / weight_sum;
 
   T* out = static_cast<T*>(p.out) + b * p.out_stride_b + head * p.out_stride_h + token * p.out_stride_t;
-  for (int dim = threadIdx.x; dim < p.head_dim; dim += blockDim.x) {
-    float value = 0.0f;
-    for (int s = 0; s < p.num_splits && !empty; ++s) {
-      const float weight = exp2f(p.partial_lse[s * total_rows + row_id] - max_lse);
-      value += weight * p.partial_out[(s * total_rows + row_id) * p.head_dim + dim];
+  for (int dim = 4 * lane; dim < p.head_dim; dim += 128) {
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 4
+    for (int s = 0; s < p.num_splits; ++s) {  // independent loads: 4 partials in flight per lane
+      const float weight = exp2f(partial_lse[s * total_rows] - reference);  // 0 for an empty split
+      const float4 part = *reinterpret_cast<const float4*>(p.partial_out + (s * total_rows + row_id) * p.head_dim + dim);
+      acc.x = fmaf(weight, part.x, acc.x);
+      acc.y = fmaf(weight, part.y, acc.y);
+      acc.z = fmaf(weight, part.z, acc.z);
+      acc.w = fmaf(weight, part.w, acc.w);
     }
-    out[dim] = from_float<T>(empty ? 0.0f : value / weight_sum);
+    out[dim] = from_float<T>(acc.x * inv_sum);
+    out[dim + 1] = from_float<T>(acc.y * inv_sum);
+    out[dim + 2] = from_float<T>(acc.z * inv_sum);
+    out[dim + 3] = from_float<T>(acc.w * inv_sum);
   }
-  if (threadIdx.x == 0 && p.lse != nullptr) p.lse[row_id] = empty ? -INFINITY : (max_lse + log2f(weight_sum)) * kLn2;
+  if (lane == 0 && p.lse != nullptr) p.lse[row_id] = empty ? -INFINITY : (max_lse + log2f(weight_sum)) * kLn2;
 }
 
 }  // namespace fastvlm::verify_attention
