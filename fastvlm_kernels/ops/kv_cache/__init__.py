@@ -113,7 +113,9 @@ BACKENDS = (
     Backend("cpu", _run_extension, compiled_backend_reasons("cpu")),
     Backend("torch", _run_reference, always_supported),
 )
-# `auto` order per device type. GPU order to be confirmed by bench/kv_cache.py on a GPU.
+# `auto` order per device type. On an H100 (bench/results/NVIDIA-H100-80GB-HBM3-2026-11-25-kv_cache*): one launch
+# for all layers either way; Triton's kernel is 5-20% faster (3.6-22 us against 4.6-24 us) but its Python
+# launch costs ~100 us more per eager call (bench/profile_gpu.py --host-profile), so CUDA comes first.
 PRIORITY = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 

@@ -372,12 +372,10 @@ BACKENDS = (
     Backend("cpu", _run_extension, _cpu_reasons),
     Backend("torch", _run_reference, lambda call: []),
 )
-# `auto` order per device type. GPU order measured on an H100 (bench/results/H100-2026-11-25*,
-# bench/profile_gpu.py, fp16 151936x3584): the Triton kernel streams the head at 2.55-2.6 TB/s for
-# M = 1..17 (kernel time equal to cuBLAS F.linear + argmax, 0.97-1.03x); the CUDA C++ kernel measured then
-# dotted on CUDA cores with the normed rows re-read from L1/L2 per column (0.4 TB/s at M=5, 0.09 at M=17),
-# so the plain PyTorch chain beat it and it comes last. Since then fp16 / bf16 run on tensor cores in the
-# CUDA kernel (csrc/cuda/lm_head.cuh, lm_head_mma_kernel: the weight streamed once per 64 rows through a
-# cp.async ring), not yet measured; proposal: ("cuda", "triton", "torch") if it matches or beats Triton
-# for M = 1..64 on the H100 (fp32 stays on its CUDA-core kernel, which is slower than Triton's).
-PRIORITY = {"cuda": ("triton", "torch", "cuda"), "cpu": ("cpu", "torch")}
+# `auto` order per device type. GPU order measured on an H100 (bench/results/NVIDIA-H100-80GB-HBM3-2026-11-25-
+# {lm_head,profile}*, device time per call, fp16/bf16): Triton streams the 151936x3584 head at 83-85% of copy
+# bandwidth for M = 1..17 (0.97-0.99x cuBLAS F.linear + argmax, which writes the logits; 1.05-1.08x on the
+# 32064x4096 head); the CUDA C++ kernel (mma.sync tiles, cp.async ring) at 75-77% (0.89-0.93x). Both read
+# the weight twice for M > 64 (two row chunks). The CUDA kernel comes before the PyTorch chain because it
+# never materialises the [M, V] logits (the chain is 10% faster for argmax, not for sampling).
+PRIORITY = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
