@@ -73,6 +73,8 @@ def main():
     parser.add_argument("--exit-layer", type=int, default=4)
     parser.add_argument("--draft-lens", nargs="+", default=["0", "3", "adaptive"])
     parser.add_argument("--imitation", type=Path, help="a trained imitation network for this model")
+    parser.add_argument("--attention-backends", nargs="+", default=["auto"],
+                        help="verify_attention backends to compare in the decoder (e.g. cuda triton)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--prompt-len", type=int, default=48)
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -109,9 +111,12 @@ def main():
         for draft_len in args.draft_lens:
             k = draft_len if draft_len == "adaptive" else int(draft_len)
             variants = [("", None)] + ([("+imitation", imitation)] if imitation is not None and k != 0 else [])
-            for suffix, network in variants:
+            variants = [(suffix + ("" if attention == "auto" else f"@{attention}"), network, attention)
+                        for suffix, network in variants for attention in args.attention_backends]
+            for suffix, network, attention in variants:
                 name = f"decoder_k{draft_len}{suffix}"
-                decoder = SelfSpeculativeDecoder(model, args.exit_layer, imitation=network, draft_len=k)
+                decoder = SelfSpeculativeDecoder(model, args.exit_layer, imitation=network, draft_len=k,
+                                                 attention_backend=attention)
                 out = decoder.generate(**inputs, **options)
                 identical = torch.equal(out.sequences, expected)
                 if not identical and args.dtype == "fp32":

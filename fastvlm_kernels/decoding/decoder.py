@@ -102,11 +102,13 @@ class SelfSpeculativeDecoder:
             ``adaptive_window`` steps, between 1 and ``max_draft_len``.
         max_cache_len: when set, the positions one call may use (prompt + new tokens + draft); a call that
             would need more raises before running anything. The cache is kept between calls and reused.
+        attention_backend: the ``verify_attention`` backend ("auto": the op's own order for the device).
     """
 
     def __init__(self, model: nn.Module, exit_layer: int, imitation: Optional[nn.Module] = None,
                  draft_len: Union[int, str] = 4, tree=None, *, adaptive_threshold: float = 0.4,
-                 adaptive_window: int = 8, max_draft_len: int = 8, max_cache_len: Optional[int] = None):
+                 adaptive_window: int = 8, max_draft_len: int = 8, max_cache_len: Optional[int] = None,
+                 attention_backend: str = "auto"):
         self.adapter: Adapter = adapter_for(model)
         self.model = model
         num_layers = self.adapter.num_layers
@@ -145,6 +147,11 @@ class SelfSpeculativeDecoder:
         self.adaptive_threshold = adaptive_threshold
         self.adaptive_window = adaptive_window
         self.max_cache_len = max_cache_len
+        from ..ops.verify_attention import BACKENDS as _ATTENTION_BACKENDS
+        names = ("auto",) + tuple(backend.name for backend in _ATTENTION_BACKENDS)
+        if attention_backend not in names:
+            raise ValueError(f"attention_backend must be one of {names}, got {attention_backend!r}")
+        self.attention_backend = attention_backend
         self._cache: Optional[KVCache] = None
         config = self.adapter.text_config
         self._num_kv_heads = config.num_key_value_heads
@@ -315,7 +322,7 @@ class SelfSpeculativeDecoder:
                 positions = prompt.positions.gather(1, order.to(prompt.positions.device))
             cache = self._get_cache(batch, max_len, dtype, device)
             state = StepState(cache, torch.zeros(batch, dtype=torch.int32, device=device),
-                              calls={} if self.count_calls else None)
+                              calls={} if self.count_calls else None, requested_backend=self.attention_backend)
             position_embeddings = adapter.rotary_emb(embeds, positions)
             num_layers, exit_layer = adapter.num_layers, self.exit_layer
             hidden = self._run_layers(embeds, 0, exit_layer, position_embeddings, state)
