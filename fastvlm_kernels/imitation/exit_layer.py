@@ -123,6 +123,11 @@ def pick_exit_layer(model: nn.Module, processor, data_dir: Path, out_dir: Path, 
     candidates = sorted(set(candidates)) if candidates else default_candidates(num_layers)
     for exit_layer in candidates:   # every candidate checked before any training
         replace(config, exit_layer=exit_layer).check(num_layers)
+    if resume and overwrite:
+        raise ValueError("pass --resume or --overwrite, not both")
+    if overwrite:
+        for name in ("responses.jsonl", "exit_layers.json", "exit_layers.md"):
+            (out_dir / name).unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     encoder = Encoder(processor, max_response_tokens=config.max_response_tokens)
     reports = []
