@@ -393,11 +393,36 @@ def train_imitation(model: nn.Module, processor, data_dir: Path, out_dir: Path, 
     record = _run_record(config, model, data_dir)
     resuming = prepare_out_dir(out_dir, record, resume=resume, overwrite=overwrite, say=say)
 
+    with frozen(model):
+        generate_responses(model, encoder, train_examples, responses_cache or out_dir / "responses.jsonl",
+                           max_new_tokens=config.max_new_tokens, fingerprint=record["model"], progress=progress)
+        return _train(model, adapter, encoder, config, train_examples, eval_examples, out_dir, resuming,
+                      progress=progress, say=say, callback=callback, stop_after=stop_after)
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module):
+    """The backbone for the duration of the block: eval mode, ``requires_grad=False`` on every parameter (so
+    no gradient is ever allocated for it); the caller's flags and mode come back afterwards."""
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    was_training = model.training
+    for parameter, _ in flags:
+        parameter.requires_grad_(False)
+    model.eval()
+    try:
+        yield model
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _train(model, adapter, encoder: Encoder, config: TrainConfig, train_examples: List[Example],
+           eval_examples: List[Example], out_dir: Path, resuming: bool, *, progress: bool,
+           say: Callable[[str], None], callback, stop_after: Optional[int]) -> TrainResult:
+    from tqdm.auto import tqdm
     device = next(model.parameters()).device
     model_dtype = adapter.norm.weight.dtype
-    generate_responses(model, encoder, train_examples, responses_cache or out_dir / "responses.jsonl",
-                       max_new_tokens=config.max_new_tokens, fingerprint=record["model"], progress=progress)
-
     torch.manual_seed(config.seed)
     network = ImitationNetwork.from_model(model, config.exit_layer, num_layers=config.layers, kind=config.kind,
                                           target_layer=config.target_layer, init_layer=config.init_layer)
@@ -456,11 +481,6 @@ def train_imitation(model: nn.Module, processor, data_dir: Path, out_dir: Path, 
     taps = _Taps(adapter.layers, config.exit_layer, config.target_layer)
     weights = config.loss_weights()
     use_autocast = device.type == "cuda"
-    frozen = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
-    was_training = model.training
-    for parameter, _ in frozen:
-        parameter.requires_grad_(False)
-    model.eval()
     last_step = config.steps if stop_after is None else min(config.steps, step + stop_after)
     bar = tqdm(total=config.steps, initial=step, disable=not progress, desc="imitation", file=sys.stderr,
                dynamic_ncols=True)
@@ -500,9 +520,6 @@ def train_imitation(model: nn.Module, processor, data_dir: Path, out_dir: Path, 
         save_checkpoint()
     finally:
         bar.close()
-        for parameter, flag in frozen:
-            parameter.requires_grad_(flag)
-        model.train(was_training)
 
     plot = None
     if step == config.steps:
