@@ -97,8 +97,8 @@ def measure(model: nn.Module, encoder: Encoder, examples: Sequence[Example], exi
 
 
 def format_table(reports: Sequence[ExitLayerReport], draft_len: int) -> str:
-    lines = [f"| exit layer | accepted / step, early exit | accepted / step, imitation | speedup, early exit | "
-             f"speedup, imitation | identical output |",
+    lines = ["| exit layer | accepted / step, early exit | accepted / step, imitation | speedup, early exit | "
+             "speedup, imitation | identical output |",
              "|---:|---:|---:|---:|---:|:---:|"]
     for report in reports:
         lines.append(f"| {report.exit_layer} | {report.accepted_early_exit:.2f} | {report.accepted_imitation:.2f} | "
