@@ -2,6 +2,9 @@
 
     fastvlm generate --model DIR [--image FILE] --prompt TEXT [--exit-layer E] [--imitation DIR]
                      [--draft-len K|adaptive] [--max-new-tokens N] [--sample --temperature T --top-k K --top-p P]
+    fastvlm train-imitation --model DIR --data DIR --exit-layer E --out DIR [--target-layer T] [--layers n]
+                     [--kind layers|mlp] [--steps N] [--resume | --overwrite] [...]
+    fastvlm pick-exit-layer --model DIR --data DIR --out DIR [--candidates 2,4,6] [--steps N] [...]
 """
 from __future__ import annotations
 
@@ -83,6 +86,118 @@ def cmd_generate(args) -> int:
     return 0
 
 
+# ---- train-imitation, pick-exit-layer --------------------------------------------------------------------------------
+
+
+def _init_layer(value: str):
+    if value == "fresh":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--init-layer must be a layer index or 'fresh', got {value!r}") from None
+
+
+def _candidates(value: str):
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--candidates must be comma-separated layer indices, got {value!r}") from None
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser, with_exit_layer: bool, **overrides) -> None:
+    """One flag per TrainConfig field, of the same name (``overrides``: other defaults for this command)."""
+    from dataclasses import replace
+
+    from .imitation import TrainConfig
+    defaults = replace(TrainConfig(exit_layer=1), **overrides)
+    parser.add_argument("--model", type=Path, required=True, help="a local transformers checkpoint folder")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="a folder of images and .jsonl files of prompts (and optional responses)")
+    parser.add_argument("--out", type=Path, required=True, help="the run's output folder")
+    if with_exit_layer:
+        parser.add_argument("--exit-layer", type=int, required=True, help="E: the network starts from layer E's input")
+    parser.add_argument("--target-layer", type=int, help="the layer whose output is imitated (default: the last)")
+    parser.add_argument("--layers", type=int, default=defaults.layers, help="decoder layers in the network (default 1)")
+    parser.add_argument("--kind", choices=("layers", "mlp"), default=defaults.kind)
+    parser.add_argument("--init-layer", type=_init_layer, default=defaults.init_layer,
+                        help="backbone layer the network's layers start from (default -1: the last), or 'fresh'")
+    for name, kind, text in (
+            ("steps", int, "optimizer steps"), ("batch_size", int, "sequences per step"), ("lr", float, "peak learning rate"),
+            ("weight_decay", float, "AdamW weight decay"), ("warmup_steps", int, "linear warmup steps"),
+            ("min_lr_ratio", float, "the cosine decay ends at lr * this"), ("grad_clip", float, "max gradient norm (0: off)"),
+            ("cosine_weight", float, "weight of the cosine loss"), ("kd_weight", float, "weight of the distillation loss"),
+            ("temperature", float, "distillation temperature"), ("seed", int, "seed of the data order and fresh weights"),
+            ("eval_fraction", float, "share of the prompts held out to measure the accepted length"),
+            ("max_eval_examples", int, "at most this many held-out prompts"),
+            ("eval_every", int, "measure the accepted length every N steps (0: start and end only)"),
+            ("eval_max_new_tokens", int, "tokens generated per held-out prompt"),
+            ("draft_len", int, "the decoder's draft length k when measuring"),
+            ("checkpoint_every", int, "save a checkpoint every N steps (0: at the end only)"),
+            ("max_new_tokens", int, "length of the model's generated responses"),
+            ("max_response_tokens", int, "truncate responses to this many tokens")):
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name),
+                            help=f"{text} (default {getattr(defaults, name)})")
+    parser.add_argument("--skip-malformed", action="store_true", help="skip malformed JSONL lines instead of failing")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the run already in --out")
+    mode.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _train_config(args, exit_layer: int):
+    from .imitation import TrainConfig
+    return TrainConfig(
+        exit_layer=exit_layer, target_layer=args.target_layer, layers=args.layers, kind=args.kind,
+        init_layer=args.init_layer, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
+        grad_clip=args.grad_clip, cosine_weight=args.cosine_weight, kd_weight=args.kd_weight,
+        temperature=args.temperature, seed=args.seed, eval_fraction=args.eval_fraction,
+        max_eval_examples=args.max_eval_examples, eval_every=args.eval_every,
+        eval_max_new_tokens=args.eval_max_new_tokens, draft_len=args.draft_len,
+        checkpoint_every=args.checkpoint_every, max_new_tokens=args.max_new_tokens,
+        max_response_tokens=args.max_response_tokens, skip_malformed=args.skip_malformed)
+
+
+def _load_for_training(args):
+    import torch
+    model, processor = load_local(args.model, args.dtype)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device), processor
+
+
+def cmd_train_imitation(args) -> int:
+    from .imitation import DataError, train_imitation
+    model, processor = _load_for_training(args)
+    try:
+        result = train_imitation(model, processor, args.data, args.out, _train_config(args, args.exit_layer),
+                                 resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    except (ValueError, TypeError, DataError) as error:
+        raise SystemExit(f"fastvlm: {error}") from None
+    if result.final is not None and result.baseline is not None:
+        print(f"exit layer {result.config.exit_layer}: {result.final.mean_accepted:.2f} drafted tokens accepted per "
+              f"step with the network, {result.baseline.mean_accepted:.2f} with plain early exit "
+              f"(held-out prompts, draft length {result.config.draft_len})")
+    print(f"imitation network: {result.out_dir / 'imitation'}")
+    return 0
+
+
+def cmd_pick_exit_layer(args) -> int:
+    from .imitation import DataError, pick_exit_layer
+    from .imitation.exit_layer import format_table
+    model, processor = _load_for_training(args)
+    try:
+        config = _train_config(args, exit_layer=1)
+        reports = pick_exit_layer(model, processor, args.data, args.out, config, args.candidates,
+                                  resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    except (ValueError, TypeError, DataError) as error:
+        raise SystemExit(f"fastvlm: {error}") from None
+    print(format_table(reports, config.draft_len))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastvlm", description="Self-speculative decoding for VLMs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +216,17 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=None)
     generate.add_argument("--seed", type=int, default=0)
     generate.set_defaults(handler=cmd_generate)
+
+    train = commands.add_parser("train-imitation", help="train an imitation network for a local checkpoint")
+    _add_training_arguments(train, with_exit_layer=True)
+    train.set_defaults(handler=cmd_train_imitation)
+
+    pick = commands.add_parser("pick-exit-layer",
+                               help="train briefly at a few exit layers and report accepted length and speedup")
+    _add_training_arguments(pick, with_exit_layer=False, steps=200, eval_every=0)
+    pick.add_argument("--candidates", type=_candidates, default=None,
+                      help="comma-separated exit layers (default: about N/8, N/4, 3N/8, N/2)")
+    pick.set_defaults(handler=cmd_pick_exit_layer)
     return parser
 
 

@@ -94,11 +94,16 @@ class ImitationNetwork(nn.Module):
         return len(self.layers)
 
     def forward(self, hidden: torch.Tensor, position_embeddings=None, **attention_kwargs) -> torch.Tensor:
-        """``hidden [B, T, H]`` (the backbone's layer-E states) -> the state that goes into the final norm."""
+        """``hidden [B, T, H]`` (the backbone's layer-E states) -> the state that goes into the final norm.
+
+        ``attention_kwargs`` go to every layer: the decoder passes its cache state; the trainer passes the
+        ``attention_mask`` the backbone's own layers get (transformers' attention over the full sequence)."""
         if self.config.kind == "mlp":
             return hidden + self.mlp(hidden)
+        attention_mask = attention_kwargs.pop("attention_mask", None)
         for layer in self.layers:
-            out = layer(hidden, attention_mask=None, position_embeddings=position_embeddings, **attention_kwargs)
+            out = layer(hidden, attention_mask=attention_mask, position_embeddings=position_embeddings,
+                        **attention_kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 

@@ -1,0 +1,82 @@
+"""The imitation network's training losses.
+
+Two terms, over the M positions whose next token is a response token:
+
+* **cosine**: ``mean_m (1 - cos(output_m, target_m))`` between the network's output and the frozen model's
+  hidden state at ``target_layer`` (the output of backbone layer ``target_layer - 1``, before the final
+  norm: the same kind of state the network's output stands in for).
+* **distillation**: ``T^2 * mean_m KL(p_m || q_m)`` with ``p = softmax(full model logits / T)`` and
+  ``q = softmax(draft logits / T)``; the draft logits are the model's own final norm and LM head applied to
+  the network's output (the early-exit head of the decoder). The ``T^2`` factor keeps the gradient's scale
+  independent of the temperature (Hinton et al., 2015).
+
+``total = cosine_weight * cosine + kd_weight * distillation``. Everything is computed in fp32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def cosine_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``output``, ``target`` ``[M, H]`` -> scalar ``mean_m (1 - cos(output_m, target_m))``."""
+    if output.shape != target.shape or output.dim() != 2:
+        raise ValueError(f"output and target must both be [M, H], got {tuple(output.shape)} and {tuple(target.shape)}")
+    similarity = F.cosine_similarity(output.float(), target.float(), dim=-1, eps=1e-8)   # [M]
+    return (1.0 - similarity).mean()
+
+
+def distillation_loss(draft_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``draft_logits``, ``teacher_logits`` ``[M, V]`` -> scalar ``T^2 * mean_m KL(p_m || q_m)``, with p the
+    teacher's and q the draft's softmax at temperature T. The teacher gets no gradient."""
+    if draft_logits.shape != teacher_logits.shape or draft_logits.dim() != 2:
+        raise ValueError(f"draft_logits and teacher_logits must both be [M, V], got {tuple(draft_logits.shape)} "
+                         f"and {tuple(teacher_logits.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    log_q = torch.log_softmax(draft_logits.float() / temperature, dim=-1)
+    log_p = torch.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)                                         # [M]
+    return kl.mean() * temperature ** 2
+
+
+def draft_logits(hidden: torch.Tensor, norm: nn.Module, lm_head: nn.Module) -> torch.Tensor:
+    """The early-exit head: the model's own final norm and LM head on ``hidden [M, H]`` -> ``[M, V]``."""
+    return lm_head(norm(hidden).to(lm_head.weight.dtype))
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    cosine_weight: float = 1.0
+    kd_weight: float = 1.0
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.cosine_weight < 0 or self.kd_weight < 0 or self.cosine_weight + self.kd_weight == 0:
+            raise ValueError(f"cosine_weight ({self.cosine_weight}) and kd_weight ({self.kd_weight}) must be >= 0 "
+                             "and not both 0")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+class LossTerms(NamedTuple):
+    total: torch.Tensor       # scalar, with gradient
+    cosine: torch.Tensor      # scalar, the cosine loss (1 - mean cosine similarity)
+    kd: torch.Tensor          # scalar, the distillation term (T^2-scaled KL)
+
+
+def imitation_loss(output: torch.Tensor, target: torch.Tensor, draft: torch.Tensor, teacher: torch.Tensor,
+                   weights: LossWeights) -> LossTerms:
+    """``output`` / ``target`` ``[M, H]`` (network output, target-layer state), ``draft`` / ``teacher``
+    ``[M, V]`` (logits of the draft head and of the full model) -> the weighted sum and both terms."""
+    cosine = cosine_loss(output, target)
+    if weights.kd_weight > 0:
+        kd = distillation_loss(draft, teacher, weights.temperature)
+    else:
+        kd = torch.zeros((), device=output.device)
+    total = weights.cosine_weight * cosine + weights.kd_weight * kd
+    return LossTerms(total, cosine, kd)

@@ -1,0 +1,565 @@
+"""Online distillation of an :class:`ImitationNetwork` from its frozen base model.
+
+One training step (no stored corpus of hidden states or logits):
+
+1. the frozen model runs once over a batch of prompt + response sequences (no gradient), through its own
+   forward (vision tower, projector, positions) into its language model; forward hooks take the output of
+   layer E-1 (the layer-E states the drafter sees), of layer ``target_layer - 1`` (the cosine target) and of
+   the last layer (whose final norm and LM head give the full model's next-token logits), and a pre-hook
+   takes the attention mask and rotary embeddings the backbone's layer E receives;
+2. the imitation network runs, with gradient, on the layer-E states with that same mask and those same
+   rotary embeddings: its decoder layers use transformers' ordinary attention over the full sequence
+   (causal), not the decoder's cache path;
+3. the loss (:mod:`.losses`) over the positions whose next token is a response token; AdamW, warmup then
+   cosine decay, gradient clipping, bf16 autocast on a GPU.
+
+The backbone's parameters get ``requires_grad=False`` for the run (restored afterwards), so no gradient is
+ever allocated for them and they end bit-identical. Every ``eval_every`` steps the real metric is measured:
+the mean number of drafted tokens accepted per step by :class:`~fastvlm_kernels.SelfSpeculativeDecoder`
+with the network, on a held-out split of the prompts (greedy, against the model's own answers).
+
+The output folder holds ``run.json`` (what this run is: settings, model, data), ``responses.jsonl`` (the
+model's generated answers, resumable), ``checkpoint.pt`` (network, optimizer, scheduler, step, RNG state,
+history), ``history.json``, ``training_curves.png`` and ``imitation/`` (the trained network,
+:meth:`ImitationNetwork.save_pretrained`).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .data import DataError, Encoder, Example, TrainBatch, data_fingerprint, generate_responses, load_examples
+from .losses import LossWeights, draft_logits, imitation_loss
+from .network import ImitationNetwork
+
+RUN_FORMAT = "fastvlm-imitation-run/1"
+# Files a run writes in its folder (``--overwrite`` removes these and nothing else).
+RUN_FILES = ("run.json", "checkpoint.pt", "responses.jsonl", "history.json", "training_curves.png", "imitation")
+# Settings that change only what is measured or saved, not the trained weights: a resumed run may change them.
+RESUMABLE_CHANGES = ("eval_every", "checkpoint_every", "eval_max_new_tokens", "draft_len", "progress")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. CLI flags map to the fields of the same name (``--exit-layer`` -> ``exit_layer``)."""
+    exit_layer: int
+    target_layer: Optional[int] = None      # None: the last layer (N)
+    layers: int = 1                         # decoder layers of the network (kind "layers")
+    kind: str = "layers"                    # "layers" or "mlp"
+    init_layer: Optional[int] = -1          # backbone layer the network's layers start from (-1: last; None: fresh)
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1               # the cosine decay ends at lr * min_lr_ratio
+    grad_clip: float = 1.0
+    cosine_weight: float = 1.0
+    kd_weight: float = 1.0
+    temperature: float = 1.0
+    seed: int = 0
+    eval_fraction: float = 0.1              # share of the prompts held out for the accepted-length metric
+    max_eval_examples: int = 16
+    eval_every: int = 100                   # 0: only at the start and the end
+    eval_max_new_tokens: int = 32
+    draft_len: int = 4                      # the decoder's k during evaluation
+    checkpoint_every: int = 100             # 0: only at the end
+    max_new_tokens: int = 128               # length of the generated responses
+    max_response_tokens: Optional[int] = 256
+    skip_malformed: bool = False
+
+    def loss_weights(self) -> LossWeights:
+        return LossWeights(self.cosine_weight, self.kd_weight, self.temperature)
+
+    def check(self, num_layers: int) -> "TrainConfig":
+        """Validates against an N-layer model and fills ``target_layer``; errors name the setting."""
+        if isinstance(self.exit_layer, bool) or not isinstance(self.exit_layer, int):
+            raise TypeError(f"exit_layer must be an int, got {type(self.exit_layer).__name__}")
+        if not 1 <= self.exit_layer < num_layers:
+            raise ValueError(f"exit_layer={self.exit_layer} is out of range: this model has {num_layers} decoder "
+                             f"layers (valid: 1..{num_layers - 1})")
+        target = num_layers if self.target_layer is None else self.target_layer
+        if target <= self.exit_layer:
+            raise ValueError(f"exit_layer={self.exit_layer} must be below target_layer={target}: the network "
+                             "imitates a deeper layer than the one it starts from")
+        if target > num_layers:
+            raise ValueError(f"target_layer={target} is out of range: this model has {num_layers} decoder layers "
+                             f"(valid: {self.exit_layer + 1}..{num_layers})")
+        if self.kind not in ("layers", "mlp"):
+            raise ValueError(f"kind must be 'layers' or 'mlp', got {self.kind!r}")
+        if self.layers < 0 or (self.kind == "layers" and self.layers == 0):
+            raise ValueError(f"layers must be >= 1 for kind 'layers', got {self.layers}")
+        if self.init_layer is not None and not -num_layers <= self.init_layer < num_layers:
+            raise ValueError(f"init_layer={self.init_layer} is out of range for {num_layers} layers")
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.draft_len < 1 or self.eval_max_new_tokens < 1 or self.max_new_tokens < 1:
+            raise ValueError("draft_len, eval_max_new_tokens and max_new_tokens must be >= 1")
+        self.loss_weights()
+        return replace(self, target_layer=target)
+
+
+@dataclass
+class EvalResult:
+    step: int
+    mean_accepted: float        # drafted tokens accepted per decoder step (the verifier's token not counted)
+    steps: int                  # decoder steps measured
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    network: ImitationNetwork
+    config: TrainConfig
+    history: List[dict]         # one entry per step: step, loss, cosine, kd, lr, grad_norm
+    evals: List[EvalResult]     # the network's accepted length over training (step 0 = untrained)
+    baseline: Optional[EvalResult]   # plain early exit (no network), same exit layer and draft length
+    plot: Optional[Path]
+    held_out: List[Example] = field(default_factory=list)   # the prompts the accepted length is measured on
+
+    @property
+    def final(self) -> Optional[EvalResult]:
+        return self.evals[-1] if self.evals else None
+
+
+# ---- the model ------------------------------------------------------------------------------------------------------
+
+
+def model_fingerprint(model: nn.Module) -> dict:
+    """Architecture, size and a checksum of a few weights: enough to tell two checkpoints apart cheaply."""
+    from ..decoding.adapters import adapter_for
+    from .network import _describe
+    adapter = adapter_for(model)
+    with torch.no_grad():
+        pieces = [adapter.lm_head.weight[:64], adapter.embed_tokens.weight[:64], adapter.norm.weight]
+        for layer in adapter.layers:
+            pieces.append(layer.input_layernorm.weight)
+            pieces.append(layer.self_attn.q_proj.weight[:4])
+        checksum = sum(float(piece.double().abs().sum()) for piece in pieces)
+    return dict(_describe(model), checksum=f"{checksum:.10e}")
+
+
+class _Taps:
+    """Hooks on the frozen backbone for one forward: the layer-E states, the target-layer states, the last
+    layer's output, and the keyword arguments (mask, rotary embeddings) layer E is called with."""
+
+    def __init__(self, layers: nn.ModuleList, exit_layer: int, target_layer: int):
+        self.layers, self.exit_layer, self.target_layer = layers, exit_layer, target_layer
+        self.values: Dict[str, object] = {}
+
+    def _store(self, name):
+        def hook(module, args, output):
+            self.values[name] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def _store_kwargs(self, module, args, kwargs):
+        self.values["layer_kwargs"] = kwargs
+
+    @contextlib.contextmanager
+    def active(self):
+        self.values = {}
+        layers = self.layers
+        handles = [layers[self.exit_layer - 1].register_forward_hook(self._store("exit")),
+                   layers[self.target_layer - 1].register_forward_hook(self._store("target")),
+                   layers[len(layers) - 1].register_forward_hook(self._store("last")),
+                   layers[self.exit_layer].register_forward_pre_hook(self._store_kwargs, with_kwargs=True)]
+        try:
+            yield self.values
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+@dataclass
+class Teacher:
+    exit_states: torch.Tensor            # [B, T, H] output of backbone layer E-1
+    targets: torch.Tensor                # [M, H] output of layer target_layer-1 at the loss positions
+    logits: torch.Tensor                 # [M, V] the full model's next-token logits at the loss positions (fp32)
+    attention_mask: Optional[torch.Tensor]
+    position_embeddings: tuple
+
+
+@torch.no_grad()
+def teacher_forward(adapter, taps: _Taps, batch: TrainBatch) -> Teacher:
+    """Runs the frozen model once over ``batch``: its own forward up to the language model (images, positions),
+    then the language model with the taps attached."""
+    inputs = dict(batch.model_inputs)
+    prompt = adapter.prompt_inputs(inputs.pop("input_ids"), inputs.pop("attention_mask"), **inputs)
+    with taps.active() as values:
+        adapter.language_model(inputs_embeds=prompt.embeds, attention_mask=prompt.attention_mask,
+                               position_ids=prompt.positions, use_cache=False)
+    mask = batch.loss_mask
+    last = values["last"][mask]
+    logits = adapter.lm_head(adapter.norm(last)).float()
+    kwargs = values["layer_kwargs"]
+    return Teacher(exit_states=values["exit"], targets=values["target"][mask], logits=logits,
+                   attention_mask=kwargs.get("attention_mask"), position_embeddings=kwargs["position_embeddings"])
+
+
+# ---- schedule and evaluation ----------------------------------------------------------------------------------------
+
+
+class WarmupCosine:
+    """LR multiplier: linear warmup over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float):
+        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def evaluate(model: nn.Module, encoder: Encoder, examples: Sequence[Example], exit_layer: int,
+             network: Optional[ImitationNetwork], *, draft_len: int, max_new_tokens: int, step: int = 0) -> EvalResult:
+    """Mean drafted tokens accepted per step of the decoder (greedy) over ``examples``' prompts, one at a time."""
+    from ..decoding import SelfSpeculativeDecoder
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    decoder = SelfSpeculativeDecoder(model, exit_layer=exit_layer, imitation=network, draft_len=draft_len)
+    accepted: List[int] = []
+    for example in examples:
+        inputs = {name: value.to(device) for name, value in encoder.prompt_inputs(example).items()}
+        out = decoder.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        accepted.extend(a for row in out.stats.accepted for a in row)
+    mean = sum(accepted) / len(accepted) if accepted else 0.0
+    return EvalResult(step=step, mean_accepted=mean, steps=len(accepted), seconds=time.perf_counter() - start)
+
+
+def _inference_copy(network: ImitationNetwork, dtype: torch.dtype) -> ImitationNetwork:
+    """The network in the model's dtype, in eval mode, for the decoder (training keeps fp32 weights)."""
+    if next(network.parameters(), torch.empty(0)).dtype == dtype:
+        copy_ = network
+    else:
+        copy_ = copy.deepcopy(network).to(dtype)
+    return copy_.eval()
+
+
+# ---- the output folder ----------------------------------------------------------------------------------------------
+
+
+def _run_record(config: TrainConfig, model: nn.Module, data_dir: Path) -> dict:
+    return {"format": RUN_FORMAT, "config": asdict(config), "model": model_fingerprint(model),
+            "data": data_fingerprint(data_dir)}
+
+
+def _differences(old: dict, new: dict) -> List[str]:
+    found = []
+    for section in ("config", "model", "data"):
+        before, after = old.get(section, {}), new.get(section, {})
+        for key in sorted(set(before) | set(after)):
+            if section == "config" and key in RESUMABLE_CHANGES:
+                continue
+            if before.get(key) != after.get(key):
+                found.append(f"{section}.{key}: {before.get(key)!r} there, {after.get(key)!r} here")
+    return found
+
+
+def prepare_out_dir(out_dir: Path, record: dict, *, resume: bool, overwrite: bool,
+                    say: Callable[[str], None]) -> bool:
+    """Makes ``out_dir`` ready for this run; returns True when a checkpoint of this run is to be resumed.
+    A folder holding another run, or anything else, is refused unless ``overwrite`` (which removes the files
+    a run writes and nothing else); a folder holding this run needs ``resume`` (or ``overwrite``)."""
+    if resume and overwrite:
+        raise ValueError("pass --resume or --overwrite, not both")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} exists and is not a folder")
+    run_file = out_dir / "run.json"
+    if overwrite:
+        for name in RUN_FILES:
+            path = out_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    elif run_file.exists():
+        try:
+            old = json.loads(run_file.read_text())
+        except ValueError:
+            raise ValueError(f"--out {out_dir}: run.json is unreadable; pass --overwrite to start again") from None
+        differences = _differences(old, record)
+        if differences:
+            raise ValueError(f"--out {out_dir} already holds a different run ({'; '.join(differences)}); choose "
+                             "another folder, or pass --overwrite to replace it")
+        if not resume:
+            raise ValueError(f"--out {out_dir} already holds this run; pass --resume to continue it or --overwrite "
+                             "to start again")
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        raise ValueError(f"--out {out_dir} is not empty and holds no imitation run; choose an empty folder, or pass "
+                         "--overwrite to write into it anyway")
+    elif resume:
+        say(f"nothing to resume in {out_dir}: starting a new run")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(run_file, record)
+    return resume and (out_dir / "checkpoint.pt").exists()
+
+
+def _write_json(path: Path, value) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def _split(examples: List[Example], config: TrainConfig):
+    """(train, held-out) by a seeded permutation; the held-out prompts measure the accepted length."""
+    generator = torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(len(examples), generator=generator).tolist()
+    num_eval = min(config.max_eval_examples, max(1, round(config.eval_fraction * len(examples))))
+    if config.eval_fraction == 0:
+        num_eval = 0
+    if len(examples) - num_eval < 1:
+        raise DataError(f"{len(examples)} example(s) cannot be split into training and held-out prompts; "
+                        "give more data or --eval-fraction 0")
+    held_out = sorted(order[:num_eval])
+    train = sorted(order[num_eval:])
+    return [examples[i] for i in train], [examples[i] for i in held_out]
+
+
+class _BatchOrder:
+    """Batch ``s`` = positions [s*B, (s+1)*B) of a stream of per-epoch permutations seeded by (seed, epoch): a
+    pure function of the step, so a resumed run sees exactly the batches an uninterrupted one would."""
+
+    def __init__(self, size: int, batch_size: int, seed: int):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self._epochs: Dict[int, List[int]] = {}
+
+    def _permutation(self, epoch: int) -> List[int]:
+        if epoch not in self._epochs:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 1)
+            self._epochs = {epoch: torch.randperm(self.size, generator=generator).tolist()}
+        return self._epochs[epoch]
+
+    def __call__(self, step: int) -> List[int]:
+        start = step * self.batch_size
+        return [self._permutation(p // self.size)[p % self.size] for p in range(start, start + self.batch_size)]
+
+
+# ---- the run -------------------------------------------------------------------------------------------------------
+
+
+def train_imitation(model: nn.Module, processor, data_dir: Path, out_dir: Path, config: TrainConfig, *,
+                    resume: bool = False, overwrite: bool = False, progress: bool = True,
+                    responses_cache: Optional[Path] = None,
+                    callback: Optional[Callable[[int, dict], None]] = None,
+                    stop_after: Optional[int] = None) -> TrainResult:
+    """Trains an imitation network for ``model`` (frozen) on the prompts in ``data_dir``, writing to ``out_dir``.
+
+    ``processor``: the model's processor (VLMs) or tokenizer (text models). ``responses_cache``: where the
+    model's generated answers are kept (default ``out_dir/responses.jsonl``; runs on the same model and data
+    may share one). ``callback(step, logs)`` is called after every optimizer step. ``stop_after``: stop (with
+    a checkpoint) after this many steps of this call, as an interruption would; the schedule stays that of
+    ``config.steps``.
+    """
+    from tqdm.auto import tqdm
+    from ..decoding.adapters import adapter_for
+
+    def say(message: str) -> None:
+        if progress:
+            tqdm.write(message, file=sys.stderr)
+
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    adapter = adapter_for(model)
+    config = config.check(adapter.num_layers)
+    encoder = Encoder(processor, max_response_tokens=config.max_response_tokens)
+    examples = load_examples(data_dir, skip_malformed=config.skip_malformed, image_token=encoder.image_token,
+                             allow_images=encoder.takes_images, warn=say if progress else (lambda message: None))
+    train_examples, eval_examples = _split(examples, config)
+    record = _run_record(config, model, data_dir)
+    resuming = prepare_out_dir(out_dir, record, resume=resume, overwrite=overwrite, say=say)
+
+    with frozen(model):
+        generate_responses(model, encoder, train_examples, responses_cache or out_dir / "responses.jsonl",
+                           max_new_tokens=config.max_new_tokens, fingerprint=record["model"], progress=progress)
+        return _train(model, adapter, encoder, config, train_examples, eval_examples, out_dir, resuming,
+                      progress=progress, say=say, callback=callback, stop_after=stop_after)
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module):
+    """The backbone for the duration of the block: eval mode, ``requires_grad=False`` on every parameter (so
+    no gradient is ever allocated for it); the caller's flags and mode come back afterwards."""
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    was_training = model.training
+    for parameter, _ in flags:
+        parameter.requires_grad_(False)
+    model.eval()
+    try:
+        yield model
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _train(model, adapter, encoder: Encoder, config: TrainConfig, train_examples: List[Example],
+           eval_examples: List[Example], out_dir: Path, resuming: bool, *, progress: bool,
+           say: Callable[[str], None], callback, stop_after: Optional[int]) -> TrainResult:
+    from tqdm.auto import tqdm
+    device = next(model.parameters()).device
+    model_dtype = adapter.norm.weight.dtype
+    torch.manual_seed(config.seed)
+    network = ImitationNetwork.from_model(model, config.exit_layer, num_layers=config.layers, kind=config.kind,
+                                          target_layer=config.target_layer, init_layer=config.init_layer)
+    network = network.to(device=device, dtype=torch.float32).requires_grad_(True).train()
+    parameters = [p for p in network.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupCosine(config.warmup_steps, config.steps, config.min_lr_ratio))
+    history: List[dict] = []
+    evals: List[EvalResult] = []
+    baseline: Optional[EvalResult] = None
+    step = 0
+    checkpoint_path = out_dir / "checkpoint.pt"
+    if resuming:
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        network.load_state_dict(state["network"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+        history = list(state["history"])
+        evals = [EvalResult(**entry) for entry in state["evals"]]
+        baseline = EvalResult(**state["baseline"]) if state["baseline"] is not None else None
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        say(f"resuming {out_dir} at step {step} of {config.steps}")
+
+    def save_checkpoint() -> None:
+        rng = {"torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        state = {"step": step, "network": network.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "history": history, "evals": [asdict(e) for e in evals],
+                 "baseline": asdict(baseline) if baseline is not None else None, "rng": rng}
+        temporary = checkpoint_path.with_name("checkpoint.pt.tmp")
+        torch.save(state, temporary)
+        os.replace(temporary, checkpoint_path)
+        _write_json(out_dir / "history.json", {"steps": history, "evals": [asdict(e) for e in evals],
+                                               "baseline": asdict(baseline) if baseline is not None else None})
+
+    def run_eval() -> None:
+        nonlocal baseline
+        if not eval_examples:
+            return
+        options = dict(draft_len=config.draft_len, max_new_tokens=config.eval_max_new_tokens, step=step)
+        if baseline is None:
+            baseline = evaluate(model, encoder, eval_examples, config.exit_layer, None, **options)
+            say(f"plain early exit at layer {config.exit_layer}: {baseline.mean_accepted:.3f} accepted per step")
+        result = evaluate(model, encoder, eval_examples, config.exit_layer, _inference_copy(network, model_dtype),
+                          **options)
+        network.train()
+        evals.append(result)
+        say(f"step {step}: {result.mean_accepted:.3f} drafted tokens accepted per step "
+            f"(plain early exit {baseline.mean_accepted:.3f})")
+
+    batch_order = _BatchOrder(len(train_examples), config.batch_size, config.seed)
+    taps = _Taps(adapter.layers, config.exit_layer, config.target_layer)
+    weights = config.loss_weights()
+    use_autocast = device.type == "cuda"
+    last_step = config.steps if stop_after is None else min(config.steps, step + stop_after)
+    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc="imitation", file=sys.stderr,
+               dynamic_ncols=True)
+    try:
+        if step == 0 and not evals:
+            run_eval()
+        while step < last_step:
+            batch = encoder.collate([train_examples[i] for i in batch_order(step)]).to(device)
+            teacher = teacher_forward(adapter, taps, batch)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_autocast):
+                hidden = teacher.exit_states if use_autocast else teacher.exit_states.float()
+                output = network(hidden, teacher.position_embeddings, attention_mask=teacher.attention_mask)
+                selected = output[batch.loss_mask]                                        # [M, H]
+                draft = draft_logits(selected, adapter.norm, adapter.lm_head) if weights.kd_weight > 0 else None
+            terms = imitation_loss(selected.float(), teacher.targets, draft, teacher.logits, weights)
+            optimizer.zero_grad(set_to_none=True)
+            terms.total.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip) if config.grad_clip > 0 else \
+                torch.sqrt(sum((p.grad.float() ** 2).sum() for p in parameters if p.grad is not None))
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            logs = {"step": step, "loss": float(terms.total.detach()), "cosine": float(terms.cosine.detach()),
+                    "kd": float(terms.kd.detach()), "lr": lr, "grad_norm": float(grad_norm)}
+            history.append(logs)
+            bar.update(1)
+            bar.set_postfix_str(f"loss {logs['loss']:.4f} cos {1 - logs['cosine']:.4f} lr {lr:.2e}", refresh=False)
+            if callback is not None:
+                callback(step, logs)
+            if config.eval_every and step % config.eval_every == 0 and step < config.steps:
+                run_eval()
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < last_step:
+                save_checkpoint()
+        if step == config.steps and (not evals or evals[-1].step != step):
+            run_eval()
+        save_checkpoint()
+    finally:
+        bar.close()
+
+    plot = None
+    if step == config.steps:
+        final = _inference_copy(network, model_dtype)
+        final.save_pretrained(out_dir / "imitation", base_model=model)
+        plot = plot_curves(history, evals, baseline, out_dir / "training_curves.png", warn=say)
+        network = final
+    return TrainResult(out_dir=out_dir, network=network, config=config, history=history, evals=evals,
+                       baseline=baseline, plot=plot, held_out=eval_examples)
+
+
+def plot_curves(history: List[dict], evals: List[EvalResult], baseline: Optional[EvalResult], path: Path,
+                warn: Callable[[str], None] = print) -> Optional[Path]:
+    """Loss terms, learning rate and accepted length over the steps, as a PNG."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warn(f"matplotlib is not installed: no plot written ({path}); history.json holds the curves")
+        return None
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    steps = [entry["step"] for entry in history]
+    axes[0].plot(steps, [entry["loss"] for entry in history], label="total")
+    axes[0].plot(steps, [entry["cosine"] for entry in history], label="cosine (1 - cos)")
+    axes[0].plot(steps, [entry["kd"] for entry in history], label="distillation (KL)")
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("step")
+    axes[0].set_title("training loss")
+    axes[0].legend()
+    axes[1].plot(steps, [entry["lr"] for entry in history])
+    axes[1].set_xlabel("step")
+    axes[1].set_title("learning rate")
+    axes[2].plot([e.step for e in evals], [e.mean_accepted for e in evals], marker="o", label="imitation network")
+    if baseline is not None:
+        axes[2].axhline(baseline.mean_accepted, color="gray", linestyle="--", label="plain early exit")
+    axes[2].set_xlabel("step")
+    axes[2].set_title("held-out: drafted tokens accepted per step")
+    axes[2].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

@@ -1,0 +1,60 @@
+"""`fastvlm train-imitation` and `fastvlm pick-exit-layer` on a local checkpoint written here."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastvlm_kernels.cli import main
+from tests.decoding.models import build, sharpen
+
+from .helpers import tokenizer, write_prompts
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    case = build("llama", seed=2)
+    sharpen(case.model, 2, scale=0.5)
+    case.model.save_pretrained(tmp_path / "model")
+    tokenizer().save_pretrained(tmp_path / "model")
+    write_prompts(tmp_path / "data", 10, seed=0)
+    return tmp_path
+
+
+def test_train_imitation_command(checkpoint, capsys):
+    command = ["train-imitation", "--model", str(checkpoint / "model"), "--data", str(checkpoint / "data"),
+               "--exit-layer", "2", "--out", str(checkpoint / "out"), "--steps", "4", "--batch-size", "4",
+               "--lr", "1e-3", "--warmup-steps", "1", "--eval-fraction", "0.2", "--eval-max-new-tokens", "6",
+               "--max-new-tokens", "6", "--no-progress"]
+    assert main(command) == 0
+    printed = capsys.readouterr().out
+    assert "drafted tokens accepted per step with the network" in printed and "plain early exit" in printed
+    saved = json.loads((checkpoint / "out" / "imitation" / "config.json").read_text())
+    assert saved["imitation"]["exit_layer"] == 2 and saved["imitation"]["target_layer"] == 4
+    with pytest.raises(SystemExit, match="already holds this run; pass --resume"):
+        main(command)
+    with pytest.raises(SystemExit, match="already holds a different run"):
+        main([*command[:6], "1", *command[7:], "--resume"])
+    assert main([*command, "--resume"]) == 0
+    with pytest.raises(SystemExit, match="exit_layer=2 must be below target_layer=2"):
+        main([*command, "--target-layer", "2", "--overwrite"])
+    with pytest.raises(SystemExit):   # argparse: --resume and --overwrite exclude each other
+        main([*command, "--resume", "--overwrite"])
+    (checkpoint / "data" / "prompts.jsonl").open("a").write('{"prompt": "w5"\n')
+    with pytest.raises(SystemExit, match=r"prompts.jsonl:11: not valid JSON"):
+        main([*command, "--overwrite"])
+
+
+def test_pick_exit_layer_command(checkpoint, capsys):
+    assert main(["pick-exit-layer", "--model", str(checkpoint / "model"), "--data", str(checkpoint / "data"),
+                 "--out", str(checkpoint / "pick"), "--candidates", "1,2", "--steps", "3", "--batch-size", "4",
+                 "--eval-fraction", "0.2", "--eval-max-new-tokens", "6", "--max-new-tokens", "6", "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert len(rows) == 2 and "Fastest: exit layer" in table
+    report = json.loads((checkpoint / "pick" / "exit_layers.json").read_text())
+    assert [r["exit_layer"] for r in report["reports"]] == [1, 2]
+    assert all(r["identical"] and r["speedup_imitation"] > 0 for r in report["reports"])
+    assert (checkpoint / "pick" / "exit_layer_1" / "imitation" / "config.json").is_file()
+    # one cache of the model's answers for every candidate
+    assert len((checkpoint / "pick" / "responses.jsonl").read_text().splitlines()) == 1 + 8

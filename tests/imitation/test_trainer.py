@@ -1,0 +1,182 @@
+"""The trainer: teacher values, a learnable run, a frozen backbone, resume, the output folder's rules."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fastvlm_kernels.decoding import SelfSpeculativeDecoder
+from fastvlm_kernels.decoding.adapters import adapter_for
+from fastvlm_kernels.imitation import ImitationNetwork, TrainConfig, train_imitation
+from fastvlm_kernels.imitation.data import Encoder, TrainBatch
+from fastvlm_kernels.imitation.trainer import _Taps, teacher_forward
+from tests.decoding.models import FAMILIES, NUM_LAYERS, build, sharpen
+
+from .helpers import llava_processor, tokenizer, write_image, write_prompts
+
+LEARNABLE = TrainConfig(exit_layer=2, steps=30, batch_size=8, lr=2e-3, warmup_steps=3, eval_every=15,
+                        eval_max_new_tokens=12, max_new_tokens=10, eval_fraction=0.2, max_eval_examples=4,
+                        checkpoint_every=10)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_teacher_values_are_the_models_own(family):
+    """Layer-E states, target states and logits taken by the hooks equal the model's own hidden states and
+    logits (on real positions of left-padded rows, images included); the last layer's target is pre-norm."""
+    case = build(family, seed=0, batch=2)
+    adapter = adapter_for(case.model)
+    mask = case.inputs["attention_mask"].bool()
+    batch = TrainBatch(dict(case.inputs), mask)
+    with torch.no_grad():
+        reference = case.model(**case.inputs, output_hidden_states=True)
+    for exit_layer, target_layer in ((1, 3), (2, NUM_LAYERS)):
+        teacher = teacher_forward(adapter, _Taps(adapter.layers, exit_layer, target_layer), batch)
+        torch.testing.assert_close(teacher.exit_states[mask], reference.hidden_states[exit_layer][mask])
+        if target_layer < NUM_LAYERS:
+            torch.testing.assert_close(teacher.targets, reference.hidden_states[target_layer][mask])
+        else:   # hidden_states[-1] is already normed; the target is the layer's own output
+            torch.testing.assert_close(adapter.norm(teacher.targets), reference.hidden_states[-1][mask])
+        torch.testing.assert_close(teacher.logits, reference.logits[mask].float())
+        assert teacher.position_embeddings[0].shape[-2] == mask.shape[1]
+
+
+@pytest.fixture(scope="module")
+def learnable(tmp_path_factory):
+    """A short fixed-seed run on a tiny Llama whose deep layers add little (sharpened), on prompts whose
+    responses the model itself generates."""
+    root = tmp_path_factory.mktemp("learnable")
+    case = build("llama", seed=2)
+    sharpen(case.model, 2, scale=0.5)
+    write_prompts(root / "data", 20, seed=0)
+    before = {name: tensor.clone() for name, tensor in case.model.state_dict().items()}
+    seen = []
+
+    def callback(step, logs):
+        seen.append((any(p.requires_grad for p in case.model.parameters()),
+                     any(p.grad is not None for p in case.model.parameters())))
+
+    result = train_imitation(case.model, tokenizer(), root / "data", root / "out", LEARNABLE, progress=False,
+                             callback=callback)
+    return SimpleNamespace(case=case, result=result, before=before, seen=seen, root=root)
+
+
+def test_training_drives_cosine_loss_down_and_accepted_length_up(learnable):
+    result = learnable.result
+    cosine = [entry["cosine"] for entry in result.history]
+    assert len(cosine) == LEARNABLE.steps
+    assert sum(cosine[-3:]) / 3 < 0.2 * sum(cosine[:3]) / 3, cosine
+    assert [e.step for e in result.evals] == [0, 15, 30]
+    start, end = result.evals[0].mean_accepted, result.evals[-1].mean_accepted
+    assert end > start + 0.5, (start, end)
+    assert end > result.baseline.mean_accepted + 0.5, (result.baseline.mean_accepted, end)
+    assert all(entry["lr"] > 0 for entry in result.history)
+    peak = max(entry["lr"] for entry in result.history)
+    assert peak == pytest.approx(LEARNABLE.lr) and result.history[-1]["lr"] < 0.2 * peak   # warmup then decay
+
+
+def test_backbone_is_frozen_and_bit_identical(learnable):
+    model = learnable.case.model
+    assert learnable.seen and not any(flag for flags in learnable.seen for flag in flags)   # no requires_grad, no grad
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, learnable.before[name]), name
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())   # the caller's flags are restored
+
+
+def test_outputs_and_the_saved_network_drafts_losslessly(learnable):
+    out = learnable.root / "out"
+    for name in ("run.json", "checkpoint.pt", "history.json", "responses.jsonl", "imitation/config.json",
+                 "imitation/model.safetensors"):
+        assert (out / name).is_file(), name
+    assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["steps"]) == LEARNABLE.steps and history["baseline"]["mean_accepted"] >= 0
+    model = learnable.case.model
+    loaded = ImitationNetwork.from_pretrained(out / "imitation", model)
+    for (name, a), (_, b) in zip(learnable.result.network.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    encoder = Encoder(tokenizer())
+    decoder = SelfSpeculativeDecoder(model, exit_layer=2, imitation=loaded, draft_len=4)
+    accepted = []
+    for example in learnable.result.held_out:
+        inputs = encoder.prompt_inputs(example)
+        got = decoder.generate(**inputs, max_new_tokens=12)
+        assert torch.equal(got.sequences, model.generate(**inputs, max_new_tokens=12, do_sample=False))
+        accepted.extend(a for row in got.stats.accepted for a in row)
+    assert sum(accepted) / len(accepted) == pytest.approx(learnable.result.final.mean_accepted)
+
+
+@pytest.mark.parametrize("kind", ["layers", "mlp"])
+def test_resume_gives_the_uninterrupted_result(tmp_path, kind):
+    case = build("llama", seed=3)
+    write_prompts(tmp_path / "data", 12, seed=4, responses=True)
+    config = TrainConfig(exit_layer=1, steps=6, batch_size=4, lr=1e-3, warmup_steps=2, eval_fraction=0.0,
+                         checkpoint_every=0, kind=kind, init_layer=None, seed=7)
+    whole = train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "whole", config, progress=False)
+    first = train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "parts", config, progress=False,
+                            stop_after=3)
+    assert len(first.history) == 3 and not (tmp_path / "parts" / "imitation").exists()
+    rest = train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "parts", config, progress=False,
+                           resume=True)
+    assert rest.history == whole.history
+    for (name, a), (_, b) in zip(whole.network.state_dict().items(), rest.network.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert whole.history[-1]["loss"] < whole.history[0]["loss"]
+
+
+def test_output_folder_rules(tmp_path):
+    case = build("llama", seed=3)
+    write_prompts(tmp_path / "data", 6, seed=4, responses=True)
+    config = TrainConfig(exit_layer=1, steps=1, batch_size=2, eval_fraction=0.0)
+    run = lambda config, **options: train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "out",
+                                                    config, progress=False, **options)
+    run(config)
+    with pytest.raises(ValueError, match="already holds this run; pass --resume"):
+        run(config)
+    run(config, resume=True)   # a finished run resumes to its end
+    with pytest.raises(ValueError, match=r"already holds a different run \(config.exit_layer: 1 there, 2 here"):
+        run(replace(config, exit_layer=2), resume=True)
+    with pytest.raises(ValueError, match="not both"):
+        run(config, resume=True, overwrite=True)
+    other = replace(config, exit_layer=2, kind="mlp")
+    run(other, overwrite=True)
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["config"]["kind"] == "mlp"
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is not empty and holds no imitation run"):
+        train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "foreign", config, progress=False)
+    assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine"
+
+
+def test_layer_choices_are_checked():
+    case = build("llama", seed=0)
+    base = TrainConfig(exit_layer=2, steps=1)
+    with pytest.raises(ValueError, match="exit_layer=3 must be below target_layer=3"):
+        train_imitation(case.model, tokenizer(), "unused", "unused", replace(base, exit_layer=3, target_layer=3))
+    with pytest.raises(ValueError, match=r"exit_layer=4 is out of range: this model has 4 decoder layers \(valid: 1..3\)"):
+        train_imitation(case.model, tokenizer(), "unused", "unused", replace(base, exit_layer=4))
+    with pytest.raises(ValueError, match="target_layer=5 is out of range"):
+        train_imitation(case.model, tokenizer(), "unused", "unused", replace(base, target_layer=5))
+
+
+def test_a_vlm_trains_on_images_and_text(tmp_path):
+    """LLaVA with its processor: image lines and a text-only line, responses generated by the model."""
+    case = build("llava", seed=1)
+    sharpen(case.model, 2, scale=0.5)
+    data = tmp_path / "data"
+    lines = []
+    for i in range(4):
+        write_image(data / f"img{i}.png", i)
+        lines.append({"prompt": f"w{5 + i} <image> w{9 + i}", "image": f"img{i}.png"})
+    lines.append({"prompt": "w30 w31 w32"})
+    (data / "data.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    config = TrainConfig(exit_layer=2, target_layer=3, steps=3, batch_size=3, lr=1e-3, warmup_steps=1,
+                         eval_fraction=0.2, eval_max_new_tokens=6, max_new_tokens=6, draft_len=3)
+    result = train_imitation(case.model, llava_processor(), data, tmp_path / "out", config, progress=False)
+    assert len(result.history) == 3 and all(torch.isfinite(torch.tensor(e["loss"])) for e in result.history)
+    assert len(result.held_out) == 1 and result.final.steps > 0
+    responses = (tmp_path / "out" / "responses.jsonl").read_text().splitlines()
+    assert len(responses) == 1 + 4   # header + the training examples' answers
