@@ -38,9 +38,10 @@ _UNSUPPORTED_GENERATION_OPTIONS = {
 
 @dataclass
 class GenerateStats:
-    """What one ``generate`` call did. ``accepted[s]`` lists, for step s, the drafted tokens each unfinished
-    row kept (not counting the token the verifier adds)."""
+    """What one ``generate`` call did. ``accepted[s]`` lists, for the s-th drafting step, the drafted tokens
+    each unfinished row kept (not counting the token the verifier adds); ``draft_lens[s]`` its draft length."""
     steps: int = 0
+    plain_steps: int = 0      # steps without a draft (draft_len=0, or adaptive drafting that did not pay)
     drafted: int = 0
     accepted: List[List[int]] = field(default_factory=list)
     draft_lens: List[int] = field(default_factory=list)
@@ -67,7 +68,7 @@ class GenerateStats:
 
     def summary(self) -> str:
         return (f"{sum(self.new_tokens)} new tokens in {self.total_time:.3f} s ({self.tokens_per_s:.1f} tokens/s); "
-                f"{self.steps} steps, {self.mean_accepted:.2f} drafted tokens accepted per step "
+                f"{self.steps} steps ({self.plain_steps} without a draft), {self.mean_accepted:.2f} drafted tokens accepted per step "
                 f"({self.mean_emitted:.2f} emitted); prefill {self.prefill_time:.3f} s, draft {self.draft_time:.3f} s, "
                 f"verify {self.verify_time:.3f} s")
 
@@ -85,6 +86,39 @@ class _Sampling:
     top_p: Optional[float]
 
 
+class ModeChooser:
+    """Adaptive drafting's "when not to draft": keeps a moving average of the wall time per emitted token of
+    drafting steps and of plain (k = 0) steps, runs the faster, and every ``probe_every`` steps runs
+    ``probe_steps`` of the other to refresh its estimate (acceptance changes along an answer). Both modes are
+    exact, so the choice only affects speed. Plain is first tried after ``warmup`` drafting steps."""
+
+    def __init__(self, warmup: int = 8, probe_every: int = 24, probe_steps: int = 2, smoothing: float = 0.3):
+        self.per_token = {"draft": None, "plain": None}
+        self.mode = "draft"
+        self.warmup, self.probe_every, self.probe_steps, self.smoothing = warmup, probe_every, probe_steps, smoothing
+        self._probe_left = 0
+        self._since = 0
+
+    def update(self, seconds: float, tokens_per_row: float) -> str:
+        """Records the last step (in the current mode) and returns the mode of the next one."""
+        sample = seconds / max(tokens_per_row, 1e-9)
+        previous = self.per_token[self.mode]
+        self.per_token[self.mode] = sample if previous is None else (1 - self.smoothing) * previous + \
+            self.smoothing * sample
+        other = "plain" if self.mode == "draft" else "draft"
+        if self._probe_left > 0:
+            self._probe_left -= 1
+            if self._probe_left == 0:
+                self.mode = min(self.per_token, key=lambda mode: self.per_token[mode])
+                self._since = 0
+            return self.mode
+        self._since += 1
+        if self._since >= (self.warmup if self.per_token[other] is None else self.probe_every):
+            self.mode = other
+            self._probe_left = self.probe_steps
+        return self.mode
+
+
 class SelfSpeculativeDecoder:
     """Generates exactly what ``model.generate`` would, drafting with the model's own first layers.
 
@@ -99,7 +133,9 @@ class SelfSpeculativeDecoder:
         adaptive_threshold: with "adaptive", drafting stops once every unfinished row's draft top-1
             probability is under this.
         adaptive_window, max_draft_len: with "adaptive", k follows the mean accepted length of the last
-            ``adaptive_window`` steps, between 1 and ``max_draft_len``.
+            ``adaptive_window`` steps, between 1 and ``max_draft_len``; and where drafting does not pay
+            (measured time per emitted token, :class:`ModeChooser`) steps fall back to plain decoding,
+            drafting being tried again every few steps.
         max_cache_len: when set, the positions one call may use (prompt + new tokens + draft); a call that
             would need more raises before running anything. The cache is kept between calls and reused.
         attention_backend: the ``verify_attention`` backend ("auto": the op's own order for the device).
@@ -158,6 +194,11 @@ class SelfSpeculativeDecoder:
         self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.count_calls = False   # tests: count the tokens each layer attends (StepState.calls)
         self.last_calls: dict = {}
+
+    @property
+    def _drafts_with_imitation(self) -> bool:
+        """The imitation network runs (and owns cache layers) only when something may be drafted."""
+        return self.imitation is not None and self.draft_len > 0
 
     # ---- configuration resolved like model.generate ------------------------------------------------------------
 
@@ -239,7 +280,7 @@ class SelfSpeculativeDecoder:
         return torch.softmax(scores, dim=-1)
 
     def _get_cache(self, batch, max_len, dtype, device) -> KVCache:
-        num_layers = self.adapter.num_layers + (self.imitation.num_cache_layers if self.imitation is not None else 0)
+        num_layers = self.adapter.num_layers + (self.imitation.num_cache_layers if self._drafts_with_imitation else 0)
         cache = self._cache
         device = torch.device(device)
         reusable = (cache is not None and cache.batch == batch and cache.max_len >= max_len and cache.dtype == dtype
@@ -326,7 +367,7 @@ class SelfSpeculativeDecoder:
             position_embeddings = adapter.rotary_emb(embeds, positions)
             num_layers, exit_layer = adapter.num_layers, self.exit_layer
             hidden = self._run_layers(embeds, 0, exit_layer, position_embeddings, state)
-            if self.imitation is not None and draft_len > 0:
+            if self._drafts_with_imitation:
                 self._imitate(hidden, position_embeddings, state)
             final = self._run_layers(hidden, exit_layer, num_layers, position_embeddings, state)
             host_lengths = [int(v) for v in lengths.tolist()]
@@ -362,17 +403,27 @@ class SelfSpeculativeDecoder:
             emit([[int(t)] for t in x0.tolist()])
             recent = deque(maxlen=self.adaptive_window)
             k = draft_len
+            chooser = ModeChooser(warmup=self.adaptive_window) if self.adaptive else None
 
             # ---- steps --------------------------------------------------------------------------------------
             while not all(finished):
                 active = [b for b in range(batch) if not finished[b]]
-                if k == 0:
+                step_start = time.perf_counter()
+                if k == 0 or (chooser is not None and chooser.mode == "plain"):
                     tokens = self._autoregressive_step(x0, lengths_dev, offsets, state, sampling, generator)
-                    host_lengths = [length + 1 for length in host_lengths]
-                    lengths_dev = lengths_dev + 1
+                    if all(not finished[b] for b in range(batch)):
+                        host_lengths = [length + 1 for length in host_lengths]
+                        lengths_dev = lengths_dev + 1
+                    else:   # a finished row keeps nothing new
+                        host_lengths = [length + (0 if finished[b] else 1) for b, length in enumerate(host_lengths)]
+                        lengths_dev = torch.tensor(host_lengths, dtype=torch.int32).to(device)
+                        cache.rollback(lengths_dev, host_lens=host_lengths)
                     stats.steps += 1
+                    stats.plain_steps += 1
                     emit([[int(t)] for t in tokens.tolist()])
                     x0 = tokens
+                    if chooser is not None:
+                        chooser.update(time.perf_counter() - step_start, 1.0)
                     continue
                 draft_start = time.perf_counter()
                 drafts, draft_probs, layer_e = self._draft(x0, k, lengths_dev, offsets, state, sampling, generator,
@@ -398,8 +449,10 @@ class SelfSpeculativeDecoder:
                 emit([row[:a + 1] for row, a in zip(emitted_host, accept_host)])
                 x0 = torch.tensor([row[a] for row, a in zip(emitted_host, accept_host)], dtype=torch.long, device=device)
                 if self.adaptive:
-                    recent.append(sum(accept_host[b] for b in active) / len(active))
+                    mean_kept = sum(accept_host[b] for b in active) / len(active)
+                    recent.append(mean_kept)
                     k = max(1, min(self.max_draft_len, math.ceil(sum(recent) / len(recent)) + 1))
+                    chooser.update(time.perf_counter() - step_start, mean_kept + 1.0)
             if streamer is not None:
                 streamer.end()
             self.last_calls = dict(state.calls) if state.calls is not None else {}
@@ -435,7 +488,13 @@ class SelfSpeculativeDecoder:
         positions = (lengths_dev.long() + offsets)[:, None]
         position_embeddings = self._rotary(hidden, positions)
         state.prefix_lens = lengths_dev
-        hidden = self._run_layers(hidden, 0, self.adapter.num_layers, position_embeddings, state)
+        if self._drafts_with_imitation:
+            # Adaptive drafting may draft again later: the imitation layers need this token's KV too.
+            hidden = self._run_layers(hidden, 0, self.exit_layer, position_embeddings, state)
+            self._imitate(hidden, position_embeddings, state)
+            hidden = self._run_layers(hidden, self.exit_layer, self.adapter.num_layers, position_embeddings, state)
+        else:
+            hidden = self._run_layers(hidden, 0, self.adapter.num_layers, position_embeddings, state)
         return self._target_tokens(hidden[:, 0], None, sampling, generator)[0]
 
     def _draft(self, x0, k, lengths_dev, offsets, state, sampling, generator, active):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fastvlm_kernels.decoding import SelfSpeculativeDecoder, UnsupportedModelError
+from fastvlm_kernels.decoding.decoder import ModeChooser
 from fastvlm_kernels.imitation import ImitationNetwork
 
 from .models import FAMILIES, NUM_LAYERS, build, find_layers, sharpen
@@ -93,11 +94,14 @@ def test_untrained_imitation_network_keeps_output_identical(family, kind):
     case = build(family, seed=3, batch=4)
     expected = case.model.generate(**case.inputs, max_new_tokens=MAX_NEW, do_sample=False)
     imitation = ImitationNetwork.from_model(case.model, exit_layer=2, kind=kind, num_layers=2 if kind == "layers" else 0)
-    for draft_len in (3, "adaptive"):
-        decoder = SelfSpeculativeDecoder(case.model, exit_layer=2, imitation=imitation, draft_len=draft_len)
+    for draft_len in (0, 3, "adaptive"):
+        decoder = SelfSpeculativeDecoder(case.model, exit_layer=2, imitation=imitation, draft_len=draft_len,
+                                         adaptive_window=2)
         out = decoder.generate(**case.inputs, max_new_tokens=MAX_NEW)
         assert_lossless(case, out.sequences, expected, f"{family} imitation={kind} k={draft_len}", [])
-        if kind == "layers":   # the imitation layers own cache layers N, N+1 and were rolled back with the rest
+        if kind == "layers" and draft_len != 0:
+            # the imitation layers own cache layers N, N+1 and were rolled back with the rest (plain steps
+            # of adaptive drafting included)
             lengths = decoder._cache.host_lengths
             assert lengths[NUM_LAYERS] == lengths[0] and lengths[NUM_LAYERS + 1] == lengths[0]
 
@@ -369,3 +373,35 @@ def test_stats_are_consistent():
     assert math.isclose(stats.mean_emitted, stats.mean_accepted + 1)
     assert stats.tokens_per_s > 0 and stats.prefill_time > 0 and stats.draft_time > 0 and stats.verify_time > 0
     assert len(stats.new_tokens) == 4 and all(1 <= n <= 16 for n in stats.new_tokens)
+
+
+# ---- adaptive drafting's fallback to plain decoding ------------------------------------------------------
+
+def test_mode_chooser_falls_back_to_plain_and_probes_drafting_again():
+    """Synthetic timings: drafting at 3 ms per emitted token, plain at 2 ms: after the warmup the chooser
+    tries plain, keeps it, and re-probes drafting every probe_every steps; when drafting becomes cheaper
+    (acceptance went up) it switches back."""
+    chooser = ModeChooser(warmup=4, probe_every=10, probe_steps=2)
+    cost = {"draft": 3e-3, "plain": 2e-3}
+    modes = []
+    for _ in range(40):
+        modes.append(chooser.mode)
+        chooser.update(cost[chooser.mode], 1.0)
+    assert modes[:4] == ["draft"] * 4 and modes[4:6] == ["plain"] * 2      # warmup, then a plain probe
+    assert modes.count("plain") > 30                                        # plain wins
+    assert "draft" in modes[8:]                                             # drafting is re-probed
+    cost["draft"] = 1e-3
+    for _ in range(30):
+        chooser.update(cost[chooser.mode], 1.0)
+    assert chooser.mode == "draft"
+
+
+def test_adaptive_mixes_plain_and_drafting_steps_exactly():
+    case = build("llava", seed=9, batch=4)
+    expected = case.model.generate(**case.inputs, max_new_tokens=40, do_sample=False)
+    decoder = SelfSpeculativeDecoder(case.model, exit_layer=1, draft_len="adaptive", adaptive_window=3)
+    out = decoder.generate(**case.inputs, max_new_tokens=40)
+    assert_lossless(case, out.sequences, expected, "adaptive with plain steps", [])
+    stats = out.stats
+    assert stats.steps == stats.plain_steps + len(stats.accepted)
+    assert stats.plain_steps >= 1 and len(stats.accepted) >= 3   # the warmup drafts, then plain was tried
