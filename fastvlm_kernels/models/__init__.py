@@ -1,0 +1,1 @@
+"""Models shipped with the package: ``models.tiny``, the embedded tiny VLM."""
