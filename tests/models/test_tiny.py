@@ -187,7 +187,8 @@ def test_training_batches_mask_everything_but_the_answer(toy):
     config, processor, _ = toy
     indices = recipe.batch_indices(config, processor.tokenizer, 3)
     assert len(indices) == config.batch_size
-    all_indices = [i for step in range(recipe.BUCKET_STEPS) for i in recipe.batch_indices(config, processor.tokenizer, step)]
+    all_indices = [i for step in range(recipe.BUCKET_STEPS)
+                   for i in recipe.batch_indices(config, processor.tokenizer, step)]
     assert sorted(all_indices) == list(range(recipe.BUCKET_STEPS * config.batch_size))
     batch = recipe.encode_batch(processor, indices[:3])
     tokenizer = processor.tokenizer

@@ -49,7 +49,7 @@ class TinyConfig:
     vision_heads: int = 2
     patch_size: int = 16
     # training: the joint phase (next-token loss + early-exit loss at exit_layer through the final norm and head)
-    steps: int = 1800
+    steps: int = 2400
     batch_size: int = 24
     learning_rate: float = 2e-3
     warmup_steps: int = 100
@@ -310,7 +310,8 @@ def train(config: TinyConfig, out_dir: Path, work_dir: Path, *, checkpoint_every
             window = []
             remaining = (config.steps - step) * mean[3] / 60
             print_fn(f"step {step}/{config.steps}  loss {mean[0]:.3f}  exit loss {mean[1]:.3f}  eval {eval_final:.3f} "
-                     f"/ exit {eval_exit:.3f}  exit=final top-1 {eval_agreement:.2f}  {mean[3]:.2f} s/step (cpu {mean[4]:.2f} s)  "
+                     f"/ exit {eval_exit:.3f}  exit=final top-1 {eval_agreement:.2f}  "
+                     f"{mean[3]:.2f} s/step (cpu {mean[4]:.2f} s)  "
                      f"{entry['minutes']:.1f} min, ~{remaining:.0f} min left")
         if time.perf_counter() - last_checkpoint >= checkpoint_every_s and step < config.steps:
             _save_checkpoint(checkpoint_path, model, optimizer, config, step, time.perf_counter() - start, log)

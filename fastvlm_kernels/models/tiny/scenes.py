@@ -227,7 +227,8 @@ def _question(rng: random.Random, scene: Scene, kind: str) -> Turn:
         return Turn(kind, question, answer)
     if kind == "colour_of":
         where = at_position(target.row, target.column)
-        question = rng.choice((f"what colour is the {target.kind} {where}?", f"which colour has the {target.kind} {where}?"))
+        question = rng.choice((f"what colour is the {target.kind} {where}?",
+                               f"which colour has the {target.kind} {where}?"))
         return Turn(kind, question, f"the {target.kind} {where} is {target.colour}.")
     if kind == "attributes":
         question = rng.choice((f"is the {target.name} large or small?", f"what does the {target.name} look like?"))
