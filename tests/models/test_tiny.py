@@ -183,6 +183,13 @@ def test_processor_expands_the_image_token_to_the_model_features(toy):
     assert torch.isfinite(logits).all()
 
 
+def test_chat_template_gives_the_prompt_format(toy):
+    _, processor, _ = toy
+    question = "what is left of the red circle?"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    assert processor.apply_chat_template(messages, add_generation_prompt=True) == recipe.prompt_for(question)
+
+
 def test_training_batches_mask_everything_but_the_answer(toy):
     config, processor, _ = toy
     indices = recipe.batch_indices(config, processor.tokenizer, 3)
