@@ -222,6 +222,7 @@ def test_short_training_lowers_the_loss_resumes_exactly_and_decodes_losslessly(t
     first, last = summary["log"][0], summary["log"][-1]
     assert last["eval_loss"] < first["eval_loss"] - 1.0
     assert last["eval_exit_loss"] < first["eval_exit_loss"] - 1.0
+    assert all(entry["eval_loss_shuffled_images"] > 0 for entry in summary["log"])
 
     assert recipe.train(config, tmp_path / "b", tmp_path / "work-b", stop_after=12, **quiet) is None
     assert not (tmp_path / "b").exists()

@@ -301,16 +301,21 @@ def train(config: TinyConfig, out_dir: Path, work_dir: Path, *, checkpoint_every
             model.eval()
             with torch.no_grad():
                 _, eval_final, eval_exit, eval_agreement = joint_loss(model, eval_batch, config.exit_layer, 1.0)
+                # The same answers with every row given another row's image: how much the model reads the image.
+                shuffled = dict(eval_batch, pixel_values=eval_batch["pixel_values"].roll(1, 0))
+                eval_shuffled = joint_loss(model, shuffled, config.exit_layer, 1.0)[1]
             model.train()
             mean = [sum(values) / len(values) for values in zip(*window)]
             entry = dict(step=step, train_loss=mean[0], train_exit_loss=mean[1], eval_loss=float(eval_final),
                          eval_exit_loss=float(eval_exit), eval_agreement=float(eval_agreement), step_s=mean[3],
-                         cpu_step_s=mean[4], minutes=(time.perf_counter() - start) / 60)
+                         cpu_step_s=mean[4], eval_loss_shuffled_images=float(eval_shuffled),
+                         minutes=(time.perf_counter() - start) / 60)
             log.append(entry)
             window = []
             remaining = (config.steps - step) * mean[3] / 60
             print_fn(f"step {step}/{config.steps}  loss {mean[0]:.3f}  exit loss {mean[1]:.3f}  eval {eval_final:.3f} "
-                     f"/ exit {eval_exit:.3f}  exit=final top-1 {eval_agreement:.2f}  "
+                     f"/ exit {eval_exit:.3f} / shuffled images {eval_shuffled:.3f}  "
+                     f"exit=final top-1 {eval_agreement:.2f}  "
                      f"{mean[3]:.2f} s/step (cpu {mean[4]:.2f} s)  "
                      f"{entry['minutes']:.1f} min, ~{remaining:.0f} min left")
         if time.perf_counter() - last_checkpoint >= checkpoint_every_s and step < config.steps:
