@@ -1,6 +1,6 @@
 """Rebuilds the embedded tiny VLM (fastvlm_kernels/models/tiny) from scratch, deterministically from a seed.
 
-    python python/build_tiny_vlm.py                       # the shipped model: ~51 min of one CPU core
+    python python/build_tiny_vlm.py                       # the shipped model: ~65 min of one CPU core
     nohup python python/build_tiny_vlm.py > build_tiny.log 2>&1 &     # in the background; rerun to resume
     python python/build_tiny_vlm.py --measure             # layer timings f(T) and step time for the cost model
     python python/build_tiny_vlm.py --toy --out /tmp/tiny --work-dir /tmp/tiny-work   # 50 steps, reduced model

@@ -42,14 +42,14 @@ class TinyConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     exit_layer: int = 3
-    # vision tower (CLIP): 64x64 images, 16x16 patches -> 16 image tokens
+    # vision tower (CLIP): 72x72 images, 24x24 patches -> 9 image tokens, one per cell of the scene grid
     vision_hidden_size: int = 128
     vision_intermediate_size: int = 256
     vision_layers: int = 2
     vision_heads: int = 2
-    patch_size: int = 16
+    patch_size: int = 24
     # training: the joint phase (next-token loss + early-exit loss at exit_layer through the final norm and head)
-    steps: int = 2400
+    steps: int = 3000
     batch_size: int = 24
     learning_rate: float = 2e-3
     warmup_steps: int = 100
@@ -96,7 +96,7 @@ def build_tokenizer():
 
 
 def build_processor(config: TinyConfig):
-    """A ``LlavaProcessor``: the PIL CLIP image processor at 64x64 and the tokenizer; ``<image>`` expands to
+    """A ``LlavaProcessor``: the PIL CLIP image processor at the scenes' size and the tokenizer; ``<image>`` expands to
     one token per patch (the CLS feature is dropped, ``vision_feature_select_strategy="default"``)."""
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil

@@ -1,4 +1,4 @@
-"""Procedural scenes for the embedded tiny VLM: 64x64 images of 1 to 5 shapes, with question/answer turns
+"""Procedural scenes for the embedded tiny VLM: 72x72 images of 1 to 5 shapes, with question/answer turns
 whose answers are computed from the scene's ground truth (the list of :class:`Shape`).
 
 A scene is a pure function of its seed: ``make_scene(seed)`` draws the shapes (distinct cells of a 3x3
@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 
 from PIL import Image, ImageDraw
 
-IMAGE_SIZE = 64
+IMAGE_SIZE = 72
 GRID = 3
 CELL = IMAGE_SIZE / GRID
 
