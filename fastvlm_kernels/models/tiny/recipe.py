@@ -1,0 +1,356 @@
+"""The recipe of the embedded tiny VLM: tokenizer, processor, model config, data and the joint training phase.
+
+``python/build_tiny_vlm.py`` is the command line over :func:`train`; the tests run the same functions on a
+reduced model for a few steps. Everything is deterministic from ``TinyConfig.seed``: example i of the run
+is scene ``i`` with question seed ``i`` whatever the batch it lands in, so a resumed run sees the same data.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from . import scenes
+
+PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IMAGE)
+PROMPT_FORMAT = "USER: <image> {question} ASSISTANT:"
+# Seeds of the scenes that ``scene(seed)`` and evaluation use: far from the training range [0, steps * batch).
+HELD_OUT_SEED = 1_000_000_000
+BUCKET_STEPS = 8
+CHAT_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+                 "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image> {% else %}"
+                 "{{ item['text'] }}{% endif %}{% endfor %} {% else %}ASSISTANT: {% for item in message['content'] %}"
+                 "{{ item['text'] }}{% endfor %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:"
+                 "{% endif %}")
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """Model size and training schedule. The defaults are the shipped model (README of models/tiny)."""
+    # text model (Llama): deep and narrow, head dim 64
+    num_layers: int = 24
+    hidden_size: int = 256
+    intermediate_size: int = 512
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    exit_layer: int = 3
+    # vision tower (CLIP): 72x72 images, 24x24 patches -> 9 image tokens, one per cell of the scene grid
+    vision_hidden_size: int = 128
+    vision_intermediate_size: int = 256
+    vision_layers: int = 2
+    vision_heads: int = 2
+    patch_size: int = 24
+    # training: the joint phase (next-token loss + early-exit loss at exit_layer through the final norm and head)
+    steps: int = 3000
+    batch_size: int = 24
+    learning_rate: float = 2e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    exit_loss_weight: float = 1.0
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TinyConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+
+# ---- tokenizer and processor -------------------------------------------------------------------------------------
+
+def build_tokenizer():
+    """A word-level tokenizer over the scene grammar's words (``▁word``) and punctuation, wrapped as a
+    transformers ``PreTrainedTokenizerFast``; decoding restores the text exactly (spaces before words only)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: Dict[str, int] = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    for word in scenes.vocabulary():
+        vocab[word if not word.isalnum() else "\u2581" + word] = len(vocab)
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Punctuation(behavior="isolated"),
+                                                       pre_tokenizers.Metaspace(prepend_scheme="first")])
+    tokenizer.decoder = decoders.Metaspace(prepend_scheme="first")
+    # lstrip: the space before <image> belongs to the image token, so "USER: <image> how" has no stray "▁".
+    tokenizer.add_special_tokens([AddedToken(token, special=True, lstrip=token == IMAGE, normalized=False)
+                                  for token in SPECIAL_TOKENS])
+    tokenizer.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
+                                                             special_tokens=[(BOS, vocab[BOS])])
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                      unk_token=UNK, extra_special_tokens={"image_token": IMAGE},
+                                      padding_side="left", model_max_length=512)
+    return wrapped
+
+
+def build_processor(config: TinyConfig):
+    """A ``LlavaProcessor``: the PIL CLIP image processor at the scenes' size and the tokenizer; ``<image>`` expands to
+    one token per patch (the CLS feature is dropped, ``vision_feature_select_strategy="default"``)."""
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    size = scenes.IMAGE_SIZE
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                            image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    return LlavaProcessor(image_processor=image_processor, tokenizer=build_tokenizer(), patch_size=config.patch_size,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=CHAT_TEMPLATE)
+
+
+def num_image_tokens(config: TinyConfig) -> int:
+    return (scenes.IMAGE_SIZE // config.patch_size) ** 2
+
+
+def prompt_for(question: str) -> str:
+    return PROMPT_FORMAT.format(question=question)
+
+
+# ---- model -------------------------------------------------------------------------------------------------------
+
+def build_model(config: TinyConfig, processor):
+    from transformers import CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tokenizer = processor.tokenizer
+    if config.hidden_size % config.num_heads or config.hidden_size // config.num_heads != 64:
+        raise ValueError(f"head dim must be 64: hidden_size {config.hidden_size} / num_heads {config.num_heads}")
+    if not 1 <= config.exit_layer < config.num_layers:
+        raise ValueError(f"exit_layer must be in [1, {config.num_layers - 1}], got {config.exit_layer}")
+    vision = CLIPVisionConfig(hidden_size=config.vision_hidden_size, intermediate_size=config.vision_intermediate_size,
+                              num_hidden_layers=config.vision_layers, num_attention_heads=config.vision_heads,
+                              image_size=scenes.IMAGE_SIZE, patch_size=config.patch_size)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=config.hidden_size,
+                       intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
+                       num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads, head_dim=64,
+                       max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       tie_word_embeddings=False)
+    llava = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
+                        vision_feature_select_strategy="default", vision_feature_layer=-1,
+                        projector_hidden_act="gelu", tie_word_embeddings=False)
+    torch.manual_seed(config.seed)
+    model = LlavaForConditionalGeneration(llava)
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id, max_new_tokens=80, do_sample=False)
+    return model
+
+
+# ---- data --------------------------------------------------------------------------------------------------------
+
+def example(index: int, kind: Optional[str] = None):
+    """(image, question, answer) of training example ``index`` (held-out examples: index >= HELD_OUT_SEED)."""
+    scene = scenes.make_scene(index)
+    turn = scenes.make_turn(scene, index, kind)
+    return scenes.render(scene), turn.question, turn.answer
+
+
+def example_length(tokenizer, index: int) -> int:
+    """Tokens of training example ``index`` beyond its image and chat tokens (question + answer), from the
+    scene's ground truth alone (no rendering)."""
+    scene = scenes.make_scene(index)
+    turn = scenes.make_turn(scene, index)
+    return len(tokenizer(" " + turn.question + " " + turn.answer, add_special_tokens=False)["input_ids"])
+
+
+_BLOCK_CACHE: dict = {}
+
+
+def batch_indices(config: TinyConfig, tokenizer, step: int) -> List[int]:
+    """The examples of training step ``step``: the examples of a block of BUCKET_STEPS steps are sorted by
+    length and cut into batches (less padding: answers run from 5 to 60 tokens), which the block visits in a
+    seeded order. A pure function of (config, step), so a resumed run sees the same batches."""
+    block, position = divmod(step, BUCKET_STEPS)
+    key = (config.batch_size, config.seed, block)
+    if key not in _BLOCK_CACHE:
+        first = block * BUCKET_STEPS * config.batch_size
+        pool = sorted(range(first, first + BUCKET_STEPS * config.batch_size),
+                      key=lambda index: (example_length(tokenizer, index), index))
+        order = random.Random(f"block-{config.seed}-{block}").sample(range(BUCKET_STEPS), BUCKET_STEPS)
+        _BLOCK_CACHE.clear()
+        _BLOCK_CACHE[key] = [pool[i * config.batch_size:(i + 1) * config.batch_size] for i in order]
+    return _BLOCK_CACHE[key][position]
+
+
+def encode_batch(processor, indices: List[int]) -> dict:
+    """Right-padded training batch: input_ids, attention_mask, pixel_values, labels (-100 except the answer and
+    its EOS, which follow the prompt exactly as generation continues it)."""
+    tokenizer = processor.tokenizer
+    rows, images = [], []
+    for index in indices:
+        image, question, answer = example(index)
+        prompt = processor(images=image, text=prompt_for(question), return_tensors="pt")
+        prompt_ids = prompt["input_ids"][0].tolist()
+        answer_ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append((prompt_ids, answer_ids))
+        images.append(prompt["pixel_values"][0])
+    width = max(len(p) + len(a) for p, a in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, (prompt_ids, answer_ids) in enumerate(rows):
+        ids = prompt_ids + answer_ids
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        labels[row, len(prompt_ids):len(ids)] = torch.tensor(answer_ids)
+        attention_mask[row, :len(ids)] = 1
+    return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=torch.stack(images), labels=labels)
+
+
+# ---- losses ------------------------------------------------------------------------------------------------------
+
+def joint_loss(model, batch: dict, exit_layer: int, exit_loss_weight: float):
+    """Next-token loss of the full model plus ``exit_loss_weight`` times the loss of an exit after layer
+    ``exit_layer - 1`` read out through the model's own final norm and LM head. Returns (loss, final loss,
+    exit loss, exit-vs-final top-1 agreement on the answer tokens)."""
+    import torch.nn.functional as F
+
+    labels = batch["labels"]
+    inputs = {name: value for name, value in batch.items() if name != "labels"}
+    out = model(**inputs, output_hidden_states=True, use_cache=False)
+    language_model = model.model.language_model
+    exit_hidden = out.hidden_states[exit_layer]            # output of layer exit_layer - 1, before the final norm
+    exit_logits = model.lm_head(language_model.norm(exit_hidden))
+    targets = labels[:, 1:]
+    mask = targets != -100
+    final_logits = out.logits[:, :-1][mask].float()
+    early_logits = exit_logits[:, :-1][mask].float()
+    final_loss = F.cross_entropy(final_logits, targets[mask])
+    exit_loss = F.cross_entropy(early_logits, targets[mask])
+    agreement = (early_logits.argmax(-1) == final_logits.argmax(-1)).float().mean()
+    return final_loss + exit_loss_weight * exit_loss, final_loss.detach(), exit_loss.detach(), agreement.detach()
+
+
+def learning_rate(config: TinyConfig, step: int) -> float:
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.learning_rate * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+# ---- training ----------------------------------------------------------------------------------------------------
+
+def _save_checkpoint(path: Path, model, optimizer, config: TinyConfig, step: int, elapsed: float, log: list) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config.to_dict(),
+                "step": step, "elapsed": elapsed, "log": log}, tmp)
+    os.replace(tmp, path)
+
+
+def train(config: TinyConfig, out_dir: Path, work_dir: Path, *, checkpoint_every_s: float = 300.0,
+          eval_every: int = 100, dtype: torch.dtype = torch.float16, stop_after: Optional[int] = None,
+          print_fn: Callable[[str], None] = print) -> Optional[dict]:
+    """Trains from scratch (or resumes from ``work_dir/checkpoint.pt``), then writes the model (``dtype``
+    safetensors), tokenizer and processor under ``out_dir``. Returns the training summary written to
+    ``out_dir/training.json``. ``stop_after``: leave after that many steps of this call with a checkpoint and
+    nothing written to ``out_dir`` (returns None), as an interrupted run would."""
+    out_dir, work_dir = Path(out_dir), Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = work_dir / "checkpoint.pt"
+    processor = build_processor(config)
+    model = build_model(config, processor)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.learning_rate,
+                                  betas=(0.9, 0.98))
+    step, elapsed, log = 0, 0.0, []
+    if checkpoint_path.is_file():
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        if state["config"] != config.to_dict():
+            raise ValueError(f"{checkpoint_path} was written for another configuration; delete it or pass the same "
+                             f"options (checkpoint: {state['config']})")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed, log = state["step"], state["elapsed"], state["log"]
+        print_fn(f"resumed from {checkpoint_path} at step {step} ({elapsed / 60:.1f} min of training so far)")
+    parameters = sum(p.numel() for p in model.parameters())
+    print_fn(f"tiny VLM: {config.num_layers} layers x {config.hidden_size}, exit layer {config.exit_layer}, "
+             f"{parameters / 1e6:.2f} M parameters, {config.steps} steps of {config.batch_size}, "
+             f"{torch.get_num_threads()} threads")
+    eval_batch = encode_batch(processor, [HELD_OUT_SEED + i for i in range(32)])
+    model.train()
+    last_checkpoint = time.perf_counter()
+    start = time.perf_counter() - elapsed
+    window = []
+    stop_at = config.steps if stop_after is None else min(config.steps, step + stop_after)
+    while step < stop_at:
+        step_start, cpu_start = time.perf_counter(), time.process_time()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
+        batch = encode_batch(processor, batch_indices(config, processor.tokenizer, step))
+        loss, final_loss, exit_loss, agreement = joint_loss(model, batch, config.exit_layer, config.exit_loss_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        step += 1
+        window.append((float(final_loss), float(exit_loss), float(agreement), time.perf_counter() - step_start,
+                       time.process_time() - cpu_start))
+        if step % eval_every == 0 or step == config.steps or step <= 2:
+            model.eval()
+            with torch.no_grad():
+                _, eval_final, eval_exit, eval_agreement = joint_loss(model, eval_batch, config.exit_layer, 1.0)
+                # The same answers with every row given another row's image: how much the model reads the image.
+                shuffled = dict(eval_batch, pixel_values=eval_batch["pixel_values"].roll(1, 0))
+                eval_shuffled = joint_loss(model, shuffled, config.exit_layer, 1.0)[1]
+            model.train()
+            mean = [sum(values) / len(values) for values in zip(*window)]
+            entry = dict(step=step, train_loss=mean[0], train_exit_loss=mean[1], eval_loss=float(eval_final),
+                         eval_exit_loss=float(eval_exit), eval_agreement=float(eval_agreement), step_s=mean[3],
+                         cpu_step_s=mean[4], eval_loss_shuffled_images=float(eval_shuffled),
+                         minutes=(time.perf_counter() - start) / 60)
+            log.append(entry)
+            window = []
+            remaining = (config.steps - step) * mean[3] / 60
+            print_fn(f"step {step}/{config.steps}  loss {mean[0]:.3f}  exit loss {mean[1]:.3f}  eval {eval_final:.3f} "
+                     f"/ exit {eval_exit:.3f} / shuffled images {eval_shuffled:.3f}  "
+                     f"exit=final top-1 {eval_agreement:.2f}  "
+                     f"{mean[3]:.2f} s/step (cpu {mean[4]:.2f} s)  "
+                     f"{entry['minutes']:.1f} min, ~{remaining:.0f} min left")
+        if time.perf_counter() - last_checkpoint >= checkpoint_every_s and step < config.steps:
+            _save_checkpoint(checkpoint_path, model, optimizer, config, step, time.perf_counter() - start, log)
+            last_checkpoint = time.perf_counter()
+            print_fn(f"checkpoint: {checkpoint_path} at step {step}")
+    elapsed = time.perf_counter() - start
+    _save_checkpoint(checkpoint_path, model, optimizer, config, step, elapsed, log)
+    if step < config.steps:
+        print_fn(f"stopped at step {step}; rerun to resume from {checkpoint_path}")
+        return None
+    model.eval()
+    summary = write(model, processor, config, out_dir, dtype=dtype, log=log, elapsed=elapsed)
+    print_fn(f"wrote {out_dir} ({summary['size_mb']:.1f} MB) after {elapsed / 60:.1f} min")
+    return summary
+
+
+def write(model, processor, config: TinyConfig, out_dir: Path, *, dtype: torch.dtype, log: list,
+          elapsed: float) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.to(dtype).save_pretrained(out_dir)
+    model.float()
+    processor.save_pretrained(out_dir)
+    size = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file()) / 2 ** 20
+    summary = dict(config=config.to_dict(), exit_layer=config.exit_layer, minutes=elapsed / 60,
+                   size_mb=size, torch=torch.__version__, threads=torch.get_num_threads(), log=log)
+    (out_dir / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def reduced(config: TinyConfig = TinyConfig(), **overrides) -> TinyConfig:
+    """A small variant for tests and toy runs."""
+    values = dict(num_layers=4, hidden_size=128, intermediate_size=256, num_heads=2, num_kv_heads=1, exit_layer=2,
+                  vision_hidden_size=64, vision_intermediate_size=128, vision_layers=1, vision_heads=1, steps=30,
+                  batch_size=8, warmup_steps=5)
+    values.update(overrides)
+    return replace(config, **values)

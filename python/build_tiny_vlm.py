@@ -1,0 +1,138 @@
+"""Rebuilds the embedded tiny VLM (fastvlm_kernels/models/tiny) from scratch, deterministically from a seed.
+
+    python python/build_tiny_vlm.py                       # the shipped model: ~65 min of one CPU core
+    nohup python python/build_tiny_vlm.py > build_tiny.log 2>&1 &     # in the background; rerun to resume
+    python python/build_tiny_vlm.py --measure             # layer timings f(T) and step time for the cost model
+    python python/build_tiny_vlm.py --toy --out /tmp/tiny --work-dir /tmp/tiny-work   # 50 steps, reduced model
+
+What it does: procedural scenes (models/tiny/scenes.py) -> a word-level tokenizer and a LlavaProcessor
+(models/tiny/recipe.py) -> a LlavaForConditionalGeneration (CLIP vision tower, projector, 24-layer Llama of
+width 256) trained from scratch in the joint phase: next-token loss plus the same loss at an exit after layer
+E - 1 (through the model's own final norm and LM head), so that the first E layers already draft well.
+Checkpoints go to --work-dir every --checkpoint-minutes; a rerun with the same options resumes from the last
+one (same data: example i is scene i wherever it falls). The result (fp16 safetensors, config, tokenizer,
+processor, training.json) is written to --out. The imitation network is trained afterwards, on the frozen
+model, with the imitation trainer (its own issue).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fastvlm_kernels.models.tiny import recipe  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def time_layer(model, tokens: int, prefix: int = 40, repeats: int = 200) -> float:
+    """Median seconds of one text decoder layer's pass over ``tokens`` new tokens after ``prefix`` cached ones,
+    called the way generate calls it (a DynamicCache, cropped back after each call)."""
+    from transformers import DynamicCache
+
+    language_model = model.model.language_model
+    layer = language_model.layers[0]
+    hidden_size = language_model.config.hidden_size
+    cache = DynamicCache(config=language_model.config)
+    with torch.no_grad():
+        prefix_hidden = torch.randn(1, prefix, hidden_size)
+        positions = torch.arange(prefix)[None]
+        layer(prefix_hidden, attention_mask=None,
+              position_embeddings=language_model.rotary_emb(prefix_hidden, positions), past_key_values=cache,
+              use_cache=True)
+        hidden = torch.randn(1, tokens, hidden_size)
+        positions = torch.arange(prefix, prefix + tokens)[None]
+        rotary = language_model.rotary_emb(hidden, positions)
+        causal = None
+        if tokens > 1:
+            causal = torch.full((tokens, prefix + tokens), float("-inf")).triu(prefix + 1)[None, None]
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            layer(hidden, attention_mask=causal, position_embeddings=rotary, past_key_values=cache, use_cache=True)
+            times.append(time.perf_counter() - start)
+            cache.crop(-tokens)
+    return statistics.median(times)
+
+
+def speedup(alpha: float, k: int, num_layers: int, exit_layer: int, f_k1: float, imitation_layers: float = 1.0):
+    """DESIGN.md's cost model: expected tokens per step over the step's cost in single-token layer passes."""
+    tokens = (1 - alpha ** (k + 1)) / (1 - alpha)
+    cost = ((k + 1) * (exit_layer + imitation_layers) + f_k1 * (num_layers - exit_layer)) / num_layers
+    return tokens / cost
+
+
+def measure(config: recipe.TinyConfig) -> None:
+    processor = recipe.build_processor(config)
+    model = recipe.build_model(config, processor).eval()
+    print(f"threads {torch.get_num_threads()}, width {config.hidden_size}, {config.num_heads} heads x 64, "
+          f"{config.num_kv_heads} kv heads, MLP {config.intermediate_size}")
+    draft_lens = (1, 2, 4, 8)
+    # Alternate the token counts so that load from other processes spreads over all of them.
+    samples = {t: [] for t in (1,) + tuple(k + 1 for k in draft_lens)}
+    for _ in range(5):
+        for tokens in samples:
+            samples[tokens].append(time_layer(model, tokens, repeats=60))
+    base = statistics.median(samples[1])
+    f = {tokens: statistics.median(values) / base for tokens, values in samples.items()}
+    for tokens, values in samples.items():
+        print(f"layer pass T={tokens}: {statistics.median(values) * 1e6:7.0f} us  f(T) = {f[tokens]:.2f}")
+    print("cost-model speedup over the full model, one imitation layer (alpha: per-token acceptance):")
+    print("   N   E    k " + "".join(f"  a={a:.2f}" for a in (0.8, 0.9, 0.95)))
+    for num_layers in (16, 24, 32):
+        for exit_layer in (2, 3, 4, 6):
+            for k in draft_lens:
+                row = [speedup(a, k, num_layers, exit_layer, f[k + 1]) for a in (0.8, 0.9, 0.95)]
+                print(f"  {num_layers:2d}  {exit_layer:2d}  {k:2d} " + "".join(f"  {value:6.2f}" for value in row))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+    wall, cpu = [], []
+    for step in range(recipe.BUCKET_STEPS):          # one block: every length bucket once
+        batch = recipe.encode_batch(processor, recipe.batch_indices(config, processor.tokenizer, step))
+        start, cpu_start = time.perf_counter(), time.process_time()
+        loss = recipe.joint_loss(model, batch, config.exit_layer, config.exit_loss_weight)[0]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
+    step_s, cpu_s = statistics.mean(wall), statistics.mean(cpu)
+    print(f"training step (batch {config.batch_size}, mean over one block of {recipe.BUCKET_STEPS} length buckets): "
+          f"{step_s:.2f} s wall, {cpu_s:.2f} s CPU; {config.steps} steps ~ {config.steps * step_s / 60:.0f} min here, "
+          f"~{config.steps * cpu_s / 60:.0f} min on one dedicated core")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "fastvlm_kernels" / "models" / "tiny")
+    parser.add_argument("--work-dir", type=Path, default=ROOT / "build" / "tiny_vlm")
+    parser.add_argument("--steps", type=int, help="override the number of training steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="1 is fastest where other processes share the cores (2 threads ran 5x slower here)")
+    parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--toy", action="store_true", help="a reduced model, 50 steps: checks the pipeline")
+    parser.add_argument("--measure", action="store_true", help="time layer passes and a training step, then exit")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = recipe.TinyConfig(seed=args.seed)
+    if args.toy:
+        config = recipe.reduced(config, steps=50)
+    if args.steps is not None:
+        config = replace(config, steps=args.steps)
+    if args.measure:
+        measure(config)
+        return
+    recipe.train(config, args.out, args.work_dir, checkpoint_every_s=60 * args.checkpoint_minutes,
+                 eval_every=10 if args.toy else args.eval_every, print_fn=lambda line: print(line, flush=True))
+
+
+if __name__ == "__main__":
+    main()
