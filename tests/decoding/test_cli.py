@@ -75,3 +75,25 @@ def test_imitation_network_round_trip_and_mismatch(tmp_path):
     other = build("qwen2_vl", seed=0)
     with pytest.raises(ValueError, match="trained for another model"):
         ImitationNetwork.from_pretrained(tmp_path / "net", other.model)
+
+
+def test_generate_command_with_an_image(tmp_path, capsys):
+    """A LLaVA checkpoint with its processor (the tiny VLM's recipe at reduced size, random weights) and an
+    image file: the streamed answer is model.generate's."""
+    from fastvlm_kernels.models.tiny import recipe, scene
+
+    config = recipe.reduced()
+    processor = recipe.build_processor(config)
+    torch.manual_seed(0)
+    model = recipe.build_model(config, processor).eval()
+    folder = tmp_path / "vlm"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    image, prompt = scene(5)
+    image.save(tmp_path / "scene.png")
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    expected = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    expected_text = processor.tokenizer.decode(expected[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert main(["generate", "--model", str(folder), "--image", str(tmp_path / "scene.png"), "--prompt", prompt,
+                 "--exit-layer", "1", "--max-new-tokens", "8", "--draft-len", "2"]) == 0
+    assert capsys.readouterr().out.strip() == expected_text.strip()
