@@ -198,6 +198,75 @@ def cmd_pick_exit_layer(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    """New scenes answered by model.generate and by the decoder: both answers (identical), accepted tokens per
+    step and the speedup; ``--save DIR`` writes the images and a markdown report."""
+    import time
+
+    import torch
+
+    from .decoding import SelfSpeculativeDecoder
+    from .models import tiny
+
+    torch.set_num_threads(args.threads)
+    try:
+        model, processor = tiny.load(args.model)
+    except FileNotFoundError as error:
+        raise SystemExit(f"fastvlm demo: {error}") from None
+    imitation = None
+    exit_layer = args.exit_layer or tiny.EXIT_LAYER
+    if not args.no_imitation:
+        try:
+            imitation = tiny.load_imitation(model, None if args.model is None else Path(args.model) / "imitation")
+            exit_layer = imitation.config.exit_layer
+        except FileNotFoundError as error:
+            print(f"fastvlm demo: {str(error).split(':')[0]}; drafting with plain early exit", file=sys.stderr)
+    decoder = SelfSpeculativeDecoder(model, exit_layer=exit_layer, imitation=imitation, draft_len=args.draft_len)
+    options = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
+    tokenizer = _tokenizer_of(processor)
+    rows = []
+    if args.save is not None:
+        args.save.mkdir(parents=True, exist_ok=True)
+    for index in range(args.scenes):
+        seed = args.seed + index
+        image, prompt = tiny.scene(seed)
+        inputs = processor(images=image, text=prompt, return_tensors="pt")
+        if index == 0:   # warm-up, not timed
+            model.generate(**inputs, **options)
+            decoder.generate(**inputs, **options)
+        start = time.perf_counter()
+        expected = model.generate(**inputs, **options)
+        generate_s = time.perf_counter() - start
+        out = decoder.generate(**inputs, **options)
+        prompt_len = inputs["input_ids"].shape[1]
+        answer = tokenizer.decode(expected[0, prompt_len:], skip_special_tokens=True).strip()
+        ours = tokenizer.decode(out.sequences[0, prompt_len:], skip_special_tokens=True).strip()
+        identical = torch.equal(out.sequences, expected)
+        speedup = generate_s / out.stats.total_time
+        rows.append(dict(seed=seed, prompt=prompt, answer=answer, ours=ours, identical=identical,
+                         accepted=out.stats.mean_accepted, speedup=speedup))
+        print(f"[{index + 1}/{args.scenes}] scene {seed}: {prompt!r}\n  generate: {answer}\n  decoder:  {ours}\n"
+              f"  identical: {'yes' if identical else 'NO'}; {out.stats.mean_accepted:.2f} drafted tokens accepted "
+              f"per step; {speedup:.2f}x model.generate", flush=True)
+        if args.save is not None:
+            image.save(args.save / f"scene-{seed}.png")
+    mean_speedup = sum(row["speedup"] for row in rows) / len(rows)
+    print(f"mean speedup {mean_speedup:.2f}x, {sum(row['identical'] for row in rows)}/{len(rows)} identical "
+          f"(exit layer {exit_layer}, {'imitation network' if imitation is not None else 'plain early exit'}, "
+          f"draft_len={args.draft_len})")
+    if args.save is not None:
+        lines = ["# fastvlm demo", "", f"exit layer {exit_layer}, "
+                 f"{'imitation network' if imitation is not None else 'plain early exit'}, draft_len={args.draft_len}",
+                 "", "| scene | prompt | answer (generate) | identical | accepted / step | speedup |",
+                 "|---|---|---|---|---|---|"]
+        for row in rows:
+            lines.append(f"| ![](scene-{row['seed']}.png) | {row['prompt']} | {row['answer']} | "
+                         f"{'yes' if row['identical'] else 'NO'} | {row['accepted']:.2f} | {row['speedup']:.2f}x |")
+        (args.save / "report.md").write_text("\n".join(lines) + "\n")
+        print(f"report: {args.save / 'report.md'}")
+    return 0 if all(row["identical"] for row in rows) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastvlm", description="Self-speculative decoding for VLMs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -216,6 +285,18 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=None)
     generate.add_argument("--seed", type=int, default=0)
     generate.set_defaults(handler=cmd_generate)
+
+    demo = commands.add_parser("demo", help="the embedded tiny VLM: model.generate against the decoder on new scenes")
+    demo.add_argument("--scenes", type=int, default=4)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--draft-len", type=_draft_len, default=4)
+    demo.add_argument("--exit-layer", type=int, help="default: the imitation network's, else the tiny VLM's")
+    demo.add_argument("--no-imitation", action="store_true", help="draft with plain early exit")
+    demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this model)")
+    demo.add_argument("--model", type=Path, help="another build of the tiny VLM (default: the shipped one)")
+    demo.add_argument("--save", type=Path, help="write the scenes and a markdown report here")
+    demo.set_defaults(handler=cmd_demo)
 
     train = commands.add_parser("train-imitation", help="train an imitation network for a local checkpoint")
     _add_training_arguments(train, with_exit_layer=True)

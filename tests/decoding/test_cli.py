@@ -97,3 +97,30 @@ def test_generate_command_with_an_image(tmp_path, capsys):
     assert main(["generate", "--model", str(folder), "--image", str(tmp_path / "scene.png"), "--prompt", prompt,
                  "--exit-layer", "1", "--max-new-tokens", "8", "--draft-len", "2"]) == 0
     assert capsys.readouterr().out.strip() == expected_text.strip()
+
+
+def test_demo_on_a_tiny_vlm_build(tmp_path, capsys):
+    """`fastvlm demo` on a reduced random build of the tiny VLM with an (untrained) imitation network: both
+    answers identical, the report and the scene images written."""
+    from fastvlm_kernels.models.tiny import recipe
+
+    config = recipe.reduced()
+    processor = recipe.build_processor(config)
+    torch.manual_seed(1)
+    model = recipe.build_model(config, processor).eval()
+    folder = tmp_path / "tiny"
+    recipe.write(model, processor, config, folder, dtype=torch.float32, log=[], elapsed=0.0)
+    ImitationNetwork.from_model(model, exit_layer=config.exit_layer).save_pretrained(folder / "imitation",
+                                                                                     base_model=model)
+    assert main(["demo", "--model", str(folder), "--scenes", "2", "--max-new-tokens", "8", "--draft-len", "3",
+                 "--save", str(tmp_path / "report")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("identical: yes") == 2 and "imitation network" in out and "mean speedup" in out
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert report.count("| yes |") == 2
+    assert len(list((tmp_path / "report").glob("scene-*.png"))) == 2
+
+
+def test_demo_without_a_build_says_how_to_build(tmp_path):
+    with pytest.raises(SystemExit, match="build_tiny_vlm"):
+        main(["demo", "--model", str(tmp_path / "missing")])
