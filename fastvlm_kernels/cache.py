@@ -115,24 +115,7 @@ class KVCache:
                                  f"D={self.head_dim}], got {tuple(tensor.shape)}")
         if values.shape != keys.shape:
             raise ValueError(f"values must have the shape of keys {tuple(keys.shape)}, got {tuple(values.shape)}")
-        num_new = keys.shape[2]
-        row_lengths = self._host_lengths[layer]
-        longest = max(row_lengths)
-        if longest + num_new > self.max_len:
-            row = row_lengths.index(longest)
-            raise ValueError(f"the cache is full: appending T={num_new} positions to layer {layer} would take row "
-                             f"{row} from {longest} to {longest + num_new} > max_len={self.max_len}")
-        if num_new == 0:
-            return
-        key_view, value_view = self.buffer[layer, 0], self.buffer[layer, 1]         # [B, Hkv, max_len, D]
-        if min(row_lengths) == longest:
-            key_view[:, :, longest:longest + num_new].copy_(keys)
-            value_view[:, :, longest:longest + num_new].copy_(values)
-        else:
-            kv_append(key_view, value_view, self.lengths[layer], _last_dim_contiguous(keys),
-                      _last_dim_contiguous(values), validate=False)
-        self.lengths[layer] += num_new
-        self._host_lengths[layer] = [length + num_new for length in row_lengths]
+        self.append_unchecked(layer, keys, values)
 
     def append_unchecked(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """:meth:`append` without the tensor checks, for a caller that has passed the same kind of tensors
@@ -145,7 +128,9 @@ class KVCache:
             row = row_lengths.index(longest)
             raise ValueError(f"the cache is full: appending T={num_new} positions to layer {layer} would take row "
                              f"{row} from {longest} to {longest + num_new} > max_len={self.max_len}")
-        key_view, value_view = self.buffer[layer, 0], self.buffer[layer, 1]
+        if num_new == 0:
+            return
+        key_view, value_view = self.buffer[layer, 0], self.buffer[layer, 1]         # [B, Hkv, max_len, D]
         if min(row_lengths) == longest:
             key_view[:, :, longest:longest + num_new].copy_(keys)
             value_view[:, :, longest:longest + num_new].copy_(values)
