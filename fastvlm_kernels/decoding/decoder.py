@@ -385,6 +385,7 @@ class SelfSpeculativeDecoder:
                 streamer.put(input_ids.cpu())
 
             def emit(rows_tokens: List[List[int]]) -> None:
+                streamed_before = len(new_tokens[0])
                 for b, tokens in enumerate(rows_tokens):
                     if finished[b]:
                         continue
@@ -393,13 +394,9 @@ class SelfSpeculativeDecoder:
                         if token in eos or len(new_tokens[b]) >= max_new_tokens:
                             finished[b] = True
                             break
-                if streamer is not None:
-                    streamed = new_tokens[0][self._streamed:]
-                    if streamed:
-                        streamer.put(torch.tensor(streamed))
-                        self._streamed += len(streamed)
+                if streamer is not None and len(new_tokens[0]) > streamed_before:   # batch 1: row 0's new tokens
+                    streamer.put(torch.tensor(new_tokens[0][streamed_before:]))
 
-            self._streamed = 0
             emit([[int(t)] for t in x0.tolist()])
             recent = deque(maxlen=self.adaptive_window)
             k = draft_len
