@@ -23,6 +23,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "ptx.cuh"
+
 namespace fastvlm::lm_head {
 
 constexpr int kMaxRows = 64;   // rows per launch (both kernels)
@@ -231,9 +233,9 @@ __device__ __forceinline__ void cp_async_16_evict_first(void* shared, const void
                "r"(valid ? 16 : 0), "l"(policy)
                : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory"); }
+using ptx::cp_async_commit;
+using ptx::cp_async_wait;
+using ptx::mma_m16n8k16;
 
 // Four 8x8 b16 matrices from shared memory (row addresses from the lanes, see the kernel) into the
 // fragment registers of mma.m16n8k16.
@@ -243,22 +245,6 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* shared
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(address)
                : "memory");
-}
-
-// d += a (16x16, row-major) * b (16x8, column-major), fp32 accumulation.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __half>) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                 "{%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                 "{%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
 }
 
 // 8 elements at `src` (those at index >= limit, or all when !valid, read as zero) into 16 bytes of shared
@@ -372,8 +358,8 @@ __global__ void __launch_bounds__(kMmaThreads, 2) lm_head_mma_kernel(Params p) {
         if (mt < m_tiles) {
           uint32_t a[4];
           ldmatrix_x4(a, a_tile + mt * 16 * kOperandLd + a_offset + kk);
-          mma_16816<T>(acc[mt][0], a, b[0], b[1]);
-          mma_16816<T>(acc[mt][1], a, b[2], b[3]);
+          mma_m16n8k16<T>(acc[mt][0], a, b[0], b[1]);
+          mma_m16n8k16<T>(acc[mt][1], a, b[2], b[3]);
         }
       }
     }

@@ -24,6 +24,8 @@
 #include <cuda_fp16.h>
 #include <type_traits>
 
+#include "ptx.cuh"
+
 namespace fastvlm::verify_attention {
 
 // ---- parameters ------------------------------------------------------------------------------------
@@ -471,12 +473,9 @@ __device__ __forceinline__ void cp_async_16(uint32_t smem, const void* gmem, boo
                : "memory");
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
+using ptx::cp_async_commit;
+using ptx::cp_async_wait;
+using ptx::mma_m16n8k16;
 
 // Lanes 8i..8i+7 give the row addresses of matrix i; register i receives matrix i's fragment
 // (row lane / 4, cols 2 (lane % 4), +1), or with .trans (rows 2 (lane % 4), +1, col lane / 4).
@@ -490,22 +489,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(address));
-}
-
-// d += a b for a 16x16 A (row major), a 16x8 B (column major), fp32 accumulators.
-template <typename T>
-__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __half>) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                 "{%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                 "{%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
 }
 
 // Two floats rounded to T, the first in the low half (the lower column of a fragment register).

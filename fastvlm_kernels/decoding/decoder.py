@@ -21,6 +21,7 @@ from torch import nn
 from ..cache import KVCache
 from ..ops.acceptance import accept_greedy, accept_sampling
 from ..ops.lm_head import early_exit_head, verify_head
+from ..ops.lm_head.reference import filter_scores
 from .adapters import Adapter, adapter_for
 from .attention import STATE_KWARG, StepState, attention_implementation
 
@@ -266,17 +267,7 @@ class SelfSpeculativeDecoder:
     def _warped_probs(self, hidden, sampling: _Sampling) -> torch.Tensor:
         """softmax of the model's own head after temperature, top-k and top-p, as model.generate applies them."""
         logits = self.adapter.lm_head(self.adapter.norm(hidden)).float()
-        scores = logits / sampling.temperature
-        if sampling.top_k is not None:
-            k = min(sampling.top_k, scores.shape[-1])
-            kth = torch.topk(scores, k, dim=-1).values[..., -1:]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if sampling.top_p is not None:
-            sorted_scores, sorted_index = torch.sort(scores, descending=False, dim=-1)
-            cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-            remove = cumulative <= (1 - sampling.top_p)
-            remove[..., -1:] = False
-            scores = scores.masked_fill(remove.scatter(-1, sorted_index, remove), float("-inf"))
+        scores = filter_scores(logits / sampling.temperature, sampling.top_k, sampling.top_p)
         return torch.softmax(scores, dim=-1)
 
     def _get_cache(self, batch, max_len, dtype, device) -> KVCache:
