@@ -223,6 +223,7 @@ def test_short_training_lowers_the_loss_resumes_exactly_and_decodes_losslessly(t
     assert last["eval_loss"] < first["eval_loss"] - 1.0
     assert last["eval_exit_loss"] < first["eval_exit_loss"] - 1.0
     assert all(entry["eval_loss_shuffled_images"] > 0 for entry in summary["log"])
+    assert last["eval_probe_accuracy"] > first["eval_probe_accuracy"] + 0.1   # "every cell empty" scores ~0.67
 
     assert recipe.train(config, tmp_path / "b", tmp_path / "work-b", stop_after=12, **quiet) is None
     assert not (tmp_path / "b").exists()
@@ -241,6 +242,27 @@ def test_short_training_lowers_the_loss_resumes_exactly_and_decodes_losslessly(t
             out = SelfSpeculativeDecoder(model, config.exit_layer, draft_len=draft_len).generate(**inputs,
                                                                                                 max_new_tokens=24)
             assert torch.equal(out.sequences, expected)
+
+
+def test_vision_probe_labels_are_the_scene_cells():
+    indices = [3, 17, 123456]
+    labels = recipe.VisionProbe.labels(indices)
+    for row, index in enumerate(indices):
+        shapes = {shape.row * scenes.GRID + shape.column: shape for shape in scenes.make_scene(index).shapes}
+        for cell in range(scenes.GRID * scenes.GRID):
+            for name, values in recipe.VisionProbe.ATTRIBUTES:
+                expected = tuple(values).index(getattr(shapes[cell], name)) + 1 if cell in shapes else 0
+                assert labels[name][row, cell] == expected
+
+
+def test_learning_rate_warms_up_again_when_the_text_model_starts():
+    config = recipe.TinyConfig(steps=1000, warmup_steps=50, vision_warmup_steps=100, learning_rate=1e-3)
+    peak = config.learning_rate
+    assert recipe.learning_rate(config, 0) == pytest.approx(peak / 50)
+    assert recipe.learning_rate(config, 49) == pytest.approx(peak)
+    assert recipe.learning_rate(config, 100) == pytest.approx(peak / 50)
+    assert recipe.learning_rate(config, 149) == pytest.approx(peak)
+    assert recipe.learning_rate(config, 999) == pytest.approx(peak * config.min_lr_ratio, rel=1e-3)
 
 
 def test_resume_refuses_another_configuration(tmp_path):

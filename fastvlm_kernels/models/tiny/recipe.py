@@ -57,6 +57,13 @@ class TinyConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     exit_loss_weight: float = 1.0
+    # the vision tower's own supervision (recipe only; the probe is not part of the shipped model): each of the
+    # 9 image tokens, RMS-normalised as the text model's first norm sees it, must tell its grid cell's colour,
+    # kind, size and texture through linear heads. Alone for the first vision_warmup_steps (as a VLM starts
+    # from a pretrained vision tower), then added to the joint loss. Without it the image features collapsed
+    # into one large constant vector within 100 steps and the text model never read the image.
+    vision_warmup_steps: int = 100
+    vision_loss_weight: float = 1.0
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -125,6 +132,9 @@ def build_model(config: TinyConfig, processor):
     tokenizer = processor.tokenizer
     if config.hidden_size % config.num_heads or config.hidden_size // config.num_heads != 64:
         raise ValueError(f"head dim must be 64: hidden_size {config.hidden_size} / num_heads {config.num_heads}")
+    if num_image_tokens(config) != scenes.GRID * scenes.GRID:
+        raise ValueError(f"patch_size must make one image token per grid cell ({scenes.IMAGE_SIZE // scenes.GRID}), "
+                         f"got {config.patch_size}")
     if not 1 <= config.exit_layer < config.num_layers:
         raise ValueError(f"exit_layer must be in [1, {config.num_layers - 1}], got {config.exit_layer}")
     vision = CLIPVisionConfig(hidden_size=config.vision_hidden_size, intermediate_size=config.vision_intermediate_size,
@@ -230,19 +240,68 @@ def joint_loss(model, batch: dict, exit_layer: int, exit_loss_weight: float):
     return final_loss + exit_loss_weight * exit_loss, final_loss.detach(), exit_loss.detach(), agreement.detach()
 
 
+class VisionProbe(torch.nn.Module):
+    """Linear heads that read each image token's grid cell (class 0: empty cell) from the projector's output."""
+
+    ATTRIBUTES = (("colour", tuple(scenes.COLOURS)), ("kind", scenes.KINDS), ("size", tuple(scenes.SIZES)),
+                  ("texture", scenes.TEXTURES))
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(hidden_size, len(values) + 1)
+                                          for name, values in self.ATTRIBUTES})
+
+    @classmethod
+    def labels(cls, indices: List[int]) -> Dict[str, torch.Tensor]:
+        """[B, 9] class per grid cell (row-major, the order of the patch tokens) for training examples ``indices``."""
+        out = {name: torch.zeros(len(indices), scenes.GRID * scenes.GRID, dtype=torch.long) for name, _ in cls.ATTRIBUTES}
+        for row, index in enumerate(indices):
+            for shape in scenes.make_scene(index).shapes:
+                cell = shape.row * scenes.GRID + shape.column
+                for name, values in cls.ATTRIBUTES:
+                    out[name][row, cell] = tuple(values).index(getattr(shape, name)) + 1
+        return out
+
+    def forward(self, model, pixel_values: torch.Tensor, indices: List[int]):
+        """(summed cross-entropy over the attributes, mean accuracy) of the probe on ``model``'s image features."""
+        import torch.nn.functional as F
+
+        features = model.model.get_image_features(pixel_values=pixel_values)
+        features = getattr(features, "pooler_output", features)
+        if isinstance(features, (list, tuple)):
+            features = torch.stack(list(features))
+        features = features.reshape(len(indices), scenes.GRID * scenes.GRID, -1).float()
+        features = features * torch.rsqrt(features.pow(2).mean(-1, keepdim=True) + 1e-6)
+        labels = self.labels(indices)
+        loss, correct = 0.0, []
+        for name, head in self.heads.items():
+            logits = head(features)
+            loss = loss + F.cross_entropy(logits.flatten(0, 1), labels[name].flatten())
+            correct.append((logits.argmax(-1) == labels[name]).float().mean())
+        return loss, torch.stack(correct).mean().detach()
+
+
 def learning_rate(config: TinyConfig, step: int) -> float:
-    if step < config.warmup_steps:
-        return config.learning_rate * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    """Linear warmup then cosine decay, separately for the vision warm-up phase and the joint phase (the text
+    model starts its own warmup when it starts training)."""
+    if step < config.vision_warmup_steps:
+        phase_step, phase_steps = step, config.vision_warmup_steps
+    else:
+        phase_step, phase_steps = step - config.vision_warmup_steps, config.steps - config.vision_warmup_steps
+    warmup = min(config.warmup_steps, phase_steps)
+    if phase_step < warmup:
+        return config.learning_rate * (phase_step + 1) / warmup
+    progress = (phase_step - warmup) / max(1, phase_steps - warmup)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return config.learning_rate * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
 
 
 # ---- training ----------------------------------------------------------------------------------------------------
 
-def _save_checkpoint(path: Path, model, optimizer, config: TinyConfig, step: int, elapsed: float, log: list) -> None:
+def _save_checkpoint(path: Path, model, probe, optimizer, config: TinyConfig, step: int, elapsed: float,
+                     log: list) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config.to_dict(),
+    torch.save({"model": model.state_dict(), "probe": probe.state_dict(), "optimizer": optimizer.state_dict(), "config": config.to_dict(),
                 "step": step, "elapsed": elapsed, "log": log}, tmp)
     os.replace(tmp, path)
 
@@ -259,11 +318,13 @@ def train(config: TinyConfig, out_dir: Path, work_dir: Path, *, checkpoint_every
     checkpoint_path = work_dir / "checkpoint.pt"
     processor = build_processor(config)
     model = build_model(config, processor)
+    probe = VisionProbe(config.hidden_size)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.learning_rate,
-                                  betas=(0.9, 0.98))
+                                   {"params": no_decay, "weight_decay": 0.0},
+                                   {"params": list(probe.parameters()), "weight_decay": 0.0}],
+                                  lr=config.learning_rate, betas=(0.9, 0.98))
     step, elapsed, log = 0, 0.0, []
     if checkpoint_path.is_file():
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
@@ -271,6 +332,7 @@ def train(config: TinyConfig, out_dir: Path, work_dir: Path, *, checkpoint_every
             raise ValueError(f"{checkpoint_path} was written for another configuration; delete it or pass the same "
                              f"options (checkpoint: {state['config']})")
         model.load_state_dict(state["model"])
+        probe.load_state_dict(state["probe"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed, log = state["step"], state["elapsed"], state["log"]
         print_fn(f"resumed from {checkpoint_path} at step {step} ({elapsed / 60:.1f} min of training so far)")
@@ -278,7 +340,8 @@ def train(config: TinyConfig, out_dir: Path, work_dir: Path, *, checkpoint_every
     print_fn(f"tiny VLM: {config.num_layers} layers x {config.hidden_size}, exit layer {config.exit_layer}, "
              f"{parameters / 1e6:.2f} M parameters, {config.steps} steps of {config.batch_size}, "
              f"{torch.get_num_threads()} threads")
-    eval_batch = encode_batch(processor, [HELD_OUT_SEED + i for i in range(32)])
+    eval_indices = [HELD_OUT_SEED + i for i in range(32)]
+    eval_batch = encode_batch(processor, eval_indices)
     model.train()
     last_checkpoint = time.perf_counter()
     start = time.perf_counter() - elapsed
@@ -288,42 +351,57 @@ def train(config: TinyConfig, out_dir: Path, work_dir: Path, *, checkpoint_every
         step_start, cpu_start = time.perf_counter(), time.process_time()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
-        batch = encode_batch(processor, batch_indices(config, processor.tokenizer, step))
-        loss, final_loss, exit_loss, agreement = joint_loss(model, batch, config.exit_layer, config.exit_loss_weight)
+        indices = batch_indices(config, processor.tokenizer, step)
+        batch = encode_batch(processor, indices)
+        if step < config.vision_warmup_steps:        # the vision tower and projector alone, through the probe
+            loss, probe_accuracy = probe(model, batch["pixel_values"], indices)
+            final_loss = exit_loss = agreement = torch.tensor(float("nan"))
+        else:
+            loss, final_loss, exit_loss, agreement = joint_loss(model, batch, config.exit_layer,
+                                                                config.exit_loss_weight)
+            if config.vision_loss_weight:
+                vision_loss, probe_accuracy = probe(model, batch["pixel_values"], indices)
+                loss = loss + config.vision_loss_weight * vision_loss
+            else:
+                probe_accuracy = torch.tensor(float("nan"))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         step += 1
         window.append((float(final_loss), float(exit_loss), float(agreement), time.perf_counter() - step_start,
-                       time.process_time() - cpu_start))
-        if step % eval_every == 0 or step == config.steps or step <= 2:
+                       time.process_time() - cpu_start, float(probe_accuracy)))
+        if step % eval_every == 0 or step == config.steps or step <= 2 or step == config.vision_warmup_steps:
             model.eval()
             with torch.no_grad():
                 _, eval_final, eval_exit, eval_agreement = joint_loss(model, eval_batch, config.exit_layer, 1.0)
                 # The same answers with every row given another row's image: how much the model reads the image.
                 shuffled = dict(eval_batch, pixel_values=eval_batch["pixel_values"].roll(1, 0))
                 eval_shuffled = joint_loss(model, shuffled, config.exit_layer, 1.0)[1]
+                eval_probe = probe(model, eval_batch["pixel_values"], eval_indices)[1]
             model.train()
-            mean = [sum(values) / len(values) for values in zip(*window)]
+            mean = [_nanmean(values) for values in zip(*window)]
             entry = dict(step=step, train_loss=mean[0], train_exit_loss=mean[1], eval_loss=float(eval_final),
                          eval_exit_loss=float(eval_exit), eval_agreement=float(eval_agreement), step_s=mean[3],
                          cpu_step_s=mean[4], eval_loss_shuffled_images=float(eval_shuffled),
+                         train_probe_accuracy=mean[5], eval_probe_accuracy=float(eval_probe),
                          minutes=(time.perf_counter() - start) / 60)
             log.append(entry)
             window = []
             remaining = (config.steps - step) * mean[3] / 60
-            print_fn(f"step {step}/{config.steps}  loss {mean[0]:.3f}  exit loss {mean[1]:.3f}  eval {eval_final:.3f} "
+            losses = ("vision warm-up" if math.isnan(mean[0])
+                      else f"loss {mean[0]:.3f}  exit loss {mean[1]:.3f}")
+            print_fn(f"step {step}/{config.steps}  {losses}  eval {eval_final:.3f} "
                      f"/ exit {eval_exit:.3f} / shuffled images {eval_shuffled:.3f}  "
-                     f"exit=final top-1 {eval_agreement:.2f}  "
+                     f"exit=final top-1 {eval_agreement:.2f}  vision probe {eval_probe:.2f}  "
                      f"{mean[3]:.2f} s/step (cpu {mean[4]:.2f} s)  "
                      f"{entry['minutes']:.1f} min, ~{remaining:.0f} min left")
         if time.perf_counter() - last_checkpoint >= checkpoint_every_s and step < config.steps:
-            _save_checkpoint(checkpoint_path, model, optimizer, config, step, time.perf_counter() - start, log)
+            _save_checkpoint(checkpoint_path, model, probe, optimizer, config, step, time.perf_counter() - start, log)
             last_checkpoint = time.perf_counter()
             print_fn(f"checkpoint: {checkpoint_path} at step {step}")
     elapsed = time.perf_counter() - start
-    _save_checkpoint(checkpoint_path, model, optimizer, config, step, elapsed, log)
+    _save_checkpoint(checkpoint_path, model, probe, optimizer, config, step, elapsed, log)
     if step < config.steps:
         print_fn(f"stopped at step {step}; rerun to resume from {checkpoint_path}")
         return None
@@ -331,6 +409,11 @@ def train(config: TinyConfig, out_dir: Path, work_dir: Path, *, checkpoint_every
     summary = write(model, processor, config, out_dir, dtype=dtype, log=log, elapsed=elapsed)
     print_fn(f"wrote {out_dir} ({summary['size_mb']:.1f} MB) after {elapsed / 60:.1f} min")
     return summary
+
+
+def _nanmean(values) -> float:
+    values = [value for value in values if not math.isnan(value)]
+    return sum(values) / len(values) if values else float("nan")
 
 
 def write(model, processor, config: TinyConfig, out_dir: Path, *, dtype: torch.dtype, log: list,
@@ -351,6 +434,6 @@ def reduced(config: TinyConfig = TinyConfig(), **overrides) -> TinyConfig:
     """A small variant for tests and toy runs."""
     values = dict(num_layers=4, hidden_size=128, intermediate_size=256, num_heads=2, num_kv_heads=1, exit_layer=2,
                   vision_hidden_size=64, vision_intermediate_size=128, vision_layers=1, vision_heads=1, steps=30,
-                  batch_size=8, warmup_steps=5)
+                  batch_size=8, warmup_steps=5, vision_warmup_steps=5)
     values.update(overrides)
     return replace(config, **values)
