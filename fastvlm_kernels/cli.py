@@ -135,6 +135,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser, with_exit_layer: bo
             ("draft_len", int, "the decoder's draft length k when measuring"),
             ("checkpoint_every", int, "save a checkpoint every N steps (0: at the end only)"),
             ("max_new_tokens", int, "length of the model's generated responses"),
+            ("response_batch_size", int, "prompts answered together when generating responses (1: each alone)"),
             ("max_response_tokens", int, "truncate responses to this many tokens")):
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name),
                             help=f"{text} (default {getattr(defaults, name)})")
@@ -158,7 +159,8 @@ def _train_config(args, exit_layer: int):
         max_eval_examples=args.max_eval_examples, eval_every=args.eval_every,
         eval_max_new_tokens=args.eval_max_new_tokens, draft_len=args.draft_len,
         checkpoint_every=args.checkpoint_every, max_new_tokens=args.max_new_tokens,
-        max_response_tokens=args.max_response_tokens, skip_malformed=args.skip_malformed)
+        max_response_tokens=args.max_response_tokens, response_batch_size=args.response_batch_size,
+        skip_malformed=args.skip_malformed)
 
 
 def _load_for_training(args):

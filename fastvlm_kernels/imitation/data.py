@@ -270,6 +270,27 @@ def _concat_padded(values: List[torch.Tensor]) -> torch.Tensor:
     return torch.cat(padded, dim=0)
 
 
+def _left_padded(rows: List[Dict[str, torch.Tensor]], pad_token_id: int) -> Dict[str, torch.Tensor]:
+    """Batch-1 prompt inputs as one left-padded batch (per-token tensors) with image tensors concatenated."""
+    width = max(row["input_ids"].shape[1] for row in rows)
+    out: Dict[str, torch.Tensor] = {}
+    for name in rows[0]:
+        values = [row[name] for row in rows]
+        if name in PER_TOKEN_KEYS and all(v.dim() == 2 and v.shape == row["input_ids"].shape
+                                          for v, row in zip(values, rows)):
+            pad = pad_token_id if name == "input_ids" else 0
+            batch = values[0].new_full((len(rows), width), pad)
+            for b, value in enumerate(values):
+                batch[b, width - value.shape[1]:] = value[0]
+            out[name] = batch
+        else:
+            out[name] = _concat_padded(values)
+    if "attention_mask" not in out:
+        lengths = torch.tensor([row["input_ids"].shape[1] for row in rows])
+        out["attention_mask"] = (torch.arange(width)[None] >= (width - lengths)[:, None]).long()
+    return out
+
+
 # ---- the model's own responses ------------------------------------------------------------------------------------
 
 
@@ -317,15 +338,21 @@ def _read_cache(path: Path, fingerprint: dict) -> Dict[str, List[int]]:
 
 @torch.no_grad()
 def generate_responses(model, encoder: Encoder, examples: Sequence[Example], cache_path: Path, *,
-                       max_new_tokens: int, fingerprint: dict, progress: bool = True) -> None:
+                       max_new_tokens: int, fingerprint: dict, progress: bool = True, batch_size: int = 1) -> None:
     """Fills ``response_ids`` of the examples that have no response with the model's greedy answer
-    (``model.generate``, one prompt at a time: what the model says alone, no padding effects). Each answer
-    is appended to ``cache_path`` as it is made, so an interrupted run picks up where it stopped."""
+    (``model.generate``). ``batch_size`` 1: one prompt at a time, what the model says alone, no padding
+    effects; larger: prompts of similar length left-padded together (many times faster on a small model; a
+    row's answer can then differ from its batch-1 answer where padding changes a near tie). Each answer is
+    appended to ``cache_path`` as it is made, so an interrupted run picks up where it stopped."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     pending = [example for example in examples if example.response is None and example.response_ids is None]
     if not pending:
         return
     cache_path = Path(cache_path)
     fingerprint = dict(fingerprint, max_new_tokens=max_new_tokens)
+    if batch_size > 1:
+        fingerprint["batch_size"] = batch_size
     done = _read_cache(cache_path, fingerprint)
     eos = _eos_ids(model)
     device = next(model.parameters()).device
@@ -341,22 +368,36 @@ def generate_responses(model, encoder: Encoder, examples: Sequence[Example], cac
     from tqdm.auto import tqdm
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     new_file = not cache_path.exists()
-    with open(cache_path, "a", encoding="utf-8") as handle:
+    prompts = [(key, example, encoder.prompt_inputs(example)) for key, example in todo] if batch_size > 1 else None
+    if prompts is not None:
+        prompts.sort(key=lambda item: item[2]["input_ids"].shape[1])
+        groups = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    else:
+        groups = [[(key, example, None)] for key, example in todo]
+    with open(cache_path, "a", encoding="utf-8") as handle, \
+            tqdm(total=len(todo), desc="generating responses", disable=not progress, file=sys.stderr) as bar:
         if new_file:
             handle.write(json.dumps({"format": CACHE_FORMAT, "fingerprint": fingerprint}) + "\n")
-        for key, example in tqdm(todo, desc="generating responses", disable=not progress, file=sys.stderr):
-            inputs = {name: value.to(device) for name, value in encoder.prompt_inputs(example).items()}
+        for group in groups:
+            if len(group) == 1:
+                key, example, inputs = group[0]
+                inputs = inputs if inputs is not None else encoder.prompt_inputs(example)
+            else:
+                inputs = _left_padded([item[2] for item in group], encoder.pad_token_id)
+            inputs = {name: value.to(device) for name, value in inputs.items()}
             prompt_len = inputs["input_ids"].shape[1]
             sequences = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                        pad_token_id=encoder.pad_token_id)
-            response = [int(token) for token in sequences[0, prompt_len:].tolist()]
-            for index, token in enumerate(response):
-                if token in eos:
-                    response = response[:index + 1]
-                    break
-            example.response_ids = response
-            text = encoder.tokenizer.decode(response, skip_special_tokens=True)
-            handle.write(json.dumps({"key": key, "source": example.source, "response_ids": response,
-                                     "response": text}) + "\n")
+            for row, (key, example, _) in enumerate(group):
+                response = [int(token) for token in sequences[row, prompt_len:].tolist()]
+                for index, token in enumerate(response):
+                    if token in eos:
+                        response = response[:index + 1]
+                        break
+                example.response_ids = response
+                text = encoder.tokenizer.decode(response, skip_special_tokens=True)
+                handle.write(json.dumps({"key": key, "source": example.source, "response_ids": response,
+                                         "response": text}) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+            bar.update(len(group))

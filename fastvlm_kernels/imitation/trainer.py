@@ -78,6 +78,7 @@ class TrainConfig:
     checkpoint_every: int = 100             # 0: only at the end
     max_new_tokens: int = 128               # length of the generated responses
     max_response_tokens: Optional[int] = 256
+    response_batch_size: int = 1            # prompts answered together by generate_responses (1: each alone)
     skip_malformed: bool = False
 
     def loss_weights(self) -> LossWeights:
@@ -103,7 +104,7 @@ class TrainConfig:
             raise ValueError(f"layers must be >= 1 for kind 'layers', got {self.layers}")
         if self.init_layer is not None and not -num_layers <= self.init_layer < num_layers:
             raise ValueError(f"init_layer={self.init_layer} is out of range for {num_layers} layers")
-        for name in ("steps", "batch_size"):
+        for name in ("steps", "batch_size", "response_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "grad_clip", "weight_decay"):
@@ -395,7 +396,8 @@ def train_imitation(model: nn.Module, processor, data_dir: Path, out_dir: Path, 
 
     with frozen(model):
         generate_responses(model, encoder, train_examples, responses_cache or out_dir / "responses.jsonl",
-                           max_new_tokens=config.max_new_tokens, fingerprint=record["model"], progress=progress)
+                           max_new_tokens=config.max_new_tokens, fingerprint=record["model"], progress=progress,
+                           batch_size=config.response_batch_size)
         return _train(model, adapter, encoder, config, train_examples, eval_examples, out_dir, resuming,
                       progress=progress, say=say, callback=callback, stop_after=stop_after)
 
