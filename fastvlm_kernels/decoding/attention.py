@@ -43,8 +43,13 @@ def fastvlm_attention(module, query, key, value, attention_mask, scaling=None, d
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    layer = module.layer_idx
     sm_scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return attend(state, module.layer_idx, query, key, value, sm_scale), None
+
+
+def attend(state: StepState, layer: int, query, key, value, sm_scale: float) -> torch.Tensor:
+    """Appends ``key``/``value [B, Hkv, T, D]`` to cache layer ``layer`` and attends the new tokens' ``query
+    [B, Hq, T, D]`` to that layer's cache; returns ``[B, T, Hq, D]`` (what the attention module reshapes)."""
     if state.calls is not None:
         state.calls[layer] = state.calls.get(layer, 0) + query.shape[0] * query.shape[2]
     if state.backend is None:
@@ -56,14 +61,14 @@ def fastvlm_attention(module, query, key, value, attention_mask, scaling=None, d
             query.device.type, ("torch",))), state.requested_backend, query)
         out = verify_attention(query, keys, values, state.prefix_lens, state.tree_mask, sm_scale=sm_scale,
                                validate=False, backend=state.backend.name)
-        return out.transpose(1, 2), None
+        return out.transpose(1, 2)
     state.cache.append_unchecked(layer, key, value)
     keys, values = state.cache.layer_unchecked(layer)
     batch, num_heads, num_new, head_dim = query.shape
-    out = query.new_empty((batch, num_new, num_heads, head_dim))       # what the attention module reshapes
+    out = query.new_empty((batch, num_new, num_heads, head_dim))
     state.backend.run(query, keys, values, state.prefix_lens, state.tree_mask, float(sm_scale), out.transpose(1, 2),
                       None)
-    return out, None
+    return out
 
 
 # The decoder launches attention eagerly once per layer and step, so host cost counts: on an H100 the CUDA

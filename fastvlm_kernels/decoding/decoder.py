@@ -23,6 +23,7 @@ from ..ops.acceptance import accept_greedy, accept_sampling
 from ..ops.lm_head import early_exit_head, verify_head
 from ..ops.lm_head.reference import filter_scores
 from .adapters import Adapter, adapter_for
+from . import lean
 from .attention import STATE_KWARG, StepState, attention_implementation
 
 # Logits processors that model.generate would apply and this decoder does not (name -> inactive value).
@@ -140,12 +141,15 @@ class SelfSpeculativeDecoder:
         max_cache_len: when set, the positions one call may use (prompt + new tokens + draft); a call that
             would need more raises before running anything. The cache is kept between calls and reused.
         attention_backend: the ``verify_attention`` backend ("auto": the op's own order for the device).
+        lean_layers: run Llama / Mistral / Qwen2 text layers (and an imitation network's layers) as plain
+            tensor ops (:mod:`.lean`: bit-identical to the modules, less host time per layer); other layers,
+            or False, run the model's own modules. ``lean_reason`` says why a generate did not.
     """
 
     def __init__(self, model: nn.Module, exit_layer: int, imitation: Optional[nn.Module] = None,
                  draft_len: Union[int, str] = 4, tree=None, *, adaptive_threshold: float = 0.4,
                  adaptive_window: int = 8, max_draft_len: int = 8, max_cache_len: Optional[int] = None,
-                 attention_backend: str = "auto"):
+                 attention_backend: str = "auto", lean_layers: bool = True):
         self.adapter: Adapter = adapter_for(model)
         self.model = model
         num_layers = self.adapter.num_layers
@@ -193,6 +197,9 @@ class SelfSpeculativeDecoder:
         config = self.adapter.text_config
         self._num_kv_heads = config.num_key_value_heads
         self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.lean_layers = bool(lean_layers)
+        self._lean = None          # per generate: (backbone LeanLayers, imitation LeanLayers) or None
+        self.lean_reason: Optional[str] = None   # why the last generate ran the model's own layer modules
         self.count_calls = False   # tests: count the tokens each layer attends (StepState.calls)
         self.last_calls: dict = {}
 
@@ -246,7 +253,28 @@ class SelfSpeculativeDecoder:
 
     # ---- pieces -----------------------------------------------------------------------------------------------
 
+    def _prepare_lean(self) -> None:
+        """Lean versions of the backbone's (and the imitation network's) layers for this generate, when every
+        one of them is supported; otherwise the reason is kept in ``lean_reason``."""
+        self._lean, self.lean_reason = None, None
+        if not self.lean_layers:
+            self.lean_reason = "lean_layers=False"
+            return
+        backbone, reason = lean.lean_layers(self.adapter.layers)
+        imitation = None
+        if backbone is not None and self._drafts_with_imitation and getattr(self.imitation, "layers", None) \
+                is not None and self.imitation.config.kind == "layers":
+            imitation, reason = lean.lean_layers(self.imitation.layers)
+            if imitation is None:
+                backbone = None
+        if backbone is None:
+            self.lean_reason = reason
+            return
+        self._lean = (backbone, imitation)
+
     def _run_layers(self, hidden, start, stop, position_embeddings, state):
+        if self._lean is not None:
+            return lean.run(self._lean[0][start:stop], hidden, position_embeddings, state)
         kwargs = {STATE_KWARG: state}
         for layer in self.adapter.layers[start:stop]:
             out = layer(hidden, attention_mask=None, position_embeddings=position_embeddings, **kwargs)
@@ -256,6 +284,8 @@ class SelfSpeculativeDecoder:
     def _imitate(self, hidden, position_embeddings, state):
         if self.imitation is None:
             return hidden
+        if self._lean is not None and self._lean[1] is not None:
+            return lean.run(self._lean[1], hidden, position_embeddings, state)
         return self.imitation(hidden, position_embeddings, **{STATE_KWARG: state})
 
     def _rotary(self, hidden, positions):
@@ -339,6 +369,7 @@ class SelfSpeculativeDecoder:
         configs = adapter.attention_configs()
         if self.imitation is not None:
             configs += [layer.self_attn.config for layer in getattr(self.imitation, "layers", ())]
+        self._prepare_lean()
         with attention_implementation(configs):
             # ---- prefill ------------------------------------------------------------------------------------
             prompt = adapter.prompt_inputs(input_ids, attention_mask, **model_inputs)

@@ -1,0 +1,135 @@
+"""The decoder's lean layer path: a Llama-style decoder layer run as plain tensor operations.
+
+A draft step of a small model is mostly host time: transformers' decoder layer goes through a dozen module
+calls (norms, projections, the attention module, the MLP, the activation), each with its hooks machinery,
+for a handful of small matrix products. :class:`LeanLayer` runs the same operations, in the same order, on
+the same weights and in the same dtypes as the module's ``forward`` (transformers' RMSNorm, rotary,
+projection and MLP code, reproduced op for op), so its output is bit-identical to the module's with the
+decoder's attention (tests check it for every supported family), with about a quarter less host time per
+layer on a CPU (measured on the tiny VLM's layers: 847 vs 1148 us, one thread).
+
+Supported: Llama, Mistral and Qwen2 decoder layers (the text models of LLaVA, LLaVA-NeXT and the causal LMs
+the decoder takes) with SiLU MLPs, RMSNorm and 1-D rotary embeddings. Anything else (M-RoPE layers of
+Qwen2-VL, a layer with hooks, e.g. accelerate's offloading) runs through its own module:
+:func:`lean_layers` returns None with the reason.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import StepState, attend
+
+SUPPORTED_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+
+
+def _rms_norm(norm: nn.Module):
+    return norm.weight, float(norm.variance_epsilon)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    for sub in module.modules():
+        # accelerate's hooks (offloading, device maps) replace the instance's forward
+        if (sub._forward_hooks or sub._forward_pre_hooks or getattr(sub, "_hf_hook", None) is not None
+                or "forward" in sub.__dict__):
+            return True
+    return bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+
+
+def unsupported_reason(layer: nn.Module) -> Optional[str]:
+    """Why ``layer`` cannot run on the lean path (None: it can)."""
+    name = type(layer).__name__
+    if name not in SUPPORTED_LAYERS:
+        return f"{name} is not one of {', '.join(SUPPORTED_LAYERS)}"
+    attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    for owner, parts in ((attention, ("q_proj", "k_proj", "v_proj", "o_proj")), (mlp, ("gate_proj", "up_proj",
+                                                                                         "down_proj"))):
+        if owner is None or not all(isinstance(getattr(owner, part, None), nn.Linear) for part in parts):
+            return f"{name}: unexpected attention or MLP structure"
+    if any(hasattr(attention, extra) for extra in ("q_norm", "k_norm")):
+        return f"{name}: query/key norms"
+    if getattr(attention, "sliding_window", None) is not None:
+        return f"{name}: sliding-window attention"
+    for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+        if not type(norm).__name__.endswith("RMSNorm") or not hasattr(norm, "variance_epsilon") or \
+                getattr(norm, "bias", None) is not None:
+            return f"{name}: {type(norm).__name__} is not transformers' RMSNorm"
+    if getattr(mlp.act_fn, "__class__", None).__name__ not in ("SiLUActivation", "SiLU"):
+        return f"{name}: activation {type(mlp.act_fn).__name__} (SiLU only)"
+    if _has_hooks(layer):
+        return f"{name}: the layer has forward hooks"
+    return None
+
+
+class LeanLayer:
+    """``layer``'s forward with the decoder's attention, as plain tensor ops (bit-identical output)."""
+
+    __slots__ = ("layer_idx", "norm1", "eps1", "norm2", "eps2", "q", "q_b", "k", "k_b", "v", "v_b", "o", "o_b",
+                 "gate", "gate_b", "up", "up_b", "down", "down_b", "head_dim", "scaling")
+
+    def __init__(self, layer: nn.Module):
+        attention, mlp = layer.self_attn, layer.mlp
+        self.layer_idx = attention.layer_idx
+        self.norm1, self.eps1 = _rms_norm(layer.input_layernorm)
+        self.norm2, self.eps2 = _rms_norm(layer.post_attention_layernorm)
+        self.q, self.q_b = attention.q_proj.weight, attention.q_proj.bias
+        self.k, self.k_b = attention.k_proj.weight, attention.k_proj.bias
+        self.v, self.v_b = attention.v_proj.weight, attention.v_proj.bias
+        self.o, self.o_b = attention.o_proj.weight, attention.o_proj.bias
+        self.gate, self.gate_b = mlp.gate_proj.weight, mlp.gate_proj.bias
+        self.up, self.up_b = mlp.up_proj.weight, mlp.up_proj.bias
+        self.down, self.down_b = mlp.down_proj.weight, mlp.down_proj.bias
+        self.head_dim = attention.head_dim
+        self.scaling = float(attention.scaling)
+
+    def __call__(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, state: StepState) -> torch.Tensor:
+        """``hidden [B, T, H]``; ``cos``/``sin [B, 1, T, D]`` (already unsqueezed for the heads)."""
+        batch, tokens = hidden.shape[:2]
+        residual = hidden
+        normed = _rms(hidden, self.norm1, self.eps1)
+        shape = (batch, tokens, -1, self.head_dim)
+        query = F.linear(normed, self.q, self.q_b).view(shape).transpose(1, 2)
+        key = F.linear(normed, self.k, self.k_b).view(shape).transpose(1, 2)
+        value = F.linear(normed, self.v, self.v_b).view(shape).transpose(1, 2)
+        query = (query * cos) + (_rotate_half(query) * sin)
+        key = (key * cos) + (_rotate_half(key) * sin)
+        out = attend(state, self.layer_idx, query, key, value, self.scaling)
+        hidden = residual + F.linear(out.reshape(batch, tokens, -1).contiguous(), self.o, self.o_b)
+        residual = hidden
+        normed = _rms(hidden, self.norm2, self.eps2)
+        gated = F.silu(F.linear(normed, self.gate, self.gate_b)) * F.linear(normed, self.up, self.up_b)
+        return residual + F.linear(gated, self.down, self.down_b)
+
+
+def _rms(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # transformers' LlamaRMSNorm.forward, op for op (fp32 statistics, cast back before the weight)
+    input_dtype = hidden.dtype
+    hidden = hidden.to(torch.float32)
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    hidden = hidden * torch.rsqrt(variance + eps)
+    return weight * hidden.to(input_dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def lean_layers(layers: Sequence[nn.Module]) -> Tuple[Optional[List[LeanLayer]], Optional[str]]:
+    """(lean versions of ``layers``, None), or (None, why not) when any layer is unsupported."""
+    for layer in layers:
+        reason = unsupported_reason(layer)
+        if reason is not None:
+            return None, reason
+    return [LeanLayer(layer) for layer in layers], None
+
+
+def run(layers: Sequence[LeanLayer], hidden: torch.Tensor, position_embeddings, state: StepState) -> torch.Tensor:
+    cos, sin = position_embeddings
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    for layer in layers:
+        hidden = layer(hidden, cos, sin, state)
+    return hidden
