@@ -255,6 +255,18 @@ def test_vision_probe_labels_are_the_scene_cells():
                 assert labels[name][row, cell] == expected
 
 
+def test_grounding_phase_asks_only_grounding_questions():
+    config = recipe.TinyConfig(vision_warmup_steps=16, grounding_steps=24)
+    assert recipe.step_kinds(config, 0) == recipe.step_kinds(config, 39) == scenes.GROUNDING_KINDS
+    assert recipe.step_kinds(config, 40) is None
+    drawn = {scenes.make_turn(scenes.make_scene(i), i, None, scenes.GROUNDING_KINDS).kind for i in range(400)}
+    assert drawn == set(scenes.GROUNDING_KINDS)
+    everything = {scenes.make_turn(scenes.make_scene(i), i).kind for i in range(400)}
+    assert everything == set(scenes.QUESTION_KINDS)
+    with pytest.raises(ValueError, match="kinds"):
+        scenes.make_turn(scenes.make_scene(0), 0, None, ("sing",))
+
+
 def test_learning_rate_warms_up_again_when_the_text_model_starts():
     config = recipe.TinyConfig(steps=1000, warmup_steps=50, vision_warmup_steps=100, learning_rate=1e-3)
     peak = config.learning_rate

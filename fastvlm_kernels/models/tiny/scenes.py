@@ -242,10 +242,20 @@ QUESTION_KINDS = ("describe", "count_all", "count_colour", "count_kind", "where"
 QUESTION_WEIGHTS = (4, 1, 1, 1, 1, 1, 2, 1, 1, 1)
 
 
-def make_turn(scene: Scene, seed: int, kind: Optional[str] = None) -> Turn:
+# Short answers that each name one or two facts read off the image: the recipe's first joint steps use only
+# these, so that the text model learns to look at the image before it learns the long descriptions' grammar.
+GROUNDING_KINDS = ("count_all", "count_colour", "count_kind", "where", "what_at", "exists", "colour_of", "attributes")
+
+
+def make_turn(scene: Scene, seed: int, kind: Optional[str] = None, kinds: Optional[Tuple[str, ...]] = None) -> Turn:
+    """The question and answer of ``seed`` (``kind``: that family; else drawn with the training weights,
+    among ``kinds`` when given)."""
     rng = random.Random(f"turn-{seed}")
     if kind is None:
-        kind = rng.choices(QUESTION_KINDS, weights=QUESTION_WEIGHTS)[0]
+        pool = QUESTION_KINDS if kinds is None else tuple(kinds)
+        if not pool or any(k not in QUESTION_KINDS for k in pool):
+            raise ValueError(f"kinds must be a non-empty subset of {', '.join(QUESTION_KINDS)}, got {kinds!r}")
+        kind = rng.choices(pool, weights=[QUESTION_WEIGHTS[QUESTION_KINDS.index(k)] for k in pool])[0]
     if kind not in QUESTION_KINDS:
         raise ValueError(f"kind must be one of {', '.join(QUESTION_KINDS)}, got {kind!r}")
     return _question(rng, scene, kind)
