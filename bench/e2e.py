@@ -95,6 +95,95 @@ def early_exit_config(model):
         config.__class__ = original
 
 
+def adapter_layers(model) -> int:
+    from fastvlm_kernels.decoding.adapters import adapter_for
+    return adapter_for(model).num_layers
+
+
+def measure_parts(model, exit_layer: int, prompt_len: int, draft_lens, repeats: int = 30) -> dict:
+    """Medians (seconds) of the parts a decoder step is made of, timed on this machine the way the decoder runs
+    them (lean layer path when supported, the package's KVCache and attention, the fused heads): one layer
+    over T new tokens after ``prompt_len`` cached ones for T = 1 and k + 1, the early-exit head on one row
+    and the verify head on k + 1 rows."""
+    from fastvlm_kernels import KVCache, early_exit_head, verify_head
+    from fastvlm_kernels.decoding import lean
+    from fastvlm_kernels.decoding.adapters import adapter_for
+    from fastvlm_kernels.decoding.attention import STATE_KWARG, StepState, attention_implementation
+
+    adapter = adapter_for(model)
+    config = adapter.text_config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dtype = adapter.norm.weight.dtype
+    device = adapter.norm.weight.device
+    layer = adapter.layers[exit_layer]
+    lean_layer = lean.lean_layers([layer])[0]
+    tokens = sorted({1} | {k + 1 for k in draft_lens})
+    parts = {}
+    with torch.no_grad(), attention_implementation(adapter.attention_configs()):
+        cache = KVCache(adapter.num_layers, 1, config.num_key_value_heads, head_dim, prompt_len + 64, dtype, device)
+        shape = (1, config.num_key_value_heads, prompt_len, head_dim)
+        for index in range(adapter.num_layers):    # the prompt's keys and values in every layer
+            cache.append(index, torch.randn(shape, dtype=dtype, device=device),
+                         torch.randn(shape, dtype=dtype, device=device))
+        starts = torch.full((1,), prompt_len, dtype=torch.int32, device=device)
+        state = StepState(cache, starts)
+
+        def one_pass(t):
+            hidden = torch.randn(1, t, config.hidden_size, dtype=dtype, device=device)
+            rotary = adapter.rotary_emb(hidden, torch.arange(prompt_len, prompt_len + t, device=device)[None])
+            start = time.perf_counter()
+            if lean_layer is not None:
+                lean.run(lean_layer, hidden, rotary, state)
+            else:
+                layer(hidden, attention_mask=None, position_embeddings=rotary, **{STATE_KWARG: state})
+            seconds = time.perf_counter() - start
+            cache.rollback(starts, host_lens=[prompt_len])
+            return seconds
+
+        for t in tokens:                     # warm-up: the first call picks the attention backend
+            one_pass(t)
+        samples = {t: [] for t in tokens}
+        for _ in range(repeats):             # alternated, so that load from other processes spreads evenly
+            for t in tokens:
+                samples[t].append(one_pass(t))
+        for t in tokens:
+            parts[f"layer_T{t}"] = statistics.median(samples[t])
+        weight, norm = adapter.lm_head.weight, adapter.norm.weight
+        heads = {"draft_head": lambda: early_exit_head(torch.randn(1, config.hidden_size, dtype=dtype, device=device),
+                                                       norm, weight, eps=adapter.norm_eps)}
+        for k in sorted(set(draft_lens) | {0}):
+            heads[f"verify_head_T{k + 1}"] = lambda k=k: verify_head(
+                torch.randn(k + 1, config.hidden_size, dtype=dtype, device=device), norm, weight,
+                torch.zeros(k + 1, dtype=torch.long, device=device), eps=adapter.norm_eps)
+        for name, seconds in time_alternately(heads, repeats).items():
+            parts[name] = seconds
+    return parts
+
+
+def per_token_acceptance(mean_accepted: float, k: int) -> float:
+    """alpha such that a chain of k drafts keeps alpha (1 - alpha^k) / (1 - alpha) tokens on average."""
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        alpha = (low + high) / 2
+        expected = k if alpha >= 1 else alpha * (1 - alpha ** k) / (1 - alpha)
+        low, high = (alpha, high) if expected < mean_accepted else (low, alpha)
+    return (low + high) / 2
+
+
+def predicted_speedup(parts: dict, k: int, alpha: float, num_layers: int, exit_layer: int,
+                      imitation_layers: int) -> tuple:
+    """DESIGN.md's cost model with measured parts: (k + 1) draft passes of E (+ imitation) layers and the
+    draft head, one (k + 1)-token pass of N - E layers and the verify head, against a plain token (N
+    single-token layer passes and the head on one row). Per-step host overhead beyond these parts is not in
+    it: the gap to the measured speedup is that overhead. Returns (speedup, step seconds, emitted tokens)."""
+    generate_token_s = num_layers * parts["layer_T1"] + parts["verify_head_T1"]
+    emitted = (1 - alpha ** (k + 1)) / (1 - alpha) if alpha < 1 else k + 1
+    draft = (k + 1) * (exit_layer + imitation_layers) * parts["layer_T1"] + k * parts["draft_head"]
+    verify = (num_layers - exit_layer) * parts[f"layer_T{k + 1}"] + parts[f"verify_head_T{k + 1}"]
+    step = draft + verify
+    return emitted * generate_token_s / step, step, emitted
+
+
 def time_alternately(functions: dict, repeats: int) -> dict:
     times = {name: [] for name in functions}
     for _ in range(repeats):
@@ -131,6 +220,9 @@ def main():
     parser.add_argument("--json", type=Path)
     parser.add_argument("--md", type=Path)
     parser.add_argument("--plot", type=Path, help="a PNG of tokens/s per configuration")
+    parser.add_argument("--cost-model", action="store_true",
+                        help="time the parts of a step and put DESIGN.md's cost model, with the measured acceptance, "
+                             "beside each measured batch-1 speedup")
     args = parser.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if args.model == "smollm2":
@@ -176,6 +268,8 @@ def main():
                 options = dict(max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=[])
             all_inputs.append({name: value.to(args.device) for name, value in inputs.items()})
         expected = [model.generate(**inputs, **options) for inputs in all_inputs]
+        if batch == 1:
+            prompt_len_for_parts = int(all_inputs[0]["input_ids"].shape[1])
 
         def run_all(fn):
             return [fn(inputs) for inputs in all_inputs]
@@ -217,7 +311,7 @@ def main():
                       else batch * calls * args.max_new_tokens)
         for name, seconds in medians.items():
             row = dict(batch=batch, config=name, seconds=seconds, tokens_per_s=new_tokens / seconds,
-                       speedup_vs_generate=medians["generate"] / seconds)
+                       speedup_vs_generate=medians["generate"] / seconds, new_tokens=new_tokens)
             if name in decoders:
                 _, stats, identical = decoders[name]
                 # bf16: kernels round differently from SDPA, so a near-tie can flip; fp32 must be identical.
@@ -226,6 +320,24 @@ def main():
                            steps=sum(s.steps for s in stats), identical=identical)
             rows.append(row)
             print(format_row(row), flush=True)
+    if args.cost_model and 1 in args.batches:
+        fixed = sorted({int(d) for d in args.draft_lens if d != "adaptive" and int(d) > 0})
+        parts = measure_parts(model, args.exit_layer, prompt_len_for_parts, fixed)
+        print("parts (ms): " + ", ".join(f"{name} {seconds * 1e3:.3f}" for name, seconds in parts.items()), flush=True)
+        num_layers = adapter_layers(model)
+        for row in rows:
+            if row["batch"] != 1 or not row["config"].startswith("decoder_k") or "adaptive" in row["config"]:
+                continue
+            k = int(row["config"][len("decoder_k"):].split("+")[0].split("@")[0])
+            if k == 0:
+                continue
+            imitation_layers = len(getattr(imitation, "layers", ())) if "+imitation" in row["config"] else 0
+            alpha = per_token_acceptance(row["mean_accepted"], k)
+            speedup, step_s, emitted = predicted_speedup(parts, k, alpha, num_layers, args.exit_layer,
+                                                         imitation_layers)
+            row.update(alpha=alpha, predicted_speedup=speedup, predicted_step_ms=step_s * 1e3)
+            print(f"cost model: {row['config']}: alpha {alpha:.3f}, {emitted:.2f} tokens per step, predicted "
+                  f"{speedup:.2f}x, measured {row['speedup_vs_generate']:.2f}x", flush=True)
     env = environment(args.device)
     env.update(model=description, exit_layer=args.exit_layer, prompts=args.prompts,
                imitation=str(args.imitation) if args.imitation else None,

@@ -323,3 +323,63 @@ def test_shipped_model_decodes_losslessly_and_drafts_well():
         accepted.append(out.stats.mean_accepted)
     # The joint phase trained layer EXIT_LAYER to predict: plain early exit keeps most of a 4-token draft.
     assert sum(accepted) / len(accepted) > 2.0
+
+
+@shipped
+def test_shipped_model_reads_the_image():
+    """Held-out scenes: the model's greedy answers to short questions match the ground truth far more often
+    than a model that ignored the image could (each question has 2 to 7 plausible answers)."""
+    model, processor = tiny.load()
+    kinds = ("count_all", "colour_of", "what_at", "exists")
+    correct = total = 0
+    for seed in range(40):
+        kind = kinds[seed % len(kinds)]
+        image, prompt = tiny.scene(seed, kind=kind)
+        inputs = processor(images=image, text=prompt, return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+        answer = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        correct += answer.strip() == tiny.answer(seed, kind=kind)
+        total += 1
+    assert correct / total >= 0.75, f"{correct}/{total} answers right"
+
+
+@shipped
+def test_shipped_imitation_network_raises_the_accepted_length():
+    """The shipped imitation network, at the exit layer it was trained for, keeps more of each draft than plain
+    early exit at the same exit layer and draft length, with output identical to model.generate."""
+    from fastvlm_kernels import SelfSpeculativeDecoder
+
+    model, processor = tiny.load()
+    imitation = tiny.load_imitation(model)
+    exit_layer = imitation.config.exit_layer
+    plain, imitated = [], []
+    for seed in range(6):
+        image, prompt = tiny.scene(100 + seed, kind="describe")
+        inputs = processor(images=image, text=prompt, return_tensors="pt")
+        expected = model.generate(**inputs, max_new_tokens=64, do_sample=False)
+        for network, sink in ((None, plain), (imitation, imitated)):
+            out = SelfSpeculativeDecoder(model, exit_layer, imitation=network, draft_len=8).generate(
+                **inputs, max_new_tokens=64)
+            assert torch.equal(out.sequences, expected)
+            sink.extend(a for step in out.stats.accepted for a in step)
+    gain = sum(imitated) / len(imitated) - sum(plain) / len(plain)
+    assert gain >= 1.0, f"accepted per step: {sum(plain) / len(plain):.2f} plain, {sum(imitated) / len(imitated):.2f}"
+
+
+@shipped
+def test_adaptive_drafting_on_the_shipped_model_drafts_and_stays_lossless():
+    """Where drafts are accepted, the adaptive decoder keeps drafting (few plain steps); output identical to
+    model.generate."""
+    from fastvlm_kernels import SelfSpeculativeDecoder
+
+    model, processor = tiny.load()
+    imitation = tiny.load_imitation(model)
+    decoder = SelfSpeculativeDecoder(model, imitation.config.exit_layer, imitation=imitation, draft_len="adaptive")
+    for seed in (200, 201):
+        image, prompt = tiny.scene(seed, kind="describe")
+        inputs = processor(images=image, text=prompt, return_tensors="pt")
+        expected = model.generate(**inputs, max_new_tokens=64, do_sample=False)
+        out = decoder.generate(**inputs, max_new_tokens=64)
+        assert torch.equal(out.sequences, expected)
+        assert out.stats.plain_steps <= out.stats.steps // 4
+        assert out.stats.mean_accepted > 2.0
