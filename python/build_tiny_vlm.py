@@ -196,8 +196,8 @@ def main():
     if args.measure:
         measure(config)
         return
-    if not (args.out / "training.json").is_file() or json.loads((args.out / "training.json").read_text())[
-            "config"] != config.to_dict():
+    if not (args.out / "training.json").is_file() or recipe.TinyConfig.from_dict(
+            json.loads((args.out / "training.json").read_text())["config"]) != config:
         summary = recipe.train(config, args.out, args.work_dir, checkpoint_every_s=60 * args.checkpoint_minutes,
                                eval_every=10 if args.toy else args.eval_every,
                                print_fn=lambda line: print(line, flush=True))
