@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--draft-len", type=_draft_len, default=4)
     demo.add_argument("--exit-layer", type=int, help="default: the imitation network's, else the tiny VLM's")
     demo.add_argument("--no-imitation", action="store_true", help="draft with plain early exit")
-    demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo.add_argument("--max-new-tokens", type=int, default=80)
     demo.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this model)")
     demo.add_argument("--model", type=Path, help="another build of the tiny VLM (default: the shipped one)")
     demo.add_argument("--save", type=Path, help="write the scenes and a markdown report here")
