@@ -217,6 +217,7 @@ def main():
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--md", type=Path)
     parser.add_argument("--plot", type=Path, help="a PNG of tokens/s per configuration")
@@ -225,6 +226,8 @@ def main():
                              "beside each measured batch-1 speedup")
     args = parser.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.model == "smollm2":
         from fastvlm_kernels.models import smollm2
         model, tokenizer = smollm2.load(dtype)
