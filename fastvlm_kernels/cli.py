@@ -122,6 +122,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser, with_exit_layer: bo
     parser.add_argument("--kind", choices=("layers", "mlp"), default=defaults.kind)
     parser.add_argument("--init-layer", type=_init_layer, default=defaults.init_layer,
                         help="backbone layer the network's layers start from (default -1: the last), or 'fresh'")
+    parser.add_argument("--identity-init", action="store_true",
+                        help="zero the layers' output projections: the untrained network drafts as plain early exit")
     for name, kind, text in (
             ("steps", int, "optimizer steps"), ("batch_size", int, "sequences per step"), ("lr", float, "peak learning rate"),
             ("weight_decay", float, "AdamW weight decay"), ("warmup_steps", int, "linear warmup steps"),
@@ -152,7 +154,8 @@ def _train_config(args, exit_layer: int):
     from .imitation import TrainConfig
     return TrainConfig(
         exit_layer=exit_layer, target_layer=args.target_layer, layers=args.layers, kind=args.kind,
-        init_layer=args.init_layer, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        init_layer=args.init_layer, identity_init=args.identity_init, steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
         grad_clip=args.grad_clip, cosine_weight=args.cosine_weight, kd_weight=args.kd_weight,
         temperature=args.temperature, seed=args.seed, eval_fraction=args.eval_fraction,

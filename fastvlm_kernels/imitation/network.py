@@ -27,6 +27,7 @@ class ImitationConfig:
     model_type: str = ""
     hidden_size: int = 0
     init_layer: Optional[int] = None   # the backbone layer the decoder layers were copied from (None: fresh)
+    identity_init: bool = False        # output projections started at zero: the untrained network is the identity
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,9 +50,13 @@ class ImitationNetwork(nn.Module):
 
     @classmethod
     def from_model(cls, model: nn.Module, exit_layer: int, *, num_layers: int = 1, kind: str = "layers",
-                   target_layer: Optional[int] = None, init_layer: Optional[int] = -1) -> "ImitationNetwork":
+                   target_layer: Optional[int] = None, init_layer: Optional[int] = -1,
+                   identity_init: bool = False) -> "ImitationNetwork":
         """An untrained network for ``model``. ``init_layer``: the backbone layer the decoder layers start
-        from (-1: the last; None: fresh weights from the layer class's initialiser)."""
+        from (-1: the last; None: fresh weights from the layer class's initialiser). ``identity_init``: zero
+        each layer's attention output and MLP down projections, so that the untrained network adds nothing
+        (it drafts exactly as plain early exit) and training starts from there: for a model whose exit is
+        already trained to draft (the tiny VLM's joint phase), a copied deep layer starts worse than that."""
         from ..decoding.adapters import adapter_for
         adapter = adapter_for(model)
         num_backbone = adapter.num_layers
@@ -67,7 +72,8 @@ class ImitationNetwork(nn.Module):
             init_layer += num_backbone
         config = ImitationConfig(exit_layer=exit_layer, target_layer=target_layer, num_layers=num_layers, kind=kind,
                                  model_type=model.config.model_type, hidden_size=hidden_size,
-                                 init_layer=init_layer if kind == "layers" else None)
+                                 init_layer=init_layer if kind == "layers" else None,
+                                 identity_init=bool(identity_init) and kind == "layers")
         if kind == "mlp":
             width = 2 * hidden_size
             mlp = nn.Sequential(nn.Linear(hidden_size, width), nn.SiLU(), nn.Linear(width, hidden_size))
@@ -86,6 +92,12 @@ class ImitationNetwork(nn.Module):
                 layer = type(template)(adapter.text_config, num_backbone - 1)
                 layer.to(template.input_layernorm.weight.device, template.input_layernorm.weight.dtype)
             layer.self_attn.layer_idx = num_backbone + i
+            if config.identity_init:
+                with torch.no_grad():
+                    for projection in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                        projection.weight.zero_()
+                        if projection.bias is not None:
+                            projection.bias.zero_()
             layers.append(layer)
         return cls(config, layers=layers)
 

@@ -59,6 +59,7 @@ class TrainConfig:
     layers: int = 1                         # decoder layers of the network (kind "layers")
     kind: str = "layers"                    # "layers" or "mlp"
     init_layer: Optional[int] = -1          # backbone layer the network's layers start from (-1: last; None: fresh)
+    identity_init: bool = False             # zero the layers' output projections: start as plain early exit
     steps: int = 1000
     batch_size: int = 8
     lr: float = 2e-4
@@ -427,7 +428,8 @@ def _train(model, adapter, encoder: Encoder, config: TrainConfig, train_examples
     model_dtype = adapter.norm.weight.dtype
     torch.manual_seed(config.seed)
     network = ImitationNetwork.from_model(model, config.exit_layer, num_layers=config.layers, kind=config.kind,
-                                          target_layer=config.target_layer, init_layer=config.init_layer)
+                                          target_layer=config.target_layer, init_layer=config.init_layer,
+                                          identity_init=config.identity_init)
     network = network.to(device=device, dtype=torch.float32).requires_grad_(True).train()
     parameters = [p for p in network.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
