@@ -109,3 +109,75 @@ def test_decoder_is_token_identical_on_real_weights(smollm2):
         accepted[(exit_layer, draft_len)] = out.stats.mean_accepted
     # Plain early exit from a pretrained model: deep exits agree more often than shallow ones.
     assert accepted[(25, 3)] > accepted[(12, 3)]
+
+
+# ---- python/build_smollm2_data.py: the self-distillation data recipe ---------------------------------------------
+
+
+def _data_program():
+    import importlib.util as util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "python" / "build_smollm2_data.py"
+    spec = util.spec_from_file_location("build_smollm2_data", path)
+    module = util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_data_prompts_are_deterministic_with_disjoint_held_out_topics():
+    program = _data_program()
+    splits = program.make_prompts(seed=0, templates_per_topic=30, held_out_per_category=1)
+    assert len(splits["train"]) >= 4000 and len(splits["heldout"]) >= 300
+    train_topics = {item["topic"] for item in splits["train"]}
+    held_out_topics = {item["topic"] for item in splits["heldout"]}
+    assert not train_topics & held_out_topics
+    assert len(held_out_topics) == len(program.TOPICS)    # one topic of every category
+    for category, topics in program.TOPICS.items():
+        assert len(set(topics) & held_out_topics) == 1, category
+    questions = [item["question"] for items in splits.values() for item in items]
+    assert len(set(questions)) == len(questions)
+    assert program.make_prompts(0, 30, 1) == splits
+    assert program.make_prompts(1, 30, 1) != splits
+
+
+@needs_wheel
+def test_data_answers_resume_and_feed_the_trainer(smollm2, tmp_path):
+    from argparse import Namespace
+    from fastvlm_kernels.imitation.data import Encoder, _read_cache, generate_responses, load_examples
+    from fastvlm_kernels.imitation.trainer import model_fingerprint
+    program = _data_program()
+    model, tokenizer = smollm2
+    items = program.make_prompts(seed=3, templates_per_topic=2, held_out_per_category=1)["heldout"][:5]
+    folder, cache = tmp_path / "heldout", tmp_path / "responses" / "heldout.jsonl"
+    cache.parent.mkdir()
+    examples = program.write_prompts(folder, items, tokenizer)
+    fingerprint = dict(model_fingerprint(model), max_new_tokens=8)
+    args = Namespace(batch_size=2, max_new_tokens=8)
+    program.run_split("heldout", model, tokenizer, examples[:3], cache, fingerprint, args)   # "killed" after 3
+    first_lines = cache.read_text().splitlines()
+    assert len(first_lines) == 4
+    with open(cache, "a") as handle:
+        handle.write('{"key": "cut sh')            # a write interrupted mid-line
+    program.run_split("heldout", model, tokenizer, examples, cache, fingerprint, args)        # resumes
+    lines = cache.read_text().splitlines()
+    assert lines[:4] == first_lines and len(lines) == 6
+    answers = _read_cache(cache, fingerprint)
+    assert set(answers) == {example.key for example in examples}
+    # The trainer reads the folder and finds every answer in the cache (generates nothing more).
+    loaded = load_examples(folder)
+    size = cache.stat().st_size
+    generate_responses(model, Encoder(tokenizer), loaded, cache, max_new_tokens=8,
+                       fingerprint=model_fingerprint(model), progress=False)
+    assert cache.stat().st_size == size
+    eos = model.generation_config.eos_token_id
+    for example in loaded:
+        assert example.response_ids == answers[example.key]
+        # the batched, left-padded answer is the model's own greedy answer to the prompt alone
+        inputs = tokenizer(example.prompt, return_tensors="pt")
+        alone = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        alone = alone[0, inputs["input_ids"].shape[1]:].tolist()
+        assert alone[:len(example.response_ids)] == example.response_ids
+        assert len(example.response_ids) == 8 or example.response_ids[-1] == eos
+    # a rerun with other prompts in the folder is refused rather than mixed
+    with pytest.raises(SystemExit, match="other prompts"):
+        program.write_prompts(folder, items[:4], tokenizer)
