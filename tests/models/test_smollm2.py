@@ -111,6 +111,38 @@ def test_decoder_is_token_identical_on_real_weights(smollm2):
     assert accepted[(25, 3)] > accepted[(12, 3)]
 
 
+
+@needs_wheel
+def test_decoder_with_a_draft_vocab_is_token_identical_on_real_weights(smollm2):
+    """The draft head over 4,096 tokens (the 4,096 lowest ids, with half the tokens the model emits removed
+    and the other half added): output identical to model.generate; every draft from the subset."""
+    import fastvlm_kernels.decoding.decoder as decoder_module
+    from fastvlm_kernels import SelfSpeculativeDecoder
+    from fastvlm_kernels.models.smollm2 import chat_inputs
+
+    model, tokenizer = smollm2
+    inputs = chat_inputs(tokenizer, ["Give three tips for learning to cook.", "Why is the sky blue? Answer briefly."])
+    expected = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    emitted = torch.unique(expected[:, inputs["input_ids"].shape[1]:])
+    subset = torch.cat([torch.arange(4096), emitted[::2]])
+    subset = subset[~torch.isin(subset, emitted[1::2])]
+    allowed = set(subset.tolist())
+    assert not set(emitted[1::2].tolist()) & allowed
+    drafted = []
+    real_accept = decoder_module.accept_greedy
+
+    def recording(drafts, targets, *args, **kwargs):
+        drafted.extend(drafts.reshape(-1).tolist())
+        return real_accept(drafts, targets, *args, **kwargs)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(decoder_module, "accept_greedy", recording)
+        for exit_layer, draft_len in ((12, 3), (25, 3), (25, "adaptive")):
+            out = SelfSpeculativeDecoder(model, exit_layer=exit_layer, draft_len=draft_len,
+                                         draft_vocab=subset).generate(**inputs, max_new_tokens=24)
+            assert torch.equal(out.sequences, expected), f"E={exit_layer} k={draft_len}"
+    assert drafted and set(drafted) <= allowed
+
+
 # ---- python/build_smollm2_data.py: the self-distillation data recipe ---------------------------------------------
 
 
