@@ -8,6 +8,7 @@ Every decoder output is checked token for token against model.generate before it
     python bench/e2e.py --json out.json --md out.md --plot out.png
     python bench/e2e.py --model tiny --draft-lens 4 8 adaptive --prompts 8       # the embedded tiny VLM
     python bench/e2e.py --model smollm2                                            # real pretrained weights
+    python bench/e2e.py --model smollm2 --batches 1 --exit-layer 12 --draft-vocab 4096   # + draft-vocab rows
 
 --model tiny: the embedded VLM and its shipped imitation network (describe-the-image scenes it never saw);
 its exit layer is the one it was trained for. Random weights (the default model) make drafts poor, so
@@ -208,6 +209,12 @@ def main():
     parser.add_argument("--exit-layer", type=int, help="default 4; tiny: the layer it was trained for")
     parser.add_argument("--draft-lens", nargs="+", default=["0", "3", "adaptive"])
     parser.add_argument("--imitation", type=Path, help="a trained imitation network for this model")
+    parser.add_argument("--draft-vocab", type=int, default=0,
+                        help="N > 0: also run each drafting configuration with the draft head over the N most "
+                             "frequent answer tokens of --responses (SelfSpeculativeDecoder(draft_vocab=...))")
+    parser.add_argument("--responses", type=Path, nargs="+",
+                        default=[Path("build/smollm2_data/responses/train.jsonl")],
+                        help="responses caches (python/build_smollm2_data.py) for --draft-vocab")
     parser.add_argument("--attention-backends", nargs="+", default=["auto"],
                         help="verify_attention backends to compare in the decoder (e.g. cuda triton)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
@@ -247,6 +254,18 @@ def main():
         args.exit_layer = 4
     model = model.to(args.device)
     imitation = ImitationNetwork.from_pretrained(args.imitation, model) if args.imitation else None
+    draft_vocab = None
+    if args.draft_vocab:
+        from fastvlm_kernels.imitation.data import vocab_subset_from_responses
+        missing = [str(path) for path in args.responses if not path.is_file()]
+        if missing:
+            raise SystemExit(f"--draft-vocab needs responses caches; not found: {', '.join(missing)} (make them with "
+                             "python/build_smollm2_data.py, or pass --responses)")
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        draft_vocab = vocab_subset_from_responses(args.responses, model.get_output_embeddings().weight.shape[0],
+                                                  args.draft_vocab, always_include=eos).to(args.device)
+        description += f", draft vocabulary {draft_vocab.numel()} tokens"
     print(f"e2e: {description} on {args.device}, exit layer {args.exit_layer}, {args.max_new_tokens} new tokens",
           flush=True)
     rows = []
@@ -296,12 +315,16 @@ def main():
         for draft_len in args.draft_lens:
             k = draft_len if draft_len == "adaptive" else int(draft_len)
             variants = [("", None)] + ([("+imitation", imitation)] if imitation is not None and k != 0 else [])
-            variants = [(suffix + ("" if attention == "auto" else f"@{attention}"), network, attention)
-                        for suffix, network in variants for attention in args.attention_backends]
-            for suffix, network, attention in variants:
+            vocabularies = [("", None)] + ([(f"+vocab{args.draft_vocab}", draft_vocab)]
+                                           if draft_vocab is not None and k != 0 else [])
+            variants = [(suffix + vocab_suffix + ("" if attention == "auto" else f"@{attention}"), network, attention,
+                         vocabulary)
+                        for suffix, network in variants for vocab_suffix, vocabulary in vocabularies
+                        for attention in args.attention_backends]
+            for suffix, network, attention, vocabulary in variants:
                 name = f"decoder_k{draft_len}{suffix}"
                 decoder = SelfSpeculativeDecoder(model, args.exit_layer, imitation=network, draft_len=k,
-                                                 attention_backend=attention)
+                                                 attention_backend=attention, draft_vocab=vocabulary)
                 outs = run_all(lambda inputs, decoder=decoder: decoder.generate(**inputs, **options))
                 identical = all(torch.equal(out.sequences, want) for out, want in zip(outs, expected))
                 if not identical and args.dtype == "fp32":

@@ -144,12 +144,20 @@ class SelfSpeculativeDecoder:
         lean_layers: run Llama / Mistral / Qwen2 text layers (and an imitation network's layers) as plain
             tensor ops (:mod:`.lean`: bit-identical to the modules, less host time per layer); other layers,
             or False, run the model's own modules. ``lean_reason`` says why a generate did not.
+        draft_vocab: ``[S]`` integer token ids the draft may propose (None: the whole vocabulary). The
+            early-exit head then reads only those rows of the LM head (``early_exit_head(vocab_subset=...)``),
+            and when sampling the draft distribution q is the softmax over them (zero elsewhere), which is
+            also the q rejection sampling divides by, so sampling stays exact. Verification always reads the
+            full vocabulary, so the output is unchanged (greedy: identical; a token outside the subset is
+            still emitted, by the verifier). Build it from the answers' token frequencies with
+            :func:`~fastvlm_kernels.imitation.data.vocab_subset_from_responses`.
     """
 
     def __init__(self, model: nn.Module, exit_layer: int, imitation: Optional[nn.Module] = None,
                  draft_len: Union[int, str] = 4, tree=None, *, adaptive_threshold: float = 0.4,
                  adaptive_window: int = 8, max_draft_len: int = 8, max_cache_len: Optional[int] = None,
-                 attention_backend: str = "auto", lean_layers: bool = True):
+                 attention_backend: str = "auto", lean_layers: bool = True,
+                 draft_vocab: Optional[torch.Tensor] = None):
         self.adapter: Adapter = adapter_for(model)
         self.model = model
         num_layers = self.adapter.num_layers
@@ -200,8 +208,28 @@ class SelfSpeculativeDecoder:
         self.lean_layers = bool(lean_layers)
         self._lean = None          # per generate: (backbone LeanLayers, imitation LeanLayers) or None
         self.lean_reason: Optional[str] = None   # why the last generate ran the model's own layer modules
+        self.draft_vocab = self._check_draft_vocab(draft_vocab)
         self.count_calls = False   # tests: count the tokens each layer attends (StepState.calls)
         self.last_calls: dict = {}
+
+    def _check_draft_vocab(self, draft_vocab: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """draft_vocab as sorted distinct int64 ids on the LM head's device, or None."""
+        if draft_vocab is None:
+            return None
+        if (not isinstance(draft_vocab, torch.Tensor) or draft_vocab.dtype.is_floating_point
+                or draft_vocab.dtype.is_complex or draft_vocab.dtype == torch.bool):
+            raise TypeError(f"draft_vocab must be an integer tensor of token ids, got "
+                            f"{draft_vocab.dtype if isinstance(draft_vocab, torch.Tensor) else type(draft_vocab).__name__}")
+        if draft_vocab.dim() != 1:
+            raise ValueError(f"draft_vocab must be 1-D [S], got shape {tuple(draft_vocab.shape)}")
+        ids = torch.unique(draft_vocab.detach().to("cpu", torch.int64))      # sorted, distinct
+        vocab = self.adapter.lm_head.weight.shape[0]
+        if ids.numel() == 0:
+            raise ValueError("draft_vocab is empty: it must hold at least one token id")
+        if int(ids[0]) < 0 or int(ids[-1]) >= vocab:
+            raise ValueError(f"draft_vocab holds ids in [{int(ids[0])}, {int(ids[-1])}], outside the model's "
+                             f"vocabulary [0, {vocab})")
+        return ids.to(self.adapter.lm_head.weight.device)
 
     @property
     def _drafts_with_imitation(self) -> bool:
@@ -294,11 +322,33 @@ class SelfSpeculativeDecoder:
     def _head_kwargs(self):
         return dict(eps=self.adapter.norm_eps)
 
-    def _warped_probs(self, hidden, sampling: _Sampling) -> torch.Tensor:
-        """softmax of the model's own head after temperature, top-k and top-p, as model.generate applies them."""
-        logits = self.adapter.lm_head(self.adapter.norm(hidden)).float()
+    def _warped_probs(self, hidden, sampling: _Sampling, subset_head=None) -> torch.Tensor:
+        """softmax of the model's own head after temperature, top-k and top-p, as model.generate applies them.
+        With ``subset_head`` = (ids [S], weight rows [S, H], bias rows or None): the same over those tokens
+        only, written into a full-vocabulary distribution that is zero elsewhere."""
+        normed = self.adapter.norm(hidden)
+        if subset_head is None:
+            logits = self.adapter.lm_head(normed).float()
+            scores = filter_scores(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+            return torch.softmax(scores, dim=-1)
+        ids, weight, bias = subset_head
+        logits = nn.functional.linear(normed, weight, bias).float()                   # [..., S]
         scores = filter_scores(logits / sampling.temperature, sampling.top_k, sampling.top_p)
-        return torch.softmax(scores, dim=-1)
+        sub = torch.softmax(scores, dim=-1)
+        probs = sub.new_zeros(*sub.shape[:-1], self.adapter.lm_head.weight.shape[0])
+        return probs.index_copy_(probs.dim() - 1, ids, sub)
+
+    def _subset_head(self, device, sampling: _Sampling):
+        """(ids, weight rows, bias rows) of draft_vocab for one generate call: the greedy draft passes the ids
+        to early_exit_head, the sampling draft multiplies by the rows (gathered once per call)."""
+        if self.draft_vocab is None:
+            return None
+        ids = self.draft_vocab if self.draft_vocab.device == torch.device(device) else self.draft_vocab.to(device)
+        if not sampling.do_sample:
+            return ids, None, None
+        head = self.adapter.lm_head
+        bias = getattr(head, "bias", None)
+        return ids, head.weight.index_select(0, ids), bias.index_select(0, ids) if bias is not None else None
 
     def _get_cache(self, batch, max_len, dtype, device) -> KVCache:
         num_layers = self.adapter.num_layers + (self.imitation.num_cache_layers if self._drafts_with_imitation else 0)
@@ -423,6 +473,7 @@ class SelfSpeculativeDecoder:
             recent = deque(maxlen=self.adaptive_window)
             k = draft_len
             chooser = ModeChooser(warmup=self.adaptive_window) if self.adaptive else None
+            subset_head = self._subset_head(self.adapter.lm_head.weight.device, sampling)
 
             # ---- steps --------------------------------------------------------------------------------------
             while not all(finished):
@@ -446,7 +497,7 @@ class SelfSpeculativeDecoder:
                     continue
                 draft_start = time.perf_counter()
                 drafts, draft_probs, layer_e = self._draft(x0, k, lengths_dev, offsets, state, sampling, generator,
-                                                           active)
+                                                           active, subset_head)
                 num_drafted = drafts.shape[1]
                 self._sync(device)
                 verify_start = time.perf_counter()
@@ -516,9 +567,9 @@ class SelfSpeculativeDecoder:
             hidden = self._run_layers(hidden, 0, self.adapter.num_layers, position_embeddings, state)
         return self._target_tokens(hidden[:, 0], None, sampling, generator)[0]
 
-    def _draft(self, x0, k, lengths_dev, offsets, state, sampling, generator, active):
+    def _draft(self, x0, k, lengths_dev, offsets, state, sampling, generator, active, subset_head=None):
         """Drafts up to k tokens; returns (drafts [B, k'], draft probs [B, k', V] or None, layer-E states
-        [B, k'+1, H] of x0, d1 .. dk')."""
+        [B, k'+1, H] of x0, d1 .. dk'). ``subset_head``: draft_vocab's (ids, rows, bias), or None."""
         adapter = self.adapter
         current = x0
         drafts, probs, layer_e = [], [], []
@@ -535,13 +586,14 @@ class SelfSpeculativeDecoder:
             if i == stop_after:
                 break
             if sampling.do_sample:
-                q = self._warped_probs(imitated[:, 0], sampling)
+                q = self._warped_probs(imitated[:, 0], sampling, subset_head)   # what is drawn from is q
                 token = torch.multinomial(q, 1, generator=generator)[:, 0]
                 probs.append(q)
                 top1 = q.max(dim=-1).values
             else:
                 head = early_exit_head(imitated[:, 0].contiguous(), adapter.norm.weight, adapter.lm_head.weight,
-                                       mode="argmax", validate=False, **self._head_kwargs())
+                                       mode="argmax", vocab_subset=subset_head[0] if subset_head else None,
+                                       validate=False, **self._head_kwargs())
                 token = head.tokens
                 top1 = torch.exp(head.max_logit - head.lse) if self.adaptive else None
             drafts.append(token)

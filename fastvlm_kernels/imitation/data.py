@@ -401,3 +401,42 @@ def generate_responses(model, encoder: Encoder, examples: Sequence[Example], cac
             handle.flush()
             os.fsync(handle.fileno())
             bar.update(len(group))
+
+
+# ---- a draft vocabulary from the answers ---------------------------------------------------------------------------
+
+
+def response_token_ids(cache_paths: Sequence[Path]) -> torch.Tensor:
+    """Every answer token of one or more responses caches (the format :func:`generate_responses` writes), as
+    one int64 tensor. A last line cut short by an interruption is skipped; the files are not changed."""
+    ids: List[int] = []
+    for path in [cache_paths] if isinstance(cache_paths, (str, Path)) else cache_paths:
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"responses cache {path} not found")
+        with open(path, "rb") as handle:
+            lines = handle.readlines()
+        for index, raw in enumerate(lines):
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                if index == len(lines) - 1:
+                    break
+                raise DataError(f"{path}:{index + 1}: not valid JSON") from None
+            if index == 0:
+                if record.get("format") != CACHE_FORMAT:
+                    raise DataError(f"{path} is not a responses cache (format {record.get('format')!r}, "
+                                    f"expected {CACHE_FORMAT!r})")
+                continue
+            ids.extend(int(token) for token in record["response_ids"])
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def vocab_subset_from_responses(cache_paths: Sequence[Path], vocab_size: int, size: int,
+                                always_include: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """The ``size`` tokens the model's answers use most (``lm_head.vocab_subset_from_counts`` over the answer
+    tokens of the responses caches), plus ``always_include`` (e.g. EOS): sorted int64 ids, the
+    ``draft_vocab`` of :class:`~fastvlm_kernels.SelfSpeculativeDecoder`."""
+    from ..ops.lm_head import vocab_subset_from_counts
+    extra = torch.tensor(list(always_include), dtype=torch.int64) if always_include else None
+    return vocab_subset_from_counts(response_token_ids(cache_paths), vocab_size, size, always_include=extra)

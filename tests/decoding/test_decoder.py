@@ -405,3 +405,122 @@ def test_adaptive_mixes_plain_and_drafting_steps_exactly():
     stats = out.stats
     assert stats.steps == stats.plain_steps + len(stats.accepted)
     assert stats.plain_steps >= 1 and len(stats.accepted) >= 3   # the warmup drafts, then plain was tried
+
+
+# ---- draft vocabulary subset -----------------------------------------------------------------------------
+
+def _record_drafts(monkeypatch, name):
+    """Wraps the decoder's acceptance op ``name`` to record what it is given (the real op still decides)."""
+    import fastvlm_kernels.decoding.decoder as decoder_module
+    real = getattr(decoder_module, name)
+    calls = []
+
+    def recording(drafts, *args, **kwargs):
+        calls.append((drafts.clone(),) + tuple(arg.clone() if isinstance(arg, torch.Tensor) else arg for arg in args))
+        return real(drafts, *args, **kwargs)
+    monkeypatch.setattr(decoder_module, name, recording)
+    return calls
+
+
+@pytest.mark.parametrize("subset_kind", ["covers", "misses", "single"])
+def test_greedy_with_a_draft_vocab_is_token_identical(subset_kind, monkeypatch):
+    """A draft vocabulary that covers what the model emits, one that misses half of it (the verifier emits
+    those tokens itself), and a single token: output identical for exit layers 1 .. N-1, several draft
+    lengths, with and without an imitation network; every drafted token lies in the subset."""
+    case = build("llama", seed=0, batch=4)
+    sharpen(case.model, 1, scale=0.1)
+    expected = case.model.generate(**case.inputs, max_new_tokens=MAX_NEW, do_sample=False)
+    emitted = torch.unique(expected[:, case.inputs["input_ids"].shape[1]:])
+    if subset_kind == "covers":
+        subset = torch.cat([emitted, torch.tensor([3, 50, 99])])
+    elif subset_kind == "misses":
+        subset = torch.cat([emitted[::2], torch.tensor([7, 8])])
+        assert len(set(emitted.tolist()) - set(subset.tolist())) >= 2
+    else:
+        subset = emitted[:1].to(torch.int32)
+    allowed = set(subset.tolist())
+    calls = _record_drafts(monkeypatch, "accept_greedy")
+    imitation = ImitationNetwork.from_model(case.model, exit_layer=2, kind="layers", num_layers=1)
+    ties, accepted = [], []
+    for exit_layer, network in [(e, None) for e in range(1, NUM_LAYERS)] + [(2, imitation)]:
+        for draft_len in (1, 3, "adaptive"):
+            decoder = SelfSpeculativeDecoder(case.model, exit_layer=exit_layer, imitation=network,
+                                             draft_len=draft_len, draft_vocab=subset)
+            out = decoder.generate(**case.inputs, max_new_tokens=MAX_NEW)
+            label = f"subset {subset_kind} E={exit_layer} k={draft_len} imitation={network is not None}"
+            assert_lossless(case, out.sequences, expected, label, ties)
+            accepted.append(out.stats.mean_accepted)
+    drafted = torch.cat([drafts.reshape(-1) for drafts, *_ in calls])
+    assert drafted.numel() > 0 and set(drafted.tolist()) <= allowed
+    if subset_kind == "covers":
+        assert max(accepted) > 1.0, "drafts from the subset should be accepted on the sharpened model"
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_sampling_with_a_draft_vocab_preserves_the_model_distribution(wrong, monkeypatch):
+    """Sampling with a draft vocabulary that misses likely tokens: the draft distribution q handed to the
+    acceptance is the one the drafts were drawn from (zero outside the subset, sums to 1), and the emitted
+    tokens follow the model's exact distribution (chi-square). Acceptance given another q (the uniform one)
+    while drafting from the subset fails the same test."""
+    import fastvlm_kernels.decoding.decoder as decoder_module
+    model, prompt = _sampling_case()
+    marginals = _exact_marginals(model, prompt, 1.0)
+    likely = torch.argsort(marginals[1], descending=True)
+    subset = torch.sort(torch.cat([likely[1:3], likely[5:9]])).values     # misses the most likely token
+    outside = torch.ones(model.config.vocab_size, dtype=torch.bool)
+    outside[subset] = False
+    real_accept = decoder_module.accept_sampling
+    seen = []
+
+    def checking(drafts, draft_probs, target_probs, generator=None, validate=False):
+        seen.append(draft_probs.shape[1])
+        assert bool(outside[drafts].any()) is False, "a draft outside the subset"
+        assert float(draft_probs[..., outside].abs().max()) == 0.0
+        assert torch.allclose(draft_probs.sum(-1), torch.ones_like(draft_probs.sum(-1)), atol=1e-5)
+        if wrong:
+            draft_probs = torch.full_like(draft_probs, 1.0 / draft_probs.shape[-1])
+        return real_accept(drafts, draft_probs, target_probs, generator=generator, validate=validate)
+    monkeypatch.setattr(decoder_module, "accept_sampling", checking)
+    decoder = SelfSpeculativeDecoder(model, exit_layer=1, draft_len=3, draft_vocab=subset)
+    counts = [torch.zeros(model.config.vocab_size) for _ in marginals]
+    generator = torch.Generator().manual_seed(7)
+    for _ in range(12):
+        out = decoder.generate(prompt.repeat(256, 1), max_new_tokens=3, do_sample=True, temperature=1.0,
+                               top_k=0, top_p=1.0, generator=generator)
+        new = out.sequences[:, prompt.shape[1]:]
+        for position, count in enumerate(counts):
+            count += torch.bincount(new[:, position], minlength=model.config.vocab_size)
+    assert seen
+    p_values = [_chi_square_p_value(count, marginal) for count, marginal in zip(counts, marginals)]
+    # tokens outside the subset are still emitted, by the verifier, as often as the model says
+    assert float(counts[1][outside].sum()) > 0
+    if wrong:
+        assert min(p_values[1:]) < 1e-6, f"acceptance with another q went undetected: p-values {p_values}"
+    else:
+        assert min(p_values) > 1e-4, f"speculative samples do not follow the model: p-values {p_values}"
+
+
+def test_sampling_with_a_draft_vocab_and_top_k():
+    model, prompt = _sampling_case()
+    subset = torch.tensor([0, 3, 4, 8, 10])
+    decoder = SelfSpeculativeDecoder(model, exit_layer=1, draft_len=4, draft_vocab=subset)
+    out = decoder.generate(prompt.repeat(64, 1), max_new_tokens=6, do_sample=True, temperature=0.7, top_k=2,
+                           top_p=0.9, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(out.sequences).logits[:, prompt.shape[1] - 1:-1]
+    allowed = torch.topk(logits, 2, dim=-1).indices
+    assert (allowed == out.sequences[:, prompt.shape[1]:, None]).any(-1).all()
+
+
+def test_bad_draft_vocab():
+    case = build("llama", seed=0)
+    for bad, error, words in ((torch.tensor([1.0, 2.0]), TypeError, "integer tensor"),
+                              ([1, 2], TypeError, "integer tensor"),
+                              (torch.tensor([[1, 2]]), ValueError, "1-D"),
+                              (torch.tensor([], dtype=torch.int64), ValueError, "empty"),
+                              (torch.tensor([5, 120]), ValueError, r"outside the model's vocabulary \[0, 120\)"),
+                              (torch.tensor([-1, 5]), ValueError, "outside")):
+        with pytest.raises(error, match=words):
+            SelfSpeculativeDecoder(case.model, exit_layer=1, draft_vocab=bad)
+    decoder = SelfSpeculativeDecoder(case.model, exit_layer=1, draft_vocab=torch.tensor([9, 3, 3, 7], dtype=torch.int32))
+    assert decoder.draft_vocab.tolist() == [3, 7, 9] and decoder.draft_vocab.dtype == torch.int64

