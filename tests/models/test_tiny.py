@@ -392,4 +392,5 @@ def test_adaptive_drafting_on_the_shipped_model_drafts_and_stays_lossless():
         out = decoder.generate(**inputs, max_new_tokens=64)
         assert torch.equal(out.sequences, expected)
         assert out.stats.plain_steps <= out.stats.steps // 4
-        assert out.stats.mean_accepted > 2.0
+        kept = sum(a for step in out.stats.accepted for a in step)
+        assert kept >= 0.5 * out.stats.drafted, (kept, out.stats.drafted)
