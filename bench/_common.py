@@ -56,7 +56,7 @@ def write_results(args, env: dict, rows, title: str, units: str) -> None:
     if args.md:
         args.md.parent.mkdir(parents=True, exist_ok=True)
         args.md.write_text(markdown(rows, f"# {title} on {env['device']}, {env['date']}\n\n"
-                                          f"torch {env['torch']}; {units}"))
+                                          f"torch {env['torch']}, {env['threads']} threads; {units}"))
 
 
 def copy_bandwidth_gbps(device: str = "cuda") -> float:

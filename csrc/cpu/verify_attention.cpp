@@ -3,8 +3,9 @@
 // An item streams the keys its rows can see in 64-key tiles, each read once and shared by all its rows:
 // S = Q K^T (<= 4 rows: dot products along D, bf16 pairs on AVX512-BF16, next tile prefetched; more: K^T
 // tile x 6-row register block), online softmax in fp32, O += P V; bf16 with AMX: 128-key tiles, both
-// products as 16x16 tile matmuls (P rounded to bf16, fp32 sums). Key chunks (only when items are too few for
-// the threads) merge by log-sum-exp. Aim: memory speed for decode, FMA / AMX throughput when T x G is large.
+// products as 16x16 tile matmuls (P rounded to bf16, fp32 sums); 2-32 rows: K and V tiles read in place
+// (S^T = K Q^T, P V on even/odd dims), more: K^T and V repacked once per tile. Key chunks (only when items are
+// too few for the threads) merge by log-sum-exp. Aim: memory speed for decode, FMA / AMX throughput when T x G is large.
 #include "ops.h"
 #include "cpu/vec.h"
 
@@ -54,6 +55,7 @@ constexpr int kAmxKeyTile = 128;    // keys per tile on AMX (fewer accumulator t
 constexpr int kMaxBlockRows = 512;  // query rows (t, g) per work item
 constexpr int kMinSplitKeys = 256;  // a key chunk is never shorter than this
 constexpr int kMaxDirectRows = 4;   // blocks with more rows transpose K tiles (or use AMX)
+constexpr int kMaxFewRows = 32;     // bf16 on AMX: blocks up to this many rows read K and V tiles in place
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -144,9 +146,17 @@ struct Problem {
   }
 };
 
+// Per-thread scratch reused across calls (grown, never shrunk): no allocation or zero-fill per call, which
+// cost ~10 us per call (a fresh 70 KB+ block touched, L1 evicted) at decode shapes. `which` tells apart the
+// buffers one thread holds at the same time. Every buffer is written before it is read.
+float* thread_scratch(int which, int64_t floats) {
+  thread_local std::vector<float> storage[2];
+  if (static_cast<int64_t>(storage[which].size()) < floats) storage[which].resize(floats);
+  return storage[which].data();
+}
+
 // Per-thread fp32 scratch, 64-byte aligned.
 struct Buffers {
-  std::vector<float> storage;
   float *q, *kt, *v, *scores, *acc, *row_max, *row_sum;
 
   Buffers(int64_t rows, int64_t head_dim) {
@@ -154,8 +164,7 @@ struct Buffers {
                              rows * kKeyTile, rows * head_dim, rows, rows};
     int64_t total = 16;
     for (int64_t size : sizes) total += (size + 15) / 16 * 16;
-    storage.assign(total, 0.0f);
-    float* cursor = storage.data();
+    float* cursor = thread_scratch(0, total);
     cursor += (16 - (reinterpret_cast<uintptr_t>(cursor) / sizeof(float)) % 16) % 16;
     float** slots[] = {&q, &kt, &v, &scores, &acc, &row_max, &row_sum};
     for (int i = 0; i < 7; ++i) {
@@ -167,7 +176,8 @@ struct Buffers {
 
 // Software prefetch, spread over the pass over a tile's K rows: that tile's V rows (read right after) and the
 // next tile's K rows. Used where little work hides the loads (few rows, and AMX): the cache comes from L3 or
-// DRAM, and the hardware prefetcher alone leaves the loads waiting. (The fp32 K^T path does not gain from it.)
+// DRAM, and the hardware prefetcher alone leaves the loads waiting. Used by the bf16 dot-product path only:
+// the fp32 paths and the AMX paths measured as fast or faster without it (2026-11-25, 1 thread).
 struct TilePrefetch {
   const char* v_rows;       // this tile's V rows
   const char* next_k_rows;  // the next tile's K rows (prefetch never faults, so past the end is harmless)
@@ -262,10 +272,9 @@ FASTVLM_INLINE typename Vec<W>::f32 sum_each(typename Vec<W>::f32 (&v)[W]) {
 // Scores of a few rows straight from K rows (no transpose): W keys at a time, dot products along D.
 template <int W, typename scalar_t>
 FASTVLM_INLINE void scores_direct(const float* q, const scalar_t* k, int64_t k_row_stride, int num_keys,
-                                  float* scores, int64_t head_dim, int rows, const TilePrefetch& prefetch) {
+                                  float* scores, int64_t head_dim, int rows) {
   using F = typename Vec<W>::f32;
   for (int key0 = 0; key0 < num_keys; key0 += W) {
-    prefetch.keys(key0, W);
     const scalar_t* key_rows[W];
 #pragma GCC unroll 16
     for (int j = 0; j < W; ++j) key_rows[j] = k + std::min(key0 + j, num_keys - 1) * k_row_stride;
@@ -364,6 +373,18 @@ FASTVLM_INLINE void load_keys_transposed(const scalar_t* k, int64_t k_row_stride
 // multiplied exactly and summed in fp32; no conversion of K. Defined with the AMX code (AMX CPUs have it).
 void scores_direct_dpbf16(const uint16_t* q, const c10::BFloat16* k, int64_t k_row_stride, int num_keys,
                           float* scores, int64_t head_dim, int rows, const TilePrefetch& prefetch);
+
+// acc rows from [16 even][16 odd] per 32 dims (the few-row AMX path) to natural order.
+FASTVLM_INLINE void deinterleave_rows(float* acc, int64_t head_dim, int rows) {
+  using F = Vec<16>::f32;
+  for (int r = 0; r < rows; ++r)
+    for (int64_t d0 = 0; d0 < head_dim; d0 += 32) {
+      float* block = acc + r * head_dim + d0;
+      const F even = load<16>(block), odd = load<16>(block + 16);
+      store<16>(block, zip_low<16>(even, odd, std::make_index_sequence<16>{}));
+      store<16>(block + 16, zip_high<16>(even, odd, std::make_index_sequence<16>{}));
+    }
+}
 
 // ---- one work item --------------------------------------------------------------------------------------
 // Which rows and keys item `item` owns. Rows are (t, g) pairs, t-major; query head = kv_head * G + g.
@@ -504,7 +525,7 @@ FASTVLM_INLINE void run_item(const Problem& p, int64_t item, Buffers& buf) {
       if constexpr (kBf16Dot)
         scores_direct_dpbf16(q_bf16, k_tile, p.k_stride[2], num_keys, buf.scores, D, w.num_rows, prefetch);
       else
-        scores_direct<W>(buf.q, k_tile, p.k_stride[2], num_keys, buf.scores, D, w.num_rows, prefetch);
+        scores_direct<W>(buf.q, k_tile, p.k_stride[2], num_keys, buf.scores, D, w.num_rows);
     }
     const int first_masked = static_cast<int>(std::clamp<int64_t>(w.prefix - tile_start, 0, num_keys));
     for (int r = 0; r < w.num_rows; ++r) {
@@ -563,7 +584,6 @@ FASTVLM_INLINE bf16x32 load_bf16x32(const c10::BFloat16* src, int64_t count) {
 }
 
 struct AmxBuffers {
-  std::vector<float> storage;
   int64_t padded_rows, padded_dim;
   uint16_t* q;       // [padded_rows][padded_dim]
   uint32_t* kt;      // [padded_dim / 2][kAmxKeyTile]
@@ -572,22 +592,34 @@ struct AmxBuffers {
   uint16_t* probs;   // [padded_rows][kAmxKeyTile]
   float* acc;        // [padded_rows][padded_dim]
   float *row_max, *row_sum;
+  // The few-row path (run_item_amx_few): P as 32-bit words, bf16 in the low (even) or high (odd) half,
+  // [kMaxFewRows][kAmxKeyTile] each; one 16 x 16 fp32 score tile; zero-padded copies of a last partial
+  // group of 16 K and V rows [16][padded_dim] each.
+  uint32_t *p_even, *p_odd;
+  float* key_tile;
+  uint16_t *k_rest, *v_rest;
 
   AmxBuffers(int64_t rows, int64_t head_dim)
       : padded_rows((rows + 15) / 16 * 16), padded_dim((head_dim + 31) / 32 * 32) {
     const int64_t R = padded_rows, Dp = padded_dim;
     const int64_t sizes[] = {R * Dp / 2, Dp / 2 * kAmxKeyTile, kAmxKeyTile * Dp / 2, R * kAmxKeyTile,
-                             R * kAmxKeyTile / 2, R * Dp, R, R};  // in floats
+                             R * kAmxKeyTile / 2, R * Dp, R, R,
+                             kMaxFewRows * kAmxKeyTile, kMaxFewRows * kAmxKeyTile, 256, 8 * Dp, 8 * Dp};  // floats
+    constexpr int kParts = sizeof(sizes) / sizeof(sizes[0]);
     int64_t total = 16;
     for (int64_t size : sizes) total += (size + 15) / 16 * 16;
-    storage.assign(total, 0.0f);
-    float* cursor = storage.data();
+    float* cursor = thread_scratch(1, total);
     cursor += (16 - (reinterpret_cast<uintptr_t>(cursor) / sizeof(float)) % 16) % 16;
-    void* parts[8];
-    for (int i = 0; i < 8; ++i) {
+    void* parts[kParts];
+    for (int i = 0; i < kParts; ++i) {
       parts[i] = cursor;
       cursor += (sizes[i] + 15) / 16 * 16;
     }
+    p_even = static_cast<uint32_t*>(parts[8]);
+    p_odd = static_cast<uint32_t*>(parts[9]);
+    key_tile = static_cast<float*>(parts[10]);
+    k_rest = static_cast<uint16_t*>(parts[11]);
+    v_rest = static_cast<uint16_t*>(parts[12]);
     q = static_cast<uint16_t*>(parts[0]);
     kt = static_cast<uint32_t*>(parts[1]);
     v = static_cast<uint16_t*>(parts[2]);
@@ -728,13 +760,12 @@ FASTVLM_AMX_TARGET FASTVLM_INLINE void softmax_row_amx(float* row_scores, float 
       const __m512 x = _mm512_fmsub_ps(scores[vec + half], scale, shift);  // <= 0, or -inf when masked
       const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.0f), _CMP_GE_OQ);
       const __m512 whole = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const __m512 frac = _mm512_sub_ps(x, whole);  // in [-0.5, 0.5]
-      __m512 poly = _mm512_fmadd_ps(frac, _mm512_set1_ps(1.535336188319500e-4f), _mm512_set1_ps(1.339887440266574e-3f));
-      poly = _mm512_fmadd_ps(poly, frac, _mm512_set1_ps(9.618437357674640e-3f));
-      poly = _mm512_fmadd_ps(poly, frac, _mm512_set1_ps(5.550332471162809e-2f));
-      poly = _mm512_fmadd_ps(poly, frac, _mm512_set1_ps(2.402264791363012e-1f));
-      poly = _mm512_fmadd_ps(poly, frac, _mm512_set1_ps(6.931472028550421e-1f));
-      poly = _mm512_fmadd_ps(poly, frac, _mm512_set1_ps(1.0f));
+      const __m512 frac = _mm512_reduce_ps(x, _MM_FROUND_TO_NEAREST_INT);  // x - round(x), in [-0.5, 0.5]
+      // Degree 4 (relative error 2.6e-6, far below the bf16 rounding of P that follows).
+      __m512 poly = _mm512_fmadd_ps(frac, _mm512_set1_ps(9.570087306201458e-3f), _mm512_set1_ps(5.591787025332451e-2f));
+      poly = _mm512_fmadd_ps(poly, frac, _mm512_set1_ps(2.402474582195282e-1f));
+      poly = _mm512_fmadd_ps(poly, frac, _mm512_set1_ps(6.931217908859253e-1f));
+      poly = _mm512_fmadd_ps(poly, frac, _mm512_set1_ps(9.999992847442627e-1f));
       probs[half] = _mm512_maskz_scalef_ps(live, poly, whole);
       row_total = _mm512_add_ps(row_total, probs[half]);
     }
@@ -777,9 +808,7 @@ FASTVLM_AMX_TARGET inline void run_item_amx(const Problem& p, int64_t item, AmxB
     const c10::BFloat16* v_tile = v_head + tile_start * p.v_stride[2];
 
     // K^T as bf16 pairs: a 16 x 16 transpose of 32-bit words per 16 keys x 32 dims.
-    const TilePrefetch prefetch(v_tile, p.v_stride[2], k_tile, p.k_stride[2], D, kAmxKeyTile);
     for (int key0 = 0; key0 < kAmxKeyTile; key0 += 16) {
-      prefetch.keys(key0, 16);
       for (int64_t d0 = 0; d0 < Dp; d0 += 32) {
         F block[16];
         for (int i = 0; i < 16; ++i) {
@@ -821,6 +850,148 @@ FASTVLM_AMX_TARGET inline void run_item_amx(const Problem& p, int64_t item, AmxB
   write_rows<c10::BFloat16>(p, item, w, buf.acc, Dp, buf.row_max, buf.row_sum);
 }
 
+// ---- bf16 on AMX, few rows (<= kMaxFewRows; head_dim % 32 == 0): K and V read in place by tile loads -----
+// S^T = K Q^T: A = 16 K rows x 32 dims straight from the cache, B = Q^T as bf16 pairs (packed once per item:
+// [row block][dim block][16 dim pairs][16 rows][2]); each 16-key x 16-row fp32 result is transposed into
+// buf.scores, row-major as the many-row path has them. O += P V with 16 V rows as B straight from the cache:
+// B's pairs are then dims (2n, 2n + 1) of one key, so A carries P in the low (even) or high (odd) bf16 of
+// each 32-bit word and zero in the other, and two accumulator tiles get the even and the odd dims of 32:
+// twice the tile products (cheap with so few rows), no K transpose, no V repacking. acc holds
+// [16 even][16 odd] per 32 dims until the item ends. A last partial group of 16 keys comes from zero-padded
+// copies (no read past the keys' end, no stale cache rows times zero).
+FASTVLM_AMX_TARGET inline void run_item_amx_few(const Problem& p, int64_t item, AmxBuffers& buf) {
+  using F = Vec<16>::f32;
+  using U32 = Vec<16>::u32;
+  const int64_t D = p.head_dim, G = p.group, dim_blocks = D / 32;
+  const WorkItem w(p, item);
+  const int row_blocks = (w.num_rows + 15) / 16;
+  const int64_t padded_rows = row_blocks * 16;
+
+  uint32_t* qt = reinterpret_cast<uint32_t*>(buf.q);  // padded_rows * D / 2 words
+  std::fill(qt, qt + padded_rows * D / 2, 0u);
+  const c10::BFloat16* q_base = static_cast<const c10::BFloat16*>(p.q) + w.b * p.q_stride[0];
+  for (int r = 0; r < w.num_rows; ++r) {
+    const int64_t t = (w.first_row + r) / G, g = (w.first_row + r) % G;
+    const c10::BFloat16* src = q_base + (w.kv_head * G + g) * p.q_stride[1] + t * p.q_stride[2];
+    for (int64_t word = 0; word < D / 2; ++word) {
+      uint32_t value;
+      std::memcpy(&value, src + 2 * word, sizeof(value));
+      qt[(((r / 16) * dim_blocks + word / 16) * 16 + word % 16) * 16 + r % 16] = value;
+    }
+    buf.row_max[r] = kNegInf;
+    buf.row_sum[r] = 0.0f;
+  }
+  std::fill(buf.acc, buf.acc + padded_rows * D, 0.0f);
+  std::fill(buf.p_even, buf.p_even + padded_rows * kAmxKeyTile, 0u);
+  std::fill(buf.p_odd, buf.p_odd + padded_rows * kAmxKeyTile, 0u);
+
+  const auto* k_head = static_cast<const c10::BFloat16*>(p.k) + w.b * p.k_stride[0] + w.kv_head * p.k_stride[1];
+  const auto* v_head = static_cast<const c10::BFloat16*>(p.v) + w.b * p.v_stride[0] + w.kv_head * p.v_stride[1];
+  const int64_t k_bytes = p.k_stride[2] * 2, v_bytes = p.v_stride[2] * 2;
+  for (int64_t tile_start = w.key_begin; tile_start < w.key_end; tile_start += kAmxKeyTile) {
+    const int num_keys = static_cast<int>(std::min<int64_t>(kAmxKeyTile, w.key_end - tile_start));
+    const c10::BFloat16* k_tile = k_head + tile_start * p.k_stride[2];
+    const c10::BFloat16* v_tile = v_head + tile_start * p.v_stride[2];
+    const int groups = (num_keys + 15) / 16, full_groups = num_keys / 16;
+    if (full_groups < groups) {
+      const int rest = num_keys - full_groups * 16;
+      std::fill(buf.k_rest, buf.k_rest + 16 * D, uint16_t{0});
+      std::fill(buf.v_rest, buf.v_rest + 16 * D, uint16_t{0});
+      for (int i = 0; i < rest; ++i) {
+        std::memcpy(buf.k_rest + i * D, k_tile + (full_groups * 16 + i) * p.k_stride[2], D * 2);
+        std::memcpy(buf.v_rest + i * D, v_tile + (full_groups * 16 + i) * p.v_stride[2], D * 2);
+      }
+    }
+    auto k_group = [&](int group) {
+      return group < full_groups ? reinterpret_cast<const char*>(k_tile + group * 16 * p.k_stride[2])
+                                 : reinterpret_cast<const char*>(buf.k_rest);
+    };
+    auto v_group = [&](int group) {
+      return group < full_groups ? reinterpret_cast<const char*>(v_tile + group * 16 * p.v_stride[2])
+                                 : reinterpret_cast<const char*>(buf.v_rest);
+    };
+
+    // S^T, 16 keys at a time, then transposed into the rows' scores.
+    for (int group = 0; group < groups; ++group) {
+      const char* k_rows = k_group(group);
+      const int64_t k_row_bytes = group < full_groups ? k_bytes : D * 2;
+      _tile_zero(0);
+      if (row_blocks == 2) _tile_zero(1);
+      for (int64_t db = 0; db < dim_blocks; ++db) {
+        _tile_loadd(4, k_rows + db * 64, k_row_bytes);
+        _tile_loadd(6, qt + db * 256, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        if (row_blocks == 2) {
+          _tile_loadd(7, qt + (dim_blocks + db) * 256, 64);
+          _tile_dpbf16ps(1, 4, 7);
+        }
+      }
+      for (int rb = 0; rb < row_blocks; ++rb) {
+        if (rb == 0)
+          _tile_stored(0, buf.key_tile, 64);
+        else
+          _tile_stored(1, buf.key_tile, 64);
+        F block[16];
+        for (int i = 0; i < 16; ++i) block[i] = load<16>(buf.key_tile + 16 * i);
+        transpose<16>(block);
+        const int rows_here = std::min(16, w.num_rows - rb * 16);
+        for (int r = 0; r < rows_here; ++r) store<16>(buf.scores + (rb * 16 + r) * kAmxKeyTile + group * 16, block[r]);
+      }
+    }
+
+    const int first_masked = static_cast<int>(std::clamp<int64_t>(w.prefix - tile_start, 0, num_keys));
+    for (int r = 0; r < w.num_rows; ++r) {
+      float* row_scores = buf.scores + r * kAmxKeyTile;
+      if (first_masked < kAmxKeyTile)
+        mask_row(p, w, (w.first_row + r) / G, tile_start, first_masked, num_keys, kAmxKeyTile, row_scores);
+      uint16_t* probs = buf.probs + r * kAmxKeyTile;
+      softmax_row_amx(row_scores, p.scale_log2, buf.row_max[r], buf.row_sum[r], buf.acc + r * D, D, probs);
+      for (int key0 = 0; key0 < groups * 16; key0 += 16) {
+        Vec<16>::u16 bits;
+        std::memcpy(&bits, probs + key0, sizeof(bits));
+        const U32 wide = __builtin_convertvector(bits, U32);
+        std::memcpy(buf.p_even + r * kAmxKeyTile + key0, &wide, sizeof(wide));
+        const U32 high = wide << 16;
+        std::memcpy(buf.p_odd + r * kAmxKeyTile + key0, &high, sizeof(high));
+      }
+    }
+
+    // O += P V: per 32 dims, the even and odd accumulators of each row block.
+    for (int64_t db = 0; db < dim_blocks; ++db) {
+      float* acc0 = buf.acc + db * 32;
+      float* acc1 = buf.acc + 16 * D + db * 32;
+      _tile_loadd(0, acc0, D * 4);
+      _tile_loadd(1, acc0 + 16, D * 4);
+      if (row_blocks == 2) {
+        _tile_loadd(2, acc1, D * 4);
+        _tile_loadd(3, acc1 + 16, D * 4);
+      }
+      for (int group = 0; group < groups; ++group) {
+        _tile_loadd(6, v_group(group) + db * 64, group < full_groups ? v_bytes : D * 2);
+        _tile_loadd(4, buf.p_even + group * 16, kAmxKeyTile * 4);
+        _tile_loadd(5, buf.p_odd + group * 16, kAmxKeyTile * 4);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 5, 6);
+        if (row_blocks == 2) {
+          _tile_loadd(4, buf.p_even + 16 * kAmxKeyTile + group * 16, kAmxKeyTile * 4);
+          _tile_loadd(5, buf.p_odd + 16 * kAmxKeyTile + group * 16, kAmxKeyTile * 4);
+          _tile_dpbf16ps(2, 4, 6);
+          _tile_dpbf16ps(3, 5, 6);
+        }
+      }
+      _tile_stored(0, acc0, D * 4);
+      _tile_stored(1, acc0 + 16, D * 4);
+      if (row_blocks == 2) {
+        _tile_stored(2, acc1, D * 4);
+        _tile_stored(3, acc1 + 16, D * 4);
+      }
+    }
+  }
+
+  deinterleave_rows(buf.acc, D, w.num_rows);
+  write_rows<c10::BFloat16>(p, item, w, buf.acc, D, buf.row_max, buf.row_sum);
+}
+
 // bf16 items with enough rows go to AMX, the rest to the AVX-512 code.
 FASTVLM_AMX_TARGET void run_items_amx_bf16(const Problem& p, int64_t begin, int64_t end) {
   struct alignas(64) TileConfig {
@@ -833,18 +1004,29 @@ FASTVLM_AMX_TARGET void run_items_amx_bf16(const Problem& p, int64_t begin, int6
     config.bytes_per_row[i] = 64;
     config.rows[i] = 16;
   }
-  _tile_loadconfig(&config);
+  bool configured = false;  // the tile registers are set up only when an item uses them (not for 1-row items)
   Buffers buf(p.rows_per_block, p.head_dim);
-  AmxBuffers amx_buf(p.rows_per_block, p.head_dim);
   for (int64_t item = begin; item < end; ++item) {
-    if (WorkItem(p, item).num_rows > kMaxDirectRows && p.scale_log2 > 0.0f)
-      run_item_amx(p, item, amx_buf);
-    else if (p.scale_log2 > 0.0f)
+    const int rows = WorkItem(p, item).num_rows;
+    const bool few = rows > 1 && rows <= kMaxFewRows && p.head_dim % 32 == 0;
+    const bool amx = p.scale_log2 > 0.0f && (few || rows > kMaxDirectRows);
+    if (amx && !configured) {
+      _tile_loadconfig(&config);
+      configured = true;
+    }
+    if (amx) {
+      AmxBuffers amx_buf(p.rows_per_block, p.head_dim);
+      if (few)
+        run_item_amx_few(p, item, amx_buf);
+      else
+        run_item_amx(p, item, amx_buf);
+    } else if (p.scale_log2 > 0.0f) {
       run_item<16, c10::BFloat16, true>(p, item, buf);
-    else
+    } else {
       run_item<16, c10::BFloat16>(p, item, buf);
+    }
   }
-  _tile_release();
+  if (configured) _tile_release();
 }
 
 // The CPU has AMX-BF16 and Linux lets this process use the tile registers.

@@ -45,6 +45,7 @@ def check_same_device(name: str, value: torch.Tensor, reference_name: str, refer
 
 
 def check_last_dim_contiguous(name: str, value: torch.Tensor) -> None:
-    if value.dim() > 0 and value.shape[-1] > 1 and value.stride(-1) != 1:
+    # stride first: it is 1 on the hot path, and this check runs on every call of every op
+    if value.dim() > 0 and value.stride(-1) != 1 and value.shape[-1] > 1:
         raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides "
                          f"{tuple(value.stride())}; pass {name}.contiguous()")

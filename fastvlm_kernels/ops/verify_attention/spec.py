@@ -32,6 +32,7 @@ TEST_SHAPES = [
     (1, 4, 2, 257, 64, (0,), "chain"),  # a prefill: any T with a causal chain
     (1, 28, 4, 4, 128, (1500,), "chain"),  # Qwen2-VL-7B decode: 28 rows per KV head (2 x 2 warps, CUDA)
     (2, 14, 2, 6, 256, (700, 33), "tree"),  # D = 256, 42 rows: a row group of the CUDA block left idle
+    (2, 24, 4, 5, 64, (300, 77), "tree"),  # 30 rows per KV head: the CPU's two-tile few-row AMX path
 ]
 
 # Small shapes for the Triton interpreter (TRITON_INTERPRET=1 runs kernels on the CPU, slowly).
