@@ -248,9 +248,11 @@ def cmd_demo(args) -> int:
         ours = tokenizer.decode(out.sequences[0, prompt_len:], skip_special_tokens=True).strip()
         identical = torch.equal(out.sequences, expected)
         speedup = generate_s / out.stats.total_time
+        truth = tiny.answer(seed)
         rows.append(dict(seed=seed, prompt=prompt, answer=answer, ours=ours, identical=identical,
-                         accepted=out.stats.mean_accepted, speedup=speedup))
+                         accepted=out.stats.mean_accepted, speedup=speedup, truth=truth))
         print(f"[{index + 1}/{args.scenes}] scene {seed}: {prompt!r}\n  generate: {answer}\n  decoder:  {ours}\n"
+              f"  (the scene's true answer: {truth})\n"
               f"  identical: {'yes' if identical else 'NO'}; {out.stats.mean_accepted:.2f} drafted tokens accepted "
               f"per step; {speedup:.2f}x model.generate", flush=True)
         if args.save is not None:
@@ -262,10 +264,10 @@ def cmd_demo(args) -> int:
     if args.save is not None:
         lines = ["# fastvlm demo", "", f"exit layer {exit_layer}, "
                  f"{'imitation network' if imitation is not None else 'plain early exit'}, draft_len={args.draft_len}",
-                 "", "| scene | prompt | answer (generate) | identical | accepted / step | speedup |",
-                 "|---|---|---|---|---|---|"]
+                 "", "| scene | prompt | answer (generate) | true answer | identical | accepted / step | speedup |",
+                 "|---|---|---|---|---|---|---|"]
         for row in rows:
-            lines.append(f"| ![](scene-{row['seed']}.png) | {row['prompt']} | {row['answer']} | "
+            lines.append(f"| ![](scene-{row['seed']}.png) | {row['prompt']} | {row['answer']} | {row['truth']} | "
                          f"{'yes' if row['identical'] else 'NO'} | {row['accepted']:.2f} | {row['speedup']:.2f}x |")
         (args.save / "report.md").write_text("\n".join(lines) + "\n")
         print(f"report: {args.save / 'report.md'}")
@@ -294,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the embedded tiny VLM: model.generate against the decoder on new scenes")
     demo.add_argument("--scenes", type=int, default=4)
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--draft-len", type=_draft_len, default=4)
+    demo.add_argument("--draft-len", type=_draft_len, default=8)
     demo.add_argument("--exit-layer", type=int, help="default: the imitation network's, else the tiny VLM's")
     demo.add_argument("--no-imitation", action="store_true", help="draft with plain early exit")
     demo.add_argument("--max-new-tokens", type=int, default=80)
