@@ -147,14 +147,14 @@ def imitation_phase(out: Path, work_dir: Path, exit_layer: int, *, prompts: int,
 
     model, processor = tiny.load(out)
     data = write_imitation_data(work_dir / "imitation_data", prompts)
-    # identity_init: the exit is already trained to draft (plain early exit keeps ~2.9 of 4 drafted tokens);
-    # a copy of the last layer started below that (2.77) and stayed below it after 500 steps (2.84), so the
-    # layer starts as the identity (zeroed output projections) and learns what to add.
-    config = TrainConfig(exit_layer=exit_layer, layers=1, kind="layers", init_layer=-1, identity_init=True,
-                         steps=steps, batch_size=16,
-                         lr=1e-3, warmup_steps=50, eval_fraction=0.05, max_eval_examples=40, eval_every=250,
-                         eval_max_new_tokens=64, draft_len=4, checkpoint_every=100, max_new_tokens=80,
-                         response_batch_size=32)
+    # The exit is already trained to draft (plain early exit keeps ~4.6 of 8 drafted tokens). Tried here: one
+    # decoder layer copied from the last layer (2.77 -> 2.84 accepted per 4-token draft against plain early
+    # exit's 2.93), the same layer started as the identity (2.99), and this residual MLP (zero-initialised
+    # output: starts as plain early exit; 4.61 -> 4.73 per 8-token draft), which costs far less than a
+    # layer per drafted token and so is the one shipped.
+    config = TrainConfig(exit_layer=exit_layer, kind="mlp", steps=steps, batch_size=16, lr=1e-3, warmup_steps=50,
+                         eval_fraction=0.05, max_eval_examples=40, eval_every=500, eval_max_new_tokens=64,
+                         draft_len=8, checkpoint_every=100, max_new_tokens=80, response_batch_size=32)
     run_dir = work_dir / "imitation_run"
     result = train_imitation(model, processor, data, run_dir, config, resume=True,
                              responses_cache=work_dir / "imitation_responses.jsonl")
