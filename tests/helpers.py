@@ -1,6 +1,7 @@
 """Input builders shared by the op tests: random (never zero) data, random draft trees, poisoning."""
 from typing import Optional, Sequence
 
+import pytest
 import torch
 
 
@@ -40,3 +41,14 @@ def make_inputs(batch: int, num_q_heads: int, num_kv_heads: int, num_new: int, h
 def poisoned_like(tensor: torch.Tensor) -> torch.Tensor:
     """A NaN-filled output buffer, so that any element a kernel forgets to write fails the test."""
     return torch.full_like(tensor, float("nan"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny models' ops are a few microseconds each: on a shared 2-core machine, two OpenMP threads make
+    each one wait on the other (milliseconds per op). One thread keeps these tests fast and deterministic.
+    Autouse where a conftest imports it (tests/decoding, tests/imitation)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
