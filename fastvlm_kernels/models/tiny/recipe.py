@@ -176,7 +176,9 @@ def example(index: int, kind: Optional[str] = None, kinds: Optional[tuple] = Non
 
 
 def step_kinds(config: TinyConfig, step: int) -> Optional[tuple]:
-    """The question families of training step ``step``: the grounding ones early in the joint phase."""
+    """The question families of training step ``step``: the grounding ones early in the joint phase. Decided
+    per block of BUCKET_STEPS steps (the block's first step), since a block's examples are sorted together."""
+    step -= step % BUCKET_STEPS
     if step < config.vision_warmup_steps + config.count_steps:
         return ("count_all",)
     if step < config.vision_warmup_steps + config.count_steps + config.grounding_steps:
@@ -200,7 +202,7 @@ def batch_indices(config: TinyConfig, tokenizer, step: int) -> List[int]:
     length and cut into batches (less padding: answers run from 5 to 60 tokens), which the block visits in a
     seeded order. A pure function of (config, step), so a resumed run sees the same batches."""
     block, position = divmod(step, BUCKET_STEPS)
-    kinds = step_kinds(config, block * BUCKET_STEPS)
+    kinds = step_kinds(config, step)
     key = (config.batch_size, config.seed, block, kinds)
     if key not in _BLOCK_CACHE:
         first = block * BUCKET_STEPS * config.batch_size
@@ -378,7 +380,7 @@ def train(config: TinyConfig, out_dir: Path, work_dir: Path, *, checkpoint_every
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
         indices = batch_indices(config, processor.tokenizer, step)
-        batch = encode_batch(processor, indices, step_kinds(config, step - step % BUCKET_STEPS))
+        batch = encode_batch(processor, indices, step_kinds(config, step))
         if step < config.vision_warmup_steps:        # the vision tower and projector alone, through the probe
             loss, probe_accuracy = probe(model, batch["pixel_values"], indices)
             final_loss = exit_loss = agreement = torch.tensor(float("nan"))
