@@ -9,6 +9,8 @@ Every decoder output is checked token for token against model.generate before it
     python bench/e2e.py --model tiny --draft-lens 4 8 adaptive --prompts 8       # the embedded tiny VLM
     python bench/e2e.py --model smollm2                                            # real pretrained weights
     python bench/e2e.py --model smollm2 --batches 1 --exit-layer 12 --draft-vocab 4096   # + draft-vocab rows
+    python bench/e2e.py --model smollm2 --batches 1 --heldout build/smollm2_data/heldout --prompts 8 \
+        --imitation NET1 NET2 --draft-lens 0 1 2 4 adaptive --cost-model   # exit layer x kind x draft length
 
 --model tiny: the embedded VLM and its shipped imitation network (describe-the-image scenes it never saw);
 its exit layer is the one it was trained for. Random weights (the default model) make drafts poor, so
@@ -24,6 +26,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+from typing import Optional
 
 import torch
 
@@ -94,6 +98,19 @@ def early_exit_config(model):
         yield
     finally:
         config.__class__ = original
+
+
+def heldout_prompts(folder: Path, seed: int) -> list:
+    """The chat-formatted prompts of a prompts folder (python/build_smollm2_data.py's held-out split), in a
+    seeded order that spreads them over topics and templates."""
+    import json
+    import random
+    path = folder / "prompts.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"--heldout {folder}: no prompts.jsonl (make it with python/build_smollm2_data.py)")
+    prompts_ = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+    random.Random(seed).shuffle(prompts_)
+    return prompts_
 
 
 def adapter_layers(model) -> int:
@@ -172,17 +189,45 @@ def per_token_acceptance(mean_accepted: float, k: int) -> float:
 
 
 def predicted_speedup(parts: dict, k: int, alpha: float, num_layers: int, exit_layer: int,
-                      imitation_layers: int) -> tuple:
-    """DESIGN.md's cost model with measured parts: (k + 1) draft passes of E (+ imitation) layers and the
-    draft head, one (k + 1)-token pass of N - E layers and the verify head, against a plain token (N
-    single-token layer passes and the head on one row). Per-step host overhead beyond these parts is not in
-    it: the gap to the measured speedup is that overhead. Returns (speedup, step seconds, emitted tokens)."""
+                      imitation_s: float = 0.0, draft_head_s: Optional[float] = None) -> tuple:
+    """DESIGN.md's cost model with measured parts: (k + 1) draft passes of E layers plus the imitation network
+    (``imitation_s`` a pass) and k draft heads (``draft_head_s``, default the full-vocabulary one), one
+    (k + 1)-token pass of N - E layers and the verify head, against a plain token (N single-token layer passes
+    and the head on one row). Per-step host overhead beyond these parts is not in it: the gap to the measured
+    speedup is that overhead. Returns (speedup, step seconds, emitted tokens)."""
     generate_token_s = num_layers * parts["layer_T1"] + parts["verify_head_T1"]
     emitted = (1 - alpha ** (k + 1)) / (1 - alpha) if alpha < 1 else k + 1
-    draft = (k + 1) * (exit_layer + imitation_layers) * parts["layer_T1"] + k * parts["draft_head"]
+    head_s = parts["draft_head"] if draft_head_s is None else draft_head_s
+    draft = (k + 1) * (exit_layer * parts["layer_T1"] + imitation_s) + k * head_s
     verify = (num_layers - exit_layer) * parts[f"layer_T{k + 1}"] + parts[f"verify_head_T{k + 1}"]
     step = draft + verify
     return emitted * generate_token_s / step, step, emitted
+
+
+def measure_drafter_parts(model, parts: dict, decoder, repeats: int = 30) -> tuple:
+    """(imitation network seconds per one-token pass, draft head seconds) for a decoder's drafter: a decoder-layer
+    network costs its layers at layer_T1 each; an MLP network and a draft vocabulary are timed here."""
+    from fastvlm_kernels import early_exit_head
+    from fastvlm_kernels.decoding.adapters import adapter_for
+    adapter = adapter_for(model)
+    dtype, device = adapter.norm.weight.dtype, adapter.norm.weight.device
+    hidden = torch.randn(1, adapter.text_config.hidden_size, dtype=dtype, device=device)
+    network = decoder.imitation
+    functions = {}
+    imitation_s = 0.0
+    if network is not None and network.config.kind == "mlp":
+        functions["mlp"] = lambda: network(hidden[None])
+    elif network is not None:
+        imitation_s = len(network.layers) * parts["layer_T1"]
+    if decoder.draft_vocab is not None:
+        ids = decoder.draft_vocab
+        functions["head"] = lambda: early_exit_head(hidden, adapter.norm.weight, adapter.lm_head.weight,
+                                                    eps=adapter.norm_eps, vocab_subset=ids)
+    with torch.no_grad():
+        for fn in functions.values():
+            fn()
+        timed = time_alternately(functions, repeats) if functions else {}
+    return timed.get("mlp", imitation_s), timed.get("head", parts["draft_head"])
 
 
 def time_alternately(functions: dict, repeats: int) -> dict:
@@ -208,7 +253,11 @@ def main():
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--exit-layer", type=int, help="default 4; tiny: the layer it was trained for")
     parser.add_argument("--draft-lens", nargs="+", default=["0", "3", "adaptive"])
-    parser.add_argument("--imitation", type=Path, help="a trained imitation network for this model")
+    parser.add_argument("--imitation", type=Path, nargs="+",
+                        help="trained imitation networks for this model (each runs at its own exit layer)")
+    parser.add_argument("--heldout", type=Path,
+                        help="smollm2: take the prompts from this prompts folder (python/build_smollm2_data.py's "
+                             "held-out split) instead of the built-in chat questions")
     parser.add_argument("--draft-vocab", type=int, default=0,
                         help="N > 0: also run each drafting configuration with the draft head over the N most "
                              "frequent answer tokens of --responses (SelfSpeculativeDecoder(draft_vocab=...))")
@@ -244,7 +293,7 @@ def main():
         model, processor = tiny.load(dtype=dtype)
         description = f"embedded tiny VLM ({model.config.text_config.num_hidden_layers} layers), {args.dtype}"
         if args.imitation is None and (tiny.FOLDER / "imitation" / "config.json").is_file():
-            args.imitation = tiny.FOLDER / "imitation"
+            args.imitation = [tiny.FOLDER / "imitation"]
         if args.exit_layer is None:
             args.exit_layer = tiny.EXIT_LAYER
     else:
@@ -253,7 +302,7 @@ def main():
     if args.exit_layer is None:
         args.exit_layer = 4
     model = model.to(args.device)
-    imitation = ImitationNetwork.from_pretrained(args.imitation, model) if args.imitation else None
+    imitations = [ImitationNetwork.from_pretrained(path, model) for path in (args.imitation or [])]
     draft_vocab = None
     if args.draft_vocab:
         from fastvlm_kernels.imitation.data import vocab_subset_from_responses
@@ -266,8 +315,22 @@ def main():
         draft_vocab = vocab_subset_from_responses(args.responses, model.get_output_embeddings().weight.shape[0],
                                                   args.draft_vocab, always_include=eos).to(args.device)
         description += f", draft vocabulary {draft_vocab.numel()} tokens"
+    # (row label, exit layer, imitation network, draft vocabulary): plain early exit at --exit-layer (and with
+    # the --draft-vocab subset), then each network at its own exit layer, beside plain early exit there.
+    drafters = [("", args.exit_layer, None, None)]
+    if draft_vocab is not None:
+        drafters.append((f"+vocab{args.draft_vocab}", args.exit_layer, None, draft_vocab))
+    for network in imitations:
+        exit_layer, kind = network.config.exit_layer, network.config.kind
+        if not any(d[1] == exit_layer and d[2] is None for d in drafters):
+            drafters.append((f"+E{exit_layer}-plain", exit_layer, None, None))
+        label = "+imitation" if len(imitations) == 1 and exit_layer == args.exit_layer else f"+E{exit_layer}-{kind}"
+        if network.draft_vocab is not None:
+            label += f"-vocab{network.draft_vocab.numel()}"
+        drafters.append((label, exit_layer, network, None))     # None: the network's own draft vocabulary
     print(f"e2e: {description} on {args.device}, exit layer {args.exit_layer}, {args.max_new_tokens} new tokens",
           flush=True)
+    heldout = heldout_prompts(args.heldout, args.seed) if args.heldout else []
     rows = []
     for batch in args.batches:
         calls = args.prompts if batch == 1 else 1     # batch 1: --prompts prompts one after another
@@ -275,7 +338,11 @@ def main():
         all_inputs = []
         for call in range(calls):
             first = args.seed + call * rows_per_call
-            if args.model == "smollm2":   # chat questions; the answers stop at the model's own EOS
+            if args.model == "smollm2" and heldout:   # the data program's held-out prompts, chat-formatted
+                inputs = tokenizer([heldout[(first + row) % len(heldout)] for row in range(batch)],
+                                   return_tensors="pt", padding=True)
+                options = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
+            elif args.model == "smollm2":   # chat questions; the answers stop at the model's own EOS
                 inputs = smollm2.chat_inputs(tokenizer, [CHAT_QUESTIONS[(first + row) % len(CHAT_QUESTIONS)]
                                                          for row in range(batch)])
                 options = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
@@ -314,23 +381,21 @@ def main():
         decoders = {}
         for draft_len in args.draft_lens:
             k = draft_len if draft_len == "adaptive" else int(draft_len)
-            variants = [("", None)] + ([("+imitation", imitation)] if imitation is not None and k != 0 else [])
-            vocabularies = [("", None)] + ([(f"+vocab{args.draft_vocab}", draft_vocab)]
-                                           if draft_vocab is not None and k != 0 else [])
-            variants = [(suffix + vocab_suffix + ("" if attention == "auto" else f"@{attention}"), network, attention,
-                         vocabulary)
-                        for suffix, network in variants for vocab_suffix, vocabulary in vocabularies
-                        for attention in args.attention_backends]
-            for suffix, network, attention, vocabulary in variants:
-                name = f"decoder_k{draft_len}{suffix}"
-                decoder = SelfSpeculativeDecoder(model, args.exit_layer, imitation=network, draft_len=k,
-                                                 attention_backend=attention, draft_vocab=vocabulary)
-                outs = run_all(lambda inputs, decoder=decoder: decoder.generate(**inputs, **options))
-                identical = all(torch.equal(out.sequences, want) for out, want in zip(outs, expected))
-                if not identical and args.dtype == "fp32":
-                    raise SystemExit(f"{name}: output differs from model.generate")
-                decoders[name] = (decoder, [out.stats for out in outs], identical)
-                functions[name] = lambda decoder=decoder: run_all(lambda inputs: decoder.generate(**inputs, **options))
+            # k = 0 drafts nothing: one row, whatever the drafter
+            for label, exit_layer, network, vocabulary in (drafters[:1] if k == 0 else drafters):
+                for attention in args.attention_backends:
+                    name = f"decoder_k{draft_len}{label}" + ("" if attention == "auto" else f"@{attention}")
+                    decoder = SelfSpeculativeDecoder(model, exit_layer, imitation=network, draft_len=k,
+                                                     attention_backend=attention, draft_vocab=vocabulary)
+                    outs = run_all(lambda inputs, decoder=decoder: decoder.generate(**inputs, **options))
+                    identical = all(torch.equal(out.sequences, want) for out, want in zip(outs, expected))
+                    if not identical and args.dtype == "fp32":
+                        raise SystemExit(f"{name}: output differs from model.generate")
+                    decoders[name] = (decoder, [out.stats for out in outs], identical)
+                    functions[name] = lambda decoder=decoder: run_all(
+                        lambda inputs: decoder.generate(**inputs, **options))
+        if batch == 1:
+            decoders_batch1 = {name: entry[0] for name, entry in decoders.items()}
         medians = time_alternately(functions, args.repeats)
         # tokens emitted before each row's EOS (every configuration emits the same ones: checked above)
         new_tokens = (sum(sum(stats.new_tokens) for stats in next(iter(decoders.values()))[1]) if decoders
@@ -351,22 +416,28 @@ def main():
         parts = measure_parts(model, args.exit_layer, prompt_len_for_parts, fixed)
         print("parts (ms): " + ", ".join(f"{name} {seconds * 1e3:.3f}" for name, seconds in parts.items()), flush=True)
         num_layers = adapter_layers(model)
+        drafter_parts = {}
         for row in rows:
             if row["batch"] != 1 or not row["config"].startswith("decoder_k") or "adaptive" in row["config"]:
                 continue
             k = int(row["config"][len("decoder_k"):].split("+")[0].split("@")[0])
             if k == 0:
                 continue
-            imitation_layers = len(getattr(imitation, "layers", ())) if "+imitation" in row["config"] else 0
+            decoder = decoders_batch1[row["config"]]
+            key = (id(decoder.imitation), None if decoder.draft_vocab is None else decoder.draft_vocab.numel())
+            if key not in drafter_parts:
+                drafter_parts[key] = measure_drafter_parts(model, parts, decoder)
+            imitation_s, head_s = drafter_parts[key]
             alpha = per_token_acceptance(row["mean_accepted"], k)
-            speedup, step_s, emitted = predicted_speedup(parts, k, alpha, num_layers, args.exit_layer,
-                                                         imitation_layers)
+            speedup, step_s, emitted = predicted_speedup(parts, k, alpha, num_layers, decoder.exit_layer,
+                                                         imitation_s, head_s)
             row.update(alpha=alpha, predicted_speedup=speedup, predicted_step_ms=step_s * 1e3)
             print(f"cost model: {row['config']}: alpha {alpha:.3f}, {emitted:.2f} tokens per step, predicted "
-                  f"{speedup:.2f}x, measured {row['speedup_vs_generate']:.2f}x", flush=True)
+                  f"{speedup:.2f}x, measured {row['speedup_vs_generate']:.2f}x (draft pass of the network "
+                  f"{imitation_s * 1e3:.3f} ms, draft head {head_s * 1e3:.3f} ms)", flush=True)
     env = environment(args.device)
     env.update(model=description, exit_layer=args.exit_layer, prompts=args.prompts,
-               imitation=str(args.imitation) if args.imitation else None,
+               imitation=[str(path) for path in args.imitation] if args.imitation else None,
                max_new_tokens=args.max_new_tokens, prompt_len=args.prompt_len)
     write_results(args, env, rows, "e2e: model.generate vs SelfSpeculativeDecoder", "seconds are medians")
     if args.plot:

@@ -144,7 +144,8 @@ class SelfSpeculativeDecoder:
         lean_layers: run Llama / Mistral / Qwen2 text layers (and an imitation network's layers) as plain
             tensor ops (:mod:`.lean`: bit-identical to the modules, less host time per layer); other layers,
             or False, run the model's own modules. ``lean_reason`` says why a generate did not.
-        draft_vocab: ``[S]`` integer token ids the draft may propose (None: the whole vocabulary). The
+        draft_vocab: ``[S]`` integer token ids the draft may propose (None: the imitation network's own
+            ``draft_vocab`` when it was trained over one, else the whole vocabulary). The
             early-exit head then reads only those rows of the LM head (``early_exit_head(vocab_subset=...)``),
             and when sampling the draft distribution q is the softmax over them (zero elsewhere), which is
             also the q rejection sampling divides by, so sampling stays exact. Verification always reads the
@@ -208,6 +209,8 @@ class SelfSpeculativeDecoder:
         self.lean_layers = bool(lean_layers)
         self._lean = None          # per generate: (backbone LeanLayers, imitation LeanLayers) or None
         self.lean_reason: Optional[str] = None   # why the last generate ran the model's own layer modules
+        if draft_vocab is None and imitation is not None:
+            draft_vocab = getattr(imitation, "draft_vocab", None)
         self.draft_vocab = self._check_draft_vocab(draft_vocab)
         self.count_calls = False   # tests: count the tokens each layer attends (StepState.calls)
         self.last_calls: dict = {}

@@ -10,12 +10,15 @@ Two terms, over the M positions whose next token is a response token:
   the network's output (the early-exit head of the decoder). The ``T^2`` factor keeps the gradient's scale
   independent of the temperature (Hinton et al., 2015).
 
+With a draft vocabulary (``TrainConfig.draft_vocab``) both distributions are softmaxes over its S token ids
+only: the draft head can propose nothing else, and its argmax over them is what must match the full model's.
+
 ``total = cosine_weight * cosine + kd_weight * distillation``. Everything is computed in fp32.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,9 +47,16 @@ def distillation_loss(draft_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return kl.mean() * temperature ** 2
 
 
-def draft_logits(hidden: torch.Tensor, norm: nn.Module, lm_head: nn.Module) -> torch.Tensor:
-    """The early-exit head: the model's own final norm and LM head on ``hidden [M, H]`` -> ``[M, V]``."""
-    return lm_head(norm(hidden).to(lm_head.weight.dtype))
+def draft_logits(hidden: torch.Tensor, norm: nn.Module, lm_head: nn.Module,
+                 vocab: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The early-exit head: the model's own final norm and LM head on ``hidden [M, H]`` -> ``[M, V]``, or
+    ``[M, S]`` over the token ids ``vocab [S]`` only (the rows of the LM head a draft vocabulary reads)."""
+    normed = norm(hidden).to(lm_head.weight.dtype)
+    if vocab is None:
+        return lm_head(normed)
+    bias = getattr(lm_head, "bias", None)
+    return F.linear(normed, lm_head.weight.index_select(0, vocab),
+                    bias.index_select(0, vocab) if bias is not None else None)
 
 
 @dataclass(frozen=True)

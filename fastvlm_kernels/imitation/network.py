@@ -28,6 +28,7 @@ class ImitationConfig:
     hidden_size: int = 0
     init_layer: Optional[int] = None   # the backbone layer the decoder layers were copied from (None: fresh)
     identity_init: bool = False        # output projections started at zero: the untrained network is the identity
+    draft_vocab_size: int = 0          # > 0: the network drafts over its ``draft_vocab`` (that many token ids)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,6 +106,28 @@ class ImitationNetwork(nn.Module):
     def num_cache_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def draft_vocab(self) -> Optional[torch.Tensor]:
+        """The sorted int64 token ids this network was trained to draft over (its distillation loss covered
+        only these), or None for the full vocabulary. :class:`~fastvlm_kernels.SelfSpeculativeDecoder`
+        drafts over them unless given another ``draft_vocab``."""
+        return getattr(self, "_draft_vocab", None)
+
+    def set_draft_vocab(self, ids: Optional[torch.Tensor]) -> "ImitationNetwork":
+        """Records the draft vocabulary (saved with the weights); None removes it."""
+        if ids is None:
+            self._buffers.pop("_draft_vocab", None)
+            self.config.draft_vocab_size = 0
+            return self
+        if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool \
+                or ids.dim() != 1 or ids.numel() == 0:
+            raise ValueError("draft vocabulary must be a non-empty 1-D integer tensor of token ids")
+        ids = torch.unique(ids.detach().to(torch.int64).cpu())
+        device = next(self.parameters(), ids).device
+        self.register_buffer("_draft_vocab", ids.to(device))
+        self.config.draft_vocab_size = int(ids.numel())
+        return self
+
     def forward(self, hidden: torch.Tensor, position_embeddings=None, **attention_kwargs) -> torch.Tensor:
         """``hidden [B, T, H]`` (the backbone's layer-E states) -> the state that goes into the final norm.
 
@@ -156,9 +179,19 @@ class ImitationNetwork(nn.Module):
                                  target_layer=config.target_layer, init_layer=-1)   # weights replaced below
         network.config = config
         state = load_file(str(folder / "model.safetensors"))
-        reference = next(iter(network.state_dict().values()), None)
+        if config.draft_vocab_size:
+            if "_draft_vocab" not in state or state["_draft_vocab"].numel() != config.draft_vocab_size:
+                raise ValueError(f"{folder}: config.json records a draft vocabulary of {config.draft_vocab_size} "
+                                 "ids but model.safetensors does not hold it")
+            network.set_draft_vocab(state.pop("_draft_vocab"))
+        elif "_draft_vocab" in state:
+            raise ValueError(f"{folder}: model.safetensors holds a draft vocabulary that config.json does not record")
+        reference = next(network.parameters(), None)
         if reference is not None:
             state = {name: tensor.to(reference.device, reference.dtype) for name, tensor in state.items()}
+        state["_draft_vocab"] = network.draft_vocab
+        if state["_draft_vocab"] is None:
+            del state["_draft_vocab"]
         network.load_state_dict(state)
         return network
 

@@ -80,6 +80,7 @@ class TrainConfig:
     max_new_tokens: int = 128               # length of the generated responses
     max_response_tokens: Optional[int] = 256
     response_batch_size: int = 1            # prompts answered together by generate_responses (1: each alone)
+    draft_vocab: int = 0                    # > 0: draft (and distil) over the S most frequent answer tokens
     skip_malformed: bool = False
 
     def loss_weights(self) -> LossWeights:
@@ -108,6 +109,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "response_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if isinstance(self.draft_vocab, bool) or not isinstance(self.draft_vocab, int) or self.draft_vocab < 0:
+            raise ValueError(f"draft_vocab must be an int >= 0 (0: the whole vocabulary), got {self.draft_vocab!r}")
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "grad_clip", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -205,9 +208,9 @@ class Teacher:
 
 
 @torch.no_grad()
-def teacher_forward(adapter, taps: _Taps, batch: TrainBatch) -> Teacher:
+def teacher_forward(adapter, taps: _Taps, batch: TrainBatch, vocab: Optional[torch.Tensor] = None) -> Teacher:
     """Runs the frozen model once over ``batch``: its own forward up to the language model (images, positions),
-    then the language model with the taps attached."""
+    then the language model with the taps attached. ``vocab``: the teacher's logits over those ids only."""
     inputs = dict(batch.model_inputs)
     prompt = adapter.prompt_inputs(inputs.pop("input_ids"), inputs.pop("attention_mask"), **inputs)
     with taps.active() as values:
@@ -215,7 +218,7 @@ def teacher_forward(adapter, taps: _Taps, batch: TrainBatch) -> Teacher:
                                position_ids=prompt.positions, use_cache=False)
     mask = batch.loss_mask
     last = values["last"][mask]
-    logits = adapter.lm_head(adapter.norm(last)).float()
+    logits = draft_logits(last, adapter.norm, adapter.lm_head, vocab).float()
     kwargs = values["layer_kwargs"]
     return Teacher(exit_states=values["exit"], targets=values["target"][mask], logits=logits,
                    attention_mask=kwargs.get("attention_mask"), position_embeddings=kwargs["position_embeddings"])
@@ -420,6 +423,19 @@ def frozen(model: nn.Module):
         model.train(was_training)
 
 
+def draft_vocab_for(model, adapter, train_examples: Sequence[Example], encoder: Encoder, size: int) -> torch.Tensor:
+    """The ``size`` most frequent tokens of the training answers, plus the model's EOS ids: sorted int64."""
+    from ..ops.lm_head import vocab_subset_from_counts
+    from .data import _eos_ids
+    vocab_size = adapter.lm_head.weight.shape[0]
+    if size > vocab_size:
+        raise ValueError(f"draft_vocab={size} is larger than the model's vocabulary ({vocab_size})")
+    ids = [token for example in train_examples for token in encoder.response_ids(example)]
+    eos = torch.tensor(_eos_ids(model), dtype=torch.int64)
+    return vocab_subset_from_counts(torch.tensor(ids, dtype=torch.int64), vocab_size, size,
+                                    always_include=eos if eos.numel() else None)
+
+
 def _train(model, adapter, encoder: Encoder, config: TrainConfig, train_examples: List[Example],
            eval_examples: List[Example], out_dir: Path, resuming: bool, *, progress: bool,
            say: Callable[[str], None], callback, stop_after: Optional[int]) -> TrainResult:
@@ -430,6 +446,11 @@ def _train(model, adapter, encoder: Encoder, config: TrainConfig, train_examples
     network = ImitationNetwork.from_model(model, config.exit_layer, num_layers=config.layers, kind=config.kind,
                                           target_layer=config.target_layer, init_layer=config.init_layer,
                                           identity_init=config.identity_init)
+    vocab = None
+    if config.draft_vocab:
+        vocab = draft_vocab_for(model, adapter, train_examples, encoder, config.draft_vocab).to(device)
+        network.set_draft_vocab(vocab)
+        say(f"drafting over the {vocab.numel()} most frequent answer tokens (of {adapter.lm_head.weight.shape[0]})")
     network = network.to(device=device, dtype=torch.float32).requires_grad_(True).train()
     parameters = [p for p in network.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
@@ -493,12 +514,12 @@ def _train(model, adapter, encoder: Encoder, config: TrainConfig, train_examples
             run_eval()
         while step < last_step:
             batch = encoder.collate([train_examples[i] for i in batch_order(step)]).to(device)
-            teacher = teacher_forward(adapter, taps, batch)
+            teacher = teacher_forward(adapter, taps, batch, vocab)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_autocast):
                 hidden = teacher.exit_states if use_autocast else teacher.exit_states.float()
                 output = network(hidden, teacher.position_embeddings, attention_mask=teacher.attention_mask)
                 selected = output[batch.loss_mask]                                        # [M, H]
-                draft = draft_logits(selected, adapter.norm, adapter.lm_head) if weights.kd_weight > 0 else None
+                draft = draft_logits(selected, adapter.norm, adapter.lm_head, vocab) if weights.kd_weight > 0 else None
             terms = imitation_loss(selected.float(), teacher.targets, draft, teacher.logits, weights)
             optimizer.zero_grad(set_to_none=True)
             terms.total.backward()

@@ -180,3 +180,43 @@ def test_a_vlm_trains_on_images_and_text(tmp_path):
     assert len(result.held_out) == 1 and result.final.steps > 0
     responses = (tmp_path / "out" / "responses.jsonl").read_text().splitlines()
     assert len(responses) == 1 + 4   # header + the training examples' answers
+
+
+def test_a_draft_vocabulary_is_trained_saved_and_drafted_over(tmp_path):
+    """draft_vocab=S: the network records the S most frequent answer tokens (plus EOS), distils over them only
+    (the teacher's logits are [M, S]), saves and loads them, and the decoder drafts over them by default,
+    losslessly."""
+    case = build("llama", seed=3)
+    write_prompts(tmp_path / "data", 12, seed=4, responses=True)
+    size = 24
+    config = TrainConfig(exit_layer=1, steps=4, batch_size=4, lr=1e-3, warmup_steps=1, eval_fraction=0.0,
+                         checkpoint_every=0, seed=5, draft_vocab=size)
+    result = train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "out", config, progress=False)
+    encoder = Encoder(tokenizer())
+    from fastvlm_kernels.imitation.data import load_examples
+    examples = load_examples(tmp_path / "data")
+    counts = torch.bincount(torch.tensor([t for e in examples for t in encoder.response_ids(e)]),
+                            minlength=case.model.config.vocab_size)
+    ids = result.network.draft_vocab
+    eos = case.model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    expected = torch.unique(torch.cat([torch.sort(-counts, stable=True).indices[:size], torch.tensor(eos)]))
+    assert torch.equal(ids.cpu(), expected)
+    assert result.network.config.draft_vocab_size == ids.numel()
+    loaded = ImitationNetwork.from_pretrained(tmp_path / "out" / "imitation", case.model)
+    assert torch.equal(loaded.draft_vocab.cpu(), ids.cpu())
+    for (name, a), (_, b) in zip(result.network.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    decoder = SelfSpeculativeDecoder(case.model, exit_layer=1, imitation=loaded, draft_len=3)
+    assert torch.equal(decoder.draft_vocab.cpu(), ids.cpu())
+    inputs = encoder.prompt_inputs(examples[0])
+    got = decoder.generate(**inputs, max_new_tokens=10)
+    assert torch.equal(got.sequences, case.model.generate(**inputs, max_new_tokens=10, do_sample=False))
+    # the teacher's distribution is over the subset's ids
+    adapter = adapter_for(case.model)
+    batch = encoder.collate(examples[:2])
+    full = teacher_forward(adapter, _Taps(adapter.layers, 1, NUM_LAYERS), batch)
+    subset = teacher_forward(adapter, _Taps(adapter.layers, 1, NUM_LAYERS), batch, ids)
+    torch.testing.assert_close(subset.logits, full.logits[:, ids])
+    with pytest.raises(ValueError, match="draft_vocab"):
+        TrainConfig(exit_layer=1, draft_vocab=-1).check(NUM_LAYERS)

@@ -1,0 +1,144 @@
+"""Trains imitation networks for SmolLM2-135M-Instruct on the self-distillation data of
+``python/build_smollm2_data.py`` and measures them on its held-out topics.
+
+    python python/train_smollm2_imitation.py --exit-layer 8 --kind layers --steps 600
+    python python/train_smollm2_imitation.py --exit-layer 8 --kind layers --steps 600 --resume   # after a stop
+    python python/train_smollm2_imitation.py --exit-layer 8 --kind layers --eval-only            # measure again
+
+Training data: the training prompts answered so far (the data program may still be running): they are
+copied into a snapshot folder (``--snapshot``, written once, so a resumed run sees the same data) whose
+answers come from the data program's responses cache. The network drafts over the ``--draft-vocab`` most
+frequent tokens of those answers (``TrainConfig.draft_vocab``); verification always reads the full vocabulary.
+
+Measurement (``heldout_acceptance.json`` in the run folder, and printed): on the held-out split (topics never
+trained on), the per-token agreement with the full model and the mean accepted tokens per step for draft
+lengths 1-8, teacher-forced along the model's own answers (:mod:`fastvlm_kernels.imitation.evaluation`, equal
+to the decoder's own count), for the trained network, for plain early exit at the same layer over the full
+vocabulary, and for plain early exit over the same draft vocabulary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fastvlm_kernels.imitation import ImitationNetwork, TrainConfig, train_imitation  # noqa: E402
+from fastvlm_kernels.imitation.data import Encoder, _read_cache, load_examples  # noqa: E402
+from fastvlm_kernels.imitation.evaluation import compare_drafters  # noqa: E402
+from fastvlm_kernels.imitation.trainer import model_fingerprint  # noqa: E402
+
+MAX_NEW_TOKENS = 160     # the data program's answer length (part of its responses cache's fingerprint)
+
+
+def say(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+def write_snapshot(data: Path, snapshot: Path, model, tokenizer) -> int:
+    """Copies the training prompts that have an answer in the responses cache into ``snapshot``; returns how many."""
+    fingerprint = dict(model_fingerprint(model), max_new_tokens=MAX_NEW_TOKENS)
+    done = _read_cache(data / "responses" / "train.jsonl", fingerprint)
+    examples = load_examples(data / "train")
+    lines = [line for line in (data / "train" / "prompts.jsonl").read_text().splitlines() if line.strip()]
+    if len(lines) != len(examples):
+        raise RuntimeError(f"{data / 'train'}: {len(lines)} lines but {len(examples)} examples")
+    kept = [line for example, line in zip(examples, lines) if example.key in done]
+    snapshot.mkdir(parents=True, exist_ok=True)
+    temporary = snapshot / "prompts.jsonl.tmp"
+    temporary.write_text("\n".join(kept) + "\n")
+    temporary.replace(snapshot / "prompts.jsonl")
+    return len(kept)
+
+
+def held_out_examples(data: Path, model, tokenizer, limit):
+    fingerprint = dict(model_fingerprint(model), max_new_tokens=MAX_NEW_TOKENS)
+    done = _read_cache(data / "responses" / "heldout.jsonl", fingerprint)
+    examples = [example for example in load_examples(data / "heldout") if example.key in done]
+    for example in examples:
+        example.response_ids = done[example.key]
+    return examples[:limit] if limit else examples
+
+
+def measure(model, tokenizer, network: ImitationNetwork, examples, out: Path) -> dict:
+    exit_layer = network.config.exit_layer
+    drafters = {"imitation": (network, network.draft_vocab), "early_exit": (None, None)}
+    if network.draft_vocab is not None:
+        drafters["early_exit_draft_vocab"] = (None, network.draft_vocab)
+    start = time.perf_counter()
+    profiles = compare_drafters(model, Encoder(tokenizer), examples, exit_layer, drafters,
+                                draft_lens=(1, 2, 3, 4, 5, 6, 8), progress=True)
+    record = {"exit_layer": exit_layer, "kind": network.config.kind, "num_layers": network.config.num_layers,
+              "draft_vocab": network.config.draft_vocab_size, "held_out_prompts": len(examples),
+              "seconds": round(time.perf_counter() - start, 1),
+              "drafters": {name: profile.to_dict() for name, profile in profiles.items()}}
+    (out / "heldout_acceptance.json").write_text(json.dumps(record, indent=2) + "\n")
+    for name, profile in profiles.items():
+        accepted = " ".join(f"k={k}: {v:.3f}" for k, v in profile.mean_accepted.items())
+        say(f"held-out {name:>24}: agreement {profile.agreement:.3f} over {profile.positions} positions | "
+            f"accepted per step {accepted}")
+    gain = profiles["imitation"].mean_accepted[4] - profiles["early_exit"].mean_accepted[4]
+    say(f"k=4: imitation - plain early exit = {gain:+.3f} accepted tokens per step")
+    return record
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("build/smollm2_data"))
+    parser.add_argument("--snapshot", type=Path, default=None,
+                        help="training prompts folder (default: <data>/train_snapshot; written if missing)")
+    parser.add_argument("--refresh-snapshot", action="store_true", help="rewrite the snapshot from the cache")
+    parser.add_argument("--out", type=Path, default=None, help="default build/smollm2_imitation/E<E>-<kind>")
+    parser.add_argument("--exit-layer", type=int, required=True)
+    parser.add_argument("--kind", choices=("layers", "mlp"), default="layers")
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--init-layer", type=int, default=-1)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--warmup-steps", type=int, default=30)
+    parser.add_argument("--cosine-weight", type=float, default=1.0)
+    parser.add_argument("--kd-weight", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--draft-vocab", type=int, default=4096)
+    parser.add_argument("--eval-every", type=int, default=0)
+    parser.add_argument("--heldout-prompts", type=int, default=0, help="0: all")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--eval-only", action="store_true", help="measure the run's saved network only")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from fastvlm_kernels.models import smollm2
+    model, tokenizer = smollm2.load()
+    model.eval()
+    out = args.out or Path("build/smollm2_imitation") / f"E{args.exit_layer}-{args.kind}"
+    if not args.eval_only:
+        snapshot = args.snapshot or args.data / "train_snapshot"
+        if args.refresh_snapshot or not (snapshot / "prompts.jsonl").exists():
+            count = write_snapshot(args.data, snapshot, model, tokenizer)
+            say(f"snapshot {snapshot}: {count} answered training prompts")
+        config = TrainConfig(exit_layer=args.exit_layer, kind=args.kind, layers=args.layers,
+                             init_layer=args.init_layer if args.kind == "layers" else None, steps=args.steps,
+                             batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+                             cosine_weight=args.cosine_weight, kd_weight=args.kd_weight,
+                             temperature=args.temperature, draft_vocab=args.draft_vocab,
+                             max_new_tokens=MAX_NEW_TOKENS, eval_every=args.eval_every, eval_fraction=0.02,
+                             max_eval_examples=8, eval_max_new_tokens=48, checkpoint_every=50)
+        result = train_imitation(model, tokenizer, snapshot, out, config, resume=args.resume,
+                                 overwrite=args.overwrite, responses_cache=args.data / "responses" / "train.jsonl")
+        network = result.network
+    else:
+        network = ImitationNetwork.from_pretrained(out / "imitation", model)
+    measure(model, tokenizer, network, held_out_examples(args.data, model, tokenizer, args.heldout_prompts), out)
+
+
+if __name__ == "__main__":
+    main()

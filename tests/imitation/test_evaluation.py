@@ -1,0 +1,54 @@
+"""Teacher-forced acceptance equals the decoder's own accepted lengths."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastvlm_kernels import ImitationNetwork, SelfSpeculativeDecoder
+from fastvlm_kernels.imitation.data import Encoder, generate_responses, load_examples
+from fastvlm_kernels.imitation.evaluation import accepted_by_walk, teacher_forced_acceptance
+from fastvlm_kernels.imitation.trainer import model_fingerprint
+from tests.decoding.models import build, sharpen
+
+from .helpers import tokenizer, write_prompts
+
+
+def test_accepted_by_walk_by_hand():
+    # position 0 is the prefill's token; steps start at 1
+    matches = [False, True, True, False, True, False, False, True]
+    assert accepted_by_walk(matches, 2) == [2, 1, 0, 1]     # p=1: 2 ok -> p=4: 1 -> p=6: 0 -> p=7: 1
+    assert accepted_by_walk(matches, 1) == [1, 0, 1, 0, 1]
+    assert accepted_by_walk(matches, 4) == [2, 1, 0, 1]
+    with pytest.raises(ValueError, match="draft_len"):
+        accepted_by_walk(matches, 0)
+
+
+@pytest.mark.parametrize("with_network", [False, True])
+def test_teacher_forced_acceptance_is_the_decoders(tmp_path, with_network):
+    """Along the model's own greedy answers, the walk over teacher-forced agreement gives the decoder's accepted
+    count at every step but the last (where the decoder drafts past max_new_tokens, the answer ends)."""
+    case = build("llama", seed=2)
+    sharpen(case.model, 2, scale=0.5)
+    write_prompts(tmp_path / "data", 8, seed=0)
+    encoder = Encoder(tokenizer())
+    examples = load_examples(tmp_path / "data")
+    max_new = 16
+    generate_responses(case.model, encoder, examples, tmp_path / "responses.jsonl", max_new_tokens=max_new,
+                       fingerprint=model_fingerprint(case.model), progress=False)
+    torch.manual_seed(0)
+    network = ImitationNetwork.from_model(case.model, 2) if with_network else None
+    draft_vocab = torch.arange(0, case.model.config.vocab_size, 2) if with_network else None
+    profile = teacher_forced_acceptance(case.model, encoder, examples, 2, network, draft_vocab=draft_vocab,
+                                        draft_lens=(1, 2, 4), batch_size=3)
+    assert profile.positions == sum(len(row) - 1 for row in profile.per_example)
+    assert 0 < profile.agreement < 1
+    compared = 0
+    for k in (1, 2, 4):
+        decoder = SelfSpeculativeDecoder(case.model, 2, imitation=network, draft_len=k, draft_vocab=draft_vocab)
+        for example, row in zip(examples, profile.per_example):
+            out = decoder.generate(**encoder.prompt_inputs(example), max_new_tokens=max_new)
+            got = [a for step in out.stats.accepted for a in step]
+            walked = accepted_by_walk(row, k)
+            assert got[:-1] == walked[:-1], (k, got, walked)
+            compared += len(walked) - 1
+    assert compared > 50
