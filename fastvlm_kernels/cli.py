@@ -122,6 +122,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser, with_exit_layer: bo
     parser.add_argument("--kind", choices=("layers", "mlp"), default=defaults.kind)
     parser.add_argument("--init-layer", type=_init_layer, default=defaults.init_layer,
                         help="backbone layer the network's layers start from (default -1: the last), or 'fresh'")
+    parser.add_argument("--init-from", type=str, default=None,
+                        help="start from the weights of a saved network (a run's imitation/ folder): fine-tuning")
     parser.add_argument("--identity-init", action="store_true",
                         help="zero the layers' output projections: the untrained network drafts as plain early exit")
     for name, kind, text in (
@@ -138,10 +140,15 @@ def _add_training_arguments(parser: argparse.ArgumentParser, with_exit_layer: bo
             ("checkpoint_every", int, "save a checkpoint every N steps (0: at the end only)"),
             ("max_new_tokens", int, "length of the model's generated responses"),
             ("response_batch_size", int, "prompts answered together when generating responses (1: each alone)"),
-            ("max_response_tokens", int, "truncate responses to this many tokens")):
+            ("max_response_tokens", int, "truncate responses to this many tokens"),
+            ("draft_vocab", int, "draft over the N most frequent answer tokens (0: the whole vocabulary)")):
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name),
                             help=f"{text} (default {getattr(defaults, name)})")
     parser.add_argument("--skip-malformed", action="store_true", help="skip malformed JSONL lines instead of failing")
+    if with_exit_layer:
+        parser.add_argument("--responses-cache", type=Path, default=None,
+                            help="where the model's generated answers are kept (default: <out>/responses.jsonl; "
+                                 "runs on the same model and data may share one)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the run already in --out")
     mode.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
@@ -154,7 +161,7 @@ def _train_config(args, exit_layer: int):
     from .imitation import TrainConfig
     return TrainConfig(
         exit_layer=exit_layer, target_layer=args.target_layer, layers=args.layers, kind=args.kind,
-        init_layer=args.init_layer, identity_init=args.identity_init, steps=args.steps, batch_size=args.batch_size,
+        init_layer=args.init_layer, identity_init=args.identity_init, init_from=args.init_from, steps=args.steps, batch_size=args.batch_size,
         lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
         grad_clip=args.grad_clip, cosine_weight=args.cosine_weight, kd_weight=args.kd_weight,
@@ -163,7 +170,7 @@ def _train_config(args, exit_layer: int):
         eval_max_new_tokens=args.eval_max_new_tokens, draft_len=args.draft_len,
         checkpoint_every=args.checkpoint_every, max_new_tokens=args.max_new_tokens,
         max_response_tokens=args.max_response_tokens, response_batch_size=args.response_batch_size,
-        skip_malformed=args.skip_malformed)
+        draft_vocab=args.draft_vocab, skip_malformed=args.skip_malformed)
 
 
 def _load_for_training(args):
@@ -178,7 +185,8 @@ def cmd_train_imitation(args) -> int:
     model, processor = _load_for_training(args)
     try:
         result = train_imitation(model, processor, args.data, args.out, _train_config(args, args.exit_layer),
-                                 resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+                                 resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                                 responses_cache=args.responses_cache)
     except (ValueError, TypeError, DataError) as error:
         raise SystemExit(f"fastvlm: {error}") from None
     if result.final is not None and result.baseline is not None:

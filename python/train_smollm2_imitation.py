@@ -4,6 +4,7 @@
     python python/train_smollm2_imitation.py --exit-layer 8 --kind layers --steps 600
     python python/train_smollm2_imitation.py --exit-layer 8 --kind layers --steps 600 --resume   # after a stop
     python python/train_smollm2_imitation.py --exit-layer 8 --kind layers --eval-only            # measure again
+    python python/train_smollm2_imitation.py --summary bench/results/cpu-DATE-smollm2-acceptance   # table + plot
 
 Training data: the training prompts answered so far (the data program may still be running): they are
 copied into a snapshot folder (``--snapshot``, written once, so a resumed run sees the same data) whose
@@ -86,6 +87,56 @@ def measure(model, tokenizer, network: ImitationNetwork, examples, out: Path) ->
     return record
 
 
+def summarise(runs: Path, prefix: Path) -> None:
+    """A markdown table and a plot of every run's held-out acceptance (exit layer x kind x draft length, plain
+    early exit beside), from the ``heldout_acceptance.json`` files under ``runs``."""
+    records = []
+    for path in sorted(runs.glob("*/heldout_acceptance.json")):
+        record = json.loads(path.read_text())
+        record["run"] = path.parent.name
+        records.append(record)
+    if not records:
+        raise SystemExit(f"no heldout_acceptance.json under {runs}")
+    records.sort(key=lambda r: (r["exit_layer"], r["kind"]))
+    lengths = list(records[0]["drafters"]["imitation"]["mean_accepted"])
+    lines = ["SmolLM2-135M-Instruct, held-out topics: drafted tokens accepted per step (teacher-forced along the "
+             "model's own answers), imitation network against plain early exit at the same exit layer", "",
+             "| run | E | kind | draft vocab | steps | drafter | agreement | " + " | ".join(f"k={k}" for k in lengths)
+             + " |", "|" + "---|" * (7 + len(lengths))]
+    for record in records:
+        run_json = runs / record["run"] / "run.json"
+        steps = json.loads(run_json.read_text())["config"]["steps"] if run_json.exists() else ""
+        for name, profile in record["drafters"].items():
+            cells = [f"{profile['mean_accepted'][k]:.3f}" for k in lengths]
+            lines.append(f"| {record['run']} | {record['exit_layer']} | {record['kind']} | {record['draft_vocab']} | "
+                         f"{steps} | {name} | {profile['agreement']:.3f} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"{records[0]['held_out_prompts']} held-out prompts; agreement: share of answer positions where the "
+                 "drafter's token is the full model's.")
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    prefix.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    prefix.with_suffix(".json").write_text(json.dumps(records, indent=2) + "\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for index, record in enumerate(records):
+        color = f"C{index}"
+        label = f"E={record['exit_layer']} {record['kind']}"
+        for name, style in (("imitation", "-"), ("early_exit", ":")):
+            values = record["drafters"][name]["mean_accepted"]
+            axis.plot([int(k) for k in values], list(values.values()), style, color=color, marker="o",
+                      label=f"{label} {'imitation' if name == 'imitation' else 'plain early exit'}")
+    axis.set_xlabel("draft length k")
+    axis.set_ylabel("drafted tokens accepted per step")
+    axis.set_title("SmolLM2-135M-Instruct, held-out topics")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(prefix.with_suffix(".png"), dpi=110)
+    print("\n".join(lines))
+    print(f"wrote {prefix}.md/.json/.png")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,10 +145,15 @@ def main(argv=None) -> None:
                         help="training prompts folder (default: <data>/train_snapshot; written if missing)")
     parser.add_argument("--refresh-snapshot", action="store_true", help="rewrite the snapshot from the cache")
     parser.add_argument("--out", type=Path, default=None, help="default build/smollm2_imitation/E<E>-<kind>")
-    parser.add_argument("--exit-layer", type=int, required=True)
+    parser.add_argument("--exit-layer", type=int)
+    parser.add_argument("--summary", type=Path, help="write the table and plot of every run under --runs to this "
+                                                     "prefix (.md, .json, .png) and stop")
+    parser.add_argument("--runs", type=Path, default=Path("build/smollm2_imitation"))
     parser.add_argument("--kind", choices=("layers", "mlp"), default="layers")
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--init-layer", type=int, default=-1)
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start from this saved network's weights (a run's imitation/ folder)")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-4)
@@ -113,6 +169,11 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-only", action="store_true", help="measure the run's saved network only")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.summary:
+        summarise(args.runs, args.summary)
+        return
+    if args.exit_layer is None:
+        parser.error("--exit-layer is required (or --summary)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -126,7 +187,8 @@ def main(argv=None) -> None:
             count = write_snapshot(args.data, snapshot, model, tokenizer)
             say(f"snapshot {snapshot}: {count} answered training prompts")
         config = TrainConfig(exit_layer=args.exit_layer, kind=args.kind, layers=args.layers,
-                             init_layer=args.init_layer if args.kind == "layers" else None, steps=args.steps,
+                             init_layer=args.init_layer if args.kind == "layers" else None,
+                             init_from=str(args.init_from) if args.init_from else None, steps=args.steps,
                              batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                              cosine_weight=args.cosine_weight, kd_weight=args.kd_weight,
                              temperature=args.temperature, draft_vocab=args.draft_vocab,

@@ -60,6 +60,7 @@ class TrainConfig:
     kind: str = "layers"                    # "layers" or "mlp"
     init_layer: Optional[int] = -1          # backbone layer the network's layers start from (-1: last; None: fresh)
     identity_init: bool = False             # zero the layers' output projections: start as plain early exit
+    init_from: Optional[str] = None         # a saved network (save_pretrained folder) whose weights start the run
     steps: int = 1000
     batch_size: int = 8
     lr: float = 2e-4
@@ -104,6 +105,8 @@ class TrainConfig:
             raise ValueError(f"kind must be 'layers' or 'mlp', got {self.kind!r}")
         if self.layers < 0 or (self.kind == "layers" and self.layers == 0):
             raise ValueError(f"layers must be >= 1 for kind 'layers', got {self.layers}")
+        if self.init_from is not None and not (Path(self.init_from) / "config.json").is_file():
+            raise ValueError(f"init_from={str(self.init_from)!r} holds no saved imitation network (no config.json)")
         if self.init_layer is not None and not -num_layers <= self.init_layer < num_layers:
             raise ValueError(f"init_layer={self.init_layer} is out of range for {num_layers} layers")
         for name in ("steps", "batch_size", "response_batch_size"):
@@ -436,6 +439,18 @@ def draft_vocab_for(model, adapter, train_examples: Sequence[Example], encoder: 
                                     always_include=eos if eos.numel() else None)
 
 
+def _start_from(network: ImitationNetwork, saved: ImitationNetwork, folder) -> None:
+    """Copies a saved network's weights into a freshly built one of the same shape (its draft vocabulary is
+    not copied: the run chooses its own from its data)."""
+    mine, theirs = network.config, saved.config
+    for key in ("exit_layer", "target_layer", "num_layers", "kind"):
+        if getattr(mine, key) != getattr(theirs, key):
+            raise ValueError(f"init_from={str(folder)!r} holds a network with {key}={getattr(theirs, key)!r}, "
+                             f"this run builds {key}={getattr(mine, key)!r}")
+    state = {name: tensor for name, tensor in saved.state_dict().items() if name != "_draft_vocab"}
+    network.load_state_dict(state)
+
+
 def _train(model, adapter, encoder: Encoder, config: TrainConfig, train_examples: List[Example],
            eval_examples: List[Example], out_dir: Path, resuming: bool, *, progress: bool,
            say: Callable[[str], None], callback, stop_after: Optional[int]) -> TrainResult:
@@ -446,6 +461,9 @@ def _train(model, adapter, encoder: Encoder, config: TrainConfig, train_examples
     network = ImitationNetwork.from_model(model, config.exit_layer, num_layers=config.layers, kind=config.kind,
                                           target_layer=config.target_layer, init_layer=config.init_layer,
                                           identity_init=config.identity_init)
+    if config.init_from is not None:
+        _start_from(network, ImitationNetwork.from_pretrained(config.init_from, model), config.init_from)
+        say(f"starting from the network in {config.init_from}")
     vocab = None
     if config.draft_vocab:
         vocab = draft_vocab_for(model, adapter, train_examples, encoder, config.draft_vocab).to(device)

@@ -220,3 +220,30 @@ def test_a_draft_vocabulary_is_trained_saved_and_drafted_over(tmp_path):
     torch.testing.assert_close(subset.logits, full.logits[:, ids])
     with pytest.raises(ValueError, match="draft_vocab"):
         TrainConfig(exit_layer=1, draft_vocab=-1).check(NUM_LAYERS)
+
+
+def test_init_from_starts_at_a_saved_networks_weights(tmp_path):
+    """init_from: the run's network starts as the saved one (fine-tuning on more data), chooses its own draft
+    vocabulary, and a saved network of another shape or a folder without one is refused, naming init_from."""
+    case = build("llama", seed=3)
+    write_prompts(tmp_path / "data", 12, seed=4, responses=True)
+    config = TrainConfig(exit_layer=1, steps=3, batch_size=4, lr=1e-3, warmup_steps=1, eval_fraction=0.0,
+                         checkpoint_every=0, seed=5, draft_vocab=24)
+    first = train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "first", config, progress=False)
+    saved = tmp_path / "first" / "imitation"
+    tuned = train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "tuned",
+                            replace(config, steps=1, lr=1e-12, weight_decay=0.0, draft_vocab=16,
+                                    init_from=str(saved)), progress=False)
+    for (name, a), (_, b) in zip(first.network.state_dict().items(), tuned.network.state_dict().items()):
+        if name != "_draft_vocab":
+            assert torch.allclose(a, b, atol=1e-8), name
+    assert tuned.network.draft_vocab.numel() < first.network.draft_vocab.numel()
+    fresh = train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "fresh",
+                            replace(config, steps=1, lr=1e-12, weight_decay=0.0), progress=False)
+    assert fresh.history[0]["loss"] > tuned.history[0]["loss"]
+    with pytest.raises(ValueError, match="init_from=.* holds a network with kind='layers', this run builds kind='mlp'"):
+        train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "other",
+                        replace(config, kind="mlp", init_layer=None, init_from=str(saved)), progress=False)
+    with pytest.raises(ValueError, match="init_from=.* holds no saved imitation network"):
+        train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "other",
+                        replace(config, init_from=str(tmp_path / "data")), progress=False)

