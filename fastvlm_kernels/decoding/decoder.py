@@ -13,7 +13,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import List, NamedTuple, Optional, Sequence, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -92,7 +92,10 @@ class ModeChooser:
     """Adaptive drafting's "when not to draft": keeps a moving average of the wall time per emitted token of
     drafting steps and of plain (k = 0) steps, runs the faster, and every ``probe_every`` steps runs
     ``probe_steps`` of the other to refresh its estimate (acceptance changes along an answer). Both modes are
-    exact, so the choice only affects speed. Plain is first tried after ``warmup`` drafting steps."""
+    exact, so the choice only affects speed. Plain is first tried after ``warmup`` drafting steps.
+
+    One chooser serves every ``generate`` call of a decoder at one batch size: :meth:`start_call` keeps the
+    estimates, so a later call starts in the mode that was faster and does not pay the warmup again."""
 
     def __init__(self, warmup: int = 8, probe_every: int = 24, probe_steps: int = 2, smoothing: float = 0.3):
         self.per_token = {"draft": None, "plain": None}
@@ -100,6 +103,15 @@ class ModeChooser:
         self.warmup, self.probe_every, self.probe_steps, self.smoothing = warmup, probe_every, probe_steps, smoothing
         self._probe_left = 0
         self._since = 0
+
+    def start_call(self) -> str:
+        """A new ``generate`` call: the faster mode by the estimates so far (drafting until plain was timed),
+        with the probe counters restarted. Returns the first step's mode."""
+        if self.per_token["draft"] is not None and self.per_token["plain"] is not None:
+            self.mode = min(self.per_token, key=lambda mode: self.per_token[mode])
+        self._probe_left = 0
+        self._since = 0
+        return self.mode
 
     def update(self, seconds: float, tokens_per_row: float) -> str:
         """Records the last step (in the current mode) and returns the mode of the next one."""
@@ -137,7 +149,8 @@ class SelfSpeculativeDecoder:
         adaptive_window, max_draft_len: with "adaptive", k follows the mean accepted length of the last
             ``adaptive_window`` steps, between 1 and ``max_draft_len``; and where drafting does not pay
             (measured time per emitted token, :class:`ModeChooser`) steps fall back to plain decoding,
-            drafting being tried again every few steps.
+            drafting being tried again every few steps. These timings are kept across calls (per batch
+            size), so later calls start in the mode that was faster.
         max_cache_len: when set, the positions one call may use (prompt + new tokens + draft); a call that
             would need more raises before running anything. The cache is kept between calls and reused.
         attention_backend: the ``verify_attention`` backend ("auto": the op's own order for the device).
@@ -196,6 +209,7 @@ class SelfSpeculativeDecoder:
         self.max_draft_len = max_draft_len if self.adaptive else draft_len
         self.adaptive_threshold = adaptive_threshold
         self.adaptive_window = adaptive_window
+        self._choosers: Dict[int, ModeChooser] = {}   # adaptive: one per batch size, kept across calls
         self.max_cache_len = max_cache_len
         from ..ops.verify_attention import BACKENDS as _ATTENTION_BACKENDS
         names = ("auto",) + tuple(backend.name for backend in _ATTENTION_BACKENDS)
@@ -475,7 +489,10 @@ class SelfSpeculativeDecoder:
             emit([[int(t)] for t in x0.tolist()])
             recent = deque(maxlen=self.adaptive_window)
             k = draft_len
-            chooser = ModeChooser(warmup=self.adaptive_window) if self.adaptive else None
+            chooser = None
+            if self.adaptive:
+                chooser = self._choosers.setdefault(batch, ModeChooser(warmup=self.adaptive_window))
+                chooser.start_call()
             subset_head = self._subset_head(self.adapter.lm_head.weight.device, sampling)
 
             # ---- steps --------------------------------------------------------------------------------------

@@ -396,6 +396,23 @@ def test_mode_chooser_falls_back_to_plain_and_probes_drafting_again():
     assert chooser.mode == "draft"
 
 
+def test_mode_chooser_starts_a_later_call_in_the_faster_mode():
+    """start_call keeps the estimates: a later call begins in the faster mode without a new warmup, and a
+    chooser that has never timed plain steps begins by drafting."""
+    chooser = ModeChooser(warmup=4, probe_every=10, probe_steps=2)
+    assert chooser.start_call() == "draft"
+    cost = {"draft": 3e-3, "plain": 2e-3}
+    for _ in range(12):
+        chooser.update(cost[chooser.mode], 1.0)
+    assert chooser.start_call() == "plain"
+    modes = []
+    for _ in range(10):
+        modes.append(chooser.mode)
+        chooser.update(cost[chooser.mode], 1.0)
+    assert modes == ["plain"] * 10          # no warmup in drafting mode; the next probe comes later
+    assert chooser.mode == "draft"          # ... after probe_every steps
+
+
 def test_adaptive_mixes_plain_and_drafting_steps_exactly():
     case = build("llava", seed=9, batch=4)
     expected = case.model.generate(**case.inputs, max_new_tokens=40, do_sample=False)
@@ -405,6 +422,9 @@ def test_adaptive_mixes_plain_and_drafting_steps_exactly():
     stats = out.stats
     assert stats.steps == stats.plain_steps + len(stats.accepted)
     assert stats.plain_steps >= 1 and len(stats.accepted) >= 3   # the warmup drafts, then plain was tried
+    again = decoder.generate(**case.inputs, max_new_tokens=40)   # the timings carry over; still exact
+    assert_lossless(case, again.sequences, expected, "adaptive, second call", [])
+    assert set(decoder._choosers) == {4}
 
 
 # ---- draft vocabulary subset -----------------------------------------------------------------------------
