@@ -122,7 +122,7 @@ def summarise(runs: Path, prefix: Path) -> None:
     figure, axis = plt.subplots(figsize=(8, 5))
     for index, record in enumerate(records):
         color = f"C{index}"
-        label = f"E={record['exit_layer']} {record['kind']}"
+        label = record["run"]
         for name, style in (("imitation", "-"), ("early_exit", ":")):
             values = record["drafters"][name]["mean_accepted"]
             axis.plot([int(k) for k in values], list(values.values()), style, color=color, marker="o",

@@ -213,3 +213,59 @@ def test_data_answers_resume_and_feed_the_trainer(smollm2, tmp_path):
     # a rerun with other prompts in the folder is refused rather than mixed
     with pytest.raises(SystemExit, match="other prompts"):
         program.write_prompts(folder, items[:4], tokenizer)
+
+
+# ---- the shipped imitation network ---------------------------------------------------------------------------------
+
+
+def _assert_identical_or_tie(model, got: torch.Tensor, expected: torch.Tensor, what: str) -> bool:
+    """True when ``got`` equals ``expected`` (batch 1); otherwise the first differing token must be a
+    floating-point tie of the full model (its top-2 logits at that position within 1e-5 of each other, the
+    decoder's token one of them), or the test fails. Returns False for a proven tie."""
+    if torch.equal(got, expected):
+        return True
+    width = min(got.shape[1], expected.shape[1])
+    differ = (got[0, :width] != expected[0, :width]).nonzero()
+    assert differ.numel(), f"{what}: lengths differ ({got.shape[1]} vs {expected.shape[1]}) with equal tokens"
+    position = int(differ[0])
+    with torch.no_grad():
+        logits = model(expected[:, :position]).logits[0, -1].float()
+    top = torch.topk(logits, 2)
+    gap = float(top.values[0] - top.values[1])
+    assert gap <= 1e-5 * max(1.0, float(top.values[0].abs())) and int(got[0, position]) in top.indices.tolist(), \
+        f"{what}: differs from model.generate at position {position} where the model's top-2 logits are {gap:.3g} apart"
+    return False
+
+
+@needs_wheel
+def test_lossless_over_twenty_held_out_prompts_with_the_shipped_network(smollm2):
+    """20 held-out prompts (topics never trained on), batch 1: the decoder with the shipped imitation network
+    (its exit layer, fixed and adaptive k) and with plain early exit (several exit layers and k) returns
+    model.generate's tokens, a difference passing only as a proven floating-point tie."""
+    from fastvlm_kernels import SelfSpeculativeDecoder
+    from fastvlm_kernels.models import smollm2 as smollm2_module
+    model, tokenizer = smollm2
+    network = smollm2_module.load_imitation(model)
+    exit_layer = network.config.exit_layer
+    assert network.draft_vocab is not None and network.config.draft_vocab_size == network.draft_vocab.numel()
+    items = _data_program().make_prompts(seed=0, templates_per_topic=30, held_out_per_category=1)["heldout"]
+    questions = [item["question"] for item in items[::len(items) // 20][:20]]
+    assert len(set(questions)) == 20
+    decoders = {f"imitation E={exit_layer} k=2": SelfSpeculativeDecoder(model, exit_layer, imitation=network, draft_len=2),
+                f"imitation E={exit_layer} k=4": SelfSpeculativeDecoder(model, exit_layer, imitation=network, draft_len=4),
+                f"imitation E={exit_layer} adaptive": SelfSpeculativeDecoder(model, exit_layer, imitation=network,
+                                                                             draft_len="adaptive"),
+                "plain E=4 k=3": SelfSpeculativeDecoder(model, 4, draft_len=3),
+                "plain E=20 k=1": SelfSpeculativeDecoder(model, 20, draft_len=1)}
+    identical, accepted = 0, {name: [] for name in decoders}
+    for question in questions:
+        inputs = smollm2_module.chat_inputs(tokenizer, [question])
+        expected = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+        for name, decoder in decoders.items():
+            out = decoder.generate(**inputs, max_new_tokens=16)
+            identical += _assert_identical_or_tie(model, out.sequences, expected, f"{name}: {question!r}")
+            accepted[name].extend(a for step in out.stats.accepted for a in step)
+    assert identical >= 0.9 * len(questions) * len(decoders)
+    # the trained network drafts better than plain early exit from a shallower or similar layer
+    mean = {name: sum(values) / max(1, len(values)) for name, values in accepted.items()}
+    assert mean[f"imitation E={exit_layer} k=4"] > mean["plain E=4 k=3"] + 0.3, mean
