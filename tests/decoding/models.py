@@ -22,6 +22,55 @@ class Case:
     inputs: dict           # input_ids, attention_mask, pixel_values, ... as a processor returns them
 
 
+TIE_GAP = 1e-4
+
+
+def _extended_inputs(inputs: dict, sequences: torch.Tensor) -> dict:
+    """The processor outputs with input_ids replaced by prompt + generated tokens (teacher forcing)."""
+    extended = dict(inputs)
+    prompt_len = inputs["input_ids"].shape[1]
+    extra = sequences.shape[1] - prompt_len
+    extended["input_ids"] = sequences
+    device = sequences.device
+    extended["attention_mask"] = torch.cat([inputs["attention_mask"],
+                                            torch.ones(sequences.shape[0], extra, dtype=torch.long, device=device)], 1)
+    if "mm_token_type_ids" in inputs:
+        extended["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"],
+                                                   torch.zeros(sequences.shape[0], extra, dtype=torch.long,
+                                                               device=device)], 1)
+    return extended
+
+
+def assert_lossless(case, got: torch.Tensor, expected: torch.Tensor, label: str, ties: list) -> None:
+    """Token-identical, or the first difference of each row is a floating-point tie of the full model (top-2
+    logit gap under TIE_GAP at that position, the decoder's token one of the two), recorded in ``ties``."""
+    if torch.equal(got, expected):
+        return
+    prompt_len = case.inputs["input_ids"].shape[1]
+    width = min(got.shape[1], expected.shape[1])
+    logits = None
+    differing_rows = 0
+    for row in range(expected.shape[0]):
+        differs = (got[row, :width] != expected[row, :width]).nonzero()
+        if len(differs) == 0:   # a row may end earlier in one run only after a tie changed another row
+            continue
+        differing_rows += 1
+        position = int(differs[0])
+        assert position >= prompt_len, f"{label}: row {row} differs inside the prompt"
+        if logits is None:
+            with torch.no_grad():
+                logits = case.model(**_extended_inputs(case.inputs, expected)).logits.float()
+        top2 = torch.topk(logits[row, position - 1], 2)
+        gap = float(top2.values[0] - top2.values[1])
+        assert gap < TIE_GAP, (f"{label}: row {row} differs from model.generate at new token {position - prompt_len} "
+                               f"(got {int(got[row, position])}, expected {int(expected[row, position])}) and the "
+                               f"model's top-2 logit gap there is {gap:.3g} >= {TIE_GAP}: not a tie")
+        assert int(got[row, position]) in top2.indices.tolist(), \
+            f"{label}: row {row}, new token {position - prompt_len}: the decoder's token is not one of the tied two"
+        ties.append(f"{label}: row {row}, new token {position - prompt_len}, top-2 gap {gap:.2e}")
+    assert differing_rows, f"{label}: lengths differ ({got.shape[1]} vs {expected.shape[1]}) with equal tokens"
+
+
 def sharpen(model, exit_layer: int, scale: float = 0.05) -> None:
     """Shrinks what layers >= exit_layer add to the residual stream, so that an early exit agrees with the
     full model often (but not always): acceptance paths get exercised, not only rejections."""

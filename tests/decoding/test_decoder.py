@@ -11,58 +11,10 @@ from fastvlm_kernels.decoding import SelfSpeculativeDecoder, UnsupportedModelErr
 from fastvlm_kernels.decoding.decoder import ModeChooser
 from fastvlm_kernels.imitation import ImitationNetwork
 
-from .models import FAMILIES, NUM_LAYERS, build, find_layers, sharpen
+from .models import FAMILIES, NUM_LAYERS, assert_lossless, build, find_layers, sharpen
 
 DRAFT_LENS = (1, 3, 8, "adaptive")
 MAX_NEW = 12
-TIE_GAP = 1e-4
-
-
-def _extended_inputs(inputs: dict, sequences: torch.Tensor) -> dict:
-    """The processor outputs with input_ids replaced by prompt + generated tokens (teacher forcing)."""
-    extended = dict(inputs)
-    prompt_len = inputs["input_ids"].shape[1]
-    extra = sequences.shape[1] - prompt_len
-    extended["input_ids"] = sequences
-    device = sequences.device
-    extended["attention_mask"] = torch.cat([inputs["attention_mask"],
-                                            torch.ones(sequences.shape[0], extra, dtype=torch.long, device=device)], 1)
-    if "mm_token_type_ids" in inputs:
-        extended["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"],
-                                                   torch.zeros(sequences.shape[0], extra, dtype=torch.long,
-                                                               device=device)], 1)
-    return extended
-
-
-def assert_lossless(case, got: torch.Tensor, expected: torch.Tensor, label: str, ties: list) -> None:
-    """Token-identical, or the first difference of each row is a floating-point tie of the full model
-    (top-2 logit gap under 1e-4 at that position), which is recorded in ``ties``."""
-    if torch.equal(got, expected):
-        return
-    prompt_len = case.inputs["input_ids"].shape[1]
-    width = min(got.shape[1], expected.shape[1])
-    logits = None
-    for row in range(expected.shape[0]):
-        differs = (got[row, :width] != expected[row, :width]).nonzero()
-        if len(differs) == 0:
-            if got.shape[1] != expected.shape[1]:
-                # One run stopped earlier: only possible after a tie changed an EOS; check the shorter
-                # side's last token instead (it must be the row's EOS or padding)
-                continue
-            continue
-        position = int(differs[0])
-        assert position >= prompt_len, f"{label}: row {row} differs inside the prompt"
-        if logits is None:
-            with torch.no_grad():
-                logits = case.model(**_extended_inputs(case.inputs, expected)).logits.float()
-        top2 = torch.topk(logits[row, position - 1], 2).values
-        gap = float(top2[0] - top2[1])
-        assert gap < TIE_GAP, (f"{label}: row {row} differs from model.generate at new token {position - prompt_len} "
-                               f"(got {int(got[row, position])}, expected {int(expected[row, position])}) and the "
-                               f"model's top-2 logit gap there is {gap:.3g} >= {TIE_GAP}: not a tie")
-        ties.append(f"{label}: row {row}, new token {position - prompt_len}, top-2 gap {gap:.2e}")
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("family", FAMILIES)
