@@ -161,8 +161,8 @@ def _train_config(args, exit_layer: int):
     from .imitation import TrainConfig
     return TrainConfig(
         exit_layer=exit_layer, target_layer=args.target_layer, layers=args.layers, kind=args.kind,
-        init_layer=args.init_layer, identity_init=args.identity_init, init_from=args.init_from, steps=args.steps, batch_size=args.batch_size,
-        lr=args.lr,
+        init_layer=args.init_layer, identity_init=args.identity_init, init_from=args.init_from, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
         grad_clip=args.grad_clip, cosine_weight=args.cosine_weight, kd_weight=args.kd_weight,
         temperature=args.temperature, seed=args.seed, eval_fraction=args.eval_fraction,

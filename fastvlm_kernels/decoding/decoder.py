@@ -491,7 +491,9 @@ class SelfSpeculativeDecoder:
             k = draft_len
             chooser = None
             if self.adaptive:
-                chooser = self._choosers.setdefault(batch, ModeChooser(warmup=self.adaptive_window))
+                if batch not in self._choosers:
+                    self._choosers[batch] = ModeChooser(warmup=self.adaptive_window)
+                chooser = self._choosers[batch]
                 chooser.start_call()
             subset_head = self._subset_head(self.adapter.lm_head.weight.device, sampling)
 
