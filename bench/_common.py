@@ -2,7 +2,9 @@
 environment the numbers were taken in (device, versions, date)."""
 import datetime
 import json
+import os
 import platform
+from typing import Optional
 
 import torch
 
@@ -74,32 +76,48 @@ def copy_bandwidth_gbps(device: str = "cuda") -> float:
 _FLUSH = {}
 
 
-def gpu_time_ms(fn, warmup=None, rep=None, iters: int = 10) -> float:
+def gpu_time_ms(fn, warmup=None, rep=None, iters: int = 10, flush: Optional[str] = None) -> float:
     """Device time of one ``fn()`` in ms with a cold L2 and the host out of the way: ``iters`` calls, each
-    after a 256 MB memset that evicts L2, are captured in a CUDA graph and replayed, and a graph of the
-    memsets alone is subtracted. Eager timing (``triton.testing.do_bench``) of a small kernel measures the
-    Python and launch path instead (tens to hundreds of µs on a GPU host: bench/profile_gpu.py); that is the
-    fallback when ``fn`` cannot be captured (a host sync, a CPU generator). ``warmup``/``rep`` are accepted
-    for do_bench's signature."""
+    after an L2 flush, are captured in a CUDA graph and replayed, and a graph of the flushes alone is
+    subtracted. ``flush``: "write" (a 256 MB memset, which leaves L2 full of dirty lines that ``fn`` then
+    pays to write back), "read" (a sum over 256 MB: L2 left clean, as after a model's weight reads) or
+    "none" (warm L2); by default $FASTVLM_BENCH_FLUSH, else "write". Eager timing (``triton.testing.do_bench``) of a small kernel measures the Python and
+    launch path instead (tens to hundreds of µs on a GPU host: bench/profile_gpu.py); that is the fallback
+    when ``fn`` cannot be captured (a host sync, a CPU generator). ``warmup``/``rep`` are accepted for
+    do_bench's signature."""
     import triton.testing
 
-    flush = _FLUSH.setdefault("buffer", torch.empty(64 << 20, dtype=torch.int32, device="cuda"))
+    buffer = _FLUSH.setdefault("buffer", torch.empty(64 << 20, dtype=torch.int32, device="cuda"))
+    flush = flush or os.environ.get("FASTVLM_BENCH_FLUSH", "write")
+    if flush == "read":
+        total = _FLUSH.setdefault("total", torch.empty((), dtype=torch.int64, device="cuda"))
+        evict = lambda: torch.sum(buffer, dtype=torch.int64, out=total)   # noqa: E731
+    elif flush == "write":
+        evict = buffer.zero_
+    elif flush == "none":
+        evict = None
+    else:
+        raise ValueError(f"flush must be 'write', 'read' or 'none', got {flush!r}")
     try:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(3):
+                if evict is not None:
+                    evict()
                 fn()
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
-        work, flushes = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        work, flushes = torch.cuda.CUDAGraph(), (torch.cuda.CUDAGraph() if evict is not None else None)
         with torch.cuda.graph(work):
             for _ in range(iters):
-                flush.zero_()
+                if evict is not None:
+                    evict()
                 fn()
-        with torch.cuda.graph(flushes):
-            for _ in range(iters):
-                flush.zero_()
+        if flushes is not None:
+            with torch.cuda.graph(flushes):
+                for _ in range(iters):
+                    evict()
     except Exception:  # noqa: BLE001 - not capturable: time it eagerly instead
         torch.cuda.synchronize()
         return triton.testing.do_bench(fn, **{k: v for k, v in (("warmup", warmup), ("rep", rep)) if v is not None})
@@ -116,4 +134,5 @@ def gpu_time_ms(fn, warmup=None, rep=None, iters: int = 10) -> float:
         return sorted(samples)[len(samples) // 2]
 
     replay_ms(work)
-    return max(replay_ms(work) - replay_ms(flushes), 1e-6) / iters
+    flush_ms = replay_ms(flushes) if flushes is not None else 0.0
+    return max(replay_ms(work) - flush_ms, 1e-6) / iters

@@ -4,7 +4,8 @@
 # tests, the kernel profile and the benchmarks, and writes bench/results/<gpu>-<date>*.{json,md,log,txt}.
 #   bash bench/gpu_check.sh                       # every stage
 #   STAGES="build tests profile" bash bench/gpu_check.sh
-# Stages: build tests profile kv_cache acceptance lm_head verify_attention e2e. A stage that needs the
+# Stages: build tests profile kv_cache acceptance lm_head verify_attention e2e, and (not by default, a few
+# minutes) tune: bench/tune_gpu.py's sweep of the Triton launch configurations. A stage that needs the
 # extension builds it first when it is missing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -51,6 +52,11 @@ for op in kv_cache acceptance lm_head verify_attention; do
       | tee -a "$log" | tail -n 12 || status=1
   fi
 done
+
+if wants tune; then
+  step "Triton configuration sweep ($(date +%T))"
+  $python bench/tune_gpu.py --out "${results}-tune" 2>&1 | tee -a "$log" | grep -v "^{" | tail -n 12 || status=1
+fi
 
 if wants e2e; then
   step "end-to-end ($(date +%T))"

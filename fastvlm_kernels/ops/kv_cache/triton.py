@@ -1,5 +1,5 @@
-"""Triton backend of kv_compact: one program per (layer, keys|values, row, KV head) slice moves that
-slice's accepted positions, every layer in one launch.
+"""Triton backend of kv_compact: one program per (layer, keys|values, row) and block of KV heads moves
+those heads' accepted positions, every layer in one launch.
 
 The semantics are those of reference.py. This module holds the kernel, its launcher kv_compact_triton, the
 torch custom op kv_compact_triton_op (``torch.ops.fastvlm.kv_compact_triton``) and KERNEL_CONFIGS with
@@ -13,50 +13,81 @@ import torch
 import triton
 import triton.language as tl
 
-# Elements of one [BLOCK_A, BLOCK_D] tile held in registers: 16 KiB, 32 registers a thread at 4 warps.
-_TILE_BYTES = 16384
+# Bytes of one [BLOCK_H * BLOCK_A, BLOCK_D] tile held in registers (32 KiB: 64 registers a thread at 4 warps).
+# A program moves several heads at once: a path moves few rows per (layer, row, head) slice (a few hundred
+# bytes to a few KiB), and one program per slice spent its time in dependent-load latency, not in moving.
+TILE_BYTES = 32768
 _MAX_BLOCK_A = 64
-_NUM_WARPS = 4
+PATH_BLOCK_A = 16   # nodes per chunk: an accepted path is rarely longer (k + 1 tokens for a draft of k)
+NUM_WARPS = 4
 
 
 @triton.jit
 def _kv_compact_kernel(Buffer, Start, Accepted,
                        stride_layer, stride_kv, stride_b, stride_h, stride_pos,
                        batch, num_kv_heads, cache_len, num_accepted,
-                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr):
-    # Grid: (num_layers * 2 * B * Hkv,). One program owns one [L_max, D] slice and walks its accepted
-    # nodes in chunks of BLOCK_A: load every moving row of the chunk into registers, barrier, store. Later
-    # chunks' sources lie at or after this chunk's destinations (accepted[j] >= j), and the barrier orders
-    # this chunk's loads before its stores, so overlapping sources and destinations are safe.
-    # Memory bound: each moved row is read once and written once; rows that stay put are not touched.
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr,
+                       BLOCK_H: tl.constexpr, COUNT_BLOCK: tl.constexpr):
+    # Grid: (num_layers * 2 * B, cdiv(Hkv, BLOCK_H)). A program owns BLOCK_H heads of one (layer, keys or
+    # values, row) and walks the row's accepted nodes (not its padding) in chunks of BLOCK_A: load every
+    # moving row of the chunk, for all its heads, into registers ([BLOCK_H * BLOCK_A, BLOCK_D], row r =
+    # head r // BLOCK_A, node r % BLOCK_A), barrier, store. Later chunks' sources lie at or after this chunk's destinations
+    # (accepted[j] >= j), and the barrier orders this chunk's loads before its stores, so overlapping
+    # sources and destinations are safe; different heads never overlap. Memory bound: each moved row is
+    # read once and written once; rows that stay put are not touched.
     slice_id = tl.program_id(0)
-    head = slice_id % num_kv_heads
-    row = (slice_id // num_kv_heads) % batch
-    kv = (slice_id // (num_kv_heads * batch)) % 2
-    layer = slice_id // (num_kv_heads * batch * 2)
+    row = slice_id % batch
+    kv = (slice_id // batch) % 2
+    layer = slice_id // (batch * 2)
+    offs_r = tl.arange(0, BLOCK_H * BLOCK_A)
+    head = tl.program_id(1) * BLOCK_H + offs_r // BLOCK_A
     base = (Buffer + layer.to(tl.int64) * stride_layer + kv.to(tl.int64) * stride_kv
-            + row.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h)
+            + row.to(tl.int64) * stride_b)
+    head_base = head.to(tl.int64) * stride_h
     start = tl.load(Start + row)
     offs_d = tl.arange(0, BLOCK_D)
-    for chunk in range(0, num_accepted, BLOCK_A):
-        j = chunk + tl.arange(0, BLOCK_A)
+    # -1 padding is trailing: count the row's nodes first, so that a path of a few nodes in a wide,
+    # mostly padded accepted row costs one chunk.
+    num_nodes = 0
+    for first in range(0, num_accepted, COUNT_BLOCK):
+        offs = first + tl.arange(0, COUNT_BLOCK)
+        nodes = tl.load(Accepted + row * num_accepted + offs, mask=offs < num_accepted, other=-1)
+        num_nodes += tl.sum((nodes >= 0).to(tl.int32), 0)
+    for chunk in range(0, num_nodes, BLOCK_A):
+        j = chunk + offs_r % BLOCK_A
         node = tl.load(Accepted + row * num_accepted + j, mask=j < num_accepted, other=-1)
         source = start + node
         destination = start + j
-        moves = (node >= 0) & (node != j) & (source < cache_len) & (destination >= 0)
+        moves = (node >= 0) & (node != j) & (source < cache_len) & (destination >= 0) & (head < num_kv_heads)
         mask = moves[:, None] & (offs_d[None, :] < HEAD_DIM)
-        rows = tl.load(base + source[:, None].to(tl.int64) * stride_pos + offs_d[None, :], mask=mask)
+        rows = tl.load(base + (head_base + source.to(tl.int64) * stride_pos)[:, None] + offs_d[None, :], mask=mask)
         tl.debug_barrier()
-        tl.store(base + destination[:, None].to(tl.int64) * stride_pos + offs_d[None, :], rows, mask=mask)
+        tl.store(base + (head_base + destination.to(tl.int64) * stride_pos)[:, None] + offs_d[None, :], rows,
+                 mask=mask)
 
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
-def block_a_for(dtype: str, block_d: int) -> int:
+def block_a_for(dtype: str, block_d: int, tile_bytes: int = 16384) -> int:
     """Nodes per chunk: as many as fit the register tile, at most 64 (one chunk for any draft tree)."""
-    return max(1, min(_MAX_BLOCK_A, _TILE_BYTES // (block_d * _DTYPE_BYTES[dtype])))
+    return max(1, min(_MAX_BLOCK_A, tile_bytes // (block_d * _DTYPE_BYTES[dtype])))
+
+
+def compact_blocks(dtype: str, head_dim: int, num_accepted: int, num_kv_heads: int) -> tuple:
+    """(BLOCK_A, BLOCK_H): a chunk of nodes as long as a typical accepted path (at most PATH_BLOCK_A; longer
+    paths take more chunks), and as many heads as fill the rest of the TILE_BYTES tile."""
+    block_d = triton.next_power_of_2(head_dim)
+    block_a = min(block_a_for(dtype, block_d, TILE_BYTES), PATH_BLOCK_A,
+                  triton.next_power_of_2(max(num_accepted, 1)))
+    room = max(1, TILE_BYTES // (block_a * block_d * _DTYPE_BYTES[dtype]))
+    block_h = min(1 << (room.bit_length() - 1), triton.next_power_of_2(max(num_kv_heads, 1)))
+    return block_a, block_h
+
+
+def _count_block(num_accepted: int) -> int:
+    return min(64, triton.next_power_of_2(max(num_accepted, 1)))
 
 
 def kv_compact_triton(buffer: torch.Tensor, start: torch.Tensor, accepted: torch.Tensor) -> None:
@@ -64,17 +95,16 @@ def kv_compact_triton(buffer: torch.Tensor, start: torch.Tensor, accepted: torch
     or bf16 with last-dim stride 1; start [B] int32 contiguous; accepted [B, A] int32 contiguous."""
     num_layers, _, batch, num_kv_heads, cache_len, head_dim = buffer.shape
     num_accepted = accepted.shape[1]
-    num_slices = num_layers * 2 * batch * num_kv_heads
-    if num_slices == 0 or num_accepted == 0:
+    if num_layers * batch * num_kv_heads == 0 or num_accepted == 0:
         return
-    block_d = triton.next_power_of_2(head_dim)
-    block_a = block_a_for(_DTYPE_NAMES[buffer.dtype], block_d)
+    block_a, block_h = compact_blocks(_DTYPE_NAMES[buffer.dtype], head_dim, num_accepted, num_kv_heads)
     device_guard = torch.cuda.device(buffer.device) if buffer.is_cuda else contextlib.nullcontext()
     with device_guard:
-        _kv_compact_kernel[(num_slices,)](
+        _kv_compact_kernel[(num_layers * 2 * batch, triton.cdiv(num_kv_heads, block_h))](
             buffer, start, accepted, *buffer.stride()[:5],
             batch, num_kv_heads, cache_len, num_accepted,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_A=block_a, num_warps=_NUM_WARPS,
+            HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_A=block_a, BLOCK_H=block_h,
+            COUNT_BLOCK=_count_block(num_accepted), num_warps=NUM_WARPS,
         )
 
 
@@ -90,24 +120,29 @@ def _kv_compact_triton_fake(buffer, start, accepted) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Ahead-of-time compilation for sm_90 (no GPU needed): the compile test tier.
 
-KERNEL_CONFIGS = [{"dtype": dtype, "head_dim": head_dim}
-                  for dtype in ("fp32", "fp16", "bf16") for head_dim in (64, 128)] + \
-                 [{"dtype": "fp16", "head_dim": 80}, {"dtype": "fp32", "head_dim": 256}]
+# (dtype, head_dim, path width A, Hkv): the launcher's (BLOCK_A, BLOCK_H) for LLaVA (32 heads) and Qwen2-VL
+# (4 heads) paths, a 64-node path and head sizes 80 and 256.
+KERNEL_CONFIGS = [{"dtype": dtype, "head_dim": head_dim, "accepted": accepted, "kv_heads": kv_heads}
+                  for dtype in ("fp32", "fp16", "bf16") for head_dim in (64, 128)
+                  for accepted, kv_heads in ((4, 32), (10, 4), (64, 32))] + \
+                 [{"dtype": "fp16", "head_dim": 80, "accepted": 8, "kv_heads": 8},
+                  {"dtype": "fp32", "head_dim": 256, "accepted": 64, "kv_heads": 4}]
 
 
 def config_name(config: dict) -> str:
-    return f"kv_compact_{config['dtype']}_d{config['head_dim']}"
+    block_a, block_h = compact_blocks(config["dtype"], config["head_dim"], config["accepted"], config["kv_heads"])
+    return f"kv_compact_{config['dtype']}_d{config['head_dim']}_a{block_a}_h{block_h}"
 
 
 def compile_for_sm90(config: dict) -> dict:
     """Compiles one KERNEL_CONFIGS entry for sm_90 and returns ptxas's figures (see verify_attention)."""
     from ..verify_attention.triton import _compile_sm90
 
-    block_d = triton.next_power_of_2(config["head_dim"])
+    block_a, block_h = compact_blocks(config["dtype"], config["head_dim"], config["accepted"], config["kv_heads"])
     types = {"Buffer": f"*{config['dtype']}", "Start": "*i32", "Accepted": "*i32"}
-    constexprs = {"HEAD_DIM": config["head_dim"], "BLOCK_D": block_d,
-                  "BLOCK_A": block_a_for(config["dtype"], block_d)}
-    return _compile_sm90(_kv_compact_kernel, types, constexprs, _NUM_WARPS, 1, config_name(config))
+    constexprs = {"HEAD_DIM": config["head_dim"], "BLOCK_D": triton.next_power_of_2(config["head_dim"]),
+                  "BLOCK_A": block_a, "BLOCK_H": block_h, "COUNT_BLOCK": _count_block(config["accepted"])}
+    return _compile_sm90(_kv_compact_kernel, types, constexprs, NUM_WARPS, 1, config_name(config))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -156,7 +191,7 @@ def kv_append_triton(k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torc
             k_cache, v_cache, lengths, keys, values,
             *k_cache.stride()[:3], *v_cache.stride()[:3], *keys.stride()[:3], *values.stride()[:3],
             num_kv_heads, cache_len, num_new,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=_NUM_WARPS,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=NUM_WARPS,
         )
 
 
@@ -180,5 +215,5 @@ def compile_append_for_sm90(config: dict) -> dict:
     types = {name: f"*{config['dtype']}" for name in ("KCache", "VCache", "Keys", "Values")}
     types["Lengths"] = "*i32"
     constexprs = {"HEAD_DIM": config["head_dim"], "BLOCK_D": block_d, "BLOCK_T": config["block_t"]}
-    return _compile_sm90(_kv_append_kernel, types, constexprs, _NUM_WARPS, 1,
+    return _compile_sm90(_kv_append_kernel, types, constexprs, NUM_WARPS, 1,
                          f"kv_append_{config['dtype']}_d{config['head_dim']}_t{config['block_t']}")

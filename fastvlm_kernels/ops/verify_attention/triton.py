@@ -21,9 +21,12 @@ import torch
 import triton
 import triton.language as tl
 
-# A split of a row's cache covers at least _MIN_SPLIT_LEN positions and starts at a multiple of
-# _SPLIT_ALIGN (a multiple of every BLOCK_N, so split boundaries fall on tile boundaries).
-_MIN_SPLIT_LEN = tl.constexpr(256)
+# A split of a row's cache covers at least MIN_SPLIT_LEN positions (a multiple of _SPLIT_ALIGN, a
+# constexpr of the kernels) and starts at a multiple of _SPLIT_ALIGN (a multiple of every BLOCK_N, so split
+# boundaries fall on tile boundaries). The launcher splits until the grid holds about SPLIT_WAVES
+# programs per multiprocessor.
+MIN_SPLIT_LEN = 256
+SPLIT_WAVES = 1
 _SPLIT_ALIGN = tl.constexpr(128)
 _MAX_SPLITS = 64
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -38,9 +41,9 @@ def _clamped_prefix_len(PrefixLens, row, num_new, cache_len):
 
 
 @triton.jit
-def _split_len(kv_len, num_splits):
+def _split_len(kv_len, num_splits, min_split):
     per_split = tl.cdiv(tl.cdiv(kv_len, num_splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
-    return tl.maximum(per_split, _MIN_SPLIT_LEN)
+    return tl.maximum(per_split, min_split)
 
 
 @triton.jit
@@ -108,7 +111,7 @@ def _verify_attention_kernel(
     stride_lb, stride_lh, stride_lt, stride_ls,
     qk_scale, num_new, cache_len, num_kv_heads, group_size, num_splits, store_lse,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_TREE: tl.constexpr,
+    IS_TREE: tl.constexpr, MIN_SPLIT: tl.constexpr,
 ):
     # Grid (cdiv(T * G, BLOCK_M), B * Hkv, num_splits). A program owns BLOCK_M rows of one KV head's
     # flattened [T * G] query matrix (row m: token m // G, query head kv_head * G + m % G) and one split
@@ -129,7 +132,7 @@ def _verify_attention_kernel(
 
     prefix_len = _clamped_prefix_len(PrefixLens, row, num_new, cache_len)
     kv_len = prefix_len + num_new
-    split_len = _split_len(kv_len, num_splits)
+    split_len = _split_len(kv_len, num_splits, MIN_SPLIT)
     split_start = split * split_len
     split_end = tl.minimum(split_start + split_len, kv_len)
 
@@ -191,7 +194,7 @@ def _verify_attention_merge_kernel(
     PartialOut, PartialLse, PrefixLens, Out, Lse,
     stride_ob, stride_oh, stride_ot,
     num_q_heads, num_new, cache_len, num_splits, store_lse,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MIN_SPLIT: tl.constexpr,
 ):
     # Grid (B * Hq * T,). A program owns one query: it log-sum-exp merges the per-split partials
     # ([B, Hq, T, num_splits, D] fp32 normalised outputs, [B, Hq, T, num_splits] natural-log lse) of the
@@ -204,7 +207,7 @@ def _verify_attention_merge_kernel(
     dim_valid = offs_d < HEAD_DIM
 
     kv_len = _clamped_prefix_len(PrefixLens, row, num_new, cache_len) + num_new
-    num_active_splits = tl.cdiv(kv_len, _split_len(kv_len, num_splits))
+    num_active_splits = tl.cdiv(kv_len, _split_len(kv_len, num_splits, MIN_SPLIT))
     partial_lse = PartialLse + query.to(tl.int64) * num_splits
     partial_out = PartialOut + query.to(tl.int64) * num_splits * HEAD_DIM
 
@@ -305,9 +308,10 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _num_splits(programs: int, cache_len: int, sm_count: int) -> int:
-    """Split the cache until the grid about fills one wave of the GPU, each split >= _MIN_SPLIT_LEN."""
-    by_length = cache_len // _MIN_SPLIT_LEN.value
-    return max(1, min(sm_count // programs, by_length, _MAX_SPLITS))
+    """Split the cache until the grid holds about SPLIT_WAVES programs per multiprocessor, each split
+    covering >= MIN_SPLIT_LEN positions."""
+    by_length = cache_len // MIN_SPLIT_LEN
+    return max(1, min(SPLIT_WAVES * sm_count // programs, by_length, _MAX_SPLITS))
 
 
 def verify_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -360,14 +364,16 @@ def verify_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             *out_strides, *lse_strides,
             sm_scale * _LOG2E.value, num_new, cache_len, num_kv_heads, group_size, num_splits, int(store_lse),
             HEAD_DIM=head_dim, BLOCK_D=config["BLOCK_D"], BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"],
-            IS_TREE=is_tree, num_warps=config["num_warps"], num_stages=config["num_stages"],
+            IS_TREE=is_tree, MIN_SPLIT=MIN_SPLIT_LEN, num_warps=config["num_warps"],
+            num_stages=config["num_stages"],
         )
         if num_splits > 1:
             _verify_attention_merge_kernel[(batch * num_q_heads * num_new,)](
                 dest_out, dest_lse, prefix_lens, out, lse if lse is not None else dest_lse,
                 out.stride(0), out.stride(1), out.stride(2),
                 num_q_heads, num_new, cache_len, num_splits, int(lse is not None),
-                HEAD_DIM=head_dim, BLOCK_D=config["BLOCK_D"], num_warps=_merge_num_warps(head_dim),
+                HEAD_DIM=head_dim, BLOCK_D=config["BLOCK_D"], MIN_SPLIT=MIN_SPLIT_LEN,
+                num_warps=_merge_num_warps(head_dim),
             )
 
 
@@ -390,14 +396,14 @@ def _main_kernel_types(config: dict) -> Tuple[dict, dict]:
              "TreeMask": "*i64" if config["is_tree"] else "*i32", "Out": f"*{config['out_dtype']}",
              "Lse": "*fp32", "qk_scale": "fp32"}
     constexprs = {"HEAD_DIM": config["head_dim"], "BLOCK_D": config["BLOCK_D"], "BLOCK_M": config["BLOCK_M"],
-                  "BLOCK_N": config["BLOCK_N"], "IS_TREE": config["is_tree"]}
+                  "BLOCK_N": config["BLOCK_N"], "IS_TREE": config["is_tree"], "MIN_SPLIT": MIN_SPLIT_LEN}
     return types, constexprs
 
 
 def _merge_kernel_types(out_dtype: str, head_dim: int) -> Tuple[dict, dict]:
     types = {"PartialOut": "*fp32", "PartialLse": "*fp32", "PrefixLens": "*i32",
              "Out": f"*{out_dtype}", "Lse": "*fp32"}
-    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim)}
+    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim), "MIN_SPLIT": MIN_SPLIT_LEN}
     return types, constexprs
 
 
