@@ -74,6 +74,17 @@ def copy_bandwidth_gbps(device: str = "cuda") -> float:
 
 
 _FLUSH = {}
+_READ_US = {}
+
+
+def same_size_read_us(nbytes: int) -> float:
+    """Device time (µs, gpu_time_ms) of torch.sum over a buffer of ``nbytes``: what reading that many bytes
+    costs a tuned single kernel, launch and latency included (a 16 MiB read reaches a third of the copy
+    bandwidth on an H200, 1 GiB over 90%): the practical roofline of a read-bound op of that size."""
+    if nbytes not in _READ_US:
+        buffer = torch.randn(max(nbytes // 2, 1), dtype=torch.bfloat16, device="cuda")
+        _READ_US[nbytes] = gpu_time_ms(lambda: buffer.sum()) * 1e3
+    return _READ_US[nbytes]
 
 
 def gpu_time_ms(fn, warmup=None, rep=None, iters: int = 10, flush: Optional[str] = None) -> float:

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import copy_bandwidth_gbps, gpu_time_ms, environment, format_row, write_results  # noqa: E402
+from _common import (copy_bandwidth_gbps, gpu_time_ms, environment, format_row, same_size_read_us,  # noqa: E402
+                     write_results)
 from fastvlm_kernels.ops.verify_attention import BACKENDS, verify_attention, verify_attention_reference  # noqa: E402
 from fastvlm_kernels.ops.verify_attention.reference import visibility_mask  # noqa: E402
 
@@ -123,6 +124,7 @@ def run_gpu(args):
                         row = dict(dtype="bf16", shape=shape_name, B=batch, Hq=num_q_heads, Hkv=num_kv_heads,
                                    D=head_dim, prefix=prefix, T=num_new, mask="tree" if tree else "chain",
                                    copy_gbps=copy_gbps)
+                        row["same_size_read_us"] = same_size_read_us(bytes_moved)
                         row["sdpa_mask_us"] = 1e3 * gpu_time_ms(
                             lambda: sdpa_with_mask(q, k_cache, v_cache, mask))
                         if flash_attn_with_kvcache is not None and not tree:
@@ -138,6 +140,7 @@ def run_gpu(args):
                             row[f"{backend}_us"] = microseconds
                             row[f"{backend}_gbps"] = bytes_moved / microseconds / 1e3
                             row[f"{backend}_pct_copy"] = 100 * row[f"{backend}_gbps"] / copy_gbps
+                            row[f"{backend}_pct_same_size_read"] = 100 * row["same_size_read_us"] / microseconds
                             row[f"{backend}_speedup_vs_sdpa"] = row["sdpa_mask_us"] / microseconds
                         rows.append(row)
                         print(format_row(row), flush=True)
@@ -162,6 +165,16 @@ def main():
         gqa_bf16 = [row["speedup_vs_sdpa"] for row in rows if row["dtype"] == "bf16" and row["Hq"] != row["Hkv"]]
         print(f"\nC++ kernel vs SDPA with a mask: worst {worst:.2f}x; GQA bf16 worst "
               f"{min(gqa_bf16):.2f}x (targets: >= 1x everywhere, >= 2x on GQA bf16)")
+    if args.device == "cuda":
+        goal = [row for row in rows if row["prefix"] >= 2048 and row["T"] <= 16]
+        for backend in ("cuda", "triton"):
+            if goal and f"{backend}_us" in goal[0]:
+                print(f"{backend} at prefix >= 2048, T <= 16: "
+                      f"{min(r[f'{backend}_pct_copy'] for r in goal):.0f}-{max(r[f'{backend}_pct_copy'] for r in goal):.0f}% "
+                      f"of copy bandwidth, {min(r[f'{backend}_pct_same_size_read'] for r in goal):.0f}-"
+                      f"{max(r[f'{backend}_pct_same_size_read'] for r in goal):.0f}% of a same-size read, "
+                      f"{min(r[f'{backend}_speedup_vs_sdpa'] for r in goal):.2f}x SDPA at worst "
+                      "(goal: >= 80% of copy bandwidth, >= 1.5x)")
 
 
 if __name__ == "__main__":

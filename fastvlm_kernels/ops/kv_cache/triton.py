@@ -13,10 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
-# Bytes of one [BLOCK_H * BLOCK_A, BLOCK_D] tile held in registers (32 KiB: 64 registers a thread at 4 warps).
+# Bytes of one [BLOCK_H * BLOCK_A, BLOCK_D] tile held in registers (16 KiB: 32 registers a thread at 4 warps).
 # A program moves several heads at once: a path moves few rows per (layer, row, head) slice (a few hundred
-# bytes to a few KiB), and one program per slice spent its time in dependent-load latency, not in moving.
-TILE_BYTES = 32768
+# bytes to a few KiB), and one program per slice spent its time in dependent-load latency, not in moving
+# (H200: 3.4-27 us for one program per slice, 2.5-14 us now). TILE_BYTES, NUM_WARPS and PATH_BLOCK_A are
+# bench/tune_gpu.py's choice on an H200 (bench/results/NVIDIA-H200-2026-11-26-tune*): within 15% of the best
+# of 24 settings at every LLaVA / Qwen2-VL shape.
+TILE_BYTES = 16384
 _MAX_BLOCK_A = 64
 PATH_BLOCK_A = 16   # nodes per chunk: an accepted path is rarely longer (k + 1 tokens for a draft of k)
 NUM_WARPS = 4

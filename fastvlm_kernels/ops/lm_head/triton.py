@@ -195,24 +195,33 @@ _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 MAX_TOPK = 64   # "topk" unrolls k extraction steps per tile
 
 
-def _tile_config(dtype: torch.dtype, num_rows: int, topk: bool = False) -> dict:
+def _tile_config(dtype: torch.dtype, num_rows: int, topk: bool = False, sample: bool = False) -> dict:
     """BLOCK_M holds every row up to 64 (fp32) or 128 (16-bit), so the weight is read once; fp32's FMA dot
-    takes smaller tiles."""
+    takes smaller tiles.
+
+    16-bit argmax / verify tiles come from bench/tune_gpu.py on an H200 (bench/results/NVIDIA-H200-2026-11-26-
+    tune*, triton 3.6), the fastest that ptxas compiles without spills (triton 3.8) with the draft and
+    probability epilogue: BLOCK_K = 128 (within 0.3% of the best of 18 tiles on both heads at 16 rows, 2.3%
+    at 32), and for 128 rows BLOCK_V = 128 at 8 warps (4.8% behind the best of 36, BLOCK_V = 256, which
+    spills 1.7 KB with the epilogue). The sample and topk kernels keep their earlier tiles: Triton 3.6
+    spills the BLOCK_M=16 sample kernel at 4 warps (128 registers) and the topk kernel at 8 (64
+    registers); checked with 3.6 and 3.8."""
     if dtype == torch.float32:
         block_m = max(16, min(64, triton.next_power_of_2(num_rows)))
         return dict(BLOCK_M=block_m, BLOCK_V=64, BLOCK_K=32, num_warps=4, num_stages=2)
     block_m = max(16, min(64 if topk else 128, triton.next_power_of_2(num_rows)))
     if block_m == 128:   # verification of a wide tree or a batch of drafts: one pass over the weight
-        return dict(BLOCK_M=128, BLOCK_V=64, BLOCK_K=64, num_warps=8, num_stages=3)
-    # Triton 3.6 (what GPU machines carry) caps registers by warp count and spills: the BLOCK_M=16 sample
-    # kernel at 4 warps (128 registers), the topk kernel at 8 (64 registers). Checked with 3.6 and 3.8.
+        return dict(BLOCK_M=128, BLOCK_V=64 if sample else 128, BLOCK_K=64, num_warps=8, num_stages=3)
+    if block_m <= 32 and not (topk or sample):
+        return dict(BLOCK_M=block_m, BLOCK_V=128, BLOCK_K=128, num_warps=4 if block_m == 16 else 8, num_stages=3)
     return dict(BLOCK_M=block_m, BLOCK_V=128 if block_m <= 32 else 64, BLOCK_K=64,
                 num_warps=8 if block_m == 16 and not topk else 4, num_stages=3)
 
 
 # Every (dtype, BLOCK_M, mode flags) the launcher can pick, compiled ahead of time for sm_90 by the tests.
 KERNEL_CONFIGS = tuple(
-    dict(dtype=dtype_name, sample=sample, draft=not sample, probs=not sample, topk=0, **_tile_config(dtype, rows))
+    dict(dtype=dtype_name, sample=sample, draft=not sample, probs=not sample, topk=0,
+         **_tile_config(dtype, rows, sample=sample))
     for dtype, dtype_name in _DTYPE_NAMES.items() for rows in (16, 32, 64, 128) for sample in (False, True)
     if not (rows == 128 and dtype == torch.float32)) + tuple(
     dict(dtype=dtype_name, sample=False, draft=False, probs=False, topk=8, **_tile_config(dtype, 16, topk=True))
@@ -263,7 +272,7 @@ def lm_head_triton(hidden: torch.Tensor, norm_weight: torch.Tensor, lm_head_weig
     vocab = lm_head_weight.shape[0]
     num_cols = vocab_subset.numel() if vocab_subset is not None else vocab
     sample = selection == 1
-    config = _tile_config(hidden.dtype, num_rows, topk=selection == 2)
+    config = _tile_config(hidden.dtype, num_rows, topk=selection == 2, sample=sample)
     block_v = config["BLOCK_V"]
     num_tiles = triton.cdiv(num_cols, block_v)
     device = hidden.device

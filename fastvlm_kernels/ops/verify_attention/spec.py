@@ -31,6 +31,8 @@ TEST_SHAPES = [
     (2, 3, 1, 64, 64, (0, 5), "chain"),
     (1, 4, 2, 257, 64, (0,), "chain"),  # a prefill: any T with a causal chain
     (1, 28, 4, 4, 128, (1500,), "chain"),  # Qwen2-VL-7B decode: 28 rows per KV head (2 x 2 warps, CUDA)
+    (2, 32, 32, 4, 128, (2048, 1500), "chain"),  # 2 splits of >= 512 positions: Triton's 128-position tiles
+    (3, 32, 32, 3, 128, (600, 0, 17), "chain"),  # one split of 603 positions: the same, writing out directly
     (2, 14, 2, 6, 256, (700, 33), "tree"),  # D = 256, 42 rows: a row group of the CUDA block left idle
     (2, 24, 4, 5, 64, (300, 77), "tree"),  # 30 rows per KV head: the CPU's two-tile few-row AMX path
 ]
@@ -42,5 +44,7 @@ INTERPRETER_SHAPES = [
     (3, 7, 1, 17, 80, (1, 130, 30), "tree"),
     (1, 3, 3, 5, 96, (70,), "self"),
     (2, 4, 2, 64, 64, (5, 0), "tree"),
+    (3, 32, 32, 3, 128, (600, 0, 17), "chain"),   # one split of >= 512 positions: 128-position tiles
+    (1, 32, 32, 2, 128, (2100,), "chain"),        # four such splits, merged
     (1, 2, 1, 40, 128, (0,), "chain"),
 ]

@@ -25,7 +25,7 @@ import triton.language as tl
 # constexpr of the kernels) and starts at a multiple of _SPLIT_ALIGN (a multiple of every BLOCK_N, so split
 # boundaries fall on tile boundaries). The launcher splits until the grid holds about SPLIT_WAVES
 # programs per multiprocessor.
-MIN_SPLIT_LEN = 256
+MIN_SPLIT_LEN = 128
 SPLIT_WAVES = 1
 _SPLIT_ALIGN = tl.constexpr(128)
 _MAX_SPLITS = 64
@@ -247,9 +247,16 @@ def _block_m_choices(dtype: str, is_tree: bool) -> tuple:
     return (16, 32, 64, 128)
 
 
-def _tile(dtype: str, head_dim: int, block_m: int, is_tree: bool) -> dict:
+_LONG_SPLIT = 512   # positions per split from which 16-bit D=128 programs take BLOCK_N=128 tiles
+
+
+def _tile(dtype: str, head_dim: int, block_m: int, is_tree: bool, long_split: bool = False) -> dict:
     """BLOCK_N, num_warps and num_stages, chosen from ptxas's sm_90 figures to stay free of spills
-    (with triton 3.6, what GPU machines carry, and 3.8)."""
+    (with triton 3.6, what GPU machines carry, and 3.8). Programs that walk long splits of a D=128 cache
+    take 128-position tiles at 8 warps: 3-11% faster than 64 on an H200 at LLaVA (MHA, B=1) and Qwen2-VL
+    (GQA, B=4) shapes, slower on short splits (bench/results/NVIDIA-H200-2026-11-26-tune*)."""
+    if long_split:
+        return dict(BLOCK_N=128, num_warps=8, num_stages=3)
     if dtype == "fp32":       # the ieee fp32 dot runs on FMA units and holds whole rows in registers
         return dict(BLOCK_N=16, num_warps=8, num_stages=2)
     if head_dim > 128:        # triton 3.6 spills 16 bytes on the 16-bit tree kernel at BLOCK_M=32 with 2 stages
@@ -264,15 +271,16 @@ def _build_configs() -> tuple:
             for is_tree in (False, True):
                 for block_m in _block_m_choices(dtype, is_tree):
                     for out_dtype in dict.fromkeys((dtype, "fp32")):
-                        configs.append(dict(
-                            dtype=dtype, out_dtype=out_dtype, head_dim=head_dim, is_tree=is_tree,
-                            BLOCK_M=block_m, BLOCK_D=triton.next_power_of_2(head_dim),
-                            **_tile(dtype, head_dim, block_m, is_tree)))
+                        for long_split in (False, True) if (dtype != "fp32" and head_dim == 128) else (False,):
+                            configs.append(dict(
+                                dtype=dtype, out_dtype=out_dtype, head_dim=head_dim, is_tree=is_tree,
+                                BLOCK_M=block_m, BLOCK_D=triton.next_power_of_2(head_dim), long_split=long_split,
+                                **_tile(dtype, head_dim, block_m, is_tree, long_split)))
     return tuple(configs)
 
 
 KERNEL_CONFIGS = _build_configs()
-_CONFIG_INDEX = {(c["dtype"], c["out_dtype"], c["head_dim"], c["is_tree"], c["BLOCK_M"]): c
+_CONFIG_INDEX = {(c["dtype"], c["out_dtype"], c["head_dim"], c["is_tree"], c["BLOCK_M"], c["long_split"]): c
                  for c in KERNEL_CONFIGS}
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -337,7 +345,9 @@ def verify_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     block_m = _block_m_for(rows, dtype, is_tree, batch * num_kv_heads * triton.cdiv(rows, 128) >= sm_count)
     num_query_blocks = triton.cdiv(rows, block_m)
     num_splits = _num_splits(batch * num_kv_heads * num_query_blocks, cache_len, sm_count)
-    config = _CONFIG_INDEX[(dtype, dtype if num_splits == 1 else "fp32", head_dim, is_tree, block_m)]
+    key = (dtype, dtype if num_splits == 1 else "fp32", head_dim, is_tree, block_m)
+    long_split = triton.cdiv(cache_len, num_splits) >= _LONG_SPLIT and (*key, True) in _CONFIG_INDEX
+    config = _CONFIG_INDEX[(*key, long_split)]
 
     if num_splits == 1:   # the kernel writes out and lse itself
         dest_out, dest_lse = out, lse
