@@ -113,9 +113,11 @@ BACKENDS = (
     Backend("cpu", _run_extension, compiled_backend_reasons("cpu")),
     Backend("torch", _run_reference, always_supported),
 )
-# `auto` order per device type. On an H100 (bench/results/NVIDIA-H100-80GB-HBM3-2026-11-25-kv_cache*): one launch
-# for all layers either way; Triton's kernel is 5-20% faster (3.6-22 us against 4.6-24 us) but its Python
-# launch costs ~100 us more per eager call (bench/profile_gpu.py --host-profile), so CUDA comes first.
+# `auto` order per device type. One launch for all layers either way. In device time Triton's kernel (several
+# heads per program since the H200 tuning: 2.9-13.8 us, bench/results/NVIDIA-H200-2026-11-26-tune*) is ahead
+# of the CUDA one (4.3-30 us, one block per head slice, ...-kv_cache*), but its Python launch costs ~100 us
+# more per eager call (bench/profile_gpu.py --host-profile), and the decoder calls it eagerly once per
+# step, so CUDA comes first.
 PRIORITY = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 

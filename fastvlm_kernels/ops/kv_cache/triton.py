@@ -34,10 +34,10 @@ def _kv_compact_kernel(Buffer, Start, Accepted,
     # Grid: (num_layers * 2 * B, cdiv(Hkv, BLOCK_H)). A program owns BLOCK_H heads of one (layer, keys or
     # values, row) and walks the row's accepted nodes (not its padding) in chunks of BLOCK_A: load every
     # moving row of the chunk, for all its heads, into registers ([BLOCK_H * BLOCK_A, BLOCK_D], row r =
-    # head r // BLOCK_A, node r % BLOCK_A), barrier, store. Later chunks' sources lie at or after this chunk's destinations
-    # (accepted[j] >= j), and the barrier orders this chunk's loads before its stores, so overlapping
-    # sources and destinations are safe; different heads never overlap. Memory bound: each moved row is
-    # read once and written once; rows that stay put are not touched.
+    # head r // BLOCK_A, node r % BLOCK_A), barrier, store. Later chunks' sources lie at or after this
+    # chunk's destinations (accepted[j] >= j), and the barrier orders this chunk's loads before its stores,
+    # so overlapping sources and destinations are safe; different heads never overlap. Memory bound: each
+    # moved row is read once and written once; rows that stay put are not touched.
     slice_id = tl.program_id(0)
     row = slice_id % batch
     kv = (slice_id // batch) % 2

@@ -372,10 +372,11 @@ BACKENDS = (
     Backend("cpu", _run_extension, _cpu_reasons),
     Backend("torch", _run_reference, lambda call: []),
 )
-# `auto` order per device type. GPU order measured on an H100 (bench/results/NVIDIA-H100-80GB-HBM3-2026-11-25-
-# {lm_head,profile}*, device time per call, fp16/bf16): Triton streams the 151936x3584 head at 83-85% of copy
-# bandwidth for M = 1..17 (0.97-0.99x cuBLAS F.linear + argmax, which writes the logits; 1.05-1.08x on the
-# 32064x4096 head); the CUDA C++ kernel (mma.sync tiles, cp.async ring) at 75-77% (0.89-0.93x). Both read
-# the weight twice for M > 64 (two row chunks). The CUDA kernel comes before the PyTorch chain because it
-# never materialises the [M, V] logits (the chain is 10% faster for argmax, not for sampling).
+# `auto` order per device type. GPU order measured on an H100 and an H200 (bench/results/NVIDIA-H100-80GB-HBM3-
+# 2026-11-25-{lm_head,profile}*, NVIDIA-H200-2026-11-26-{lm_head,tuned-lm_head}*, device time per call,
+# fp16/bf16): after tuning, Triton streams the 151936x3584 head at 92-97% of copy bandwidth for M = 1..17 on
+# the H200 (1.12-1.14x cuBLAS F.linear + argmax, which writes the logits; 1.32-1.38x on the 32064x4096 head)
+# and reads the weight once up to M = 128; the CUDA C++ kernel (mma.sync tiles, cp.async ring) reached 65-70%
+# and reads it twice for M > 64. The CUDA kernel comes before the PyTorch chain because it never
+# materialises the [M, V] logits.
 PRIORITY = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
