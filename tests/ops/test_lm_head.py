@@ -264,6 +264,36 @@ def test_ties_break_to_the_lowest_index(backend, dtype):
     assert top.tokens.tolist() == [[5, 70, 600, 999]] * 3
 
 
+def test_cpu_chunked_gemm_path():
+    """fp32 argmax / verify with many rows runs as GEMMs over vocabulary chunks: checked against fp64 across
+    three chunks with an odd tail, with ties that straddle a chunk boundary, and with the scale / soft-cap /
+    Gemma options."""
+    from fastvlm_kernels.ops import lm_head as lm_head_ops
+
+    backend_or_skip("cpu", "cpu", torch.float32)
+    num_rows, vocab = lm_head_ops.CPU_GEMM_MIN_ROWS + 1, 2 * lm_head_ops._GEMM_CHUNK + 809
+    check_verify("cpu", (num_rows, 64, vocab), torch.float32, "cpu")
+    hidden, norm_weight, weight = make_head(num_rows, 64, vocab, torch.float32, seed=4)
+    call = _prepare(hidden, norm_weight, weight, eps=EPS, mode="argmax", temperature=1.0, top_k=None, top_p=None,
+                    vocab_subset=None, generator=None, seed=None, norm_offset=0.0, logit_scale=1.0,
+                    logit_softcap=None, draft_tokens=None, prob_rows=None, validate=True, verify=False)
+    assert lm_head_ops._uses_chunked_gemm(call)
+    # Ties across chunks: every row's best token is one vector placed at ids 9, 4096 + 3 and the last id.
+    normed = normed_hidden(hidden, norm_weight, EPS, 0.0)
+    winner = torch.linalg.lstsq(normed.double(), torch.ones(num_rows, 1, dtype=torch.float64)).solution[:, 0]
+    tied = weight * 0.01                                         # normed @ winner = 1 on every row
+    for index in (9, lm_head_ops._GEMM_CHUNK + 3, vocab - 1):
+        tied[index] = (winner * 4).float()
+    ties = run_poisoned("cpu", hidden, norm_weight, tied)
+    expected = run_poisoned("torch", hidden, norm_weight, tied)
+    assert torch.equal(ties.tokens, expected.tokens) and ties.tokens.eq(9).all()
+    options = dict(norm_offset=1.0, logit_scale=0.7, logit_softcap=3.0, temperature=0.9)
+    call = run_poisoned("cpu", hidden, norm_weight, weight, draft_tokens=torch.arange(num_rows) * 97 - 1, **options)
+    scores = fp64_scores(hidden, norm_weight, weight, **options)
+    assert_tokens_match(call.tokens, scores, None, torch.float32)
+    torch.testing.assert_close(call.lse.double(), torch.logsumexp(scores, -1), atol=1e-4, rtol=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("backend", ["cuda", "triton"])

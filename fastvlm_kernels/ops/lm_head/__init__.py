@@ -330,6 +330,69 @@ def _run_extension(call: _Call) -> None:
     torch.ops.fastvlm.lm_head(*call.op_args())
 
 
+# fp32 rows from which the CPU backend's argmax / verify runs as chunked GEMM (below: the C++ kernel). The
+# C++ kernel reads each weight row once for all rows, which wins while the head is memory bound (fp32 M = 5,
+# 17: 1.6-1.8x the reference chain); from a few dozen rows it is compute bound, where its FMA micro-kernel
+# (no cache blocking of the hidden rows) fell to 0.88x F.linear + argmax at M = 65 (2 cores). bf16 stays on
+# the C++ kernel at every M (its AMX / vdpbf16ps path is 1.4-1.5x the chain at M = 65).
+CPU_GEMM_MIN_ROWS = 40
+_GEMM_CHUNK = 4096   # vocabulary rows per GEMM: a [M, 4096] fp32 score tile stays in the caches
+
+
+def _uses_chunked_gemm(call: _Call) -> bool:
+    return (call.hidden.dtype == torch.float32 and call.hidden.shape[0] >= CPU_GEMM_MIN_ROWS
+            and call.mode == "argmax" and call.vocab_subset is None)
+
+
+def _run_cpu(call: _Call) -> None:
+    if _uses_chunked_gemm(call):
+        _run_chunked_gemm(call)
+    else:
+        _run_extension(call)
+
+
+def _run_chunked_gemm(call: _Call) -> None:
+    """Argmax / verify_head on the CPU as GEMMs over vocabulary chunks (MKL's cache blocking for the
+    compute-bound case) reduced to per-chunk partials as they are made, then merged: the [M, V] logits
+    are never held, only one [M, _GEMM_CHUNK] tile. Semantics of reference.py (scores = logits * scale,
+    soft-capped, / temperature; ties to the lowest token id)."""
+    from .partials import merge_partials
+    from .reference import normed_hidden
+
+    normed = normed_hidden(call.hidden, call.norm_weight, call.eps, call.norm_offset)
+    weight = call.lm_head_weight
+    num_rows, vocab = normed.shape[0], weight.shape[0]
+    num_tiles = -(-vocab // _GEMM_CHUNK)
+    tile_max = torch.empty(num_rows, num_tiles)
+    tile_sum = torch.empty(num_rows, num_tiles)
+    tile_arg = torch.empty(num_rows, num_tiles, dtype=torch.int64)
+    draft = call.draft_tokens
+    tile_draft = torch.full((num_rows, num_tiles), float("-inf")) if draft is not None else None
+    for tile, start in enumerate(range(0, vocab, _GEMM_CHUNK)):
+        scores = torch.mm(normed, weight[start:start + _GEMM_CHUNK].t())
+        if call.logit_scale != 1.0:
+            scores.mul_(call.logit_scale)
+        if call.logit_softcap:
+            scores = scores.div_(call.logit_softcap).tanh_().mul_(call.logit_softcap)
+        if call.temperature != 1.0:
+            scores.div_(call.temperature)
+        best, arg = scores.max(dim=1)                              # the first maximal column on ties
+        tile_max[:, tile] = best
+        tile_arg[:, tile] = arg + start
+        tile_sum[:, tile] = torch.exp(scores - best[:, None]).sum(dim=1)
+        if draft is not None:
+            local = draft - start
+            inside = (local >= 0) & (local < scores.shape[1])
+            picked = scores.gather(1, local.clamp(0, scores.shape[1] - 1)[:, None])[:, 0]
+            tile_draft[:, tile] = torch.where(inside, picked, float("-inf"))
+        if call.probs is not None:
+            call.probs[:, start:start + scores.shape[1]] = scores[call.prob_rows]
+    merge_partials(tile_max, tile_arg, tile_sum, tile_max, tile_arg, tile_max, tile_draft, None, False,
+                   call.tokens, call.max_logit, call.lse, call.logprob, call.draft_logprob)
+    if call.probs is not None:
+        call.probs.sub_(call.lse[call.prob_rows][:, None]).exp_()
+
+
 def _run_triton(call: _Call) -> None:
     from .triton import lm_head_triton_op
     call_custom_op(lm_head_triton_op, *call.op_args())
@@ -369,7 +432,7 @@ def _triton_reasons(call: _Call) -> List[str]:
 BACKENDS = (
     Backend("cuda", _run_extension, _cuda_reasons),
     Backend("triton", _run_triton, _triton_reasons),
-    Backend("cpu", _run_extension, _cpu_reasons),
+    Backend("cpu", _run_cpu, _cpu_reasons),
     Backend("torch", _run_reference, lambda call: []),
 )
 # `auto` order per device type. GPU order measured on an H100 and an H200 (bench/results/NVIDIA-H100-80GB-HBM3-
