@@ -16,6 +16,12 @@ def format_row(row: dict) -> str:
                      for key, value in row.items() if key not in HIDDEN_IN_LOG)
 
 
+def span(rows, key: str, digits: int = 0) -> str:
+    """"low-high" of ``key`` over ``rows``: a benchmark's summary line."""
+    values = [row[key] for row in rows]
+    return f"{min(values):.{digits}f}-{max(values):.{digits}f}"
+
+
 def markdown(rows, header: str) -> str:
     if not rows:
         return header + "\n\n(no rows)\n"

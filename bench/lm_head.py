@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import (copy_bandwidth_gbps, gpu_time_ms, environment, format_row, same_size_read_us,  # noqa: E402
-                     write_results)
+                     span, write_results)
 from fastvlm_kernels.ops.lm_head import BACKENDS, _prepare, early_exit_head, verify_head  # noqa: E402
 
 # (name, V, H): LLaVA-1.5 / Phi-3 heads, Qwen2-VL-7B's.
@@ -192,10 +192,8 @@ def main():
     if args.device == "cuda":
         for backend in ("cuda", "triton"):
             if rows and f"{backend}_argmax_us" in rows[0]:
-                print(f"{backend} argmax: {min(r[f'{backend}_argmax_pct_copy'] for r in rows):.0f}-"
-                      f"{max(r[f'{backend}_argmax_pct_copy'] for r in rows):.0f}% of copy bandwidth, "
-                      f"{min(r[f'{backend}_argmax_pct_same_size_read'] for r in rows):.0f}-"
-                      f"{max(r[f'{backend}_argmax_pct_same_size_read'] for r in rows):.0f}% of a same-size read "
+                print(f"{backend} argmax: {span(rows, f'{backend}_argmax_pct_copy')}% of copy bandwidth, "
+                      f"{span(rows, f'{backend}_argmax_pct_same_size_read')}% of a same-size read "
                       "(goal: >= 85% of copy bandwidth)")
 
 

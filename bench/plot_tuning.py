@@ -35,37 +35,30 @@ def main():
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 5))
 
-    ax = axes[0]
-    for label, rows, style in (("before", load(args.before, "lm_head"), "o--"),
-                               ("after", load(args.after, "lm_head"), "s-")):
-        for color, head in zip(("C0", "C3"), ("32064x4096", "151936x3584")):
-            picked = [r for r in rows if r["dtype"] == "bf16" and r["head"] == head]
-            if picked:
-                ax.plot([r["M"] for r in picked], [r["triton_argmax_pct_copy"] for r in picked], style,
-                        color=color, label=f"{head} {label}")
-    ax.axhline(85, color="grey", lw=0.8, ls=":")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("rows M")
-    ax.set_ylabel("% of copy bandwidth")
-    ax.set_title("early_exit_head argmax (Triton, bf16)")
-    ax.legend(fontsize=8)
+    def before_after(ax, op, series, x, y, goal, xlabel, title):
+        """One line per (series, before/after): dashed before, solid after, one colour per series."""
+        for label, rows, style in (("before", load(args.before, op), "o--"), ("after", load(args.after, op), "s-")):
+            for color, (name, keep) in zip(("C0", "C1", "C2", "C3"), series):
+                picked = [r for r in rows if keep(r)]
+                if picked:
+                    ax.plot([r[x] for r in picked], [r[y] for r in picked], style, color=color,
+                            label=f"{name} {label}")
+        ax.axhline(goal, color="grey", lw=0.8, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("% of copy bandwidth")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
 
-    ax = axes[1]
-    for label, rows, style in (("before", load(args.before, "verify_attention"), "o--"),
-                               ("after", load(args.after, "verify_attention"), "s-")):
-        for color, (shape, batch) in zip(("C0", "C1", "C2", "C3"), (("llava-1.5-7b", 1), ("llava-1.5-7b", 4),
-                                                                     ("qwen2-vl-7b", 1), ("qwen2-vl-7b", 4))):
-            picked = [r for r in rows if r["shape"] == shape and r["B"] == batch and r["T"] == 4
-                      and r["mask"] == "chain"]
-            if picked:
-                ax.plot([r["prefix"] for r in picked], [r["triton_pct_copy"] for r in picked], style,
-                        color=color, label=f"{shape} B={batch} {label}")
-    ax.axhline(80, color="grey", lw=0.8, ls=":")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("prefix length (T = 4, chain)")
-    ax.set_ylabel("% of copy bandwidth")
-    ax.set_title("verify_attention (Triton, bf16)")
-    ax.legend(fontsize=7)
+    before_after(axes[0], "lm_head",
+                 [(head, lambda r, head=head: r["dtype"] == "bf16" and r["head"] == head)
+                  for head in ("32064x4096", "151936x3584")],
+                 "M", "triton_argmax_pct_copy", 85, "rows M", "early_exit_head argmax (Triton, bf16)")
+    before_after(axes[1], "verify_attention",
+                 [(f"{shape} B={batch}", lambda r, shape=shape, batch=batch: r["shape"] == shape and r["B"] == batch
+                   and r["T"] == 4 and r["mask"] == "chain")
+                  for shape in ("llava-1.5-7b", "qwen2-vl-7b") for batch in (1, 4)],
+                 "prefix", "triton_pct_copy", 80, "prefix length (T = 4, chain)", "verify_attention (Triton, bf16)")
 
     ax = axes[2]
     before = load(args.before, "kv_cache")

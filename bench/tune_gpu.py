@@ -26,6 +26,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -155,7 +156,7 @@ def lm_applied(config):
     from fastvlm_kernels.ops.lm_head import triton as module
 
     saved = module._tile_config
-    module._tile_config = lambda dtype, num_rows, topk=False: dict(config)
+    module._tile_config = lambda dtype, num_rows, **modes: dict(config)
     try:
         yield
     finally:
@@ -287,10 +288,22 @@ def va_extra(case, inputs):
 
 # ---- the sweep --------------------------------------------------------------------------------------
 
+class Section(NamedTuple):
+    """What the sweep needs of one op: its cases, each case's configurations and the launcher's current
+    one, the inputs of a case, the job (check, or time in ms, one configuration) and the extra columns."""
+    cases: Callable
+    configs: Callable
+    default: Callable
+    inputs: Callable
+    job: Callable
+    extra: Callable
+
+
 SECTION_FUNCS = {
-    "kv_compact": (kv_cases, lambda case: kv_configs(), lambda case: kv_default(), kv_inputs, kv_job, kv_extra),
-    "lm_head": (lm_cases, lm_configs, lm_default, lm_inputs, lm_job, lm_extra),
-    "verify_attention": (va_cases, lambda case: va_configs(), va_default, va_inputs, va_job, va_extra),
+    "kv_compact": Section(kv_cases, lambda case: kv_configs(), lambda case: kv_default(), kv_inputs, kv_job,
+                          kv_extra),
+    "lm_head": Section(lm_cases, lm_configs, lm_default, lm_inputs, lm_job, lm_extra),
+    "verify_attention": Section(va_cases, lambda case: va_configs(), va_default, va_inputs, va_job, va_extra),
 }
 
 
@@ -300,9 +313,9 @@ def all_jobs(sections):
     for section in sections:
         if section not in SECTION_FUNCS:
             continue
-        cases, configs, default = SECTION_FUNCS[section][:3]
-        for case in cases():
-            listed = [default(case)] + [c for c in configs(case) if c != default(case)]
+        funcs = SECTION_FUNCS[section]
+        for case in funcs.cases():
+            listed = [funcs.default(case)] + [c for c in funcs.configs(case) if c != funcs.default(case)]
             jobs.append((case, listed))
     return jobs
 
@@ -318,10 +331,11 @@ def check_worker(args):
         counter += len(configs)
         if not mine:
             continue
-        inputs = SECTION_FUNCS[case["section"]][3](case)
+        funcs = SECTION_FUNCS[case["section"]]
+        inputs = funcs.inputs(case)
         for config_index in mine:
             try:
-                SECTION_FUNCS[case["section"]][4](case, inputs, configs[config_index], True)
+                funcs.job(case, inputs, configs[config_index], True)
                 results.append((case_index, config_index, ""))
             except Exception as error:  # noqa: BLE001 - a config that does not compile or is wrong is reported
                 results.append((case_index, config_index, f"{type(error).__name__}: {str(error)[:200]}"))
@@ -399,8 +413,8 @@ def main():
     started = time.time()
     for case_index, (case, configs) in enumerate(jobs):
         funcs = SECTION_FUNCS[case["section"]]
-        inputs = funcs[3](case)
-        extra = funcs[5](case, inputs)
+        inputs = funcs.inputs(case)
+        extra = funcs.extra(case, inputs)
         for config_index, config in enumerate(configs):
             row = dict(case, config=config, default=config_index == 0, **extra)
             error = errors.get((case_index, config_index), "not checked")
@@ -408,7 +422,7 @@ def main():
                 row["error"] = error
             else:
                 try:
-                    row["us"] = funcs[4](case, inputs, config, False) * 1e3
+                    row["us"] = funcs.job(case, inputs, config, False) * 1e3
                     row["pct_copy"] = 100 * extra["bytes"] / (row["us"] * 1e-6) / 1e9 / copy_gbps
                 except Exception as timing_error:  # noqa: BLE001
                     row["error"] = f"timing: {timing_error}"

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import (copy_bandwidth_gbps, gpu_time_ms, environment, format_row, same_size_read_us,  # noqa: E402
-                     write_results)
+                     span, write_results)
 from fastvlm_kernels.ops.verify_attention import BACKENDS, verify_attention, verify_attention_reference  # noqa: E402
 from fastvlm_kernels.ops.verify_attention.reference import visibility_mask  # noqa: E402
 
@@ -169,10 +169,8 @@ def main():
         goal = [row for row in rows if row["prefix"] >= 2048 and row["T"] <= 16]
         for backend in ("cuda", "triton"):
             if goal and f"{backend}_us" in goal[0]:
-                print(f"{backend} at prefix >= 2048, T <= 16: "
-                      f"{min(r[f'{backend}_pct_copy'] for r in goal):.0f}-{max(r[f'{backend}_pct_copy'] for r in goal):.0f}% "
-                      f"of copy bandwidth, {min(r[f'{backend}_pct_same_size_read'] for r in goal):.0f}-"
-                      f"{max(r[f'{backend}_pct_same_size_read'] for r in goal):.0f}% of a same-size read, "
+                print(f"{backend} at prefix >= 2048, T <= 16: {span(goal, f'{backend}_pct_copy')}% of copy "
+                      f"bandwidth, {span(goal, f'{backend}_pct_same_size_read')}% of a same-size read, "
                       f"{min(r[f'{backend}_speedup_vs_sdpa'] for r in goal):.2f}x SDPA at worst "
                       "(goal: >= 80% of copy bandwidth, >= 1.5x)")
 
