@@ -88,6 +88,23 @@ def select(op_name: str, backends: Sequence[Backend], priority: Sequence[str], r
     raise ValueError(f"no backend of {op_name} can run these inputs:\n  " + "\n  ".join(all_reasons))
 
 
+_SELECTED: dict = {}
+
+
+def select_by_device(op_name: str, backends: Sequence[Backend], priority: Sequence[str], requested: str,
+                     tensor: torch.Tensor) -> Backend:
+    """`select` for ops whose backends' reasons depend only on `tensor`'s device type and dtype (and on the
+    process: the extension, Triton's import, TRITON_INTERPRET): the choice is remembered per (op, priority,
+    request, device type, dtype, interpreter), which takes the backend choice off the per-call cost of small calls.
+    Refusals are not remembered, so a bad request raises every time with its reasons."""
+    key = (op_name, tuple(priority), requested, tensor.device.type, tensor.dtype, triton_interpreting())
+    chosen = _SELECTED.get(key)
+    if chosen is None:
+        chosen = select(op_name, backends, priority, requested, tensor)
+        _SELECTED[key] = chosen
+    return chosen
+
+
 # ---- the not_supported_reasons shared by the ops' backends (each asked of the op's first tensor) --------
 
 def compiled_backend_reasons(device_type: str) -> Callable[..., List[str]]:

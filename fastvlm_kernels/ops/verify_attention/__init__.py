@@ -7,7 +7,8 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .. import _checks
-from .._dispatch import Backend, call_custom_op, always_supported, compiled_backend_reasons, select, triton_backend_reasons
+from .._dispatch import (Backend, always_supported, call_custom_op, compiled_backend_reasons, select_by_device,
+                         triton_backend_reasons)
 from .reference import verify_attention_reference
 from .spec import HEAD_DIMS, MAX_TREE_TOKENS, SUPPORTED_DTYPES
 
@@ -44,6 +45,68 @@ def verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     Returns:
         ``out`` ``[B, Hq, T, D]``, or ``(out, lse)`` when return_lse or out_lse is given.
     """
+    if not _inputs_look_valid(q, k_cache, v_cache, prefix_lens, tree_mask):
+        _check_inputs(q, k_cache, v_cache, prefix_lens, tree_mask)  # raises, naming the bad argument
+    num_new, head_dim = q.shape[2], q.shape[3]
+    cache_len = k_cache.shape[2]
+    if validate and not torch.compiler.is_compiling():
+        _check_values(prefix_lens, tree_mask, num_new, cache_len)
+    if sm_scale is None:
+        sm_scale = head_dim ** -0.5
+
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    else:
+        _checks.check_tensor("out", out, ndim=4, dtypes=(q.dtype,), shape_doc="[B, Hq, T, D]")
+        _checks.check_same_device("out", out, "q", q)
+        if out.shape != q.shape:
+            raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
+        _checks.check_last_dim_contiguous("out", out)
+    if out_lse is not None:
+        _checks.check_tensor("out_lse", out_lse, ndim=3, dtypes=(torch.float32,), shape_doc="[B, Hq, T]")
+        _checks.check_same_device("out_lse", out_lse, "q", q)
+        if out_lse.shape != q.shape[:3] or not out_lse.is_contiguous():
+            raise ValueError(f"out_lse must be contiguous with shape {tuple(q.shape[:3])}, "
+                             f"got shape {tuple(out_lse.shape)} and strides {tuple(out_lse.stride())}")
+        return_lse = True
+    elif return_lse:
+        out_lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    if prefix_lens.dtype != torch.int32 or not prefix_lens.is_contiguous():
+        prefix_lens = prefix_lens.to(torch.int32).contiguous()
+    if tree_mask is not None and not tree_mask.is_contiguous():
+        tree_mask = tree_mask.contiguous()
+    if q.shape[0] > 0:
+        chosen = select_by_device("verify_attention", BACKENDS, PRIORITY.get(q.device.type, ("torch",)), backend, q)
+        chosen.run(q, k_cache, v_cache, prefix_lens, tree_mask, float(sm_scale), out, out_lse)
+    return (out, out_lse) if return_lse else out
+
+
+def _inputs_look_valid(q, k_cache, v_cache, prefix_lens, tree_mask) -> bool:
+    """Every shape, dtype, device and layout check of ``_check_inputs`` as one expression, for the common
+    valid call: ``_check_inputs`` costs ~10 us of Python a call, paid per layer in the decoder (and several
+    times that right after a kernel has streamed a cache through the CPU's caches). False sends the call
+    through ``_check_inputs``, which raises naming the bad argument."""
+    try:
+        batch, num_q_heads, num_new, head_dim = q.shape
+        shape = k_cache.shape
+        device = q.device
+        return (isinstance(q, torch.Tensor) and q.dtype in SUPPORTED_DTYPES and len(shape) == 4
+                and v_cache.shape == shape and shape[0] == batch and shape[3] == head_dim
+                and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype
+                and k_cache.device == device and v_cache.device == device and head_dim in HEAD_DIMS
+                and shape[1] > 0 and num_q_heads % shape[1] == 0 and 0 < num_new <= shape[2]
+                and q.stride(3) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+                and prefix_lens.dtype in (torch.int32, torch.int64) and prefix_lens.shape == (batch,)
+                and prefix_lens.device == device
+                and (tree_mask is None or (tree_mask.dtype == torch.int64 and tree_mask.shape == (batch, num_new)
+                                           and tree_mask.device == device and num_new <= MAX_TREE_TOKENS)))
+    except (AttributeError, TypeError, ValueError):  # not tensors, or q of another rank
+        return False
+
+
+def _check_inputs(q, k_cache, v_cache, prefix_lens, tree_mask) -> None:
+    """The argument checks, each raising a ValueError / TypeError that names the argument."""
     q = _checks.check_tensor("q", q, ndim=4, dtypes=SUPPORTED_DTYPES, shape_doc="[B, Hq, T, D]")
     batch, num_q_heads, num_new, head_dim = q.shape
     k_cache = _checks.check_tensor("k_cache", k_cache, ndim=4, shape_doc="[B, Hkv, L_max, D]")
@@ -80,35 +143,6 @@ def verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         if num_new > MAX_TREE_TOKENS:
             raise ValueError(f"tree_mask covers T={num_new} tokens; a tree holds at most {MAX_TREE_TOKENS} "
                              "(one int64 bitmask per query); pass tree_mask=None for a causal chain")
-    if validate and not torch.compiler.is_compiling():
-        _check_values(prefix_lens, tree_mask, num_new, cache_len)
-    if sm_scale is None:
-        sm_scale = head_dim ** -0.5
-
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    else:
-        _checks.check_tensor("out", out, ndim=4, dtypes=(q.dtype,), shape_doc="[B, Hq, T, D]")
-        _checks.check_same_device("out", out, "q", q)
-        if out.shape != q.shape:
-            raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
-        _checks.check_last_dim_contiguous("out", out)
-    if out_lse is not None:
-        _checks.check_tensor("out_lse", out_lse, ndim=3, dtypes=(torch.float32,), shape_doc="[B, Hq, T]")
-        _checks.check_same_device("out_lse", out_lse, "q", q)
-        if out_lse.shape != q.shape[:3] or not out_lse.is_contiguous():
-            raise ValueError(f"out_lse must be contiguous with shape {tuple(q.shape[:3])}, "
-                             f"got shape {tuple(out_lse.shape)} and strides {tuple(out_lse.stride())}")
-        return_lse = True
-    elif return_lse:
-        out_lse = q.new_empty(q.shape[:3], dtype=torch.float32)
-
-    prefix_lens = prefix_lens.to(torch.int32).contiguous()
-    tree_mask = tree_mask.contiguous() if tree_mask is not None else None
-    if batch > 0:
-        chosen = select("verify_attention", BACKENDS, PRIORITY.get(q.device.type, ("torch",)), backend, q)
-        chosen.run(q, k_cache, v_cache, prefix_lens, tree_mask, float(sm_scale), out, out_lse)
-    return (out, out_lse) if return_lse else out
 
 
 def _check_values(prefix_lens: torch.Tensor, tree_mask: Optional[torch.Tensor], num_new: int,
