@@ -230,10 +230,14 @@ def cmd_demo(args) -> int:
     exit_layer = args.exit_layer or tiny.EXIT_LAYER
     if not args.no_imitation:
         try:
-            imitation = tiny.load_imitation(model, None if args.model is None else Path(args.model) / "imitation")
+            wanted = tiny.EXIT_LAYER if args.exit_layer is None else args.exit_layer
+            folder = None if args.model is None else Path(args.model) / tiny.IMITATION_NETWORKS.get(wanted, "imitation")
+            imitation = tiny.load_imitation(model, folder, exit_layer=args.exit_layer)
             exit_layer = imitation.config.exit_layer
         except FileNotFoundError as error:
             print(f"fastvlm demo: {str(error).split(':')[0]}; drafting with plain early exit", file=sys.stderr)
+        except ValueError as error:  # no network shipped for --exit-layer
+            print(f"fastvlm demo: {error}; drafting with plain early exit", file=sys.stderr)
     decoder = SelfSpeculativeDecoder(model, exit_layer=exit_layer, imitation=imitation, draft_len=args.draft_len)
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
     tokenizer = _tokenizer_of(processor)
@@ -305,7 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--scenes", type=int, default=4)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--draft-len", type=_draft_len, default=8)
-    demo.add_argument("--exit-layer", type=int, help="default: the imitation network's, else the tiny VLM's")
+    demo.add_argument("--exit-layer", type=int,
+                      help="default: the exit the tiny VLM was trained to draft from (3); its shipped imitation "
+                           "network is used (exit layers 3 and 1 have one)")
     demo.add_argument("--no-imitation", action="store_true", help="draft with plain early exit")
     demo.add_argument("--max-new-tokens", type=int, default=80)
     demo.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this model)")

@@ -377,6 +377,41 @@ def test_shipped_imitation_network_keeps_more_of_each_draft():
 
 
 @shipped
+def test_shipped_exit_one_network_keeps_a_token_more_per_draft():
+    """The exit-layer-1 network (one decoder layer, 12,000 scenes): at exit layer 1 and draft length 8 it keeps at
+    least one more drafted token per step than plain early exit at the same exit layer and draft length (the
+    imitation issue's goal), with output identical to model.generate. Measured on these 12 scenes: 3.31 vs 1.93
+    (at k = 4: 2.41 vs 1.70)."""
+    from fastvlm_kernels import SelfSpeculativeDecoder
+
+    model, processor = tiny.load()
+    imitation = tiny.load_imitation(model, exit_layer=1)
+    assert imitation.config.exit_layer == 1
+    plain, imitated = [], []
+    for seed in range(12):
+        image, prompt = tiny.scene(100 + seed, kind="describe")
+        inputs = processor(images=image, text=prompt, return_tensors="pt")
+        expected = model.generate(**inputs, max_new_tokens=64, do_sample=False)
+        for network, sink in ((None, plain), (imitation, imitated)):
+            out = SelfSpeculativeDecoder(model, 1, imitation=network, draft_len=8).generate(**inputs, max_new_tokens=64)
+            assert torch.equal(out.sequences, expected)
+            sink.extend(a for step in out.stats.accepted for a in step)
+    plain_mean, imitated_mean = sum(plain) / len(plain), sum(imitated) / len(imitated)
+    assert imitated_mean - plain_mean >= 1.0, f"accepted per step: {plain_mean:.2f} plain, {imitated_mean:.2f}"
+
+
+@shipped
+def test_load_imitation_by_exit_layer():
+    model, _ = tiny.load()
+    assert tiny.load_imitation(model).config.exit_layer == tiny.EXIT_LAYER
+    assert set(tiny.IMITATION_NETWORKS) == {tiny.EXIT_LAYER, 1}
+    with pytest.raises(ValueError, match="exit_layer=5"):
+        tiny.load_imitation(model, exit_layer=5)
+    with pytest.raises(ValueError, match="trained for exit layer 1"):
+        tiny.load_imitation(model, tiny.FOLDER / "imitation_e1", exit_layer=2)
+
+
+@shipped
 def test_adaptive_drafting_on_the_shipped_model_drafts_and_stays_lossless():
     """The adaptive decoder on the shipped model: output identical to model.generate, it drafts, and a good
     share of what it drafts is kept. (Whether a step drafts or runs plain follows the measured time per

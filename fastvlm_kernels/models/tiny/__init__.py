@@ -22,9 +22,11 @@ from .scenes import Scene, make_scene, make_turn, render
 FOLDER = Path(__file__).resolve().parent
 EXIT_LAYER = TinyConfig().exit_layer
 BUILD_COMMAND = "python python/build_tiny_vlm.py"
+# The shipped imitation networks, by the exit layer each was trained for (folders in FOLDER).
+IMITATION_NETWORKS = {EXIT_LAYER: "imitation", 1: "imitation_e1"}
 
-__all__ = ["load", "scene", "load_imitation", "is_built", "FOLDER", "EXIT_LAYER", "Scene", "make_scene",
-           "make_turn", "render", "prompt_for"]
+__all__ = ["load", "scene", "load_imitation", "is_built", "FOLDER", "EXIT_LAYER", "IMITATION_NETWORKS", "Scene",
+           "make_scene", "make_turn", "render", "prompt_for"]
 
 
 def is_built(folder: Union[str, Path, None] = None) -> bool:
@@ -67,16 +69,29 @@ def answer(seed: int, kind: Optional[str] = None) -> str:
     return make_turn(make_scene(HELD_OUT_SEED + seed), HELD_OUT_SEED + seed, kind).answer
 
 
-def load_imitation(model=None, folder: Union[str, Path, None] = None):
-    """The shipped trained :class:`~fastvlm_kernels.imitation.ImitationNetwork` for the tiny VLM (its
-    ``config.exit_layer`` is the exit layer to decode with). ``model``: the tiny VLM (loaded if None)."""
+def load_imitation(model=None, folder: Union[str, Path, None] = None, *, exit_layer: Optional[int] = None):
+    """A shipped trained :class:`~fastvlm_kernels.imitation.ImitationNetwork` for the tiny VLM (its
+    ``config.exit_layer`` is the exit layer to decode with). ``model``: the tiny VLM (loaded if None).
+    ``exit_layer``: which shipped network (``IMITATION_NETWORKS``): ``EXIT_LAYER`` (the default), the residual
+    MLP over the exit the VLM was trained to draft from, or 1, one decoder layer over layer 1's state, where
+    plain early exit is weak. ``folder``: a network's folder instead (e.g. another build's)."""
     from ...imitation import ImitationNetwork
 
-    folder = Path(folder) if folder is not None else FOLDER / "imitation"
+    if folder is None:
+        chosen = EXIT_LAYER if exit_layer is None else exit_layer
+        if chosen not in IMITATION_NETWORKS:
+            raise ValueError(f"exit_layer={exit_layer}: no imitation network is shipped for it; shipped: exit layers "
+                             f"{sorted(IMITATION_NETWORKS)} (train one with `fastvlm train-imitation`)")
+        folder = FOLDER / IMITATION_NETWORKS[chosen]
+    folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no trained imitation network is shipped yet: {folder} is missing. It is trained on "
                                 f"the frozen tiny VLM with the imitation trainer after `{BUILD_COMMAND}`; until "
                                 f"then decode with plain early exit (imitation=None, exit_layer={EXIT_LAYER})")
     if model is None:
         model = load()[0]
-    return ImitationNetwork.from_pretrained(folder, model)
+    network = ImitationNetwork.from_pretrained(folder, model)
+    if exit_layer is not None and network.config.exit_layer != exit_layer:
+        raise ValueError(f"exit_layer={exit_layer}, but the network in {folder} was trained for exit layer "
+                         f"{network.config.exit_layer}")
+    return network
