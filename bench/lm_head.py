@@ -26,8 +26,8 @@ from _common import (copy_bandwidth_gbps, gpu_time_ms, environment, format_row, 
                      span, write_results)
 from fastvlm_kernels.ops.lm_head import BACKENDS, _prepare, early_exit_head, verify_head  # noqa: E402
 
-# (name, V, H): LLaVA-1.5 / Phi-3 heads, Qwen2-VL-7B's.
-HEADS = [("32064x4096", 32064, 4096), ("151936x3584", 151936, 3584)]
+# (name, V, H): LLaVA-1.5 / Phi-3 heads, Qwen2-VL-7B's, SmolLM2-135M's (the real model of models.smollm2).
+HEADS = [("32064x4096", 32064, 4096), ("151936x3584", 151936, 3584), ("49152x576", 49152, 576)]
 ROWS = (1, 5, 17, 65)
 EPS = 1e-6
 
