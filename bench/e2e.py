@@ -270,6 +270,8 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=48)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-assisted", action="store_true",
+                        help="skip transformers' assisted generation (slow on models where its drafts fail)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -364,7 +366,7 @@ def main():
             return [fn(inputs) for inputs in all_inputs]
 
         functions = {"generate": lambda: run_all(lambda inputs: model.generate(**inputs, **options))}
-        if batch == 1:
+        if batch == 1 and not args.no_assisted:
             def assisted(inputs):
                 with early_exit_config(model):
                     return model.generate(**inputs, **options, assistant_early_exit=args.exit_layer)

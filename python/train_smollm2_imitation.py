@@ -40,15 +40,23 @@ def say(message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
 
+TRAIN_SPLITS = ("train", "train_more")   # the data program's training splits (answers in responses/train.jsonl)
+
+
 def write_snapshot(data: Path, snapshot: Path, model, tokenizer) -> int:
-    """Copies the training prompts that have an answer in the responses cache into ``snapshot``; returns how many."""
+    """Copies the training prompts (of every training split present) that have an answer in the responses cache
+    into ``snapshot``; returns how many."""
     fingerprint = dict(model_fingerprint(model), max_new_tokens=MAX_NEW_TOKENS)
     done = _read_cache(data / "responses" / "train.jsonl", fingerprint)
-    examples = load_examples(data / "train")
-    lines = [line for line in (data / "train" / "prompts.jsonl").read_text().splitlines() if line.strip()]
-    if len(lines) != len(examples):
-        raise RuntimeError(f"{data / 'train'}: {len(lines)} lines but {len(examples)} examples")
-    kept = [line for example, line in zip(examples, lines) if example.key in done]
+    kept = []
+    for split in TRAIN_SPLITS:
+        if not (data / split / "prompts.jsonl").is_file():
+            continue
+        examples = load_examples(data / split)
+        lines = [line for line in (data / split / "prompts.jsonl").read_text().splitlines() if line.strip()]
+        if len(lines) != len(examples):
+            raise RuntimeError(f"{data / split}: {len(lines)} lines but {len(examples)} examples")
+        kept += [line for example, line in zip(examples, lines) if example.key in done]
     snapshot.mkdir(parents=True, exist_ok=True)
     temporary = snapshot / "prompts.jsonl.tmp"
     temporary.write_text("\n".join(kept) + "\n")

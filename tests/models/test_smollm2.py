@@ -170,6 +170,29 @@ def test_data_prompts_are_deterministic_with_disjoint_held_out_topics():
     assert len(set(questions)) == len(questions)
     assert program.make_prompts(0, 30, 1) == splits
     assert program.make_prompts(1, 30, 1) != splits
+    # train_more: the other templates of the training topics, disjoint from train, no held-out topic
+    more = splits["train_more"]
+    assert {item["topic"] for item in more} == train_topics
+    assert len(more) + len(splits["train"]) == len(train_topics) * len(program.TEMPLATES)
+    assert not {item["question"] for item in more} & {item["question"] for item in splits["train"]}
+
+
+EXPECTED_QUESTIONS = {
+    "train": ("Write a short poem about sound waves.",
+              "Write a short dialogue between two friends talking about honeybees."),
+    "heldout": ("What is the most common misconception about 3D printing?",
+                "Write the opening paragraph of an essay about mountain climbing."),
+}
+
+
+def test_data_prompts_of_the_answered_splits_never_change():
+    """The train and held-out prompts the cached answers were made for (build/smollm2_data, 2026-11-25): adding
+    train_more must not move them (first and last questions of each, and their counts)."""
+    splits = _data_program().make_prompts(seed=0, templates_per_topic=30, held_out_per_category=1)
+    assert len(splits["train"]) == 4290 and len(splits["heldout"]) == 360
+    for split in ("train", "heldout"):
+        for index in (0, -1):
+            assert splits[split][index]["question"] == EXPECTED_QUESTIONS[split][index]
 
 
 @needs_wheel
