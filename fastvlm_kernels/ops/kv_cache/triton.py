@@ -20,6 +20,7 @@ import triton.language as tl
 # bench/tune_gpu.py's choice on an H200 (bench/results/NVIDIA-H200-2026-11-26-tune*): within 15% of the best
 # of 24 settings at every LLaVA / Qwen2-VL shape.
 TILE_BYTES = 16384
+APPEND_TILE_BYTES = 16384   # kv_append's tile: the same size, kept apart because the sweep varies TILE_BYTES only
 _MAX_BLOCK_A = 64
 PATH_BLOCK_A = 16   # nodes per chunk: an accepted path is rarely longer (k + 1 tokens for a draft of k)
 NUM_WARPS = 4
@@ -73,7 +74,7 @@ _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 _DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
-def block_a_for(dtype: str, block_d: int, tile_bytes: int = 16384) -> int:
+def block_a_for(dtype: str, block_d: int, tile_bytes: int = APPEND_TILE_BYTES) -> int:
     """Nodes per chunk: as many as fit the register tile, at most 64 (one chunk for any draft tree)."""
     return max(1, min(_MAX_BLOCK_A, tile_bytes // (block_d * _DTYPE_BYTES[dtype])))
 
