@@ -230,8 +230,8 @@ def cmd_demo(args) -> int:
     exit_layer = args.exit_layer or tiny.EXIT_LAYER
     if not args.no_imitation:
         try:
-            wanted = tiny.EXIT_LAYER if args.exit_layer is None else args.exit_layer
-            folder = None if args.model is None else Path(args.model) / tiny.IMITATION_NETWORKS.get(wanted, "imitation")
+            name = tiny.IMITATION_NETWORKS.get(exit_layer, "imitation")
+            folder = None if args.model is None else Path(args.model) / name
             imitation = tiny.load_imitation(model, folder, exit_layer=args.exit_layer)
             exit_layer = imitation.config.exit_layer
         except FileNotFoundError as error:

@@ -55,7 +55,6 @@ constexpr float kGumbelMax = 36.8f;
 
 using namespace cpu_vec;
 
-
 // ---- the counter-based Gumbel noise (reference.py's gumbel_noise, bit for bit) ----------------------
 constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
 
@@ -208,12 +207,13 @@ FASTVLM_BF16_TARGET void dot_rows_bf16(const c10::BFloat16* const* wrows, const 
       dot_block_bf16<ROWS_BLOCK>(wrows, yb + m * Hp, H, Hp, scores + m * kTile, tile_col, m == 0 ? ahead : 0);
     const c10::BFloat16* ym = yb + m * Hp;
     float* sm = scores + m * kTile;
+    const int64_t rest_ahead = m == 0 ? ahead : 0;  // the group's rows are prefetched once, by its first block
     switch (M - m) {
-      case 1: dot_block_bf16<1>(wrows, ym, H, Hp, sm, tile_col, m == 0 ? ahead : 0); break;
-      case 2: dot_block_bf16<2>(wrows, ym, H, Hp, sm, tile_col, m == 0 ? ahead : 0); break;
-      case 3: dot_block_bf16<3>(wrows, ym, H, Hp, sm, tile_col, m == 0 ? ahead : 0); break;
-      case 4: dot_block_bf16<4>(wrows, ym, H, Hp, sm, tile_col, m == 0 ? ahead : 0); break;
-      case 5: dot_block_bf16<5>(wrows, ym, H, Hp, sm, tile_col, m == 0 ? ahead : 0); break;
+      case 1: dot_block_bf16<1>(wrows, ym, H, Hp, sm, tile_col, rest_ahead); break;
+      case 2: dot_block_bf16<2>(wrows, ym, H, Hp, sm, tile_col, rest_ahead); break;
+      case 3: dot_block_bf16<3>(wrows, ym, H, Hp, sm, tile_col, rest_ahead); break;
+      case 4: dot_block_bf16<4>(wrows, ym, H, Hp, sm, tile_col, rest_ahead); break;
+      case 5: dot_block_bf16<5>(wrows, ym, H, Hp, sm, tile_col, rest_ahead); break;
       default: break;
     }
 }
@@ -297,12 +297,13 @@ FASTVLM_INLINE void dot_rows(const scalar_t* const* wrows, const float* y, const
     dot_block<W, ROWS_BLOCK>(wrows, y + m * Hp, H, Hp, scores + m * kTile, tile_col, m == 0 ? ahead : 0);
   const float* ym = y + m * Hp;
   float* sm = scores + m * kTile;
+  const int64_t rest_ahead = m == 0 ? ahead : 0;  // the group's rows are prefetched once, by its first block
   switch (M - m) {
-    case 1: dot_block<W, 1>(wrows, ym, H, Hp, sm, tile_col, m == 0 ? ahead : 0); break;
-    case 2: dot_block<W, 2>(wrows, ym, H, Hp, sm, tile_col, m == 0 ? ahead : 0); break;
-    case 3: dot_block<W, 3>(wrows, ym, H, Hp, sm, tile_col, m == 0 ? ahead : 0); break;
-    case 4: if constexpr (ROWS_BLOCK > 4) dot_block<W, 4>(wrows, ym, H, Hp, sm, tile_col, m == 0 ? ahead : 0); break;
-    case 5: if constexpr (ROWS_BLOCK > 5) dot_block<W, 5>(wrows, ym, H, Hp, sm, tile_col, m == 0 ? ahead : 0); break;
+    case 1: dot_block<W, 1>(wrows, ym, H, Hp, sm, tile_col, rest_ahead); break;
+    case 2: dot_block<W, 2>(wrows, ym, H, Hp, sm, tile_col, rest_ahead); break;
+    case 3: dot_block<W, 3>(wrows, ym, H, Hp, sm, tile_col, rest_ahead); break;
+    case 4: if constexpr (ROWS_BLOCK > 4) dot_block<W, 4>(wrows, ym, H, Hp, sm, tile_col, rest_ahead); break;
+    case 5: if constexpr (ROWS_BLOCK > 5) dot_block<W, 5>(wrows, ym, H, Hp, sm, tile_col, rest_ahead); break;
     default: break;
   }
 }

@@ -351,29 +351,34 @@ def test_shipped_model_reads_the_image():
     assert correct / total >= 0.5, f"{correct}/{total} counting answers right"
 
 
+def _accepted_per_step(model, processor, imitation, exit_layer: int, scenes: int, draft_len: int = 8):
+    """Mean drafted tokens kept per step over "describe" scenes 100.., plain early exit and with ``imitation``
+    at ``exit_layer``; every output checked identical to model.generate."""
+    from fastvlm_kernels import SelfSpeculativeDecoder
+
+    plain, imitated = [], []
+    for seed in range(scenes):
+        image, prompt = tiny.scene(100 + seed, kind="describe")
+        inputs = processor(images=image, text=prompt, return_tensors="pt")
+        expected = model.generate(**inputs, max_new_tokens=64, do_sample=False)
+        for network, sink in ((None, plain), (imitation, imitated)):
+            out = SelfSpeculativeDecoder(model, exit_layer, imitation=network, draft_len=draft_len).generate(
+                **inputs, max_new_tokens=64)
+            assert torch.equal(out.sequences, expected)
+            sink.extend(a for step in out.stats.accepted for a in step)
+    return sum(plain) / len(plain), sum(imitated) / len(imitated)
+
+
 @shipped
 def test_shipped_imitation_network_keeps_more_of_each_draft():
     """The shipped imitation network, at the exit layer it was trained for, keeps more of each 8-token draft
     than plain early exit at the same exit layer, with output identical to model.generate. Measured on these
     16 scenes: 4.95 vs 4.55 accepted per step; the issue's goal (+1.0) is not reached on this model, whose
     exit the joint phase already trained to draft (models/tiny/README.md)."""
-    from fastvlm_kernels import SelfSpeculativeDecoder
-
     model, processor = tiny.load()
     imitation = tiny.load_imitation(model)
-    exit_layer = imitation.config.exit_layer
-    plain, imitated = [], []
-    for seed in range(16):
-        image, prompt = tiny.scene(100 + seed, kind="describe")
-        inputs = processor(images=image, text=prompt, return_tensors="pt")
-        expected = model.generate(**inputs, max_new_tokens=64, do_sample=False)
-        for network, sink in ((None, plain), (imitation, imitated)):
-            out = SelfSpeculativeDecoder(model, exit_layer, imitation=network, draft_len=8).generate(
-                **inputs, max_new_tokens=64)
-            assert torch.equal(out.sequences, expected)
-            sink.extend(a for step in out.stats.accepted for a in step)
-    gain = sum(imitated) / len(imitated) - sum(plain) / len(plain)
-    assert gain >= 0.1, f"accepted per step: {sum(plain) / len(plain):.2f} plain, {sum(imitated) / len(imitated):.2f}"
+    plain, imitated = _accepted_per_step(model, processor, imitation, imitation.config.exit_layer, scenes=16)
+    assert imitated - plain >= 0.1, f"accepted per step: {plain:.2f} plain, {imitated:.2f}"
 
 
 @shipped
@@ -382,22 +387,11 @@ def test_shipped_exit_one_network_keeps_a_token_more_per_draft():
     least one more drafted token per step than plain early exit at the same exit layer and draft length (the
     imitation issue's goal), with output identical to model.generate. Measured on these 12 scenes: 3.31 vs 1.93
     (at k = 4: 2.41 vs 1.70)."""
-    from fastvlm_kernels import SelfSpeculativeDecoder
-
     model, processor = tiny.load()
     imitation = tiny.load_imitation(model, exit_layer=1)
     assert imitation.config.exit_layer == 1
-    plain, imitated = [], []
-    for seed in range(12):
-        image, prompt = tiny.scene(100 + seed, kind="describe")
-        inputs = processor(images=image, text=prompt, return_tensors="pt")
-        expected = model.generate(**inputs, max_new_tokens=64, do_sample=False)
-        for network, sink in ((None, plain), (imitation, imitated)):
-            out = SelfSpeculativeDecoder(model, 1, imitation=network, draft_len=8).generate(**inputs, max_new_tokens=64)
-            assert torch.equal(out.sequences, expected)
-            sink.extend(a for step in out.stats.accepted for a in step)
-    plain_mean, imitated_mean = sum(plain) / len(plain), sum(imitated) / len(imitated)
-    assert imitated_mean - plain_mean >= 1.0, f"accepted per step: {plain_mean:.2f} plain, {imitated_mean:.2f}"
+    plain, imitated = _accepted_per_step(model, processor, imitation, 1, scenes=12)
+    assert imitated - plain >= 1.0, f"accepted per step: {plain:.2f} plain, {imitated:.2f}"
 
 
 @shipped
