@@ -356,7 +356,7 @@ def _run_chunked_gemm(call: _Call) -> None:
     compute-bound case) reduced to per-chunk partials as they are made, then merged: the [M, V] logits
     are never held, only one [M, _GEMM_CHUNK] tile. Semantics of reference.py (scores = logits * scale,
     soft-capped, / temperature; ties to the lowest token id)."""
-    from .partials import merge_partials
+    from .partials import merge_partials, probs_from_logits_
     from .reference import normed_hidden
 
     normed = normed_hidden(call.hidden, call.norm_weight, call.eps, call.norm_offset)
@@ -390,7 +390,7 @@ def _run_chunked_gemm(call: _Call) -> None:
     merge_partials(tile_max, tile_arg, tile_sum, tile_max, tile_arg, tile_max, tile_draft, None, False,
                    call.tokens, call.max_logit, call.lse, call.logprob, call.draft_logprob)
     if call.probs is not None:
-        call.probs.sub_(call.lse[call.prob_rows][:, None]).exp_()
+        probs_from_logits_(call.probs, call.lse, call.prob_rows)
 
 
 def _run_triton(call: _Call) -> None:

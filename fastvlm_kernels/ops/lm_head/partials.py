@@ -33,3 +33,9 @@ def merge_partials(tile_max, tile_arg, tile_sum, tile_best, tile_best_arg, tile_
     tokens.copy_(subset[col] if subset is not None else col)
     if draft_logprob is not None:
         draft_logprob.copy_(tile_draft.max(dim=1).values - row_lse)
+
+
+def probs_from_logits_(probs: torch.Tensor, lse: torch.Tensor, prob_rows: torch.Tensor) -> None:
+    """Turns ``probs`` (the requested rows' scaled logits, written tile by tile) into softmax rows in place,
+    with the rows' merged log-sum-exp."""
+    probs.sub_(lse[prob_rows][:, None]).exp_()

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .partials import merge_partials
+from .partials import merge_partials, probs_from_logits_
 
 _GOLDEN = tl.constexpr(0x9E3779B97F4A7C15)
 _MIX_1 = tl.constexpr(0xBF58476D1CE4E5B9)
@@ -294,7 +294,7 @@ def lm_head_triton(hidden: torch.Tensor, norm_weight: torch.Tensor, lm_head_weig
         merge_partials(tile_max, tile_arg, tile_sum, tile_best, tile_best_arg, tile_best_score, tile_draft,
                        vocab_subset, sample, tokens, max_logit, lse, logprob, draft_logprob, cand_score, cand_col)
     if has_probs:
-        probs.sub_(lse[prob_rows][:, None]).exp_()
+        probs_from_logits_(probs, lse, prob_rows)
 
 
 lm_head_triton_op = torch.library.custom_op(
