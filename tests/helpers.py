@@ -52,3 +52,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def load_program(name: str):
+    """Imports ``python/<name>.py`` (a recipe program, not part of the package) as a module."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "python" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_program_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module        # dataclasses look their module up while the program runs
+    spec.loader.exec_module(module)
+    return module

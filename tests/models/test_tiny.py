@@ -10,6 +10,7 @@ from PIL import Image
 
 from fastvlm_kernels.models import tiny
 from fastvlm_kernels.models.tiny import recipe, scenes
+from ..helpers import load_program
 
 SEEDS = range(0, 400, 7)
 
@@ -403,6 +404,14 @@ def test_load_imitation_by_exit_layer():
         tiny.load_imitation(model, exit_layer=5)
     with pytest.raises(ValueError, match="trained for exit layer 1"):
         tiny.load_imitation(model, tiny.FOLDER / "imitation_e1", exit_layer=2)
+
+
+def test_build_recipe_trains_the_networks_the_package_names():
+    """python/build_tiny_vlm.py's IMITATION_SPECS and tiny.IMITATION_NETWORKS name the same folders for the same
+    exit layers (the build writes what load_imitation reads)."""
+    specs = load_program("build_tiny_vlm").IMITATION_SPECS
+    built = {spec.exit_layer if spec.exit_layer is not None else tiny.EXIT_LAYER: spec.folder for spec in specs}
+    assert built == tiny.IMITATION_NETWORKS
 
 
 @shipped
