@@ -148,8 +148,13 @@ def _check_inputs(q, k_cache, v_cache, prefix_lens, tree_mask) -> None:
 def _check_values(prefix_lens: torch.Tensor, tree_mask: Optional[torch.Tensor], num_new: int,
                   cache_len: int) -> None:
     """The checks that read tensor values: lengths in range, each query sees itself and no later token."""
-    low, high = (int(value) for value in torch.stack([prefix_lens.min(), prefix_lens.max()]).tolist()) \
-        if prefix_lens.numel() else (0, 0)
+    if prefix_lens.numel() == 0:
+        low, high = 0, 0
+    elif prefix_lens.device.type == "cpu":  # one call instead of four tensor ops (~40 us on cold caches)
+        values = prefix_lens.tolist()
+        low, high = min(values), max(values)
+    else:                                   # one device-to-host read
+        low, high = (int(value) for value in torch.stack([prefix_lens.min(), prefix_lens.max()]).tolist())
     if low < 0:
         raise ValueError(f"prefix_lens must be >= 0, got a row with {low}")
     if high + num_new > cache_len:
