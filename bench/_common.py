@@ -4,6 +4,8 @@ import datetime
 import json
 import os
 import platform
+import statistics
+import time
 from typing import Optional
 
 import torch
@@ -158,3 +160,30 @@ def gpu_time_ms(fn, warmup=None, rep=None, iters: int = 10, flush: Optional[str]
         return max(replay_ms(work), 1e-6) / iters
     differences = sorted(replay_ms_once(work) - replay_ms_once(flushes) for _ in range(9))
     return max(differences[len(differences) // 2], 1e-6) / iters
+
+
+def cpu_time_us(fn, min_run_time: float) -> float:
+    """Median µs per call of ``fn`` (torch.utils.benchmark, blocked autorange) at the process's thread count:
+    the Timer's own default is one thread, whatever torch.set_num_threads says."""
+    from torch.utils import benchmark
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e6
+
+
+def alternate(functions: dict, repeats: int, min_time: float, max_calls: int = 50) -> dict:
+    """Median seconds per call of each function, called one at a time in turns (the order reversed every turn),
+    so that machine load and drift hit all alike and none always runs right after the same other; at least
+    ``repeats`` calls each and ``min_time`` seconds in all, at most ``max_calls`` calls each."""
+    for fn in functions.values():
+        fn()
+    names = list(functions)
+    times = {name: [] for name in names}
+    start = time.perf_counter()
+    calls = 0
+    while (calls < repeats or time.perf_counter() - start < min_time) and calls < max_calls:
+        for name in names if calls % 2 == 0 else reversed(names):
+            t0 = time.perf_counter()
+            functions[name]()
+            times[name].append(time.perf_counter() - t0)
+        calls += 1
+    return {name: statistics.median(values) for name, values in times.items()}

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import gpu_time_ms, environment, format_row, write_results  # noqa: E402
+from _common import cpu_time_us, gpu_time_ms, environment, format_row, write_results  # noqa: E402
 from fastvlm_kernels.ops.acceptance import (BACKENDS, accept_greedy, accept_greedy_reference,  # noqa: E402
                                             accept_sampling, accept_sampling_reference, accept_sampling_tree,
                                             accept_sampling_tree_reference)
@@ -85,11 +85,6 @@ def check(got, expected, what):
             raise SystemExit(f"{what} disagrees with the reference")
 
 
-def time_cpu(fn, min_run_time):
-    from torch.utils import benchmark
-    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e6
-
-
 def cases():
     for batch in BATCHES:
         for num_drafted in DRAFT_LENGTHS:
@@ -145,7 +140,7 @@ def run(args):
     device = args.device
     if device == "cpu":
         backends = ["cpu"] if usable("cpu", "cpu") else []
-        timer = lambda fn: time_cpu(fn, args.min_time)  # noqa: E731
+        timer = lambda fn: cpu_time_us(fn, args.min_time)  # noqa: E731
     else:
         backends = [name for name in ("cuda", "triton") if usable(name, "cuda")]
         timer = lambda fn: 1e3 * gpu_time_ms(fn)  # noqa: E731

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import copy_bandwidth_gbps, gpu_time_ms, environment, format_row, markdown  # noqa: E402
+from _common import copy_bandwidth_gbps, cpu_time_us, gpu_time_ms, environment, format_row, markdown  # noqa: E402
 from fastvlm_kernels import KVCache  # noqa: E402
 from fastvlm_kernels.ops.kv_cache import BACKENDS, kv_append, kv_compact  # noqa: E402
 
@@ -78,10 +78,8 @@ def chain_rollback_moves_nothing(buffer_device: str, dtype) -> dict:
     new_lens = torch.tensor([33, 37], dtype=torch.int32, device=buffer_device)
     cache.rollback(new_lens, host_lens=[33, 37])
     changed = int((cache.buffer != before).sum())
-    from torch.utils import benchmark
-    seconds = benchmark.Timer(stmt="cache.rollback(new_lens, host_lens=[33, 37])",
-                              globals=dict(cache=cache, new_lens=new_lens)).blocked_autorange(min_run_time=0.2).median
-    return dict(case="chain rollback", bytes_moved=changed * cache.buffer.element_size(), rollback_us=seconds * 1e6)
+    microseconds = cpu_time_us(lambda: cache.rollback(new_lens, host_lens=[33, 37]), 0.2)
+    return dict(case="chain rollback", bytes_moved=changed * cache.buffer.element_size(), rollback_us=microseconds)
 
 
 def cases(device):
@@ -100,14 +98,11 @@ def cases(device):
 
 
 def run_cpu(args):
-    from torch.utils import benchmark
     rows = []
     for row, buffer, start, accepted in cases("cpu"):
         check(buffer, start, accepted, "cpu")
-        timer = lambda backend: benchmark.Timer(  # noqa: E731
-            stmt="kv_compact(buffer, start, accepted, validate=False, backend=backend)",
-            globals=dict(kv_compact=kv_compact, buffer=buffer, start=start, accepted=accepted, backend=backend),
-        ).blocked_autorange(min_run_time=args.min_time).median * 1e6
+        timer = lambda backend: cpu_time_us(  # noqa: E731
+            lambda: kv_compact(buffer, start, accepted, validate=False, backend=backend), args.min_time)
         row["reference_us"] = timer("torch")
         row["cpu_us"] = timer("cpu")
         row["speedup"] = row["reference_us"] / row["cpu_us"]
@@ -212,9 +207,7 @@ def main():
     print(format_row(chain), flush=True)
     if args.device == "cpu":
         rows = run_cpu(args)
-        from torch.utils import benchmark
-        timer = lambda fn: benchmark.Timer(stmt="fn()", globals=dict(fn=fn)).blocked_autorange(  # noqa: E731
-            min_run_time=args.min_time).median * 1e6
+        timer = lambda fn: cpu_time_us(fn, args.min_time)  # noqa: E731
     else:
         rows, env["copy_gbps"] = run_gpu(args)
         timer = lambda fn: gpu_time_ms(fn, warmup=25, rep=100) * 1e3  # noqa: E731

@@ -13,17 +13,15 @@ Each configuration is checked against the reference chain before it is timed.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import (copy_bandwidth_gbps, gpu_time_ms, environment, format_row, same_size_read_us,  # noqa: E402
-                     span, write_results)
+from _common import (alternate, copy_bandwidth_gbps, gpu_time_ms, environment, format_row,  # noqa: E402
+                     same_size_read_us, span, write_results)
 from fastvlm_kernels.ops.lm_head import BACKENDS, _prepare, early_exit_head, verify_head  # noqa: E402
 
 # (name, V, H): LLaVA-1.5 / Phi-3 heads, Qwen2-VL-7B's, SmolLM2-135M's (the real model of models.smollm2).
@@ -74,22 +72,6 @@ def check(hidden, norm_weight, weight, backend):
     safe = (top2[:, 0] - top2[:, 1]) > 0.05
     if (safe & (got != logits.argmax(-1))).any():
         raise SystemExit(f"{backend} disagrees with F.linear + argmax")
-
-
-def alternate(functions: dict, repeats: int, min_time: float) -> dict:
-    """Median seconds per function, calling them in turn so that machine load hits all alike."""
-    for fn in functions.values():
-        fn()
-    times = {name: [] for name in functions}
-    start = time.perf_counter()
-    while len(next(iter(times.values()))) < repeats or time.perf_counter() - start < min_time:
-        for name, fn in functions.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-        if len(times[next(iter(times))]) >= 50:
-            break
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def run_cpu(args):

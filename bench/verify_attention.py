@@ -4,8 +4,8 @@
     python bench/verify_attention.py --device cuda        # GPU: every backend vs SDPA / flash-attn / FlashInfer
     python bench/verify_attention.py --json out.json --md out.md
 
-CPU: torch.utils.benchmark medians (compare ratios within one run: timings on a shared 2-core machine are
-noisy). GPU: device time per call (_common.gpu_time_ms: CUDA-graph replay, cold L2, no host overhead), with GB/s and % of the measured copy bandwidth
+CPU: medians of single calls, SDPA and the kernel called in turns at the process's thread count (compare
+ratios within one run: timings on a shared 2-core machine drift); the reference by torch.utils.benchmark. GPU: device time per call (_common.gpu_time_ms: CUDA-graph replay, cold L2, no host overhead), with GB/s and % of the measured copy bandwidth
 (the kernel is memory bound: it must read the cache once per KV head).
 Each configuration is checked against the reference before it is timed.
 """
@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import (copy_bandwidth_gbps, gpu_time_ms, environment, format_row, same_size_read_us,  # noqa: E402
-                     span, write_results)
+from _common import (alternate, copy_bandwidth_gbps, cpu_time_us, gpu_time_ms, environment, format_row,  # noqa: E402
+                     same_size_read_us, span, write_results)
 from fastvlm_kernels.ops.verify_attention import BACKENDS, verify_attention, verify_attention_reference  # noqa: E402
 from fastvlm_kernels.ops.verify_attention.reference import visibility_mask  # noqa: E402
 
@@ -66,33 +66,31 @@ def check(q, k_cache, v_cache, prefix_lens, backend):
         raise SystemExit(f"{backend} disagrees with the reference: max abs error {error:.3g} > {limit}")
 
 
-def time_cpu(fn, min_run_time):
-    from torch.utils import benchmark
-    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e6
-
-
 def run_cpu(args):
     rows = []
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    total = len(HEAD_SHAPES) * len(CPU_PREFIXES) * len(NEW_TOKENS) * len(dtypes)
+    dtypes = {name: dtype for name, dtype in dtypes.items() if name in args.dtypes}
+    total = len(HEAD_SHAPES) * len(args.prefixes) * len(args.new_tokens) * len(dtypes)
     for dtype_name, dtype in dtypes.items():
         for shape_name, num_q_heads, num_kv_heads, head_dim in HEAD_SHAPES:
-            for prefix in CPU_PREFIXES:
-                for num_new in NEW_TOKENS:
+            for prefix in args.prefixes:
+                for num_new in args.new_tokens:
                     q, k_cache, v_cache, prefix_lens = make_case(1, num_q_heads, num_kv_heads, head_dim,
                                                                  prefix, num_new, dtype, "cpu")
                     mask = visibility_mask(prefix_lens, None, num_new, k_cache.shape[2])[:, None]
                     row = dict(dtype=dtype_name, shape=shape_name, Hq=num_q_heads, Hkv=num_kv_heads, D=head_dim,
                                prefix=prefix, T=num_new)
-                    row["sdpa_mask_us"] = time_cpu(lambda: sdpa_with_mask(q, k_cache, v_cache, mask), args.min_time)
+                    timed = {"sdpa_mask_us": lambda: sdpa_with_mask(q, k_cache, v_cache, mask)}
                     if usable("cpu", q):
                         check(q, k_cache, v_cache, prefix_lens, "cpu")
-                        row["cpu_us"] = time_cpu(lambda: verify_attention(q, k_cache, v_cache, prefix_lens,
-                                                                          validate=False, backend="cpu"),
-                                                 args.min_time)
+                        timed["cpu_us"] = lambda: verify_attention(q, k_cache, v_cache, prefix_lens, validate=False,
+                                                                   backend="cpu")
+                    medians = alternate(timed, repeats=10, min_time=args.min_time, max_calls=5000)
+                    row.update({name: seconds * 1e6 for name, seconds in medians.items()})
+                    if "cpu_us" in row:
                         row["speedup_vs_sdpa"] = row["sdpa_mask_us"] / row["cpu_us"]
                     if not args.skip_reference:
-                        row["reference_us"] = time_cpu(lambda: verify_attention_reference(q, k_cache, v_cache,
+                        row["reference_us"] = cpu_time_us(lambda: verify_attention_reference(q, k_cache, v_cache,
                                                                                            prefix_lens), args.min_time)
                     rows.append(row)
                     print(f"[{len(rows)}/{total}] " + format_row(row), flush=True)
@@ -151,6 +149,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--min-time", type=float, default=0.2, help="CPU: seconds per measurement")
+    parser.add_argument("--prefixes", type=int, nargs="+", default=list(CPU_PREFIXES), help="CPU: prefix lengths")
+    parser.add_argument("--new-tokens", type=int, nargs="+", default=list(NEW_TOKENS), help="CPU: values of T")
+    parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     parser.add_argument("--skip-reference", action="store_true", help="CPU: do not time the slow reference")
     parser.add_argument("--json", type=Path, help="write the rows and the environment here")
     parser.add_argument("--md", type=Path, help="write a markdown table here")
