@@ -8,6 +8,10 @@ TORCH_LIBRARY(fastvlm, m) {
   m.def(
       "verify_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor prefix_lens, Tensor? tree_mask, "
       "float sm_scale, Tensor(a!) out, Tensor(b!)? lse) -> ()");
+  // The CPU entry of the public function (csrc/ops.h): refuses what it does not take with NotImplementedError.
+  m.def(
+      "verify_attention_checked(Tensor q, Tensor k_cache, Tensor v_cache, Tensor prefix_lens, Tensor? tree_mask, "
+      "float? sm_scale, bool validate) -> Tensor");
   m.def("kv_compact(Tensor(a!) buffer, Tensor start, Tensor accepted) -> ()");
   m.def("kv_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor lengths, Tensor keys, Tensor values) -> ()");
   // acceptance
@@ -28,6 +32,7 @@ TORCH_LIBRARY(fastvlm, m) {
 
 TORCH_LIBRARY_IMPL(fastvlm, CPU, m) {
   m.impl("verify_attention", &fastvlm::verify_attention_cpu);
+  m.impl("verify_attention_checked", &fastvlm::verify_attention_checked_cpu);
   m.impl("kv_compact", &fastvlm::kv_compact_cpu);
   m.impl("kv_append", &fastvlm::kv_append_cpu);
   // acceptance

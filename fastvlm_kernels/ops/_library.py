@@ -61,6 +61,10 @@ else:
     def _verify_attention_fake(q, k_cache, v_cache, prefix_lens, tree_mask, sm_scale, out, lse):
         return None
 
+    # fastvlm::verify_attention_checked has no fake on purpose: it is the eager CPU entry of the public function
+    # (never traced; torch.compile takes the checked Python path), and a meta or fake tensor must reach the
+    # dispatcher's NotImplementedError, which sends the call to the Python checks.
+
     @torch.library.register_fake("fastvlm::kv_compact")
     def _kv_compact_fake(buffer, start, accepted):
         return None

@@ -1,3 +1,4 @@
+import importlib
 import os
 import subprocess
 import sys
@@ -66,6 +67,66 @@ def test_cpu_backends_match_reference(backend, shape, dtype):
     backend_or_skip(backend, "cpu", dtype)
     inputs = make_inputs(*shape, dtype=dtype, seed=hash(shape) % 1000, transposed_q=shape[3] % 2 == 1)
     check_against_reference(backend, inputs, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("shape", TEST_SHAPES, ids=shape_id)
+def test_cpu_entry_of_the_public_function_matches_reference(shape, dtype, monkeypatch):
+    """A plain call on CPU tensors (auto, no out) runs whole in C++ (verify_attention_checked): it must really
+    be the path taken, give what the reference gives, and be bit-identical to the CPU backend's call with a
+    poisoned out (the same kernel), with int64 lengths, a transposed q and a given scale too."""
+    backend_or_skip("cpu", "cpu", dtype)
+    module = importlib.import_module("fastvlm_kernels.ops.verify_attention")  # the package attribute is the function
+    assert module._CPU_ENTRY is not None, "the extension is loaded but its CPU entry is missing"
+    calls = []
+    entry = module._CPU_ENTRY
+    monkeypatch.setattr(module, "_CPU_ENTRY", lambda *args: calls.append(args) or entry(*args))
+    q, k_cache, v_cache, prefix_lens, tree_mask = make_inputs(*shape, dtype=dtype, seed=hash(shape) % 1000 + 1,
+                                                              transposed_q=shape[3] % 2 == 0)
+    expected, _ = verify_attention_reference(q.double(), k_cache.double(), v_cache.double(), prefix_lens, tree_mask)
+    out = verify_attention(q, k_cache, v_cache, prefix_lens.long(), tree_mask)
+    assert len(calls) == 1
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    factor, floor = TOLERANCES["cpu"][dtype]
+    bound = factor * sdpa_error(q, k_cache, v_cache, prefix_lens, tree_mask, expected) + floor
+    error = (out.double() - expected).abs().max().item()
+    assert error <= bound, f"max abs error {error:.3g} > {bound:.3g} (3 x SDPA's error + floor)"
+    for scale in (None, 0.37):
+        got = verify_attention(q, k_cache, v_cache, prefix_lens.long(), tree_mask, sm_scale=scale)
+        backend = verify_attention(q, k_cache, v_cache, prefix_lens, tree_mask, sm_scale=scale, backend="cpu",
+                                   out=poisoned_like(q))
+        assert torch.equal(got, backend), f"sm_scale={scale}: the C++ entry differs from the CPU backend"
+    assert len(calls) == 3
+
+
+def test_cpu_entry_refuses_what_it_does_not_take():
+    """Every argument the C++ entry does not take is refused before anything runs (NotImplementedError, which
+    hands the call to the Python checks): bad values included, whatever validate says about the kernel."""
+    module = importlib.import_module("fastvlm_kernels.ops.verify_attention")  # the package attribute is the function
+    if module._CPU_ENTRY is None:
+        pytest.skip("no C++ CPU entry (extension not built)")
+    q, k_cache, v_cache, prefix_lens, tree_mask = _good()
+    entry = module._CPU_ENTRY
+    refused = [
+        (q[0], k_cache, v_cache, prefix_lens, tree_mask), (q.double(), k_cache, v_cache, prefix_lens, tree_mask),
+        (q, k_cache.half(), v_cache, prefix_lens, tree_mask), (q, k_cache[:, :, :, ::2], v_cache, prefix_lens, tree_mask),
+        (q, k_cache[:, :1], v_cache[:, :1], prefix_lens, tree_mask),                      # Hq=4 over Hkv=1 is fine...
+        (q[:, :3], k_cache, v_cache, prefix_lens, tree_mask),                              # ...3 over 2 is not
+        (q, k_cache, v_cache, prefix_lens.float(), tree_mask), (q, k_cache, v_cache, prefix_lens[:1], tree_mask),
+        (q, k_cache, v_cache, torch.tensor([5, 11], dtype=torch.int32), tree_mask),
+        (q, k_cache, v_cache, torch.tensor([-1, 0], dtype=torch.int32), tree_mask),
+        (q, k_cache, v_cache, prefix_lens, tree_mask.int()), (q, k_cache, v_cache, prefix_lens, tree_mask | 4),
+        (q, k_cache, v_cache, prefix_lens, tree_mask & ~2), (q, k_cache.to("meta"), v_cache, prefix_lens, tree_mask),
+    ]
+    for index, args in enumerate(refused):
+        if index == 4:
+            assert entry(*args, None, True).shape == q.shape
+            continue
+        with pytest.raises(NotImplementedError):
+            entry(*args, None, True)
+    # validate=False: values are the caller's promise; the kernel clamps lengths and never reads outside.
+    out = entry(q, k_cache, v_cache, torch.tensor([5, 11], dtype=torch.int32), tree_mask, None, False)
+    assert out.shape == q.shape and not out.isnan().any()
 
 
 @pytest.mark.interpreter

@@ -45,6 +45,12 @@ def verify_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     Returns:
         ``out`` ``[B, Hq, T, D]``, or ``(out, lse)`` when return_lse or out_lse is given.
     """
+    if (out is None and out_lse is None and not return_lse and backend == "auto" and _CPU_ENTRY is not None and
+            isinstance(q, torch.Tensor) and q.is_cpu and not _is_compiling()):
+        try:  # the whole call in C++ (~30-50 us less than the checks below right after a cache-streaming kernel)
+            return _CPU_ENTRY(q, k_cache, v_cache, prefix_lens, tree_mask, sm_scale, validate)
+        except NotImplementedError:
+            pass  # an argument it does not take: the checks below name it, or another backend runs
     if not _inputs_look_valid(q, k_cache, v_cache, prefix_lens, tree_mask):
         _check_inputs(q, k_cache, v_cache, prefix_lens, tree_mask)  # raises, naming the bad argument
     num_new, head_dim = q.shape[2], q.shape[3]
@@ -208,3 +214,17 @@ BACKENDS = (
 # T <= 16 (1.1-4.1x SDPA with a mask) and is 1.3-9.4x faster than SDPA at GQA 28/4; the CUDA C++ kernel
 # (mma.sync, cp.async pipeline, split-KV) is 1.2-3.6x slower than tuned Triton at those shapes, so it comes second.
 PRIORITY = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+
+def _cpu_entry():
+    """The extension's whole-call CPU op (``verify_attention_checked``, csrc/ops.h) when "auto" picks the CPU
+    kernel for CPU tensors, else None (no extension, or one built before the op existed)."""
+    cpu = next(backend for backend in BACKENDS if backend.name == "cpu")
+    if PRIORITY["cpu"][0] != "cpu" or cpu.not_supported_reasons(torch.empty(0)):
+        return None
+    return getattr(torch.ops.fastvlm, "verify_attention_checked", None)
+
+
+# The public function's fast path on CPU tensors; torch.compile traces the checked path and the plain op instead.
+_CPU_ENTRY = _cpu_entry()
+_is_compiling = torch.compiler.is_compiling
