@@ -232,11 +232,12 @@ def measure_drafter_parts(model, parts: dict, decoder, repeats: int = 30) -> tup
 
 def time_alternately(functions: dict, repeats: int) -> dict:
     times = {name: [] for name in functions}
-    for _ in range(repeats):
+    for round_index in range(repeats):
         for name, fn in functions.items():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
+            print(f"  timing round {round_index + 1}/{repeats}: {name} {times[name][-1]:.2f} s", flush=True)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -394,6 +395,7 @@ def main():
                     if not identical and args.dtype == "fp32":
                         raise SystemExit(f"{name}: output differs from model.generate")
                     decoders[name] = (decoder, [out.stats for out in outs], identical)
+                    print(f"  checked {name}: {'identical to' if identical else 'DIFFERS from'} generate", flush=True)
                     functions[name] = lambda decoder=decoder: run_all(
                         lambda inputs: decoder.generate(**inputs, **options))
         if batch == 1:
