@@ -1,7 +1,7 @@
 """Self-distillation data for SmolLM2-135M-Instruct's imitation network: prompts, and the model's own greedy
 answers, cached on disk and resumable.
 
-    python python/build_smollm2_data.py                   # held-out, train, then train_more (~7,200 prompts)
+    python python/build_smollm2_data.py         # held-out, train, train_more, then train_topics (~10,300 prompts)
     nohup nice -n 19 python python/build_smollm2_data.py >> build/smollm2_data/log.txt 2>&1 &   # rerun to resume
     python python/build_smollm2_data.py --list            # print the prompts and the split, generate nothing
 
@@ -10,7 +10,10 @@ each topic gets ``--templates-per-topic`` templates chosen by a seeded generator
 whole topics (``--held-out-per-category`` topics of every category, chosen from the seed), so no held-out
 topic is ever seen in training. ``train_more`` holds the other templates of the training topics (2,574
 prompts; its answers go to the train split's cache): the imitation network was still data-limited at 4,290
-training prompts. Everything is deterministic from ``--seed``.
+training prompts. ``train_topics`` holds 16 templates of each of 192 further topics (NEW_TOPICS: 3,072 prompts;
+answers to the train cache), none a held-out topic or sharing a word with one: after 6,864 training prompts
+the network still kept fewer drafted tokens on the held-out topics than on unseen prompts of its training
+topics. Everything is deterministic from ``--seed``.
 
 Answers: the model's greedy answer through its chat template (``smollm2.chat_inputs``'s formatting), made with
 ``model.generate`` in batches of ``--batch-size`` left-padded prompts, sorted by prompt length to cut
@@ -47,9 +50,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fastvlm_kernels.imitation.data import CACHE_FORMAT, Example, _eos_ids, _read_cache  # noqa: E402
 
-SPLITS = ("heldout", "train", "train_more")
+SPLITS = ("heldout", "train", "train_more", "train_topics")
 # Splits whose answers go to another split's responses cache (the trainer reads one cache for its prompts).
-CACHE_OF = {"train_more": "train"}
+CACHE_OF = {"train_more": "train", "train_topics": "train"}
+TEMPLATES_PER_NEW_TOPIC = 16        # train_topics: templates per topic of NEW_TOPICS
 
 # Templates take any noun phrase as {topic}.
 TEMPLATES = (
@@ -136,6 +140,49 @@ TOPICS: Dict[str, Tuple[str, ...]] = {
 }
 
 
+# More training topics (train_topics): the imitation network generalises to unseen topics less well than to
+# unseen prompts of its training topics, so these widen the topics rather than the templates. None is a
+# held-out topic or shares a word with one (checked by a test): no held-out topic leaks into training.
+NEW_TOPICS: Dict[str, Tuple[str, ...]] = {
+    "nature": ("waterfalls", "earthquakes", "tornadoes", "hot springs", "sand dunes", "the northern lights",
+               "fog", "tide pools", "meadows", "bamboo forests", "geysers", "frozen lakes", "moss", "lightning",
+               "seashells", "the tundra"),
+    "animals": ("giraffes", "koalas", "hummingbirds", "sea turtles", "bats", "camels", "snails", "foxes",
+                "kangaroos", "peacocks", "spiders", "rabbits", "tigers", "jellyfish", "beavers", "crows"),
+    "science": ("chemical reactions", "the periodic table", "static electricity", "the speed of light",
+                "microscopes", "bacteria", "the human brain", "digestion", "evolution", "climate", "buoyancy",
+                "lenses", "fossils", "the skeleton", "density", "thermometers"),
+    "space": ("Jupiter", "Venus", "the Milky Way", "Pluto", "space suits", "rockets", "satellites",
+              "the solar system", "Neptune", "constellations", "the Big Bang", "the Apollo missions",
+              "space probes", "Mercury", "sunspots", "planetariums"),
+    "technology": ("wifi", "cloud storage", "virtual reality", "calculators", "laptops", "GPS navigation",
+                   "artificial intelligence", "microwave ovens", "headphones", "digital cameras", "passwords",
+                   "QR codes", "wind turbines", "smart watches", "keyboards", "online maps"),
+    "history": ("the Renaissance", "samurai", "the Great Wall of China", "knights", "the Industrial Revolution",
+                "the ancient Maya", "pirates", "the Titanic", "the compass", "sailing ships", "early automobiles",
+                "medieval villages", "the invention of paper", "hieroglyphs", "the gold rush", "old maps"),
+    "food": ("pasta", "ice cream", "sushi", "grilled vegetables", "tacos", "oranges", "popcorn", "salads",
+             "cooking with herbs", "lemonade", "peanut butter", "picnics", "dumplings", "carrots", "yogurt",
+             "strawberries"),
+    "daily life": ("laundry", "commuting to work", "cooking dinner", "alarm clocks", "walking the dog",
+                   "cleaning the kitchen", "family dinners", "packing for a trip", "going to the dentist",
+                   "neighbors", "umbrellas", "tidying the bedroom", "shopping lists", "the post office",
+                   "a lazy Sunday", "learning to drive"),
+    "arts": ("the violin", "opera", "graffiti", "knitting", "calligraphy", "puppet shows", "the guitar",
+             "drawing portraits", "mosaics", "singing in a choir", "stand-up comedy", "museums", "embroidery",
+             "drum circles", "ballet", "woodcarving"),
+    "sports": ("baseball", "ice skating", "volleyball", "rowing", "karate", "golf", "badminton", "skateboarding",
+               "archery", "fishing", "bowling", "horse riding", "fencing", "scuba diving", "rugby",
+               "jumping rope"),
+    "society": ("gratitude", "forgiveness", "empathy", "community gardens", "sharing", "courage", "respect",
+                "humor", "fairness", "listening", "cooperation", "trust", "meeting new people", "citizenship",
+                "generosity", "optimism"),
+    "places": ("Venice", "the Grand Canyon", "London", "Brazil", "Kenya", "Australia", "Mexico City",
+               "the Great Barrier Reef", "Norway's fjords", "Hawaii", "Istanbul", "Canada", "Rome", "Peru",
+               "Singapore", "Scotland"),
+}
+
+
 def make_prompts(seed: int, templates_per_topic: int, held_out_per_category: int) -> Dict[str, List[dict]]:
     """{"heldout": [...], "train": [...]}: each item {"question", "topic", "template"}; deterministic."""
     rng = random.Random(seed)
@@ -165,6 +212,14 @@ def make_prompts(seed: int, templates_per_topic: int, held_out_per_category: int
                     splits["train_more"].append(
                         {"question": TEMPLATES[template].format(topic=topic), "topic": topic, "template": template})
     more.shuffle(splits["train_more"])
+    # New topics, TEMPLATES_PER_NEW_TOPIC templates each, from a generator of their own (the splits above stay).
+    fresh = random.Random(f"{seed}:train_topics")
+    for category in sorted(NEW_TOPICS):
+        for topic in NEW_TOPICS[category]:
+            for template in sorted(fresh.sample(range(len(TEMPLATES)), TEMPLATES_PER_NEW_TOPIC)):
+                splits["train_topics"].append(
+                    {"question": TEMPLATES[template].format(topic=topic), "topic": topic, "template": template})
+    fresh.shuffle(splits["train_topics"])
     return splits
 
 
@@ -260,7 +315,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--templates-per-topic", type=int, default=30)
     parser.add_argument("--held-out-per-category", type=int, default=1)
-    parser.add_argument("--splits", default="heldout,train,train_more", help="comma-separated, in order")
+    parser.add_argument("--splits", default="heldout,train,train_more,train_topics",
+                        help="comma-separated, in order")
     parser.add_argument("--limit", type=int, default=None, help="only the first N prompts of each split")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=160)

@@ -171,6 +171,15 @@ def test_data_prompts_are_deterministic_with_disjoint_held_out_topics():
     assert {item["topic"] for item in more} == train_topics
     assert len(more) + len(splits["train"]) == len(train_topics) * len(program.TEMPLATES)
     assert not {item["question"] for item in more} & {item["question"] for item in splits["train"]}
+    # train_topics: new topics only, none a held-out topic or sharing a word with one
+    fresh = splits["train_topics"]
+    fresh_topics = {item["topic"] for item in fresh}
+    assert fresh_topics == {topic for topics in program.NEW_TOPICS.values() for topic in topics}
+    assert not fresh_topics & {topic for topics in program.TOPICS.values() for topic in topics}
+    assert len(fresh) == len(fresh_topics) * program.TEMPLATES_PER_NEW_TOPIC
+    held_out_words = {word for topic in held_out_topics for word in topic.lower().split() if word != "the"}
+    for topic in fresh_topics:
+        assert not set(topic.lower().split()) & held_out_words, topic
 
 
 EXPECTED_QUESTIONS = {
