@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from fastvlm_kernels.ops import _dispatch, _library
 from fastvlm_kernels.ops.verify_attention import BACKENDS, verify_attention, verify_attention_reference
 from fastvlm_kernels.ops.verify_attention.reference import visibility_mask
-from fastvlm_kernels.ops.verify_attention.spec import INTERPRETER_SHAPES, LSE_RTOL, TEST_SHAPES, TOLERANCES
+from fastvlm_kernels.ops.verify_attention.spec import HEAD_DIMS, INTERPRETER_SHAPES, LSE_RTOL, TEST_SHAPES, TOLERANCES
 
 from ..helpers import make_inputs, poisoned_like
 
@@ -124,6 +124,14 @@ def test_cpu_entry_refuses_what_it_does_not_take():
             continue
         with pytest.raises(NotImplementedError):
             entry(*args, None, True)
+    # The head dims it takes are spec.HEAD_DIMS (csrc keeps its own list): each taken, others refused.
+    for head_dim in (*HEAD_DIMS, 32, 48, 112):
+        q_d, k_d, v_d, lens_d, mask_d = make_inputs(1, 2, 1, 2, head_dim, (4,), "tree", torch.float32)
+        if head_dim in HEAD_DIMS:
+            assert entry(q_d, k_d, v_d, lens_d, mask_d, None, True).shape == q_d.shape
+        else:
+            with pytest.raises(NotImplementedError):
+                entry(q_d, k_d, v_d, lens_d, mask_d, None, True)
     # validate=False: values are the caller's promise; the kernel clamps lengths and never reads outside.
     out = entry(q, k_cache, v_cache, torch.tensor([5, 11], dtype=torch.int32), tree_mask, None, False)
     assert out.shape == q.shape and not out.isnan().any()
