@@ -4,9 +4,10 @@
     python bench/verify_attention.py --device cuda        # GPU: every backend vs SDPA / flash-attn / FlashInfer
     python bench/verify_attention.py --json out.json --md out.md
 
-CPU: medians of single calls, SDPA and the kernel called in turns at the process's thread count (compare
-ratios within one run: timings on a shared 2-core machine drift); the reference by torch.utils.benchmark. GPU: device time per call (_common.gpu_time_ms: CUDA-graph replay, cold L2, no host overhead), with GB/s and % of the measured copy bandwidth
-(the kernel is memory bound: it must read the cache once per KV head).
+CPU: medians of single calls, SDPA and the public call called in turns at the process's thread count (compare
+ratios within one run: timings on a shared 2-core machine drift); the reference by torch.utils.benchmark.
+GPU: device time per call (_common.gpu_time_ms: CUDA-graph replay, cold L2, no host overhead), with GB/s and %
+of the measured copy bandwidth (the kernel is memory bound: it must read the cache once per KV head).
 Each configuration is checked against the reference before it is timed.
 """
 from __future__ import annotations
@@ -68,8 +69,8 @@ def check(q, k_cache, v_cache, prefix_lens, backend):
 
 def run_cpu(args):
     rows = []
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    dtypes = {name: dtype for name, dtype in dtypes.items() if name in args.dtypes}
+    dtypes = {name: dtype for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+              if name in args.dtypes}
     total = len(HEAD_SHAPES) * len(args.prefixes) * len(args.new_tokens) * len(dtypes)
     for dtype_name, dtype in dtypes.items():
         for shape_name, num_q_heads, num_kv_heads, head_dim in HEAD_SHAPES:
@@ -90,8 +91,8 @@ def run_cpu(args):
                     if "cpu_us" in row:
                         row["speedup_vs_sdpa"] = row["sdpa_mask_us"] / row["cpu_us"]
                     if not args.skip_reference:
-                        row["reference_us"] = cpu_time_us(lambda: verify_attention_reference(q, k_cache, v_cache,
-                                                                                           prefix_lens), args.min_time)
+                        row["reference_us"] = cpu_time_us(
+                            lambda: verify_attention_reference(q, k_cache, v_cache, prefix_lens), args.min_time)
                     rows.append(row)
                     print(f"[{len(rows)}/{total}] " + format_row(row), flush=True)
     return rows
