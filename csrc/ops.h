@@ -22,7 +22,7 @@ void verify_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const 
 
 // verify_attention_checked (CPU only): the public call in one C++ call: checks every argument (with `validate`
 // the values of prefix_lens and tree_mask too), allocates out [B, Hq, T, D] and runs verify_attention_cpu; any
-// argument it does not take is refused with NotImplementedError before anything is allocated (the Python
+// argument it does not take is refused with NotImplementedError before the output is allocated (the Python
 // wrapper's own checks then name it). sm_scale defaults to D^-0.5; prefix_lens may be int32 or int64.
 at::Tensor verify_attention_checked_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                         const at::Tensor& prefix_lens, const std::optional<at::Tensor>& tree_mask,

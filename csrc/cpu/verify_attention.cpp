@@ -1198,7 +1198,7 @@ void verify_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const 
 // CPU's caches (every attribute read and allocation from Python misses), more than the kernel takes at a
 // few thousand positions on two cores. This entry checks what fastvlm_kernels/ops/verify_attention checks
 // (shapes, dtypes, devices, layouts, and with `validate` the values of prefix_lens and tree_mask), allocates
-// the output and runs the kernel. It refuses (NotImplementedError, before anything is allocated) whatever
+// the output and runs the kernel. It refuses (NotImplementedError, before the output is allocated) whatever
 // it does not take, and the Python wrapper then runs its own checks, which name the bad argument.
 namespace {
 
@@ -1239,11 +1239,13 @@ at::Tensor verify_attention_checked_cpu(const at::Tensor& q, const at::Tensor& k
         !mask.is_cpu() || num_new > kMaxTreeTokens)
       refuse("tree_mask");
   }
-  const at::Tensor lengths = prefix_lens.to(at::kInt).contiguous();
-  if (validate) {
-    const int32_t* values = lengths.const_data_ptr<int32_t>();
-    for (int64_t b = 0; b < batch; ++b)
-      if (values[b] < 0 || values[b] + num_new > cache_len) refuse("prefix_lens value");
+  if (validate) {  // on the values as given: int64 lengths are narrowed to int32 below
+    const at::Tensor given = prefix_lens.contiguous();
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t value = length_dtype == at::kLong ? given.const_data_ptr<int64_t>()[b]
+                                                      : given.const_data_ptr<int32_t>()[b];
+      if (value < 0 || value > cache_len - num_new) refuse("prefix_lens value");
+    }
     if (mask.defined()) {
       const int64_t* rows = mask.const_data_ptr<int64_t>();
       for (int64_t b = 0; b < batch; ++b)
@@ -1254,6 +1256,7 @@ at::Tensor verify_attention_checked_cpu(const at::Tensor& q, const at::Tensor& k
         }
     }
   }
+  const at::Tensor lengths = prefix_lens.to(at::kInt).contiguous();
   at::Tensor out = at::empty(q.sizes(), q.options());
   const std::optional<at::Tensor> no_lse;
   verify_attention_cpu(q, k_cache, v_cache, lengths,

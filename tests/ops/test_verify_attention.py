@@ -115,6 +115,7 @@ def test_cpu_entry_refuses_what_it_does_not_take():
         (q, k_cache, v_cache, prefix_lens.float(), tree_mask), (q, k_cache, v_cache, prefix_lens[:1], tree_mask),
         (q, k_cache, v_cache, torch.tensor([5, 11], dtype=torch.int32), tree_mask),
         (q, k_cache, v_cache, torch.tensor([-1, 0], dtype=torch.int32), tree_mask),
+        (q, k_cache, v_cache, torch.tensor([2 ** 32 + 5, 7]), tree_mask),         # int64 past int32: never narrowed
         (q, k_cache, v_cache, prefix_lens, tree_mask.int()), (q, k_cache, v_cache, prefix_lens, tree_mask | 4),
         (q, k_cache, v_cache, prefix_lens, tree_mask & ~2), (q, k_cache.to("meta"), v_cache, prefix_lens, tree_mask),
     ]
