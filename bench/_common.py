@@ -6,7 +6,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -170,12 +170,15 @@ def cpu_time_us(fn, min_run_time: float) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e6
 
 
-def alternate(functions: dict, repeats: int, min_time: float, max_calls: int = 50) -> dict:
+def alternate(functions: dict, repeats: int, min_time: float = 0.0, max_calls: int = 50, *, warmup: bool = True,
+              progress: Optional[Callable[[str], None]] = None) -> dict:
     """Median seconds per call of each function, called one at a time in turns (the order reversed every turn),
     so that machine load and drift hit all alike and none always runs right after the same other; at least
-    ``repeats`` calls each and ``min_time`` seconds in all, at most ``max_calls`` calls each."""
-    for fn in functions.values():
-        fn()
+    ``repeats`` calls each and ``min_time`` seconds in all, at most ``max_calls`` calls each. ``warmup`` calls
+    each once untimed first; ``progress`` gets one line per timed call (for calls that take seconds)."""
+    if warmup:
+        for fn in functions.values():
+            fn()
     names = list(functions)
     times = {name: [] for name in names}
     start = time.perf_counter()
@@ -185,5 +188,7 @@ def alternate(functions: dict, repeats: int, min_time: float, max_calls: int = 5
             t0 = time.perf_counter()
             functions[name]()
             times[name].append(time.perf_counter() - t0)
+            if progress is not None:
+                progress(f"timing turn {calls + 1}/{repeats}: {name} {times[name][-1]:.2f} s")
         calls += 1
     return {name: statistics.median(values) for name, values in times.items()}

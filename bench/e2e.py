@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import environment, format_row, write_results  # noqa: E402
+from _common import alternate, environment, format_row, write_results  # noqa: E402
 from fastvlm_kernels import ImitationNetwork, SelfSpeculativeDecoder  # noqa: E402
 
 
@@ -173,7 +173,7 @@ def measure_parts(model, exit_layer: int, prompt_len: int, draft_lens, repeats: 
             heads[f"verify_head_T{k + 1}"] = lambda k=k: verify_head(
                 torch.randn(k + 1, config.hidden_size, dtype=dtype, device=device), norm, weight,
                 torch.zeros(k + 1, dtype=torch.long, device=device), eps=adapter.norm_eps)
-        for name, seconds in time_alternately(heads, repeats).items():
+        for name, seconds in alternate(heads, repeats).items():
             parts[name] = seconds
     return parts
 
@@ -224,21 +224,8 @@ def measure_drafter_parts(model, parts: dict, decoder, repeats: int = 30) -> tup
         functions["head"] = lambda: early_exit_head(hidden, adapter.norm.weight, adapter.lm_head.weight,
                                                     eps=adapter.norm_eps, vocab_subset=ids)
     with torch.no_grad():
-        for fn in functions.values():
-            fn()
-        timed = time_alternately(functions, repeats) if functions else {}
+        timed = alternate(functions, repeats) if functions else {}
     return timed.get("mlp", imitation_s), timed.get("head", parts["draft_head"])
-
-
-def time_alternately(functions: dict, repeats: int) -> dict:
-    times = {name: [] for name in functions}
-    for round_index in range(repeats):
-        for name, fn in functions.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-            print(f"  timing round {round_index + 1}/{repeats}: {name} {times[name][-1]:.2f} s", flush=True)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main():
@@ -400,7 +387,9 @@ def main():
                         lambda inputs: decoder.generate(**inputs, **options))
         if batch == 1:
             decoders_batch1 = {name: entry[0] for name, entry in decoders.items()}
-        medians = time_alternately(functions, args.repeats)
+        # each configuration ran once above (the output check): no warm-up call
+        medians = alternate(functions, args.repeats, warmup=False,
+                            progress=lambda line: print(f"  {line}", flush=True))
         # tokens emitted before each row's EOS (every configuration emits the same ones: checked above)
         new_tokens = (sum(sum(stats.new_tokens) for stats in next(iter(decoders.values()))[1]) if decoders
                       else batch * calls * args.max_new_tokens)
