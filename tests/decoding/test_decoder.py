@@ -244,6 +244,11 @@ def test_unsupported_models_are_named():
         num_key_value_heads=1, sliding_window=8))
     with pytest.raises(UnsupportedModelError, match="sliding window"):
         SelfSpeculativeDecoder(sliding, exit_layer=1)
+    narrow = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=50, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2))   # head dim 32: verify_attention does not take it
+    with pytest.raises(UnsupportedModelError, match="head dim is 32"):
+        SelfSpeculativeDecoder(narrow, exit_layer=1)
 
 
 def test_bad_inputs_raise_and_leave_the_decoder_usable():

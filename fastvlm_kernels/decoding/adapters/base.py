@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ...ops.verify_attention.spec import HEAD_DIMS
+
 
 class UnsupportedModelError(ValueError):
     """The model's family has no adapter, or uses a feature the decoder does not handle."""
@@ -78,6 +80,10 @@ class Adapter:
                                                   text_type == "mistral"):
             raise UnsupportedModelError(f"this {text_type} model has an active sliding window "
                                         f"(sliding_window={sliding}); the decoder attends to the whole cache")
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if head_dim not in HEAD_DIMS:   # found here, not at the first attention call in the middle of a generate
+            raise UnsupportedModelError(f"this {text_type} model's attention head dim is {head_dim}; the "
+                                        f"decoder's attention (verify_attention) takes head dims {HEAD_DIMS}")
         if not isinstance(self.norm.weight, torch.Tensor) or self.norm.weight.dim() != 1:
             raise UnsupportedModelError("the final norm has no [H] weight")
 
