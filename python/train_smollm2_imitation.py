@@ -10,6 +10,8 @@ Training data: the training prompts answered so far (the data program may still 
 copied into a snapshot folder (``--snapshot``, written once, so a resumed run sees the same data) whose
 answers come from the data program's responses cache. The network drafts over the ``--draft-vocab`` most
 frequent tokens of those answers (``TrainConfig.draft_vocab``); verification always reads the full vocabulary.
+With ``--teacher-cache FOLDER`` the model's outputs over the snapshot are stored once (a resumable build; for
+one exit layer) and every step reads them instead of running the 30 layers, which is most of a step's time.
 
 Measurement (``heldout_acceptance.json`` in the run folder, and printed): on the held-out split (topics never
 trained on), the per-token agreement with the full model and the mean accepted tokens per step for draft
@@ -172,6 +174,9 @@ def main(argv=None) -> None:
     parser.add_argument("--draft-vocab", type=int, default=4096)
     parser.add_argument("--eval-every", type=int, default=0)
     parser.add_argument("--heldout-prompts", type=int, default=0, help="0: all")
+    parser.add_argument("--teacher-cache", type=Path, default=None,
+                        help="store the model's outputs over the training prompts here once (GBs: ~4.6 KB a "
+                             "token) and train from them: each step then costs the network's own pass only")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--eval-only", action="store_true", help="measure the run's saved network only")
@@ -203,7 +208,8 @@ def main(argv=None) -> None:
                              max_new_tokens=MAX_NEW_TOKENS, eval_every=args.eval_every, eval_fraction=0.02,
                              max_eval_examples=8, eval_max_new_tokens=48, checkpoint_every=50)
         result = train_imitation(model, tokenizer, snapshot, out, config, resume=args.resume,
-                                 overwrite=args.overwrite, responses_cache=args.data / "responses" / "train.jsonl")
+                                 overwrite=args.overwrite, responses_cache=args.data / "responses" / "train.jsonl",
+                                 teacher_cache=args.teacher_cache)
         network = result.network
     else:
         network = ImitationNetwork.from_pretrained(out / "imitation", model)

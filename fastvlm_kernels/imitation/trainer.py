@@ -1,6 +1,6 @@
 """Online distillation of an :class:`ImitationNetwork` from its frozen base model.
 
-One training step (no stored corpus of hidden states or logits):
+One training step (online: no stored corpus of hidden states or logits unless a teacher cache is given):
 
 1. the frozen model runs once over a batch of prompt + response sequences (no gradient), through its own
    forward (vision tower, projector, positions) into its language model; forward hooks take the output of
@@ -12,6 +12,9 @@ One training step (no stored corpus of hidden states or logits):
    (causal), not the decoder's cache path;
 3. the loss (:mod:`.losses`) over the positions whose next token is a response token; AdamW, warmup then
    cosine decay, gradient clipping, bf16 autocast on a GPU.
+
+With a teacher cache (:mod:`.teacher_cache`) step 1 reads the frozen model's stored outputs instead of running
+it: the forward then runs once per example for the whole run instead of once per example and epoch.
 
 The backbone's parameters get ``requires_grad=False`` for the run (restored afterwards), so no gradient is
 ever allocated for them and they end bit-identical. Every ``eval_every`` steps the real metric is measured:
@@ -227,6 +230,18 @@ def teacher_forward(adapter, taps: _Taps, batch: TrainBatch, vocab: Optional[tor
                    attention_mask=kwargs.get("attention_mask"), position_embeddings=kwargs["position_embeddings"])
 
 
+@torch.no_grad()
+def cached_teacher(adapter, cache, indices: Sequence[int], vocab: Optional[torch.Tensor], dtype: torch.dtype,
+                   device) -> tuple:
+    """(Teacher, loss mask) of the training examples ``indices`` read from a TeacherCache: the logits come from
+    the stored last-layer states through the model's final norm and LM head, as :func:`teacher_forward` makes
+    them. Rows are right-padded, so the causal mask alone keeps pads out (no attention mask)."""
+    stored = cache.batch(indices, dtype=dtype, device=device)
+    logits = draft_logits(stored.last.to(dtype), adapter.norm, adapter.lm_head, vocab).float()
+    return Teacher(exit_states=stored.exit_states, targets=stored.targets.to(dtype), logits=logits,
+                   attention_mask=None, position_embeddings=stored.position_embeddings), stored.loss_mask
+
+
 # ---- schedule and evaluation ----------------------------------------------------------------------------------------
 
 
@@ -373,14 +388,17 @@ class _BatchOrder:
 
 def train_imitation(model: nn.Module, processor, data_dir: Path, out_dir: Path, config: TrainConfig, *,
                     resume: bool = False, overwrite: bool = False, progress: bool = True,
-                    responses_cache: Optional[Path] = None,
+                    responses_cache: Optional[Path] = None, teacher_cache: Optional[Path] = None,
                     callback: Optional[Callable[[int, dict], None]] = None,
                     stop_after: Optional[int] = None) -> TrainResult:
     """Trains an imitation network for ``model`` (frozen) on the prompts in ``data_dir``, writing to ``out_dir``.
 
     ``processor``: the model's processor (VLMs) or tokenizer (text models). ``responses_cache``: where the
     model's generated answers are kept (default ``out_dir/responses.jsonl``; runs on the same model and data
-    may share one). ``callback(step, logs)`` is called after every optimizer step. ``stop_after``: stop (with
+    may share one). ``teacher_cache``: a folder where the frozen model's outputs over the training examples
+    are stored once (:class:`~fastvlm_kernels.imitation.teacher_cache.TeacherCache`, built or completed first)
+    and read by every step instead of running the model (runs with the same model, layers and data may share
+    one). ``callback(step, logs)`` is called after every optimizer step. ``stop_after``: stop (with
     a checkpoint) after this many steps of this call, as an interruption would; the schedule stays that of
     ``config.steps``.
     """
@@ -405,8 +423,16 @@ def train_imitation(model: nn.Module, processor, data_dir: Path, out_dir: Path, 
         generate_responses(model, encoder, train_examples, responses_cache or out_dir / "responses.jsonl",
                            max_new_tokens=config.max_new_tokens, fingerprint=record["model"], progress=progress,
                            batch_size=config.response_batch_size)
+        cache = None
+        if teacher_cache is not None:
+            from .teacher_cache import TeacherCache
+            cache = TeacherCache.build(model, encoder, train_examples, teacher_cache, exit_layer=config.exit_layer,
+                                       target_layer=config.target_layer, model_fingerprint=record["model"],
+                                       batch_size=config.batch_size, say=say, progress=progress)
+            cache.check(exit_layer=config.exit_layer, target_layer=config.target_layer,
+                        model_fingerprint=record["model"], encoder=encoder, examples=train_examples)
         return _train(model, adapter, encoder, config, train_examples, eval_examples, out_dir, resuming,
-                      progress=progress, say=say, callback=callback, stop_after=stop_after)
+                      progress=progress, say=say, callback=callback, stop_after=stop_after, cache=cache)
 
 
 @contextlib.contextmanager
@@ -453,7 +479,7 @@ def _start_from(network: ImitationNetwork, saved: ImitationNetwork, folder) -> N
 
 def _train(model, adapter, encoder: Encoder, config: TrainConfig, train_examples: List[Example],
            eval_examples: List[Example], out_dir: Path, resuming: bool, *, progress: bool,
-           say: Callable[[str], None], callback, stop_after: Optional[int]) -> TrainResult:
+           say: Callable[[str], None], callback, stop_after: Optional[int], cache=None) -> TrainResult:
     from tqdm.auto import tqdm
     device = next(model.parameters()).device
     model_dtype = adapter.norm.weight.dtype
@@ -531,12 +557,16 @@ def _train(model, adapter, encoder: Encoder, config: TrainConfig, train_examples
         if step == 0 and not evals:
             run_eval()
         while step < last_step:
-            batch = encoder.collate([train_examples[i] for i in batch_order(step)]).to(device)
-            teacher = teacher_forward(adapter, taps, batch, vocab)
+            if cache is None:
+                batch = encoder.collate([train_examples[i] for i in batch_order(step)]).to(device)
+                teacher = teacher_forward(adapter, taps, batch, vocab)
+                loss_mask = batch.loss_mask
+            else:
+                teacher, loss_mask = cached_teacher(adapter, cache, batch_order(step), vocab, model_dtype, device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_autocast):
                 hidden = teacher.exit_states if use_autocast else teacher.exit_states.float()
                 output = network(hidden, teacher.position_embeddings, attention_mask=teacher.attention_mask)
-                selected = output[batch.loss_mask]                                        # [M, H]
+                selected = output[loss_mask]                                              # [M, H]
                 draft = draft_logits(selected, adapter.norm, adapter.lm_head, vocab) if weights.kd_weight > 0 else None
             terms = imitation_loss(selected.float(), teacher.targets, draft, teacher.logits, weights)
             optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,309 @@
+"""Stored teacher outputs: the frozen model's forward over a training set, run once and kept on disk.
+
+Online distillation (:mod:`.trainer`) runs the whole frozen model over every batch, and on a small model
+that forward is most of a step (SmolLM2-135M on 2 CPU cores: ~1.4 of 1.7 s). Over several epochs it
+repeats the same work. A :class:`TeacherCache` runs it once per training example and keeps what a step
+needs: the layer-E states of every token (the network's input), the target layer's states and the last
+layer's states at the loss positions, and the rotary embeddings layer E was called with. The full model's
+logits are not stored (``[M, V]`` floats per example would not fit on a disk): a step recomputes them from
+the last layer's states with the model's own final norm and LM head, as the online step does, so both paths
+compute the same loss up to the batch composition (rows are right-padded and the attention causal, so a
+row's values do not depend on the other rows of its batch).
+
+Folder layout: ``index.json`` (format, exit and target layer, the model's fingerprint, the examples'
+identities (prompt and response) and where each one's rows start) and raw little-endian float32 arrays
+``exit.f32`` ``[tokens, H]``, ``target.f32`` and ``last.f32`` ``[loss positions, H]`` (``last.f32`` empty when
+the target is the last layer), ``cos.f32`` and ``sin.f32`` ``[tokens, R]`` (R: the rotary table's size per
+token, with leading dims such as three position kinds). Building is resumable: examples are appended a batch
+at a time and the index records how many are complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Sequence
+
+import numpy as np
+import torch
+
+from .data import DataError, Encoder, Example
+
+CACHE_FORMAT = "fastvlm-teacher-cache/1"
+_ARRAYS = ("exit", "target", "last", "cos", "sin")
+GROUP_BATCHES = 8    # a build sorts this many batches' worth of examples by length before batching them
+
+
+@dataclass
+class CachedBatch:
+    """What one training step needs, read from a cache (right-padded rows, as :meth:`Encoder.collate` builds)."""
+    exit_states: torch.Tensor       # [B, T, H]
+    targets: torch.Tensor           # [M, H] at the loss positions, rows in order
+    last: torch.Tensor              # [M, H] the last layer's output at the loss positions
+    loss_mask: torch.Tensor         # [B, T] bool
+    position_embeddings: tuple      # (cos, sin) shaped as layer E received them, batch B and width T
+
+
+class TeacherCache:
+    """A built (or partly built) cache folder. ``len(cache)`` is the number of complete examples."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        index_path = self.folder / "index.json"
+        if not index_path.is_file():
+            raise ValueError(f"teacher cache {self.folder}: no index.json (build it with TeacherCache.build)")
+        try:
+            self.index = json.loads(index_path.read_text())
+        except ValueError:
+            raise ValueError(f"teacher cache {self.folder}: index.json is unreadable") from None
+        if self.index.get("format") != CACHE_FORMAT:
+            raise ValueError(f"teacher cache {self.folder}: format {self.index.get('format')!r}, "
+                             f"expected {CACHE_FORMAT!r}")
+        self.hidden_size = int(self.index["hidden_size"])
+        self.rotary_width = int(self.index["rotary_width"])
+        self.rotary_lead = tuple(self.index["rotary_lead"])     # dims of cos/sin before [B, T, ...]
+        self.rotary_tail = tuple(self.index["rotary_tail"])     # dims after [B, T]
+        self._arrays = {}
+
+    def __len__(self) -> int:
+        return len(self.index["examples"])
+
+    @property
+    def keys(self) -> List[str]:
+        return [entry[0] for entry in self.index["examples"]]
+
+    def _array(self, name: str) -> np.ndarray:
+        rows = self.index["tokens"] if name in ("exit", "cos", "sin") else self.index["loss_positions"]
+        width = self.rotary_width if name in ("cos", "sin") else self.hidden_size
+        cached = self._arrays.get(name)
+        if cached is None or cached.shape[0] != rows:
+            path = self.folder / f"{name}.f32"
+            if path.stat().st_size < rows * width * 4:
+                raise ValueError(f"teacher cache {self.folder}: {path.name} is shorter than its index says")
+            cached = np.memmap(path, dtype="<f4", mode="r", shape=(rows, width)) if rows else \
+                np.zeros((0, width), dtype="<f4")
+            self._arrays[name] = cached
+        return cached
+
+    def check(self, *, exit_layer: int, target_layer: int, model_fingerprint: dict, encoder: Encoder,
+              examples: Sequence[Example]) -> None:
+        """Raises ValueError naming what differs, unless this cache was built from this model, these layers and
+        these examples in this order (all of them: a partial cache must be built further first)."""
+        for name, value in (("exit_layer", exit_layer), ("target_layer", target_layer)):
+            if self.index[name] != value:
+                raise ValueError(f"teacher cache {self.folder}: built for {name}={self.index[name]}, this run uses "
+                                 f"{value}")
+        if self.index["model"] != model_fingerprint:
+            raise ValueError(f"teacher cache {self.folder}: built from another model ({self.index['model']})")
+        keys = [identity(encoder, example) for example in examples]
+        if len(self) != len(keys):
+            raise ValueError(f"teacher cache {self.folder}: holds {len(self)} examples, the run trains on {len(keys)}"
+                             + (" (an unfinished build: build it again to complete it)" if len(self) < len(keys)
+                                else ""))
+        for i, (have, want) in enumerate(zip(self.keys, keys)):
+            if have != want:
+                raise ValueError(f"teacher cache {self.folder}: example {i} differs from the run's ({have} there, "
+                                 f"{want} here): built from other data")
+
+    def batch(self, indices: Sequence[int], dtype: torch.dtype = torch.float32, device=None) -> CachedBatch:
+        """The examples ``indices`` as one right-padded batch."""
+        entries = [self.index["examples"][i] for i in indices]
+        width = max(entry[2] for entry in entries)
+        batch = len(entries)
+        exit_array, cos_array, sin_array = self._array("exit"), self._array("cos"), self._array("sin")
+        target_array = self._array("target")
+        last_array = target_array if self.index["last_is_target"] else self._array("last")
+        exit_states = torch.zeros(batch, width, self.hidden_size, dtype=torch.float32)
+        cos = torch.zeros(batch, width, self.rotary_width, dtype=torch.float32)
+        sin = torch.zeros(batch, width, self.rotary_width, dtype=torch.float32)
+        loss_mask = torch.zeros(batch, width, dtype=torch.bool)
+        targets, last = [], []
+        for b, (_, start, length, prompt_len, loss_start, loss_len) in enumerate(entries):
+            exit_states[b, :length] = torch.from_numpy(np.array(exit_array[start:start + length]))
+            cos[b, :length] = torch.from_numpy(np.array(cos_array[start:start + length]))
+            sin[b, :length] = torch.from_numpy(np.array(sin_array[start:start + length]))
+            loss_mask[b, prompt_len - 1:prompt_len - 1 + loss_len] = True
+            targets.append(torch.from_numpy(np.array(target_array[loss_start:loss_start + loss_len])))
+            last.append(torch.from_numpy(np.array(last_array[loss_start:loss_start + loss_len])))
+
+        def rotary(rows: torch.Tensor) -> torch.Tensor:
+            return _from_rows(rows, self.rotary_lead, self.rotary_tail).to(device=device, dtype=dtype)
+
+        return CachedBatch(exit_states=exit_states.to(device=device, dtype=dtype),
+                           targets=torch.cat(targets).to(device=device), last=torch.cat(last).to(device=device),
+                           loss_mask=loss_mask.to(device), position_embeddings=(rotary(cos), rotary(sin)))
+
+    # ---- building ----------------------------------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, model, encoder: Encoder, examples: Sequence[Example], folder: Path, *, exit_layer: int,
+              target_layer: int, model_fingerprint: dict, batch_size: int = 8,
+              say: Callable[[str], None] = lambda message: None, progress: bool = True) -> "TeacherCache":
+        """Runs the frozen ``model`` over ``examples`` (in their order, ``batch_size`` at a time) and stores the
+        teacher's outputs in ``folder``; continues a build of the same model, layers and examples that stopped
+        part way, and refuses a folder that holds anything else."""
+        from tqdm.auto import tqdm
+        from ..decoding.adapters import adapter_for
+        from .trainer import _Taps
+        folder = Path(folder)
+        adapter = adapter_for(model)
+        keys = [identity(encoder, example) for example in examples]
+        if (folder / "index.json").is_file():
+            cache = cls(folder)
+            for name, value in (("exit_layer", exit_layer), ("target_layer", target_layer),
+                                ("model", model_fingerprint)):
+                if cache.index[name] != value:
+                    raise ValueError(f"teacher cache {folder}: holds another build ({name} {cache.index[name]!r}, "
+                                     f"this one {value!r}); remove the folder or choose another")
+            done = len(cache)
+            if cache.keys != keys[:done]:
+                raise ValueError(f"teacher cache {folder}: built from other examples; remove the folder or choose "
+                                 "another")
+            index = cache.index
+            if done:
+                say(f"teacher cache {folder}: continuing at example {done} of {len(keys)}")
+        else:
+            if folder.exists() and any(folder.iterdir()):
+                raise ValueError(f"teacher cache {folder}: the folder is not empty and holds no cache")
+            folder.mkdir(parents=True, exist_ok=True)
+            index = {"format": CACHE_FORMAT, "exit_layer": exit_layer, "target_layer": target_layer,
+                     "model": model_fingerprint, "hidden_size": adapter.text_config.hidden_size,
+                     "last_is_target": target_layer == adapter.num_layers, "rotary_width": None,
+                     "rotary_lead": None, "rotary_tail": None, "tokens": 0, "loss_positions": 0, "examples": []}
+            done = 0
+        # Files are cut back to what the index says is complete (a build killed mid-batch leaves a tail).
+        per_loss = index["loss_positions"] * index["hidden_size"]
+        sizes = {"exit": index["tokens"] * index["hidden_size"], "target": per_loss,
+                 "last": 0 if index["last_is_target"] else per_loss}
+        if index["rotary_width"] is not None:
+            sizes.update(cos=index["tokens"] * index["rotary_width"], sin=index["tokens"] * index["rotary_width"])
+        handles = {}
+        for name in _ARRAYS:
+            path = folder / f"{name}.f32"
+            handle = open(path, "r+b" if path.exists() else "w+b")
+            handle.truncate(sizes.get(name, 0) * 4)
+            handle.seek(0, os.SEEK_END)
+            handles[name] = handle
+        taps = _Taps(adapter.layers, exit_layer, target_layer)
+        bar = tqdm(total=len(keys), initial=done, disable=not progress, desc="teacher cache", file=sys.stderr,
+                   dynamic_ncols=True)
+        started, tokens_this_run = time.perf_counter(), 0
+        group = batch_size * GROUP_BATCHES
+        device = next(model.parameters()).device
+        try:
+            for first in range(done, len(keys), group):
+                chunk = list(examples[first:first + group])
+                # Batches of similar lengths (less padding to run through the model); stored in the given order.
+                lengths = [encoder.prompt_inputs(example)["input_ids"].shape[1] + len(encoder.response_ids(example))
+                           for example in chunk]
+                order = sorted(range(len(chunk)), key=lambda i: lengths[i])
+                rows = {}
+                for start in range(0, len(order), batch_size):
+                    members = order[start:start + batch_size]
+                    for i, row in zip(members, _teacher_rows(adapter, taps, encoder, [chunk[i] for i in members],
+                                                             device, index, folder)):
+                        rows[i] = row
+                for i in range(len(chunk)):
+                    row = rows.pop(i)
+                    for name in ("exit", "cos", "sin", "target"):
+                        _write(handles[name], row[name])
+                    if not index["last_is_target"]:     # the target is the last layer's output: stored once
+                        _write(handles["last"], row["last"])
+                    length, loss_len = row["exit"].shape[0], row["target"].shape[0]
+                    index["examples"].append([keys[first + i], index["tokens"], length, row["prompt_len"],
+                                              index["loss_positions"], loss_len])
+                    index["tokens"] += length
+                    index["loss_positions"] += loss_len
+                    tokens_this_run += length
+                for handle in handles.values():
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                _write_index(folder, index)
+                bar.update(len(chunk))
+                seconds = time.perf_counter() - started
+                bar.set_postfix_str(f"{tokens_this_run / max(seconds, 1e-9):.0f} tokens/s", refresh=False)
+        finally:
+            bar.close()
+            for handle in handles.values():
+                handle.close()
+        _write_index(folder, index)
+        return cls(folder)
+
+
+@torch.no_grad()
+def _teacher_rows(adapter, taps, encoder: Encoder, examples: Sequence[Example], device, index: dict,
+                  folder: Path) -> List[dict]:
+    """One forward of the frozen model over ``examples``: per example its stored values (CPU float32)."""
+    batch = encoder.collate(examples).to(device)
+    inputs = dict(batch.model_inputs)
+    prompt = adapter.prompt_inputs(inputs.pop("input_ids"), inputs.pop("attention_mask"), **inputs)
+    with taps.active() as values:
+        adapter.language_model(inputs_embeds=prompt.embeds, attention_mask=prompt.attention_mask,
+                               position_ids=prompt.positions, use_cache=False)
+    cos, sin = values["layer_kwargs"]["position_embeddings"]
+    count, width = batch.loss_mask.shape
+    lead, tail = rotary_layout(cos, count, width)
+    if index["rotary_width"] is None:
+        index.update(rotary_lead=list(lead), rotary_tail=list(tail), rotary_width=int(math.prod(lead) *
+                                                                                      math.prod(tail)))
+    elif (list(lead), list(tail)) != (index["rotary_lead"], index["rotary_tail"]):
+        raise DataError(f"teacher cache {folder}: the rotary embeddings changed layout ({index['rotary_lead']}, "
+                        f"{index['rotary_tail']} -> {list(lead)}, {list(tail)})")
+    cos, sin = _to_rows(cos, lead, tail, count), _to_rows(sin, lead, tail, count)
+    lengths = batch.model_inputs["attention_mask"].sum(dim=1).tolist()
+    rows = []
+    for b in range(count):
+        length, row_mask = int(lengths[b]), batch.loss_mask[b]
+        rows.append({"exit": values["exit"][b, :length].float().cpu(), "cos": cos[b, :length].cpu(),
+                     "sin": sin[b, :length].cpu(), "target": values["target"][b][row_mask].float().cpu(),
+                     "last": values["last"][b][row_mask].float().cpu(),
+                     "prompt_len": int(row_mask.nonzero()[0, 0]) + 1})
+    return rows
+
+
+def identity(encoder: Encoder, example: Example) -> str:
+    """The example's prompt (and image) and the response the encoder gives it: what its teacher outputs depend on."""
+    digest = hashlib.sha256(example.key.encode())
+    digest.update(np.asarray(encoder.response_ids(example), dtype="<i8").tobytes())
+    return digest.hexdigest()[:24]
+
+
+def rotary_layout(table: torch.Tensor, batch: int, width: int):
+    """(lead, tail) dims of a cos/sin table around its [B, T] dims (Llama: (), (D,); Qwen2-VL: (3,), (D,)); a
+    batch dim of 1 (one table shared by the rows) counts as B."""
+    for start in range(table.dim() - 1):
+        if table.shape[start] in (batch, 1) and table.shape[start + 1] == width:
+            return tuple(table.shape[:start]), tuple(table.shape[start + 2:])
+    raise DataError(f"cannot find the [batch {batch}, tokens {width}] dims in a rotary table of shape "
+                    f"{tuple(table.shape)}")
+
+
+def _to_rows(table: torch.Tensor, lead: tuple, tail: tuple, batch: int) -> torch.Tensor:
+    """[lead..., B or 1, T, tail...] -> [B, T, R] float32 (R = prod(lead) * prod(tail))."""
+    width = table.shape[len(lead) + 1]
+    table = table.expand(*lead, batch, width, *tail)
+    order = [len(lead), len(lead) + 1] + list(range(len(lead))) + list(range(len(lead) + 2, table.dim()))
+    return table.permute(order).reshape(batch, width, -1).float()
+
+
+def _from_rows(rows: torch.Tensor, lead: tuple, tail: tuple) -> torch.Tensor:
+    """[B, T, R] -> [lead..., B, T, tail...] (what the layers take)."""
+    batch, width = rows.shape[:2]
+    table = rows.reshape(batch, width, *lead, *tail)
+    order = list(range(2, 2 + len(lead))) + [0, 1] + list(range(2 + len(lead), table.dim()))
+    return table.permute(order).contiguous()
+
+
+def _write(handle, values: torch.Tensor) -> None:
+    handle.write(values.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().astype("<f4").tobytes())
+
+
+def _write_index(folder: Path, index: dict) -> None:
+    temporary = folder / "index.json.tmp"
+    temporary.write_text(json.dumps(index))
+    os.replace(temporary, folder / "index.json")
