@@ -43,8 +43,9 @@ def test_train_imitation_command(checkpoint, capsys):
     # a second run continues from the first one's weights, over a draft vocabulary, sharing its answers
     tuned = [*command[:7], "--out", str(checkpoint / "tuned"), *command[9:], "--init-from",
              str(checkpoint / "out" / "imitation"), "--draft-vocab", "8", "--responses-cache",
-             str(checkpoint / "out" / "responses.jsonl")]
+             str(checkpoint / "out" / "responses.jsonl"), "--teacher-cache", str(checkpoint / "teacher")]
     assert main(tuned) == 0
+    assert len(json.loads((checkpoint / "teacher" / "index.json").read_text())["examples"]) > 0
     saved = json.loads((checkpoint / "tuned" / "run.json").read_text())["config"]
     assert saved["init_from"] == str(checkpoint / "out" / "imitation") and saved["draft_vocab"] == 8
     assert not (checkpoint / "tuned" / "responses.jsonl").exists()
