@@ -42,7 +42,8 @@ def say(message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
 
-TRAIN_SPLITS = ("train", "train_more", "train_topics")   # the data program's training splits (answers in responses/train.jsonl)
+# the data program's training splits (answers in responses/train.jsonl)
+TRAIN_SPLITS = ("train", "train_more", "train_topics")
 
 
 def write_snapshot(data: Path, snapshot: Path, model, tokenizer) -> int:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .data import DataError, Encoder, Example
+from .trainer import _Taps, _write_json, tapped_forward
 
 CACHE_FORMAT = "fastvlm-teacher-cache/1"
 _ARRAYS = ("exit", "target", "last", "cos", "sin")
@@ -146,10 +147,10 @@ class TeacherCache:
               say: Callable[[str], None] = lambda message: None, progress: bool = True) -> "TeacherCache":
         """Runs the frozen ``model`` over ``examples`` (in their order, ``batch_size`` at a time) and stores the
         teacher's outputs in ``folder``; continues a build of the same model, layers and examples that stopped
-        part way, and refuses a folder that holds anything else."""
+        part way, and refuses a folder that holds anything else. The cache returned holds exactly ``examples``
+        (no :meth:`check` needed)."""
         from tqdm.auto import tqdm
         from ..decoding.adapters import adapter_for
-        from .trainer import _Taps
         folder = Path(folder)
         adapter = adapter_for(model)
         keys = [identity(encoder, example) for example in examples]
@@ -223,7 +224,7 @@ class TeacherCache:
                 for handle in handles.values():
                     handle.flush()
                     os.fsync(handle.fileno())
-                _write_index(folder, index)
+                _write_json(folder / "index.json", index)
                 bar.update(len(chunk))
                 seconds = time.perf_counter() - started
                 bar.set_postfix_str(f"{tokens_this_run / max(seconds, 1e-9):.0f} tokens/s", refresh=False)
@@ -231,7 +232,7 @@ class TeacherCache:
             bar.close()
             for handle in handles.values():
                 handle.close()
-        _write_index(folder, index)
+        _write_json(folder / "index.json", index)
         return cls(folder)
 
 
@@ -240,11 +241,7 @@ def _teacher_rows(adapter, taps, encoder: Encoder, examples: Sequence[Example], 
                   folder: Path) -> List[dict]:
     """One forward of the frozen model over ``examples``: per example its stored values (CPU float32)."""
     batch = encoder.collate(examples).to(device)
-    inputs = dict(batch.model_inputs)
-    prompt = adapter.prompt_inputs(inputs.pop("input_ids"), inputs.pop("attention_mask"), **inputs)
-    with taps.active() as values:
-        adapter.language_model(inputs_embeds=prompt.embeds, attention_mask=prompt.attention_mask,
-                               position_ids=prompt.positions, use_cache=False)
+    values = tapped_forward(adapter, taps, batch)
     cos, sin = values["layer_kwargs"]["position_embeddings"]
     count, width = batch.loss_mask.shape
     lead, tail = rotary_layout(cos, count, width)
@@ -301,9 +298,3 @@ def _from_rows(rows: torch.Tensor, lead: tuple, tail: tuple) -> torch.Tensor:
 
 def _write(handle, values: torch.Tensor) -> None:
     handle.write(values.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().astype("<f4").tobytes())
-
-
-def _write_index(folder: Path, index: dict) -> None:
-    temporary = folder / "index.json.tmp"
-    temporary.write_text(json.dumps(index))
-    os.replace(temporary, folder / "index.json")

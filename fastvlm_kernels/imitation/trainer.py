@@ -214,14 +214,23 @@ class Teacher:
 
 
 @torch.no_grad()
-def teacher_forward(adapter, taps: _Taps, batch: TrainBatch, vocab: Optional[torch.Tensor] = None) -> Teacher:
-    """Runs the frozen model once over ``batch``: its own forward up to the language model (images, positions),
-    then the language model with the taps attached. ``vocab``: the teacher's logits over those ids only."""
+def tapped_forward(adapter, taps: _Taps, batch: TrainBatch) -> Dict[str, object]:
+    """The frozen model's own forward over ``batch`` up to its language model (images, positions), then the
+    language model with the taps attached: what the taps took (``exit``, ``target``, ``last``,
+    ``layer_kwargs``)."""
     inputs = dict(batch.model_inputs)
     prompt = adapter.prompt_inputs(inputs.pop("input_ids"), inputs.pop("attention_mask"), **inputs)
     with taps.active() as values:
         adapter.language_model(inputs_embeds=prompt.embeds, attention_mask=prompt.attention_mask,
                                position_ids=prompt.positions, use_cache=False)
+    return values
+
+
+@torch.no_grad()
+def teacher_forward(adapter, taps: _Taps, batch: TrainBatch, vocab: Optional[torch.Tensor] = None) -> Teacher:
+    """Runs the frozen model once over ``batch``: its own forward up to the language model (images, positions),
+    then the language model with the taps attached. ``vocab``: the teacher's logits over those ids only."""
+    values = tapped_forward(adapter, taps, batch)
     mask = batch.loss_mask
     last = values["last"][mask]
     logits = draft_logits(last, adapter.norm, adapter.lm_head, vocab).float()
@@ -426,11 +435,10 @@ def train_imitation(model: nn.Module, processor, data_dir: Path, out_dir: Path, 
         cache = None
         if teacher_cache is not None:
             from .teacher_cache import TeacherCache
+            # holds exactly train_examples afterwards (a build continues only a build of these, in this order)
             cache = TeacherCache.build(model, encoder, train_examples, teacher_cache, exit_layer=config.exit_layer,
                                        target_layer=config.target_layer, model_fingerprint=record["model"],
                                        batch_size=config.batch_size, say=say, progress=progress)
-            cache.check(exit_layer=config.exit_layer, target_layer=config.target_layer,
-                        model_fingerprint=record["model"], encoder=encoder, examples=train_examples)
         return _train(model, adapter, encoder, config, train_examples, eval_examples, out_dir, resuming,
                       progress=progress, say=say, callback=callback, stop_after=stop_after, cache=cache)
 
