@@ -130,7 +130,7 @@ def measure_parts(model, exit_layer: int, prompt_len: int, draft_lens, repeats: 
 
     adapter = adapter_for(model)
     config = adapter.text_config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = adapter.head_dim
     dtype = adapter.norm.weight.dtype
     device = adapter.norm.weight.device
     layer = adapter.layers[exit_layer]

@@ -219,7 +219,7 @@ class SelfSpeculativeDecoder:
         self._cache: Optional[KVCache] = None
         config = self.adapter.text_config
         self._num_kv_heads = config.num_key_value_heads
-        self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self._head_dim = self.adapter.head_dim
         self.lean_layers = bool(lean_layers)
         self._lean = None          # per generate: (backbone LeanLayers, imitation LeanLayers) or None
         self.lean_reason: Optional[str] = None   # why the last generate ran the model's own layer modules

@@ -62,6 +62,11 @@ class Adapter:
         return len(self.layers)
 
     @property
+    def head_dim(self) -> int:
+        config = self.text_config
+        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    @property
     def norm_eps(self) -> float:
         for name in ("variance_epsilon", "eps"):
             if hasattr(self.norm, name):
@@ -80,9 +85,8 @@ class Adapter:
                                                   text_type == "mistral"):
             raise UnsupportedModelError(f"this {text_type} model has an active sliding window "
                                         f"(sliding_window={sliding}); the decoder attends to the whole cache")
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        if head_dim not in HEAD_DIMS:   # found here, not at the first attention call in the middle of a generate
-            raise UnsupportedModelError(f"this {text_type} model's attention head dim is {head_dim}; the "
+        if self.head_dim not in HEAD_DIMS:   # found here, not at the first attention call in the middle of a generate
+            raise UnsupportedModelError(f"this {text_type} model's attention head dim is {self.head_dim}; the "
                                         f"decoder's attention (verify_attention) takes head dims {HEAD_DIMS}")
         if not isinstance(self.norm.weight, torch.Tensor) or self.norm.weight.dim() != 1:
             raise UnsupportedModelError("the final norm has no [H] weight")
