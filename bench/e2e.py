@@ -190,7 +190,7 @@ def per_token_acceptance(mean_accepted: float, k: int) -> float:
 
 def predicted_speedup(parts: dict, k: int, alpha: float, num_layers: int, exit_layer: int,
                       imitation_s: float = 0.0, draft_head_s: Optional[float] = None) -> tuple:
-    """DESIGN.md's cost model with measured parts: (k + 1) draft passes of E layers plus the imitation network
+    """docs/design.md's cost model with measured parts: (k + 1) draft passes of E layers plus the imitation network
     (``imitation_s`` a pass) and k draft heads (``draft_head_s``, default the full-vocabulary one), one
     (k + 1)-token pass of N - E layers and the verify head, against a plain token (N single-token layer passes
     and the head on one row). Per-step host overhead beyond these parts is not in it: the gap to the measured
@@ -268,7 +268,7 @@ def main():
     parser.add_argument("--md", type=Path)
     parser.add_argument("--plot", type=Path, help="a PNG of tokens/s per configuration")
     parser.add_argument("--cost-model", action="store_true",
-                        help="time the parts of a step and put DESIGN.md's cost model, with the measured acceptance, "
+                        help="time a step's parts and put docs/design.md's cost model, with the measured acceptance, "
                              "beside each measured batch-1 speedup")
     args = parser.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]

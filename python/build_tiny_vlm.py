@@ -73,7 +73,7 @@ def time_layer(model, tokens: int, prefix: int = 40, repeats: int = 200) -> floa
 
 
 def speedup(alpha: float, k: int, num_layers: int, exit_layer: int, f_k1: float, imitation_layers: float = 1.0):
-    """DESIGN.md's cost model: expected tokens per step over the step's cost in single-token layer passes."""
+    """docs/design.md's cost model: expected tokens per step over the step's cost in single-token layer passes."""
     tokens = (1 - alpha ** (k + 1)) / (1 - alpha)
     cost = ((k + 1) * (exit_layer + imitation_layers) + f_k1 * (num_layers - exit_layer)) / num_layers
     return tokens / cost

@@ -1,6 +1,6 @@
 """SelfSpeculativeDecoder: prefill, draft, verify, accept, rollback over a transformers model's own modules.
 
-Per step (DESIGN.md, "Data path"): the last emitted token x0 and the drafts d1 .. dk run one at a time
+Per step (docs/design.md, "Data path"): the last emitted token x0 and the drafts d1 .. dk run one at a time
 through layers [0, E) (and the imitation network, whose layers own extra cache layers), the early-exit head
 proposing d(i+1) from each; dk runs once more through [0, E) and the imitation layers without the head.
 The k+1 kept layer-E states then go through layers [E, N) in one pass and the verify head gives the full

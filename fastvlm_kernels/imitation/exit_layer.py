@@ -3,7 +3,7 @@ the held-out prompts through ``model.generate``, the decoder with plain early ex
 network, back to back per prompt, and report accepted lengths and measured speedups.
 
 A shallow E drafts cheaply but is accepted less; a deep E is accepted more but each draft costs more
-(DESIGN.md, "Cost model"). Where the balance lies depends on the model and the hardware, so it is measured,
+(docs/design.md, "Cost model"). Where the balance lies depends on the model and the hardware, so it is measured,
 not guessed.
 """
 from __future__ import annotations
