@@ -553,3 +553,67 @@ def test_bad_draft_vocab():
             SelfSpeculativeDecoder(case.model, exit_layer=1, draft_vocab=bad)
     decoder = SelfSpeculativeDecoder(case.model, exit_layer=1, draft_vocab=torch.tensor([9, 3, 3, 7], dtype=torch.int32))
     assert decoder.draft_vocab.tolist() == [3, 7, 9] and decoder.draft_vocab.dtype == torch.int64
+
+
+# ---- host reads ----------------------------------------------------------------------------------------
+
+_READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
+
+
+def _count_host_reads(monkeypatch):
+    """Counts the tensor methods that read values back to the host (each a device sync on a GPU)."""
+    counter = {"reads": 0}
+    for name in _READS:
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _real=real, **kwargs):
+            counter["reads"] += 1
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    return counter
+
+
+@pytest.mark.parametrize("draft_len", [0, 3, "adaptive"])
+def test_a_step_reads_the_device_once(draft_len, monkeypatch):
+    """Each step, speculative or plain, reads one tensor back to the host (accept_len and emitted together):
+    the reads of two calls that differ only in their number of steps differ by exactly that number."""
+    case = build("llava", seed=2, batch=4)
+    sharpen(case.model, 1, scale=0.1)
+    decoder = SelfSpeculativeDecoder(case.model, exit_layer=1, draft_len=draft_len, adaptive_window=2)
+    decoder.generate(**case.inputs, max_new_tokens=4, eos_token_id=[])      # the first call picks backends
+    counter = _count_host_reads(monkeypatch)
+    reads, steps = [], []
+    for max_new in (6, 30):
+        counter["reads"] = 0
+        out = decoder.generate(**case.inputs, max_new_tokens=max_new, eos_token_id=[])
+        reads.append(counter["reads"])
+        steps.append(out.stats.steps)
+    monkeypatch.undo()
+    assert steps[1] > steps[0]
+    assert reads[1] - reads[0] == steps[1] - steps[0], (reads, steps)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("draft_len", [0, 3, "adaptive"])
+def test_a_step_synchronises_once_on_the_gpu(draft_len):
+    """On a GPU the one read per step is the step's only synchronisation (CUDA's sync debug mode counts them):
+    two calls that differ only in their number of steps differ by exactly that many syncs."""
+    import warnings
+    case = build("llava", seed=2, batch=4)
+    sharpen(case.model, 1, scale=0.1)
+    case.model.cuda()
+    case.inputs = {name: value.cuda() for name, value in case.inputs.items()}
+    decoder = SelfSpeculativeDecoder(case.model, exit_layer=1, draft_len=draft_len, adaptive_window=2)
+    decoder.generate(**case.inputs, max_new_tokens=4, eos_token_id=[])
+    syncs, steps = [], []
+    for max_new in (6, 30):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = decoder.generate(**case.inputs, max_new_tokens=max_new, eos_token_id=[])
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs.append(sum("synchroniz" in str(w.message) for w in caught))
+        steps.append(out.stats.steps)
+    assert syncs[1] - syncs[0] == steps[1] - steps[0], (syncs, steps)
