@@ -1,6 +1,7 @@
 """SelfSpeculativeDecoder: lossless greedy and sampling, layer calls, caches, bad input, memory."""
 from __future__ import annotations
 
+import functools
 import gc
 import math
 
@@ -8,54 +9,65 @@ import pytest
 import torch
 
 from fastvlm_kernels.decoding import SelfSpeculativeDecoder, UnsupportedModelError
-from fastvlm_kernels.decoding.decoder import ModeChooser
+from fastvlm_kernels.decoding.policy import AdaptiveDraftLen
 from fastvlm_kernels.imitation import ImitationNetwork
 
 from .models import FAMILIES, NUM_LAYERS, assert_lossless, build, find_layers, sharpen
 
 DRAFT_LENS = (1, 3, 8, "adaptive")
 MAX_NEW = 12
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("batch", [1, 4])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_is_token_identical_to_generate(family, batch, seed):
-    """Every supported family, exit layers 1 .. N-1, draft_len 1, 3, 8 and adaptive, batch 1 and 4 ragged
-    rows with images; seed 0 shrinks the deep layers (high acceptance), seed 1 keeps random weights
-    (mostly rejections)."""
+@functools.lru_cache(maxsize=None)
+def _case_and_expected(family, batch, seed):
+    """A model of the family (seed 0: deep layers shrunk, so drafts are accepted; seed 1: random weights, mostly
+    rejections) and model.generate's greedy output, built once per module for every (E, k) test."""
     case = build(family, seed=seed, batch=batch)
     if seed == 0:
         sharpen(case.model, 1, scale=0.1)
-    expected = case.model.generate(**case.inputs, max_new_tokens=MAX_NEW, do_sample=False)
+    return case, case.model.generate(**case.inputs, max_new_tokens=MAX_NEW, do_sample=False)
+
+
+@pytest.mark.parametrize("draft_len", DRAFT_LENS)
+@pytest.mark.parametrize("exit_layer", range(1, NUM_LAYERS))
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_is_token_identical_to_generate(family, batch, seed, exit_layer, draft_len):
+    """Every supported family, exit layers 1 .. N-1, draft_len 1, 3, 8 and adaptive, batch 1 and 4 ragged
+    rows with images."""
+    case, expected = _case_and_expected(family, batch, seed)
+    decoder = SelfSpeculativeDecoder(case.model, exit_layer=exit_layer, draft_len=draft_len)
+    out = decoder.generate(**case.inputs, max_new_tokens=MAX_NEW)
     ties = []
-    accepted = []
-    for exit_layer in range(1, NUM_LAYERS):
-        for draft_len in DRAFT_LENS:
-            decoder = SelfSpeculativeDecoder(case.model, exit_layer=exit_layer, draft_len=draft_len)
-            out = decoder.generate(**case.inputs, max_new_tokens=MAX_NEW)
-            assert_lossless(case, out.sequences, expected, f"{family} B={batch} E={exit_layer} k={draft_len}", ties)
-            accepted.append(out.stats.mean_accepted)
+    assert_lossless(case, out.sequences, expected, f"{family} B={batch} E={exit_layer} k={draft_len}", ties)
     if ties:
         print("floating-point ties:", *ties, sep="\n  ")
-    if seed == 0:
-        assert max(accepted) > 1.0, "the sharpened model should accept drafts: the acceptance path went untested"
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sharpened_models_accept_drafts(family):
+    """The lossless test above exercises the acceptance path only if drafts are kept: on the sharpened
+    models an exit after layer 1 keeps more than one drafted token per step."""
+    case, expected = _case_and_expected(family, 4, 0)
+    out = SelfSpeculativeDecoder(case.model, exit_layer=1, draft_len=3).generate(**case.inputs,
+                                                                                 max_new_tokens=MAX_NEW)
+    assert out.stats.mean_accepted > 1.0, out.stats.accepted
+
+
+@pytest.mark.parametrize("draft_len", [0, 3, "adaptive"])
 @pytest.mark.parametrize("kind", ["layers", "mlp"])
 @pytest.mark.parametrize("family", ["llama", "llava", "qwen2_vl"])
-def test_untrained_imitation_network_keeps_output_identical(family, kind):
-    case = build(family, seed=3, batch=4)
-    expected = case.model.generate(**case.inputs, max_new_tokens=MAX_NEW, do_sample=False)
+def test_untrained_imitation_network_keeps_output_identical(family, kind, draft_len):
+    case, expected = _case_and_expected(family, 4, 1)
     imitation = ImitationNetwork.from_model(case.model, exit_layer=2, kind=kind, num_layers=2 if kind == "layers" else 0)
-    for draft_len in (0, 3, "adaptive"):
-        decoder = SelfSpeculativeDecoder(case.model, exit_layer=2, imitation=imitation, draft_len=draft_len,
-                                         adaptive_window=2)
-        out = decoder.generate(**case.inputs, max_new_tokens=MAX_NEW)
-        assert_lossless(case, out.sequences, expected, f"{family} imitation={kind} k={draft_len}", [])
-        if kind == "layers" and draft_len != 0:
-            # the imitation layers own cache layers N, N+1 and were rolled back with the rest (plain steps
-            # of adaptive drafting included)
-            lengths = decoder._cache.host_lengths
-            assert lengths[NUM_LAYERS] == lengths[0] and lengths[NUM_LAYERS + 1] == lengths[0]
+    decoder = SelfSpeculativeDecoder(case.model, exit_layer=2, imitation=imitation, draft_len=draft_len,
+                                     adaptive_window=2)
+    out = decoder.generate(**case.inputs, max_new_tokens=MAX_NEW)
+    assert_lossless(case, out.sequences, expected, f"{family} imitation={kind} k={draft_len}", [])
+    if kind == "layers" and draft_len != 0:
+        # the imitation layers own cache layers N, N+1 and were rolled back with the rest (plain steps
+        # of adaptive drafting included)
+        lengths = decoder._cache.host_lengths
+        assert lengths[NUM_LAYERS] == lengths[0] and lengths[NUM_LAYERS + 1] == lengths[0]
 
 
 @pytest.mark.gpu
@@ -320,54 +332,94 @@ def test_repeated_generate_does_not_grow_memory():
     assert object_growth < 500, f"{object_growth} more live Python objects after 200 calls"
 
 
-def test_stats_are_consistent():
+@pytest.mark.parametrize("profile", [False, True])
+def test_stats_are_consistent(profile):
     case = build("qwen2_vl", seed=0, batch=4)
     sharpen(case.model, 1, scale=0.1)
-    out = SelfSpeculativeDecoder(case.model, exit_layer=1, draft_len=4).generate(**case.inputs, max_new_tokens=16)
-    stats = out.stats
-    assert stats.steps == len(stats.accepted) == len(stats.draft_lens) > 0
+    decoder = SelfSpeculativeDecoder(case.model, exit_layer=1, draft_len=4, profile=profile)
+    stats = decoder.generate(**case.inputs, max_new_tokens=16).stats
+    assert stats.steps == len(stats.accepted) == len(stats.draft_lens) > 0 and stats.plain_steps == 0
+    assert stats.draft_lens == [4] * stats.steps
     assert all(0 <= a <= 4 for step in stats.accepted for a in step)
+    assert stats.drafted == 4 * sum(len(step) for step in stats.accepted)
     assert math.isclose(stats.mean_emitted, stats.mean_accepted + 1)
-    assert stats.tokens_per_s > 0 and stats.prefill_time > 0 and stats.draft_time > 0 and stats.verify_time > 0
+    # every row emits x0 from the prefill, then accepted + 1 per step while it runs (up to max_new_tokens)
     assert len(stats.new_tokens) == 4 and all(1 <= n <= 16 for n in stats.new_tokens)
+    assert sum(stats.new_tokens) <= 4 + sum(a + 1 for step in stats.accepted for a in step)
+    assert 0 < stats.prefill_time < stats.total_time
+    assert math.isclose(stats.tokens_per_s, sum(stats.new_tokens) / stats.total_time)
+    if profile:   # the split needs a sync: only when asked for, and inside the call's own time
+        assert 0 < stats.draft_time and 0 < stats.verify_time
+        assert stats.prefill_time + stats.draft_time + stats.verify_time <= stats.total_time
+        assert "verify" in stats.summary()
+    else:
+        assert stats.draft_time == stats.verify_time == 0.0 and "verify" not in stats.summary()
 
 
-# ---- adaptive drafting's fallback to plain decoding ------------------------------------------------------
+# ---- the adaptive draft policy ---------------------------------------------------------------------------
 
-def test_mode_chooser_falls_back_to_plain_and_probes_drafting_again():
-    """Synthetic timings: drafting at 3 ms per emitted token, plain at 2 ms: after the warmup the chooser
+def _run_policy(policy, cost, steps, accepted=(1,)):
+    """Feeds ``policy`` synthetic step times (seconds per emitted token by mode) and returns the modes."""
+    modes = []
+    for _ in range(steps):
+        draft_len = policy.draft_len()
+        mode = "plain" if draft_len == 0 else "draft"
+        modes.append(mode)
+        kept = list(accepted) if draft_len else [0] * len(accepted)
+        policy.update(draft_len, kept, cost[mode] * (sum(kept) / len(kept) + 1))
+    return modes
+
+
+def test_adaptive_policy_falls_back_to_plain_and_probes_drafting_again():
+    """Synthetic timings: drafting at 3 ms per emitted token, plain at 2 ms: after the warmup the policy
     tries plain, keeps it, and re-probes drafting every probe_every steps; when drafting becomes cheaper
     (acceptance went up) it switches back."""
-    chooser = ModeChooser(warmup=4, probe_every=10, probe_steps=2)
+    policy = AdaptiveDraftLen(max_draft_len=8, window=4, probe_every=10, probe_steps=2)
+    policy.start(1)
     cost = {"draft": 3e-3, "plain": 2e-3}
-    modes = []
-    for _ in range(40):
-        modes.append(chooser.mode)
-        chooser.update(cost[chooser.mode], 1.0)
+    modes = _run_policy(policy, cost, 40)
     assert modes[:4] == ["draft"] * 4 and modes[4:6] == ["plain"] * 2      # warmup, then a plain probe
     assert modes.count("plain") > 30                                        # plain wins
     assert "draft" in modes[8:]                                             # drafting is re-probed
     cost["draft"] = 1e-3
-    for _ in range(30):
-        chooser.update(cost[chooser.mode], 1.0)
-    assert chooser.mode == "draft"
+    _run_policy(policy, cost, 30)
+    assert policy.mode == "draft"
 
 
-def test_mode_chooser_starts_a_later_call_in_the_faster_mode():
-    """start_call keeps the estimates: a later call begins in the faster mode without a new warmup, and a
-    chooser that has never timed plain steps begins by drafting."""
-    chooser = ModeChooser(warmup=4, probe_every=10, probe_steps=2)
-    assert chooser.start_call() == "draft"
+def test_adaptive_policy_draft_len_follows_acceptance():
+    """k = ceil(mean accepted over the window) + 1, within [1, max_draft_len]; max_draft_len before any
+    drafting step."""
+    policy = AdaptiveDraftLen(max_draft_len=6, window=3)
+    policy.start(2)
+    assert policy.draft_len() == 6
+    for accepted, expected in (([0, 0], 1), ([2, 3], 3), ([5, 6], 4), ([6, 6], 6), ([6, 6], 6)):
+        policy.update(policy.length_when_drafting(), accepted, 1e-3)
+        assert policy.length_when_drafting() == expected, (accepted, policy._recent)
+    policy.update(0, [0, 0], 1e-3)                        # a plain step leaves the window alone
+    assert policy.length_when_drafting() == 6
+    policy.start(2)                                       # a new call: the window restarts
+    assert policy.draft_len() == 6
+
+
+def test_adaptive_policy_starts_a_later_call_in_the_faster_mode():
+    """start keeps the estimates per batch size: a later call begins in the faster mode without a new
+    warmup; a batch size never timed begins by drafting."""
+    policy = AdaptiveDraftLen(max_draft_len=4, window=4, probe_every=10, probe_steps=2)
+    policy.start(1)
+    assert policy.mode == "draft"
     cost = {"draft": 3e-3, "plain": 2e-3}
-    for _ in range(12):
-        chooser.update(cost[chooser.mode], 1.0)
-    assert chooser.start_call() == "plain"
-    modes = []
-    for _ in range(10):
-        modes.append(chooser.mode)
-        chooser.update(cost[chooser.mode], 1.0)
+    _run_policy(policy, cost, 12)
+    policy.start(1)
+    assert policy.mode == "plain"
+    modes = _run_policy(policy, cost, 10)
     assert modes == ["plain"] * 10          # no warmup in drafting mode; the next probe comes later
-    assert chooser.mode == "draft"          # ... after probe_every steps
+    assert policy.mode == "draft"           # ... after probe_every steps
+    policy.start(3)
+    assert policy.mode == "draft" and policy.draft_len() == 4
+    with pytest.raises(ValueError, match="max_draft_len"):
+        AdaptiveDraftLen(max_draft_len=0)
+    with pytest.raises(ValueError, match="adaptive_window"):
+        AdaptiveDraftLen(window=0)
 
 
 def test_adaptive_mixes_plain_and_drafting_steps_exactly():
@@ -381,7 +433,7 @@ def test_adaptive_mixes_plain_and_drafting_steps_exactly():
     assert stats.plain_steps >= 1 and len(stats.accepted) >= 3   # the warmup drafts, then plain was tried
     again = decoder.generate(**case.inputs, max_new_tokens=40)   # the timings carry over; still exact
     assert_lossless(case, again.sequences, expected, "adaptive, second call", [])
-    assert set(decoder._choosers) == {4}
+    assert set(decoder.policy.per_token) == {4} and None not in decoder.policy.per_token[4].values()
 
 
 # ---- draft vocabulary subset -----------------------------------------------------------------------------
@@ -501,3 +553,67 @@ def test_bad_draft_vocab():
             SelfSpeculativeDecoder(case.model, exit_layer=1, draft_vocab=bad)
     decoder = SelfSpeculativeDecoder(case.model, exit_layer=1, draft_vocab=torch.tensor([9, 3, 3, 7], dtype=torch.int32))
     assert decoder.draft_vocab.tolist() == [3, 7, 9] and decoder.draft_vocab.dtype == torch.int64
+
+
+# ---- host reads ----------------------------------------------------------------------------------------
+
+_READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
+
+
+def _count_host_reads(monkeypatch):
+    """Counts the tensor methods that read values back to the host (each a device sync on a GPU)."""
+    counter = {"reads": 0}
+    for name in _READS:
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _real=real, **kwargs):
+            counter["reads"] += 1
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    return counter
+
+
+@pytest.mark.parametrize("draft_len", [0, 3, "adaptive"])
+def test_a_step_reads_the_device_once(draft_len, monkeypatch):
+    """Each step, speculative or plain, reads one tensor back to the host (accept_len and emitted together):
+    the reads of two calls that differ only in their number of steps differ by exactly that number."""
+    case = build("llava", seed=2, batch=4)
+    sharpen(case.model, 1, scale=0.1)
+    decoder = SelfSpeculativeDecoder(case.model, exit_layer=1, draft_len=draft_len, adaptive_window=2)
+    decoder.generate(**case.inputs, max_new_tokens=4, eos_token_id=[])      # the first call picks backends
+    counter = _count_host_reads(monkeypatch)
+    reads, steps = [], []
+    for max_new in (6, 30):
+        counter["reads"] = 0
+        out = decoder.generate(**case.inputs, max_new_tokens=max_new, eos_token_id=[])
+        reads.append(counter["reads"])
+        steps.append(out.stats.steps)
+    monkeypatch.undo()
+    assert steps[1] > steps[0]
+    assert reads[1] - reads[0] == steps[1] - steps[0], (reads, steps)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("draft_len", [0, 3, "adaptive"])
+def test_a_step_synchronises_once_on_the_gpu(draft_len):
+    """On a GPU the one read per step is the step's only synchronisation (CUDA's sync debug mode counts them):
+    two calls that differ only in their number of steps differ by exactly that many syncs."""
+    import warnings
+    case = build("llava", seed=2, batch=4)
+    sharpen(case.model, 1, scale=0.1)
+    case.model.cuda()
+    case.inputs = {name: value.cuda() for name, value in case.inputs.items()}
+    decoder = SelfSpeculativeDecoder(case.model, exit_layer=1, draft_len=draft_len, adaptive_window=2)
+    decoder.generate(**case.inputs, max_new_tokens=4, eos_token_id=[])
+    syncs, steps = [], []
+    for max_new in (6, 30):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = decoder.generate(**case.inputs, max_new_tokens=max_new, eos_token_id=[])
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs.append(sum("synchroniz" in str(w.message) for w in caught))
+        steps.append(out.stats.steps)
+    assert syncs[1] - syncs[0] == steps[1] - steps[0], (syncs, steps)

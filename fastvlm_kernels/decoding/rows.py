@@ -1,0 +1,96 @@
+"""Rows: the per-row state of one ``generate`` call, and the one place a step's outcome is applied.
+
+A step (speculative or plain) ends with ``accept_len [B]`` and ``emitted [B, T]`` on the device. ``advance``
+applies them: one device-to-host read (both tensors in one transfer), each unfinished row's tokens appended
+(up to EOS or max_new_tokens), the lengths advanced on the device without a host-to-device copy, every cache
+layer rolled back to them in place, and the next step's first token taken on the device. A finished row
+keeps running with the others (static shapes) but keeps nothing: its length stays put.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from ..cache import KVCache
+
+
+class Rows:
+    """Per-row state: lengths (``[B]`` int32 on the device, and their one host copy), the next token ``x0``,
+    finished rows, the tokens emitted so far, and the cache they index.
+
+    Invariant between steps: every cache layer holds row b's positions ``[0, lengths[b])``; ``x0[b]`` is the
+    token at position ``lengths[b]`` (emitted, not yet in any cache layer)."""
+
+    def __init__(self, cache: KVCache, lengths: torch.Tensor, offsets: torch.Tensor, *, max_new_tokens: int,
+                 eos, streamer=None):
+        self.cache = cache
+        self.batch = lengths.shape[0]
+        self.lengths = lengths.to(device=cache.device, dtype=torch.int32)   # [B]
+        self.host_lengths: List[int] = [int(v) for v in self.lengths.tolist()]
+        self.offsets = offsets.to(cache.device)          # [B] rotary offset: position = cache index + offset
+        self.x0: Optional[torch.Tensor] = None           # [B] int64
+        self.keep = torch.ones(self.batch, dtype=torch.int32, device=cache.device)   # 0 once a row finished
+        self.tokens: List[List[int]] = [[] for _ in range(self.batch)]
+        self.finished = [False] * self.batch
+        self.max_new_tokens, self.eos, self.streamer = max_new_tokens, eos, streamer
+        cache.rollback_unchecked(self.lengths, self.host_lengths)
+
+    @property
+    def done(self) -> bool:
+        return all(self.finished)
+
+    def active(self) -> List[int]:
+        return [b for b in range(self.batch) if not self.finished[b]]
+
+    def positions(self, num_tokens: int) -> torch.Tensor:
+        """``[B, T]`` positions of the next T tokens (from each row's length)."""
+        start = self.lengths.long() + self.offsets
+        if num_tokens == 1:
+            return start[:, None]
+        return start[:, None] + torch.arange(num_tokens, device=start.device)
+
+    def start(self, x0: torch.Tensor) -> None:
+        """The prefill's token: each row's first new token."""
+        self.x0 = x0
+        self._emit([[token] for token in x0.tolist()])
+
+    def advance(self, accept_len: torch.Tensor, emitted: torch.Tensor) -> List[int]:
+        """Applies a step: row b keeps x0 and its first ``accept_len[b]`` drafts (their KV is in the cache) and
+        emits ``emitted[b, :accept_len[b] + 1]``; ``emitted[b, accept_len[b]]`` is its next x0. Returns the
+        accepted lengths of the rows that were unfinished at the step's start."""
+        host = torch.cat([accept_len.to(emitted.dtype)[:, None], emitted], dim=1).tolist()   # the one read
+        active = self.active()
+        self.lengths = self.lengths + (accept_len.to(torch.int32) + 1) * self.keep
+        self.host_lengths = [length + (row[0] + 1 if not self.finished[b] else 0)
+                             for b, (length, row) in enumerate(zip(self.host_lengths, host))]
+        self.cache.rollback_unchecked(self.lengths, self.host_lengths)
+        self.x0 = emitted.gather(1, accept_len.long()[:, None])[:, 0]
+        self._emit([row[1:row[0] + 2] for row in host])
+        return [host[b][0] for b in active]
+
+    def _emit(self, rows_tokens: List[List[int]]) -> None:
+        streamed = len(self.tokens[0])
+        newly_finished = False
+        for b, tokens in enumerate(rows_tokens):
+            if self.finished[b]:
+                continue
+            row = self.tokens[b]
+            for token in tokens:
+                row.append(token)
+                if token in self.eos or len(row) >= self.max_new_tokens:
+                    self.finished[b] = newly_finished = True
+                    break
+        if newly_finished:   # rare: at most once per row
+            self.keep = torch.tensor([0 if done else 1 for done in self.finished], dtype=torch.int32,
+                                     device=self.keep.device)
+        if self.streamer is not None and len(self.tokens[0]) > streamed:   # batch 1: row 0's new tokens
+            self.streamer.put(torch.tensor(self.tokens[0][streamed:]))
+
+    def sequences(self, input_ids: torch.Tensor, pad: int) -> torch.Tensor:
+        """``[B, prompt + new]``: the prompt and each row's new tokens, padded after EOS like model.generate."""
+        width = max(len(tokens) for tokens in self.tokens)
+        out = torch.full((self.batch, width), pad, dtype=input_ids.dtype)
+        for b, tokens in enumerate(self.tokens):
+            out[b, :len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
+        return torch.cat([input_ids, out.to(input_ids.device)], dim=1)
