@@ -217,11 +217,16 @@ def test_sampling_preserves_the_model_distribution(wrong, monkeypatch):
         assert min(p_values[1:]) > 1e-4, f"speculative samples do not follow the model: p-values {p_values}"
 
 
-def test_sampling_with_top_k_top_p_runs_and_respects_the_filter():
+@pytest.mark.parametrize("draft_vocab", [None, [0, 3, 4, 8, 10]], ids=["full", "subset"])
+@pytest.mark.parametrize("top_p", [None, 0.9])
+def test_sampling_with_top_k_top_p_respects_the_filter(top_p, draft_vocab):
+    """Every sampled token is among the model's top 2 where top_k=2 (with or without top_p, with the full
+    vocabulary or a draft vocabulary)."""
     model, prompt = _sampling_case()
-    decoder = SelfSpeculativeDecoder(model, exit_layer=1, draft_len=4)
+    subset = torch.tensor(draft_vocab) if draft_vocab is not None else None
+    decoder = SelfSpeculativeDecoder(model, exit_layer=1, draft_len=4, draft_vocab=subset)
     out = decoder.generate(prompt.repeat(64, 1), max_new_tokens=6, do_sample=True, temperature=0.7, top_k=2,
-                           generator=torch.Generator().manual_seed(0))
+                           top_p=top_p, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = model(out.sequences).logits[:, prompt.shape[1] - 1:-1]
     allowed = torch.topk(logits, 2, dim=-1).indices
@@ -527,18 +532,6 @@ def test_sampling_with_a_draft_vocab_preserves_the_model_distribution(wrong, mon
         assert min(p_values[1:]) < 1e-6, f"acceptance with another q went undetected: p-values {p_values}"
     else:
         assert min(p_values) > 1e-4, f"speculative samples do not follow the model: p-values {p_values}"
-
-
-def test_sampling_with_a_draft_vocab_and_top_k():
-    model, prompt = _sampling_case()
-    subset = torch.tensor([0, 3, 4, 8, 10])
-    decoder = SelfSpeculativeDecoder(model, exit_layer=1, draft_len=4, draft_vocab=subset)
-    out = decoder.generate(prompt.repeat(64, 1), max_new_tokens=6, do_sample=True, temperature=0.7, top_k=2,
-                           top_p=0.9, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        logits = model(out.sequences).logits[:, prompt.shape[1] - 1:-1]
-    allowed = torch.topk(logits, 2, dim=-1).indices
-    assert (allowed == out.sequences[:, prompt.shape[1]:, None]).any(-1).all()
 
 
 def test_bad_draft_vocab():
