@@ -97,7 +97,11 @@ def select_by_device(op_name: str, backends: Sequence[Backend], priority: Sequen
     process: the extension, Triton's import, TRITON_INTERPRET): the choice is remembered per (op, priority,
     request, device type, dtype, interpreter), which takes the backend choice off the per-call cost of small calls.
     Refusals are not remembered, so a bad request raises every time with its reasons."""
-    key = (op_name, tuple(priority), requested, tensor.device.type, tensor.dtype, triton_interpreting())
+    device_type = tensor.device.type
+    # TRITON_INTERPRET decides only whether Triton runs CPU tensors: read it (~2 us) only when it can matter
+    may_run_triton = requested == "triton" or (requested == "auto" and "triton" in priority)
+    interpreting = device_type == "cpu" and may_run_triton and triton_interpreting()
+    key = (op_name, tuple(priority), requested, device_type, tensor.dtype, interpreting)
     chosen = _SELECTED.get(key)
     if chosen is None:
         chosen = select(op_name, backends, priority, requested, tensor)
