@@ -159,3 +159,78 @@ def test_head_dims_are_defined_once():
         pytest.skip(_dispatch.triton_import_error())
     from fastvlm_kernels.ops.verify_attention.triton import KERNEL_CONFIGS
     assert sorted({config["head_dim"] for config in KERNEL_CONFIGS}) == sorted(HEAD_DIMS)
+
+
+# ---- the heads and the acceptance ops: the same shape ----------------------------------------------------
+
+def _forbid_checks(monkeypatch, module):
+    """After this, any argument check or backend choice in `module` raises."""
+    from fastvlm_kernels.ops import _checks
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("run checked its arguments or chose a backend")
+    monkeypatch.setattr(module, "select", refuse)
+    for name in ("check_tensor", "check_size", "check_same_device", "check_same_dtype", "check_last_dim_contiguous"):
+        monkeypatch.setattr(_checks, name, refuse)
+
+
+@pytest.mark.parametrize("mode", ["argmax", "sample", "topk", "verify"])
+def test_head_plans_run_what_the_public_functions_return(mode, monkeypatch):
+    from fastvlm_kernels.ops import lm_head
+    generator = torch.Generator().manual_seed(11)
+    hidden = torch.randn(5, 48, generator=generator)
+    norm_weight, weight = torch.rand(48, generator=generator) + 0.5, torch.randn(301, 48, generator=generator)
+    step = torch.randn(3, 48, generator=generator)                       # another M, as a later step has
+    subset = torch.arange(0, 301, 3)
+    if mode == "verify":
+        drafts, step_drafts = torch.tensor([3, 7, 0, 300, -1]), torch.tensor([5, 9, -1])
+        expected = lm_head.verify_head(step, norm_weight, weight, step_drafts, eps=1e-5, temperature=0.7,
+                                       prob_rows=torch.tensor([2]))
+        plan = lm_head.verify_head_plan(hidden, norm_weight, weight, drafts, eps=1e-5, temperature=0.7,
+                                        prob_rows=torch.tensor([4]))
+        _forbid_checks(monkeypatch, lm_head)
+        got = plan.run(step, step_drafts, prob_rows=torch.tensor([2]))
+    else:
+        options = dict(eps=1e-5, mode=mode, temperature=0.7, vocab_subset=subset,
+                       top_k=4 if mode == "topk" else None)
+        seed = 17 if mode == "sample" else None
+        expected = lm_head.early_exit_head(step, norm_weight, weight, seed=seed, **options)
+        plan = lm_head.early_exit_head_plan(hidden, norm_weight, weight, seed=seed, **options)
+        _forbid_checks(monkeypatch, lm_head)
+        got = plan.run(step, seed=seed)
+    assert isinstance(plan, lm_head.VerifyHeadPlan if mode == "verify" else lm_head.EarlyExitHeadPlan)
+    for name, value in got._asdict().items():
+        assert torch.equal(value, getattr(expected, name)), name
+
+
+@pytest.mark.parametrize("op", ["greedy", "sampling", "greedy_tree", "sampling_tree"])
+def test_acceptance_plans_run_what_the_public_functions_return(op, monkeypatch):
+    from fastvlm_kernels.ops import acceptance
+    generator = torch.Generator().manual_seed(13)
+    batch, vocab = 3, 37
+
+    def inputs(num_nodes):            # a chain of num_nodes - 1 drafts, or a tree; as run takes them (contiguous)
+        tokens = torch.randint(0, vocab, (batch, num_nodes), generator=generator)
+        parents = torch.tensor([[-1] + [max(j - 1 - (j % 2), 0) for j in range(1, num_nodes)]] * batch)
+        draft_probs = torch.softmax(torch.randn(batch, num_nodes - 1, vocab, generator=generator), -1)
+        target_probs = torch.softmax(torch.randn(batch, num_nodes, vocab, generator=generator), -1)
+        targets = torch.where(torch.rand(batch, num_nodes, generator=generator) < 0.7, tokens.roll(-1, 1), 0)
+        uniforms = torch.rand(batch, num_nodes, generator=generator)
+        if op == "greedy":
+            return (tokens[:, 1:].contiguous(), targets), {}
+        if op == "sampling":
+            return (tokens[:, 1:].contiguous(), draft_probs, target_probs), {"uniforms": uniforms}
+        if op == "greedy_tree":
+            return (tokens, parents, targets), {}
+        return (tokens, parents, draft_probs, target_probs), {"uniforms": uniforms}
+
+    public, make_plan = getattr(acceptance, f"accept_{op}"), getattr(acceptance, f"accept_{op}_plan")
+    planned_args, planned_options = inputs(6)
+    step_args, step_options = inputs(4)                       # fewer drafts at a later step
+    expected = public(*step_args, **step_options)
+    plan = make_plan(*planned_args, **planned_options)
+    _forbid_checks(monkeypatch, acceptance)
+    got = plan.run(*step_args, **step_options)
+    assert type(got) is type(expected)
+    for value, wanted in zip(got, expected):
+        assert torch.equal(value, wanted)
