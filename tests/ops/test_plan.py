@@ -63,6 +63,7 @@ def test_run_checks_nothing(name, monkeypatch):
         raise AssertionError("run checked its arguments")
     monkeypatch.setattr(attention_module, "check_arguments", refuse)
     monkeypatch.setattr(attention_module, "_check_values", refuse)
+    monkeypatch.setattr(attention_module, "select_remembered", refuse)
     monkeypatch.setattr(_dispatch, "select", refuse)
     out = torch.full((2, 2, 4, 64), float("nan")).transpose(1, 2)        # [B, Hq, T, D] view, as the decoder's
     assert plan.run(step_q, k_cache, v_cache, step_lens, out=out) is out
@@ -169,7 +170,8 @@ def _forbid_checks(monkeypatch, module):
 
     def refuse(*args, **kwargs):
         raise AssertionError("run checked its arguments or chose a backend")
-    monkeypatch.setattr(module, "select", refuse)
+    monkeypatch.setattr(module, "select_remembered", refuse)
+    monkeypatch.setattr(_dispatch, "select", refuse)
     for name in ("check_tensor", "check_size", "check_same_device", "check_same_dtype", "check_last_dim_contiguous"):
         monkeypatch.setattr(_checks, name, refuse)
 
@@ -234,3 +236,19 @@ def test_acceptance_plans_run_what_the_public_functions_return(op, monkeypatch):
     assert type(got) is type(expected)
     for value, wanted in zip(got, expected):
         assert torch.equal(value, wanted)
+
+
+def test_remembered_choices_key_on_what_the_reasons_read():
+    """The backend choice is remembered per device type and the options the backends' reasons read: a call
+    that one backend cannot take (top_p without top_k: not the CPU kernel) does not inherit another's choice,
+    and tensors on another device type (meta) do not inherit the CPU's."""
+    from fastvlm_kernels.ops import acceptance, lm_head
+    if "cpu" not in cpu_backends():
+        pytest.skip("the compiled CPU backend is not usable here")
+    hidden, norm_weight, weight = torch.randn(2, 32), torch.ones(32), torch.randn(50, 32)
+    assert lm_head.early_exit_head_plan(hidden, norm_weight, weight, eps=1e-6).backend.name == "cpu"
+    top_p = lm_head.early_exit_head_plan(hidden, norm_weight, weight, eps=1e-6, mode="sample", top_p=0.9, seed=1)
+    assert top_p.backend.name == "torch"
+    tokens, targets = torch.zeros(1, 2, dtype=torch.int64), torch.zeros(1, 3, dtype=torch.int64)
+    assert acceptance.accept_greedy_plan(tokens, targets).backend.name == "cpu"
+    assert acceptance.accept_greedy_plan(tokens.to("meta"), targets.to("meta")).backend.name == "torch"

@@ -13,7 +13,8 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from .. import _checks
-from .._dispatch import Backend, call_custom_op, always_supported, compiled_backend_reasons, select, triton_backend_reasons
+from .._dispatch import (Backend, always_supported, call_custom_op, compiled_backend_reasons, select_remembered,
+                         triton_backend_reasons)
 from .reference import (accept_greedy_reference, accept_greedy_tree_reference, accept_sampling_reference,
                         accept_sampling_tree_reference)
 from .spec import MAX_NODES, PROB_DTYPES, TOKEN_DTYPES
@@ -237,7 +238,7 @@ def accept_greedy_plan(draft_tokens: torch.Tensor, target_tokens: torch.Tensor, 
     _check_chain_tokens(draft_tokens, target_tokens, "target_tokens")
     batch, num_nodes = target_tokens.shape
     _check_out(out, batch, num_nodes, target_tokens.device, with_path=False)
-    chosen = select("accept_greedy", BACKENDS, PRIORITY[_device_type(draft_tokens)], backend, draft_tokens, None)
+    chosen = _select("accept_greedy", backend, draft_tokens, None)
     return AcceptGreedyPlan(chosen, batch)
 
 
@@ -254,8 +255,7 @@ def accept_sampling_plan(draft_tokens: torch.Tensor, draft_probs: torch.Tensor, 
     if validate and not torch.compiler.is_compiling():
         _check_sampling_values(draft_tokens, None, draft_probs, target_probs, uniforms)
     _check_out(out, batch, num_drafts + 1, draft_tokens.device, with_path=False)
-    chosen = select("accept_sampling", BACKENDS, PRIORITY[_device_type(draft_tokens)], backend, draft_tokens,
-                    draft_probs)
+    chosen = _select("accept_sampling", backend, draft_tokens, draft_probs)
     return AcceptSamplingPlan(chosen, batch)
 
 
@@ -268,7 +268,7 @@ def accept_greedy_tree_plan(draft_tokens: torch.Tensor, parents: torch.Tensor, t
     _check_token_tensor("target_tokens", target_tokens, draft_tokens, num_nodes, "N, the nodes of draft_tokens")
     batch = draft_tokens.shape[0]
     _check_out(out, batch, num_nodes, draft_tokens.device, with_path=True)
-    chosen = select("accept_greedy_tree", BACKENDS, PRIORITY[_device_type(draft_tokens)], backend, draft_tokens, None)
+    chosen = _select("accept_greedy_tree", backend, draft_tokens, None)
     return AcceptGreedyTreePlan(chosen, batch)
 
 
@@ -287,8 +287,7 @@ def accept_sampling_tree_plan(draft_tokens: torch.Tensor, parents: torch.Tensor,
         _check_parent_values(_int64(parents))
         _check_sampling_values(draft_tokens[:, 1:], parents, draft_probs, target_probs, uniforms)
     _check_out(out, batch, num_nodes, draft_tokens.device, with_path=True)
-    chosen = select("accept_sampling_tree", BACKENDS, PRIORITY[_device_type(draft_tokens)], backend, draft_tokens,
-                    draft_probs)
+    chosen = _select("accept_sampling_tree", backend, draft_tokens, draft_probs)
     return AcceptSamplingTreePlan(chosen, batch)
 
 
@@ -296,6 +295,12 @@ def accept_sampling_tree_plan(draft_tokens: torch.Tensor, parents: torch.Tensor,
 
 def _device_type(tensor: torch.Tensor) -> str:
     return "cuda" if tensor.device.type == "cuda" else "cpu"
+
+
+def _select(op_name: str, backend: str, draft_tokens: torch.Tensor, probs: Optional[torch.Tensor]) -> Backend:
+    """The backend for these inputs: its reasons read the tokens' device and the probabilities' dtype."""
+    return select_remembered(op_name, BACKENDS, PRIORITY[_device_type(draft_tokens)], backend,
+                             draft_tokens.device.type, None if probs is None else probs.dtype, draft_tokens, probs)
 
 
 def _int64(tokens: torch.Tensor) -> torch.Tensor:

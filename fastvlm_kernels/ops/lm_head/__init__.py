@@ -22,7 +22,8 @@ from typing import List, NamedTuple, Optional, Union
 import torch
 
 from .. import _checks
-from .._dispatch import Backend, call_custom_op, device_reasons, extension_reasons, select, triton_device_reasons
+from .._dispatch import (Backend, call_custom_op, device_reasons, extension_reasons, select_remembered,
+                         triton_device_reasons)
 from .reference import lm_head_reference
 from .spec import MODE_CODES, MODES, SUPPORTED_DTYPES
 
@@ -125,10 +126,11 @@ def early_exit_head(hidden: torch.Tensor, norm_weight: torch.Tensor, lm_head_wei
     Returns:
         :class:`EarlyExitHeadOutput` (tokens, max_logit, lse, logprob).
     """
-    plan = early_exit_head_plan(hidden, norm_weight, lm_head_weight, eps=eps, mode=mode, temperature=temperature,
-                                top_k=top_k, top_p=top_p, vocab_subset=vocab_subset, generator=generator, seed=seed,
-                                norm_offset=norm_offset, logit_scale=logit_scale, logit_softcap=logit_softcap,
-                                validate=validate, backend=backend)
+    plan, _, _ = _plan(EarlyExitHeadPlan, hidden, norm_weight, lm_head_weight, eps=eps, mode=mode,   # the plan
+                       temperature=temperature, top_k=top_k, top_p=top_p, vocab_subset=vocab_subset,
+                       generator=generator, seed=seed, norm_offset=norm_offset, logit_scale=logit_scale,
+                       logit_softcap=logit_softcap, draft_tokens=None, prob_rows=None, validate=validate,
+                       backend=backend)
     return plan.run(hidden, seed=seed, generator=generator)
 
 
@@ -153,10 +155,12 @@ def verify_head(hidden: torch.Tensor, norm_weight: torch.Tensor, lm_head_weight:
     Returns:
         :class:`VerifyHeadOutput` (tokens, max_logit, lse, draft_logprob, probs).
     """
-    plan = verify_head_plan(hidden, norm_weight, lm_head_weight, draft_tokens, eps=eps, temperature=temperature,
-                            prob_rows=prob_rows, norm_offset=norm_offset, logit_scale=logit_scale,
-                            logit_softcap=logit_softcap, validate=validate, backend=backend)
-    return plan.run(hidden, draft_tokens.contiguous(), prob_rows=None if prob_rows is None else prob_rows.contiguous())
+    plan, draft_tokens, prob_rows = _plan(                                      # the plan, and run's layouts
+        VerifyHeadPlan, hidden, norm_weight, lm_head_weight, eps=eps, mode="argmax", temperature=temperature,
+        top_k=None, top_p=None, vocab_subset=None, generator=None, seed=None, norm_offset=norm_offset,
+        logit_scale=logit_scale, logit_softcap=logit_softcap, draft_tokens=draft_tokens, prob_rows=prob_rows,
+        validate=validate, backend=backend, verify=True)
+    return plan.run(hidden, draft_tokens, prob_rows=prob_rows)
 
 
 class _HeadPlan:
@@ -166,18 +170,18 @@ class _HeadPlan:
     __slots__ = ("backend", "_kernel", "norm_weight", "lm_head_weight", "vocab_subset", "eps", "norm_offset",
                  "logit_scale", "logit_softcap", "temperature", "mode", "top_k", "top_p", "device", "dtype")
 
-    def __init__(self, hidden, norm_weight, lm_head_weight, vocab_subset, *, eps, norm_offset, logit_scale,
-                 logit_softcap, temperature, mode, top_k, top_p):
+    def __init__(self, hidden, norm_weight, lm_head_weight, vocab_subset, eps: float, norm_offset: float,
+                 logit_scale: float, logit_softcap: float, temperature: float, mode: str, top_k: int, top_p: float):
+        """Scalars as the kernels take them: logit_softcap 0 for none, top_k 0 for none, top_p 1 for none."""
         self.norm_weight, self.lm_head_weight, self.vocab_subset = norm_weight, lm_head_weight, vocab_subset
-        self.eps, self.norm_offset, self.logit_scale = float(eps), float(norm_offset), float(logit_scale)
-        self.logit_softcap = float(logit_softcap) if logit_softcap is not None else 0.0   # 0: none
-        self.temperature, self.mode = float(temperature), mode
-        self.top_k = int(top_k or 0)                                                      # 0: none
-        self.top_p = float(top_p if top_p is not None else 1.0)                           # 1: none
+        self.eps, self.norm_offset, self.logit_scale, self.logit_softcap = eps, norm_offset, logit_scale, logit_softcap
+        self.temperature, self.mode, self.top_k, self.top_p = temperature, mode, top_k, top_p
         self.device, self.dtype = hidden.device, hidden.dtype    # what the backends' reasons read
 
     def _choose(self, backend: str) -> None:
-        self.backend = select("lm_head", BACKENDS, PRIORITY.get(self.device.type, ("torch",)), backend, self)
+        device_type = self.device.type
+        self.backend = select_remembered("lm_head", BACKENDS, PRIORITY.get(device_type, ("torch",)), backend,
+                                         device_type, (self.dtype, self.mode, self.top_k, self.top_p), self)
         self._kernel = self.backend.run
 
     def _call(self, hidden, draft_tokens, prob_rows, seed) -> _Call:
@@ -404,9 +408,9 @@ def _plan(plan_class, hidden, norm_weight, lm_head_weight, *, eps, mode, tempera
             if not distinct:
                 raise ValueError("prob_rows must hold distinct row indices")
 
-    plan = plan_class(hidden, norm_weight, lm_head_weight, vocab_subset, eps=eps, norm_offset=norm_offset,
-                      logit_scale=logit_scale, logit_softcap=logit_softcap, temperature=temperature, mode=mode,
-                      top_k=top_k, top_p=top_p)
+    plan = plan_class(hidden, norm_weight, lm_head_weight, vocab_subset, float(eps), float(norm_offset),
+                      float(logit_scale), float(logit_softcap) if logit_softcap is not None else 0.0,
+                      float(temperature), mode, int(top_k or 0), float(top_p if top_p is not None else 1.0))
     if backend is not None:
         plan._choose(backend)
     return plan, draft_tokens, prob_rows

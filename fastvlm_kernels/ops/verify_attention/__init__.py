@@ -13,7 +13,7 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 
 from .. import _checks
-from .._dispatch import (Backend, always_supported, call_custom_op, compiled_backend_reasons, select_by_device,
+from .._dispatch import (Backend, always_supported, call_custom_op, compiled_backend_reasons, select_remembered,
                          triton_backend_reasons)
 from .reference import verify_attention_reference
 from .spec import HEAD_DIMS, MAX_TREE_TOKENS, SUPPORTED_DTYPES
@@ -133,8 +133,9 @@ def verify_attention_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     num_new, head_dim = q.shape[2], q.shape[3]
     if validate and not torch.compiler.is_compiling():
         _check_values(prefix_lens, tree_mask, num_new, k_cache.shape[2])
-    priority = (HOST_BOUND_PRIORITY if host_bound else PRIORITY).get(q.device.type, ("torch",))
-    chosen = select_by_device("verify_attention", BACKENDS, priority, backend, q)
+    device_type = q.device.type
+    priority = (HOST_BOUND_PRIORITY if host_bound else PRIORITY).get(device_type, ("torch",))
+    chosen = select_remembered("verify_attention", BACKENDS, priority, backend, device_type, q.dtype, q)
     return VerifyAttentionPlan(chosen, head_dim ** -0.5 if sm_scale is None else sm_scale,
                                return_lse or out_lse is not None, q.shape[0])
 
