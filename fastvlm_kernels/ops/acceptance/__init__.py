@@ -180,8 +180,8 @@ class AcceptGreedyPlan(_AcceptancePlan):
     def run(self, draft_tokens: torch.Tensor, target_tokens: torch.Tensor, *,
             out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Acceptance:
         """:func:`accept_greedy` on inputs of the planned kind."""
-        accept_len, _, emitted = _out_or_new(out, target_tokens.shape[0], target_tokens.shape[1], target_tokens.device,
-                                            with_path=False)
+        batch, columns, device = target_tokens.shape[0], target_tokens.shape[1], target_tokens.device
+        accept_len, _, emitted = _out_or_new(out, batch, columns, device, with_path=False)
         self._kernel("greedy", draft_tokens, None, target_tokens, None, None, None, accept_len, None, emitted)
         return Acceptance(accept_len, emitted)
 
@@ -208,8 +208,8 @@ class AcceptGreedyTreePlan(_AcceptancePlan):
     def run(self, draft_tokens: torch.Tensor, parents: torch.Tensor, target_tokens: torch.Tensor, *,
             out: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> TreeAcceptance:
         """:func:`accept_greedy_tree` on inputs of the planned kind."""
-        accept_len, path, emitted = _out_or_new(out, draft_tokens.shape[0], draft_tokens.shape[1], draft_tokens.device,
-                                               with_path=True)
+        batch, num_nodes, device = draft_tokens.shape[0], draft_tokens.shape[1], draft_tokens.device
+        accept_len, path, emitted = _out_or_new(out, batch, num_nodes, device, with_path=True)
         self._kernel("greedy", draft_tokens, parents, target_tokens, None, None, None, accept_len, path, emitted)
         return TreeAcceptance(accept_len, path, emitted)
 
