@@ -3,12 +3,16 @@
     python bench/verify_attention.py                      # CPU: the C++ kernel vs SDPA with a mask vs the reference
     python bench/verify_attention.py --device cuda        # GPU: every backend vs SDPA / flash-attn / FlashInfer
     python bench/verify_attention.py --json out.json --md out.md
+    python bench/verify_attention.py --host-overhead       # host µs per call: kernel, plan.run, public call
 
 CPU: medians of single calls, SDPA and the public call called in turns at the process's thread count (compare
 ratios within one run: timings on a shared 2-core machine drift); the reference by torch.utils.benchmark.
 GPU: device time per call (_common.gpu_time_ms: CUDA-graph replay, cold L2, no host overhead), with GB/s and %
 of the measured copy bandwidth (the kernel is memory bound: it must read the cache once per KV head).
 Each configuration is checked against the reference before it is timed.
+--host-overhead: host time per call of each way through, per backend: the backend's kernel called directly, a
+held plan's run (what the decoder calls per layer) and the public call (plan + run), batches of calls in turns;
+on CUDA at a decode step's shape without synchronising (launch cost), on CPU at a tiny shape on one thread.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import (alternate, copy_bandwidth_gbps, cpu_time_us, gpu_time_ms, environment, format_row,  # noqa: E402
                      same_size_read_us, span, write_results)
-from fastvlm_kernels.ops.verify_attention import BACKENDS, verify_attention, verify_attention_reference  # noqa: E402
+from fastvlm_kernels.ops.verify_attention import (BACKENDS, verify_attention, verify_attention_plan,  # noqa: E402
+                                                  verify_attention_reference)
 from fastvlm_kernels.ops.verify_attention.reference import visibility_mask  # noqa: E402
 
 # (name, Hq, Hkv, D): MHA like LLaVA-1.5-7B's Llama-2, GQA like Qwen2-VL-7B's Qwen2.
@@ -146,6 +151,45 @@ def run_gpu(args):
     return rows
 
 
+HOST_CALLS = 200   # calls per timed batch: a host cost of a few µs is well above the clock's resolution
+
+
+def run_host_overhead(args):
+    device = args.device
+    if device == "cpu":   # a tiny problem on one thread: the kernel's own time (and thread wake-ups) out of the way
+        torch.set_num_threads(1)
+        dtype, (num_q_heads, num_kv_heads, head_dim, prefix) = torch.float32, (4, 2, 64, 16)
+    else:
+        dtype, (num_q_heads, num_kv_heads, head_dim, prefix) = torch.bfloat16, (32, 8, 128, 256)
+    q, k_cache, v_cache, prefix_lens = make_case(1, num_q_heads, num_kv_heads, head_dim, prefix, 1, dtype, device)
+    out = torch.empty_like(q)
+    rows = []
+    for backend in [name for name in ("cuda", "triton", "cpu") if usable(name, q)]:
+        check(q, k_cache, v_cache, prefix_lens, backend)
+        plan = verify_attention_plan(q, k_cache, v_cache, prefix_lens, validate=False, backend=backend)
+        kernel = plan.backend.run
+        ways = {
+            "kernel_us": lambda: kernel(q, k_cache, v_cache, prefix_lens, None, plan.sm_scale, out, None),
+            "plan_run_us": lambda: plan.run(q, k_cache, v_cache, prefix_lens, out=out),
+            "public_us": lambda: verify_attention(q, k_cache, v_cache, prefix_lens, out=out, validate=False,
+                                                  backend=backend),
+        }
+        if backend == "cpu":   # the plain call: auto, no out, lengths checked (the C++ entry on CPU tensors)
+            ways["public_plain_us"] = lambda: verify_attention(q, k_cache, v_cache, prefix_lens)
+        batches = {name: (lambda way=way: [way() for _ in range(HOST_CALLS)]) for name, way in ways.items()}
+        medians = alternate(batches, repeats=20, min_time=args.min_time, max_calls=500)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        row = dict(backend=backend, dtype=str(dtype).replace("torch.", ""),
+                   shape=f"B1-Hq{num_q_heads}-Hkv{num_kv_heads}-D{head_dim}-P{prefix}-T1")
+        row.update({name: seconds * 1e6 / HOST_CALLS for name, seconds in medians.items()})
+        row["plan_run_overhead_us"] = row["plan_run_us"] - row["kernel_us"]
+        row["public_overhead_us"] = row["public_us"] - row["kernel_us"]
+        rows.append(row)
+        print(format_row(row), flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -154,12 +198,18 @@ def main():
     parser.add_argument("--new-tokens", type=int, nargs="+", default=list(NEW_TOKENS), help="CPU: values of T")
     parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     parser.add_argument("--skip-reference", action="store_true", help="CPU: do not time the slow reference")
+    parser.add_argument("--host-overhead", action="store_true",
+                        help="host time per call of the kernel, a plan's run and the public call, per backend")
     parser.add_argument("--json", type=Path, help="write the rows and the environment here")
     parser.add_argument("--md", type=Path, help="write a markdown table here")
     args = parser.parse_args()
 
     env = environment(args.device)
     print(f"verify_attention on {env['device']} (torch {env['torch']}, {env['threads']} threads)", flush=True)
+    if args.host_overhead:
+        rows = run_host_overhead(args)
+        write_results(args, env, rows, "verify_attention host overhead", "host µs per call (medians)")
+        return
     rows = run_cpu(args) if args.device == "cpu" else run_gpu(args)
     write_results(args, env, rows, "verify_attention", "times in µs (medians)")
     if args.device == "cpu" and rows and "cpu_us" in rows[0]:

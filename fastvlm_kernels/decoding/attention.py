@@ -17,8 +17,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 from ..cache import KVCache
-from ..ops._dispatch import select
-from ..ops.verify_attention import BACKENDS, PRIORITY, verify_attention
+from ..ops.verify_attention import VerifyAttentionPlan, verify_attention_plan
 
 ATTENTION_NAME = "fastvlm_kernels"
 STATE_KWARG = "fastvlm_state"
@@ -32,7 +31,7 @@ class StepState:
     prefix_lens: torch.Tensor
     tree_mask: Optional[torch.Tensor] = None
     calls: Optional[dict] = None   # layer_idx -> number of tokens attended, when counting (tests)
-    backend: Optional[object] = None   # the verify_attention backend, chosen (and the inputs checked) once
+    plan: Optional[VerifyAttentionPlan] = None   # made at the first attention call (inputs checked once)
     requested_backend: str = "auto"   # "auto" or a verify_attention backend name
 
 
@@ -52,30 +51,24 @@ def attend(state: StepState, layer: int, query, key, value, sm_scale: float) -> 
     [B, Hq, T, D]`` to that layer's cache; returns ``[B, T, Hq, D]`` (what the attention module reshapes)."""
     if state.calls is not None:
         state.calls[layer] = state.calls.get(layer, 0) + query.shape[0] * query.shape[2]
-    if state.backend is None:
-        # The first call of a generate: the public functions check everything once and the backend that
-        # verify_attention picks is kept; later calls of the same generate skip the Python checks.
+    plan = state.plan
+    if plan is None or plan.sm_scale != sm_scale:
+        # The first call of a generate (or a layer with another scale): the cache append and the plan check
+        # everything once; later calls of the same generate run the plan's kernel with no checks. The decoder
+        # launches once per layer per step, eagerly: a host-bound caller (see HOST_BOUND_PRIORITY).
         state.cache.append(layer, key, value)
         keys, values = state.cache.layer(layer)
-        state.backend = select("verify_attention", BACKENDS, _DECODER_PRIORITY.get(query.device.type, PRIORITY.get(
-            query.device.type, ("torch",))), state.requested_backend, query)
-        out = verify_attention(query, keys, values, state.prefix_lens, state.tree_mask, sm_scale=sm_scale,
-                               validate=False, backend=state.backend.name)
-        return out.transpose(1, 2)
-    state.cache.append_unchecked(layer, key, value)
-    keys, values = state.cache.layer_unchecked(layer)
+        plan = state.plan = verify_attention_plan(query, keys, values, state.prefix_lens, state.tree_mask,
+                                                  sm_scale=sm_scale, validate=False,
+                                                  backend=state.requested_backend, host_bound=True)
+    else:
+        state.cache.append_unchecked(layer, key, value)
+        keys, values = state.cache.layer_unchecked(layer)
     batch, num_heads, num_new, head_dim = query.shape
     out = query.new_empty((batch, num_new, num_heads, head_dim))
-    state.backend.run(query, keys, values, state.prefix_lens, state.tree_mask, float(sm_scale), out.transpose(1, 2),
-                      None)
+    plan.run(query, keys, values, state.prefix_lens, state.tree_mask, out=out.transpose(1, 2))
     return out
 
-
-# The decoder launches attention eagerly once per layer and step, so host cost counts: on an H100 the CUDA
-# C++ kernel's launch takes ~40 us of host time against ~130-220 us for the Triton launcher, and the decoder
-# ran 15-18% faster end to end with it although Triton's kernel is faster on the device
-# (bench/results/NVIDIA-H100-80GB-HBM3-2026-11-25-e2e-attention-backends.md). The op itself keeps Triton first.
-_DECODER_PRIORITY = {"cuda": ("cuda", "triton", "torch")}
 
 _registered = False
 

@@ -91,16 +91,19 @@ def select(op_name: str, backends: Sequence[Backend], priority: Sequence[str], r
 _SELECTED: dict = {}
 
 
-def select_by_device(op_name: str, backends: Sequence[Backend], priority: Sequence[str], requested: str,
-                     tensor: torch.Tensor) -> Backend:
-    """`select` for ops whose backends' reasons depend only on `tensor`'s device type and dtype (and on the
-    process: the extension, Triton's import, TRITON_INTERPRET): the choice is remembered per (op, priority,
-    request, device type, dtype, interpreter), which takes the backend choice off the per-call cost of small calls.
-    Refusals are not remembered, so a bad request raises every time with its reasons."""
-    key = (op_name, tuple(priority), requested, tensor.device.type, tensor.dtype, triton_interpreting())
+def select_remembered(op_name: str, backends: Sequence[Backend], priority: Sequence[str], requested: str,
+                      device_type: str, options, *inputs) -> Backend:
+    """`select`, remembered per (op, priority, request, device type, options), for ops whose backends' reasons
+    read only the inputs' device type and `options` (a hashable of the dtypes and settings they read), besides
+    the process's state (the extension, Triton's import, TRITON_INTERPRET): this takes the backend choice off
+    the per-call cost of small calls. Refusals are not remembered, so a bad request raises every time."""
+    # TRITON_INTERPRET decides only whether Triton runs CPU tensors: read it (~2 us) only when it can matter
+    may_run_triton = requested == "triton" or (requested == "auto" and "triton" in priority)
+    interpreting = device_type == "cpu" and may_run_triton and triton_interpreting()
+    key = (op_name, tuple(priority), requested, device_type, options, interpreting)
     chosen = _SELECTED.get(key)
     if chosen is None:
-        chosen = select(op_name, backends, priority, requested, tensor)
+        chosen = select(op_name, backends, priority, requested, *inputs)
         _SELECTED[key] = chosen
     return chosen
 

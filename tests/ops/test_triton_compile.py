@@ -2,13 +2,12 @@
 the register budget, with its registers and spills reported in the test summary."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from fastvlm_kernels.ops import _dispatch
+from fastvlm_kernels.ops import _aot, _dispatch
 
 # Spills a configuration may have (bytes of spill stores): none. A spill in the inner loop of a
 # bandwidth-bound kernel costs more than the smaller tile it would take to avoid it.
@@ -37,7 +36,10 @@ with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
 
 
 def _ptxas():
-    return shutil.which("ptxas") or next((p for p in ("/usr/local/cuda/bin/ptxas",) if os.path.exists(p)), None)
+    try:
+        return _aot.ptxas_path()
+    except FileNotFoundError:
+        return None
 
 
 @pytest.mark.compile
@@ -57,3 +59,16 @@ def test_triton_configs_compile_for_sm90_without_spills(op, table, compile_one):
     REPORT.extend(reports)
     over = [r for r in reports if r["spill_stores"] > SPILL_BUDGET_BYTES or r["spill_loads"] > SPILL_BUDGET_BYTES]
     assert not over, f"configurations spill registers: {over}"
+
+
+_PTXAS_REPORT = """ptxas info    : Compiling entry function '_accept_greedy_kernel' for 'sm_90a'
+ptxas info    : Function properties for _accept_greedy_kernel
+    24 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 38 registers, used 0 barriers, 392 bytes cmem[0]
+"""
+
+
+def test_ptxas_report_is_read():
+    assert _aot.parse_ptxas_report(_PTXAS_REPORT) == {"registers": 38, "spill_stores": 8, "spill_loads": 12}
+    with pytest.raises(ValueError, match="no register"):
+        _aot.parse_ptxas_report("ptxas fatal   : Unresolved extern function")

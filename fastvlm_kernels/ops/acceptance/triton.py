@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._aot import compile_sm90
+
 _BLOCK_V = 2048       # vocabulary tile of the sampling passes
 _SAMPLING_WARPS = 8
 
@@ -233,16 +235,14 @@ def config_name(config: dict) -> str:
 
 def compile_for_sm90(config: dict) -> dict:
     """Compiles one KERNEL_CONFIGS entry for sm_90 and returns ptxas's figures (registers, spills)."""
-    from ..verify_attention.triton import _compile_sm90
-
     tree = config["tree"]
     if config["kernel"] == "greedy":
         types = {"DraftTokens": "*i64", "Parents": "*i64", "TargetTokens": "*i64", "AcceptLen": "*i32",
                  "Path": "*i64", "Emitted": "*i64"}
         constexprs = {"HAS_PARENTS": tree, "HAS_PATH": tree, "BLOCK_N": config["BLOCK_N"]}
-        return _compile_sm90(_accept_greedy_kernel, types, constexprs, 1, 1, config_name(config))
+        return compile_sm90(_accept_greedy_kernel, types, constexprs, 1, 1, config_name(config))
     dtype = config["dtype"]
     types = {"DraftTokens": "*i64", "Parents": "*i64", "DraftProbs": f"*{dtype}", "TargetProbs": f"*{dtype}",
              "Uniforms": "*fp32", "Residual": "*fp64", "AcceptLen": "*i32", "Path": "*i64", "Emitted": "*i64"}
     constexprs = {"HAS_PARENTS": tree, "HAS_PATH": tree, "BLOCK_N": config["BLOCK_N"], "BLOCK_V": _BLOCK_V}
-    return _compile_sm90(_accept_sampling_kernel, types, constexprs, _SAMPLING_WARPS, 1, config_name(config))
+    return compile_sm90(_accept_sampling_kernel, types, constexprs, _SAMPLING_WARPS, 1, config_name(config))

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._aot import compile_sm90
+
 # Bytes of one [BLOCK_H * BLOCK_A, BLOCK_D] tile held in registers (16 KiB: 32 registers a thread at 4 warps).
 # A program moves several heads at once: a path moves few rows per (layer, row, head) slice (a few hundred
 # bytes to a few KiB), and one program per slice spent its time in dependent-load latency, not in moving
@@ -139,14 +141,12 @@ def config_name(config: dict) -> str:
 
 
 def compile_for_sm90(config: dict) -> dict:
-    """Compiles one KERNEL_CONFIGS entry for sm_90 and returns ptxas's figures (see verify_attention)."""
-    from ..verify_attention.triton import _compile_sm90
-
+    """Compiles one KERNEL_CONFIGS entry for sm_90 and returns ptxas's figures (see ops/_aot.py)."""
     block_a, block_h = compact_blocks(config["dtype"], config["head_dim"], config["accepted"], config["kv_heads"])
     types = {"Buffer": f"*{config['dtype']}", "Start": "*i32", "Accepted": "*i32"}
     constexprs = {"HEAD_DIM": config["head_dim"], "BLOCK_D": triton.next_power_of_2(config["head_dim"]),
                   "BLOCK_A": block_a, "BLOCK_H": block_h, "COUNT_BLOCK": _count_block(config["accepted"])}
-    return _compile_sm90(_kv_compact_kernel, types, constexprs, NUM_WARPS, 1, config_name(config))
+    return compile_sm90(_kv_compact_kernel, types, constexprs, NUM_WARPS, 1, config_name(config))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,11 +213,9 @@ APPEND_KERNEL_CONFIGS = [{"dtype": dtype, "head_dim": 128, "block_t": block_t}
 
 
 def compile_append_for_sm90(config: dict) -> dict:
-    from ..verify_attention.triton import _compile_sm90
-
     block_d = triton.next_power_of_2(config["head_dim"])
     types = {name: f"*{config['dtype']}" for name in ("KCache", "VCache", "Keys", "Values")}
     types["Lengths"] = "*i32"
     constexprs = {"HEAD_DIM": config["head_dim"], "BLOCK_D": block_d, "BLOCK_T": config["block_t"]}
-    return _compile_sm90(_kv_append_kernel, types, constexprs, NUM_WARPS, 1,
-                         f"kv_append_{config['dtype']}_d{config['head_dim']}_t{config['block_t']}")
+    return compile_sm90(_kv_append_kernel, types, constexprs, NUM_WARPS, 1,
+                        f"kv_append_{config['dtype']}_d{config['head_dim']}_t{config['block_t']}")

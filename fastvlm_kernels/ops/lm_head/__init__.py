@@ -9,6 +9,10 @@ survivors; top_p without top_k needs the whole sorted row, so that case goes to 
 a stable sort of the candidates); top-k / top-p sampling on GPU tensors falls back to "torch" (the
 reference, which materialises the logits). All backends draw the same noise for the
 same seed: a splitmix64 hash of (seed, offset, row, token id), see reference.gumbel_noise.
+
+Plan/run: :func:`early_exit_head_plan` and :func:`verify_head_plan` check the arguments and choose the backend
+once; their plans' ``run`` allocates the outputs and calls the chosen kernel (the decoder holds one of each
+per generate). The public functions are plan then run.
 """
 from __future__ import annotations
 
@@ -18,11 +22,13 @@ from typing import List, NamedTuple, Optional, Union
 import torch
 
 from .. import _checks
-from .._dispatch import Backend, call_custom_op, device_reasons, extension_reasons, select, triton_device_reasons
+from .._dispatch import (Backend, call_custom_op, device_reasons, extension_reasons, select_remembered,
+                         triton_device_reasons)
 from .reference import lm_head_reference
 from .spec import MODE_CODES, MODES, SUPPORTED_DTYPES
 
-__all__ = ["early_exit_head", "verify_head", "EarlyExitHeadOutput", "VerifyHeadOutput", "vocab_subset_from_counts",
+__all__ = ["early_exit_head", "verify_head", "early_exit_head_plan", "verify_head_plan", "EarlyExitHeadPlan",
+           "VerifyHeadPlan", "EarlyExitHeadOutput", "VerifyHeadOutput", "vocab_subset_from_counts",
            "lm_head_reference", "BACKENDS", "PRIORITY"]
 
 
@@ -70,6 +76,14 @@ class _Call:
     draft_logprob: Optional[torch.Tensor]
     probs: Optional[torch.Tensor]
 
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hidden.dtype
+
     def op_args(self) -> tuple:
         return (self.hidden, self.norm_weight, self.lm_head_weight, self.vocab_subset, self.draft_tokens,
                 self.prob_rows, self.seed, self.eps, self.norm_offset, self.logit_scale, self.logit_softcap,
@@ -112,12 +126,12 @@ def early_exit_head(hidden: torch.Tensor, norm_weight: torch.Tensor, lm_head_wei
     Returns:
         :class:`EarlyExitHeadOutput` (tokens, max_logit, lse, logprob).
     """
-    call = _prepare(hidden, norm_weight, lm_head_weight, eps=eps, mode=mode, temperature=temperature, top_k=top_k,
-                    top_p=top_p, vocab_subset=vocab_subset, generator=generator, seed=seed, norm_offset=norm_offset,
-                    logit_scale=logit_scale, logit_softcap=logit_softcap, draft_tokens=None, prob_rows=None,
-                    validate=validate)
-    _run(call, backend)
-    return EarlyExitHeadOutput(call.tokens, call.max_logit, call.lse, call.logprob)
+    plan, _, _ = _plan(EarlyExitHeadPlan, hidden, norm_weight, lm_head_weight, eps=eps, mode=mode,   # the plan
+                       temperature=temperature, top_k=top_k, top_p=top_p, vocab_subset=vocab_subset,
+                       generator=generator, seed=seed, norm_offset=norm_offset, logit_scale=logit_scale,
+                       logit_softcap=logit_softcap, draft_tokens=None, prob_rows=None, validate=validate,
+                       backend=backend)
+    return plan.run(hidden, seed=seed, generator=generator)
 
 
 def verify_head(hidden: torch.Tensor, norm_weight: torch.Tensor, lm_head_weight: torch.Tensor,
@@ -141,12 +155,115 @@ def verify_head(hidden: torch.Tensor, norm_weight: torch.Tensor, lm_head_weight:
     Returns:
         :class:`VerifyHeadOutput` (tokens, max_logit, lse, draft_logprob, probs).
     """
-    call = _prepare(hidden, norm_weight, lm_head_weight, eps=eps, mode="argmax", temperature=temperature,
-                    top_k=None, top_p=None, vocab_subset=None, generator=None, seed=None, norm_offset=norm_offset,
-                    logit_scale=logit_scale, logit_softcap=logit_softcap, draft_tokens=draft_tokens,
-                    prob_rows=prob_rows, validate=validate, verify=True)
-    _run(call, backend)
-    return VerifyHeadOutput(call.tokens, call.max_logit, call.lse, call.draft_logprob, call.probs)
+    plan, draft_tokens, prob_rows = _plan(                                      # the plan, and run's layouts
+        VerifyHeadPlan, hidden, norm_weight, lm_head_weight, eps=eps, mode="argmax", temperature=temperature,
+        top_k=None, top_p=None, vocab_subset=None, generator=None, seed=None, norm_offset=norm_offset,
+        logit_scale=logit_scale, logit_softcap=logit_softcap, draft_tokens=draft_tokens, prob_rows=prob_rows,
+        validate=validate, backend=backend, verify=True)
+    return plan.run(hidden, draft_tokens, prob_rows=prob_rows)
+
+
+class _HeadPlan:
+    """What a head plan fixes: the head's weights, its options and the backend. Its ``run`` checks nothing: it
+    takes hidden ``[M, H]`` of the planned H, dtype and device, last dim contiguous, any M."""
+
+    __slots__ = ("backend", "_kernel", "norm_weight", "lm_head_weight", "vocab_subset", "eps", "norm_offset",
+                 "logit_scale", "logit_softcap", "temperature", "mode", "top_k", "top_p", "device", "dtype")
+
+    def __init__(self, hidden, norm_weight, lm_head_weight, vocab_subset, eps: float, norm_offset: float,
+                 logit_scale: float, logit_softcap: float, temperature: float, mode: str, top_k: int, top_p: float):
+        """Scalars as the kernels take them: logit_softcap 0 for none, top_k 0 for none, top_p 1 for none."""
+        self.norm_weight, self.lm_head_weight, self.vocab_subset = norm_weight, lm_head_weight, vocab_subset
+        self.eps, self.norm_offset, self.logit_scale, self.logit_softcap = eps, norm_offset, logit_scale, logit_softcap
+        self.temperature, self.mode, self.top_k, self.top_p = temperature, mode, top_k, top_p
+        self.device, self.dtype = hidden.device, hidden.dtype    # what the backends' reasons read
+
+    def _choose(self, backend: str) -> None:
+        device_type = self.device.type
+        self.backend = select_remembered("lm_head", BACKENDS, PRIORITY.get(device_type, ("torch",)), backend,
+                                         device_type, (self.dtype, self.mode, self.top_k, self.top_p), self)
+        self._kernel = self.backend.run
+
+    def _call(self, hidden, draft_tokens, prob_rows, seed) -> _Call:
+        """The kernels' arguments, with fresh outputs."""
+        num_rows, device = hidden.shape[0], hidden.device
+        token_shape = (num_rows, self.top_k) if self.mode == "topk" else (num_rows,)
+        return _Call(
+            hidden=hidden, norm_weight=self.norm_weight, lm_head_weight=self.lm_head_weight,
+            vocab_subset=self.vocab_subset, draft_tokens=draft_tokens, prob_rows=prob_rows, seed=seed, eps=self.eps,
+            norm_offset=self.norm_offset, logit_scale=self.logit_scale, logit_softcap=self.logit_softcap,
+            temperature=self.temperature, mode=self.mode, top_k=self.top_k, top_p=self.top_p,
+            tokens=torch.empty(token_shape, dtype=torch.int64, device=device),
+            max_logit=torch.empty(num_rows, dtype=torch.float32, device=device),
+            lse=torch.empty(num_rows, dtype=torch.float32, device=device),
+            logprob=torch.empty(token_shape, dtype=torch.float32, device=device),
+            draft_logprob=(torch.empty(num_rows, dtype=torch.float32, device=device)
+                           if draft_tokens is not None else None),
+            probs=(torch.empty(prob_rows.numel(), self.lm_head_weight.shape[0], dtype=torch.float32, device=device)
+                   if prob_rows is not None else None),
+        )
+
+
+class EarlyExitHeadPlan(_HeadPlan):
+    """:func:`early_exit_head`'s checks and backend, done once (see :func:`early_exit_head_plan`)."""
+
+    __slots__ = ()
+
+    def run(self, hidden: torch.Tensor, *, seed: Optional[Union[int, torch.Tensor]] = None,
+            generator: Optional[torch.Generator] = None) -> EarlyExitHeadOutput:
+        """The head on hidden ``[M, H]`` (any M). For mode "sample": seed (an int, or a ``[2]`` int64 tensor on
+        hidden's device, used as is) or else a seed drawn with generator, as in :func:`early_exit_head`."""
+        seed_tensor = _seed_tensor(seed, generator, hidden.device) if self.mode == "sample" else None
+        call = self._call(hidden, None, None, seed_tensor)
+        if hidden.shape[0] > 0:
+            self._kernel(call)
+        return EarlyExitHeadOutput(call.tokens, call.max_logit, call.lse, call.logprob)
+
+
+class VerifyHeadPlan(_HeadPlan):
+    """:func:`verify_head`'s checks and backend, done once (see :func:`verify_head_plan`)."""
+
+    __slots__ = ()
+
+    def run(self, hidden: torch.Tensor, draft_tokens: torch.Tensor, *,
+            prob_rows: Optional[torch.Tensor] = None) -> VerifyHeadOutput:
+        """The head on hidden ``[M, H]`` (any M); draft_tokens ``[M]`` int64 contiguous (-1: none); prob_rows
+        None or ``[R]`` int64 contiguous, as in :func:`verify_head`."""
+        call = self._call(hidden, draft_tokens, prob_rows, None)
+        if hidden.shape[0] > 0:
+            self._kernel(call)
+        return VerifyHeadOutput(call.tokens, call.max_logit, call.lse, call.draft_logprob, call.probs)
+
+
+def early_exit_head_plan(hidden: torch.Tensor, norm_weight: torch.Tensor, lm_head_weight: torch.Tensor, *,
+                         eps: float, mode: str = "argmax", temperature: float = 1.0, top_k: Optional[int] = None,
+                         top_p: Optional[float] = None, vocab_subset: Optional[torch.Tensor] = None,
+                         generator: Optional[torch.Generator] = None,
+                         seed: Optional[Union[int, torch.Tensor]] = None, norm_offset: float = 0.0,
+                         logit_scale: float = 1.0, logit_softcap: Optional[float] = None, validate: bool = True,
+                         backend: str = "auto") -> EarlyExitHeadPlan:
+    """Checks :func:`early_exit_head`'s arguments (as it documents them) and chooses the backend, once.
+    ``plan.run(hidden, seed=..., generator=...)`` then runs the head on hidden of the planned H, dtype and
+    device (any M), with the planned weights, vocab_subset and options; seed and generator here are only
+    checked (pass them to run)."""
+    return _plan(EarlyExitHeadPlan, hidden, norm_weight, lm_head_weight, eps=eps, mode=mode, temperature=temperature,
+                 top_k=top_k, top_p=top_p, vocab_subset=vocab_subset, generator=generator, seed=seed,
+                 norm_offset=norm_offset, logit_scale=logit_scale, logit_softcap=logit_softcap, draft_tokens=None,
+                 prob_rows=None, validate=validate, backend=backend)[0]
+
+
+def verify_head_plan(hidden: torch.Tensor, norm_weight: torch.Tensor, lm_head_weight: torch.Tensor,
+                     draft_tokens: torch.Tensor, *, eps: float, temperature: float = 1.0,
+                     prob_rows: Optional[torch.Tensor] = None, norm_offset: float = 0.0, logit_scale: float = 1.0,
+                     logit_softcap: Optional[float] = None, validate: bool = True,
+                     backend: str = "auto") -> VerifyHeadPlan:
+    """Checks :func:`verify_head`'s arguments (as it documents them) and chooses the backend, once.
+    ``plan.run(hidden, draft_tokens, prob_rows=...)`` then runs the head on inputs of the planned H, dtype and
+    device (any M; draft_tokens and prob_rows int64 contiguous), with the planned weights and options."""
+    return _plan(VerifyHeadPlan, hidden, norm_weight, lm_head_weight, eps=eps, mode="argmax",
+                 temperature=temperature, top_k=None, top_p=None, vocab_subset=None, generator=None, seed=None,
+                 norm_offset=norm_offset, logit_scale=logit_scale, logit_softcap=logit_softcap,
+                 draft_tokens=draft_tokens, prob_rows=prob_rows, validate=validate, backend=backend, verify=True)[0]
 
 
 def vocab_subset_from_counts(token_ids: torch.Tensor, vocab_size: int, size: int,
@@ -177,6 +294,22 @@ def vocab_subset_from_counts(token_ids: torch.Tensor, vocab_size: int, size: int
 def _prepare(hidden, norm_weight, lm_head_weight, *, eps, mode, temperature, top_k, top_p, vocab_subset, generator,
              seed, norm_offset, logit_scale, logit_softcap, draft_tokens, prob_rows, validate,
              verify: bool = False) -> _Call:
+    """One checked call as every backend receives it, outputs allocated, no backend chosen (tests, benchmarks
+    and ``info`` ask each backend about it)."""
+    plan, draft_tokens, prob_rows = _plan(
+        VerifyHeadPlan if verify else EarlyExitHeadPlan, hidden, norm_weight, lm_head_weight, eps=eps, mode=mode,
+        temperature=temperature, top_k=top_k, top_p=top_p, vocab_subset=vocab_subset, generator=generator,
+        seed=seed, norm_offset=norm_offset, logit_scale=logit_scale, logit_softcap=logit_softcap,
+        draft_tokens=draft_tokens, prob_rows=prob_rows, validate=validate, backend=None, verify=verify)
+    seed_tensor = _seed_tensor(seed, generator, hidden.device) if mode == "sample" else None
+    return plan._call(hidden, draft_tokens, prob_rows, seed_tensor)
+
+
+def _plan(plan_class, hidden, norm_weight, lm_head_weight, *, eps, mode, temperature, top_k, top_p, vocab_subset,
+          generator, seed, norm_offset, logit_scale, logit_softcap, draft_tokens, prob_rows, validate,
+          backend: Optional[str], verify: bool = False):
+    """The checks of both heads, once: (the plan, with its backend unless backend is None, draft_tokens and
+    prob_rows contiguous)."""
     hidden = _checks.check_tensor("hidden", hidden, ndim=2, dtypes=SUPPORTED_DTYPES, shape_doc="[M, H]")
     num_rows, hidden_size = hidden.shape
     norm_weight = _checks.check_tensor("norm_weight", norm_weight, ndim=1, shape_doc="[H]")
@@ -242,20 +375,14 @@ def _prepare(hidden, norm_weight, lm_head_weight, *, eps, mode, temperature, top
         top_k = None
 
     device = hidden.device
-    seed_tensor = None
     if mode == "sample":
         if isinstance(seed, torch.Tensor):
-            seed_tensor = _checks.check_tensor("seed", seed, ndim=1, dtypes=(torch.int64,), shape_doc="[2] (seed, offset)")
-            _checks.check_size("seed", seed_tensor, 0, 2, "(seed, offset)")
-            _checks.check_same_device("seed", seed_tensor, "hidden", hidden)
-            seed_tensor = seed_tensor.contiguous()
+            _checks.check_tensor("seed", seed, ndim=1, dtypes=(torch.int64,), shape_doc="[2] (seed, offset)")
+            _checks.check_size("seed", seed, 0, 2, "(seed, offset)")
+            _checks.check_same_device("seed", seed, "hidden", hidden)
         elif seed is not None:
             if isinstance(seed, bool) or not isinstance(seed, int):
                 raise TypeError(f"seed must be an int or a [2] int64 tensor, got {type(seed).__name__}")
-            seed_tensor = torch.tensor([seed, 0], dtype=torch.int64).to(device)
-        else:
-            gen_device = generator.device if generator is not None else device
-            seed_tensor = torch.randint(0, 2 ** 62, (2,), generator=generator, device=gen_device).to(device)
     elif seed is not None or generator is not None:
         raise ValueError(f"seed and generator apply to mode='sample' only, got mode={mode!r}")
 
@@ -281,29 +408,22 @@ def _prepare(hidden, norm_weight, lm_head_weight, *, eps, mode, temperature, top
             if not distinct:
                 raise ValueError("prob_rows must hold distinct row indices")
 
-    k_out = top_k if mode == "topk" else None
-    token_shape = (num_rows, k_out) if k_out else (num_rows,)
-    return _Call(
-        hidden=hidden, norm_weight=norm_weight, lm_head_weight=lm_head_weight, vocab_subset=vocab_subset,
-        draft_tokens=draft_tokens, prob_rows=prob_rows, seed=seed_tensor, eps=float(eps),
-        norm_offset=float(norm_offset), logit_scale=float(logit_scale),
-        logit_softcap=float(logit_softcap) if logit_softcap is not None else 0.0, temperature=float(temperature),
-        mode=mode, top_k=int(top_k or 0), top_p=float(top_p if top_p is not None else 1.0),
-        tokens=torch.empty(token_shape, dtype=torch.int64, device=device),
-        max_logit=torch.empty(num_rows, dtype=torch.float32, device=device),
-        lse=torch.empty(num_rows, dtype=torch.float32, device=device),
-        logprob=torch.empty(token_shape, dtype=torch.float32, device=device),
-        draft_logprob=(torch.empty(num_rows, dtype=torch.float32, device=device)
-                       if draft_tokens is not None else None),
-        probs=(torch.empty(prob_rows.numel(), vocab, dtype=torch.float32, device=device)
-               if prob_rows is not None else None),
-    )
+    plan = plan_class(hidden, norm_weight, lm_head_weight, vocab_subset, float(eps), float(norm_offset),
+                      float(logit_scale), float(logit_softcap) if logit_softcap is not None else 0.0,
+                      float(temperature), mode, int(top_k or 0), float(top_p if top_p is not None else 1.0))
+    if backend is not None:
+        plan._choose(backend)
+    return plan, draft_tokens, prob_rows
 
 
-def _run(call: _Call, backend: str) -> None:
-    chosen = select("lm_head", BACKENDS, PRIORITY.get(call.hidden.device.type, ("torch",)), backend, call)
-    if call.hidden.shape[0] > 0:
-        chosen.run(call)
+def _seed_tensor(seed, generator, device: torch.device) -> torch.Tensor:
+    """The sampling kernels' ``[2]`` int64 (seed, offset) on `device`: seed's, or drawn with generator."""
+    if isinstance(seed, torch.Tensor):
+        return seed.contiguous()
+    if seed is not None:
+        return torch.tensor([seed, 0], dtype=torch.int64).to(device)
+    gen_device = generator.device if generator is not None else device
+    return torch.randint(0, 2 ** 62, (2,), generator=generator, device=gen_device).to(device)
 
 
 # ---- backends ----------------------------------------------------------------------------------------
@@ -398,6 +518,8 @@ def _run_triton(call: _Call) -> None:
     call_custom_op(lm_head_triton_op, *call.op_args())
 
 
+# The reasons read a call's (or a plan's) device, dtype, mode, top_k and top_p.
+
 def _filter_reasons(call: _Call) -> List[str]:
     """What the fused GPU kernels do not do (the CPU kernel and the reference do)."""
     reasons = []
@@ -407,24 +529,24 @@ def _filter_reasons(call: _Call) -> List[str]:
 
 
 def _cpu_reasons(call: _Call) -> List[str]:
-    reasons = device_reasons(call.hidden.device, "cpu") + extension_reasons(call.hidden.device)
+    reasons = device_reasons(call.device, "cpu") + extension_reasons(call.device)
     if call.mode == "sample" and call.top_p < 1 and not call.top_k:
         reasons.append("top_p without top_k is not implemented in the CPU kernel (it keeps top_k candidates)")
     return reasons
 
 
 def _cuda_reasons(call: _Call) -> List[str]:
-    reasons = device_reasons(call.hidden.device, "cuda") + extension_reasons(call.hidden.device) + _filter_reasons(call)
+    reasons = device_reasons(call.device, "cuda") + extension_reasons(call.device) + _filter_reasons(call)
     if call.mode == "topk":
         reasons.append("mode='topk' is not implemented in the CUDA kernel (the Triton one does it)")
     return reasons
 
 
 def _triton_reasons(call: _Call) -> List[str]:
-    reasons = triton_device_reasons(call.hidden.device) + _filter_reasons(call)
+    reasons = triton_device_reasons(call.device) + _filter_reasons(call)
     if call.mode == "topk" and call.top_k > 64:
         reasons.append(f"mode='topk' with top_k={call.top_k}: the Triton kernel takes top_k <= 64")
-    if call.hidden.device.type == "cpu" and call.hidden.dtype == torch.bfloat16:
+    if call.device.type == "cpu" and call.dtype == torch.bfloat16:
         reasons.append("the Triton interpreter does not run bf16 reliably on the CPU")
     return reasons
 

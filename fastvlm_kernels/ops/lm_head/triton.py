@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._aot import compile_sm90
+
 from .partials import merge_partials, probs_from_logits_
 
 _GOLDEN = tl.constexpr(0x9E3779B97F4A7C15)
@@ -319,9 +321,7 @@ def config_name(config: dict) -> str:
 
 
 def compile_for_sm90(config: dict) -> dict:
-    """Compiles one KERNEL_CONFIGS entry for sm_90 and returns ptxas's figures (see verify_attention)."""
-    from ..verify_attention.triton import _compile_sm90
-
+    """Compiles one KERNEL_CONFIGS entry for sm_90 and returns ptxas's figures (see ops/_aot.py)."""
     dtype = config["dtype"]
     types = {"Normed": f"*{dtype}", "Weight": f"*{dtype}", "Subset": "*i64", "Draft": "*i64", "ProbIndex": "*i32",
              "Probs": "*fp32", "Seed": "*i64", "TileMax": "*fp32", "TileArg": "*i64", "TileSum": "*fp32",
@@ -332,5 +332,5 @@ def compile_for_sm90(config: dict) -> dict:
                   "HAS_SUBSET": False, "SAMPLE": config["sample"], "HAS_DRAFT": config["draft"],
                   "HAS_PROBS": config["probs"], "SOFTCAP": False, "FP32": dtype == "fp32",
                   "TOPK": config["topk"]}
-    return _compile_sm90(_lm_head_tile_kernel, types, constexprs, config["num_warps"], config["num_stages"],
-                         config_name(config))
+    return compile_sm90(_lm_head_tile_kernel, types, constexprs, config["num_warps"], config["num_stages"],
+                        config_name(config))

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
-import os
-import re
-import shutil
-import subprocess
-import tempfile
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .._aot import compile_sm90
+from .spec import HEAD_DIMS
 
 # A split of a row's cache covers at least MIN_SPLIT_LEN positions (a multiple of _SPLIT_ALIGN, a
 # constexpr of the kernels) and starts at a multiple of _SPLIT_ALIGN (a multiple of every BLOCK_N, so split
@@ -233,11 +230,10 @@ def _verify_attention_merge_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Configurations: every (dtype, head_dim, tree or chain, BLOCK_M, output dtype) the launcher can pick,
-# with its tile sizes. "out_dtype" is q's dtype when the kernel writes out directly and fp32 when it
+# Configurations: every (dtype, head_dim in spec.HEAD_DIMS, tree or chain, BLOCK_M, output dtype) the launcher
+# can pick, with its tile sizes. "out_dtype" is q's dtype when the kernel writes out directly and fp32 when it
 # writes per-split partials (the same kernel for fp32 inputs).
 
-_HEAD_DIMS = (64, 80, 96, 128, 256)
 _LONG_CHAIN_ROWS = 512   # T * G above which a chain (prefill) that fills the GPU unsplit uses BLOCK_M = 128
 
 
@@ -267,7 +263,7 @@ def _tile(dtype: str, head_dim: int, block_m: int, is_tree: bool, long_split: bo
 def _build_configs() -> tuple:
     configs = []
     for dtype in ("fp32", "fp16", "bf16"):
-        for head_dim in _HEAD_DIMS:
+        for head_dim in HEAD_DIMS:
             for is_tree in (False, True):
                 for block_m in _block_m_choices(dtype, is_tree):
                     for out_dtype in dict.fromkeys((dtype, "fp32")):
@@ -417,57 +413,12 @@ def _merge_kernel_types(out_dtype: str, head_dim: int) -> Tuple[dict, dict]:
     return types, constexprs
 
 
-def _ast_source(fn, types: dict, constexprs: dict):
-    """An ASTSource for fn: pointers and strides marked 16-divisible, as runtime specialisation sees them."""
-    from triton.compiler import ASTSource
-
-    signature, divisible = {}, []
-    for index, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-        else:
-            signature[name] = types.get(name, "i32")
-            if signature[name].startswith("*") or name.startswith("stride_"):
-                divisible.append(index)
-    parameters = inspect.signature(ASTSource).parameters
-    if "constexprs" in parameters:  # triton >= 3.3
-        attrs = {(index,): [["tt.divisibility", 16]] for index in divisible}
-        return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return ASTSource(fn=fn, signature=signature, constants=constexprs)  # triton 3.2
-
-
-def _ptxas() -> str:
-    for candidate in (shutil.which("ptxas"), "/usr/local/cuda/bin/ptxas",
-                      os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        if candidate and os.path.exists(candidate):
-            return candidate
-    raise FileNotFoundError("ptxas not found: put the CUDA toolkit's bin folder on PATH")
-
-
-def _compile_sm90(fn, types: dict, constexprs: dict, num_warps: int, num_stages: int, name: str) -> dict:
-    from triton.backends.compiler import GPUTarget
-
-    compiled = triton.compile(_ast_source(fn, types, constexprs), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
-    with tempfile.TemporaryDirectory() as folder:
-        ptx_path = os.path.join(folder, "kernel.ptx")
-        with open(ptx_path, "w") as ptx_file:
-            ptx_file.write(compiled.asm["ptx"])
-        result = subprocess.run([_ptxas(), "-arch=sm_90a", "-v", ptx_path, "-o", os.path.join(folder, "k.cubin")],
-                                capture_output=True, text=True, check=True)
-    report = result.stdout + result.stderr
-    registers = re.search(r"Used (\d+) registers", report)
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
-    return {"name": name, "registers": int(registers.group(1)), "spill_stores": int(spills.group(1)),
-            "spill_loads": int(spills.group(2)), "shared_bytes": int(getattr(compiled.metadata, "shared", 0))}
-
-
 @functools.lru_cache(maxsize=None)
-def _compile_merge_sm90(out_dtype: str, head_dim: int) -> dict:
+def _compile_merge_for_sm90(out_dtype: str, head_dim: int) -> dict:
     types, constexprs = _merge_kernel_types(out_dtype, head_dim)
-    return _compile_sm90(_verify_attention_merge_kernel, types, constexprs,
-                         num_warps=_merge_num_warps(head_dim), num_stages=1,
-                         name=f"merge_{out_dtype}_d{head_dim}")
+    return compile_sm90(_verify_attention_merge_kernel, types, constexprs,
+                        num_warps=_merge_num_warps(head_dim), num_stages=1,
+                        name=f"merge_{out_dtype}_d{head_dim}")
 
 
 def compile_for_sm90(config: dict) -> dict:
@@ -475,7 +426,7 @@ def compile_for_sm90(config: dict) -> dict:
     kernel) and returns ptxas's figures: {"name", "registers", "spill_stores", "spill_loads",
     "shared_bytes", "merge": the merge kernel's figures}."""
     types, constexprs = _main_kernel_types(config)
-    result = _compile_sm90(_verify_attention_kernel, types, constexprs, config["num_warps"],
-                           config["num_stages"], config_name(config))
-    result["merge"] = _compile_merge_sm90(config["dtype"], config["head_dim"])
+    result = compile_sm90(_verify_attention_kernel, types, constexprs, config["num_warps"],
+                          config["num_stages"], config_name(config))
+    result["merge"] = _compile_merge_for_sm90(config["dtype"], config["head_dim"])
     return result
