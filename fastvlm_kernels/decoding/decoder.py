@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from ..cache import KVCache
-from ..ops.acceptance import accept_greedy, accept_sampling
-from ..ops.lm_head import early_exit_head, verify_head
+from ..ops.acceptance import accept_greedy_plan, accept_sampling_plan
+from ..ops.lm_head import early_exit_head_plan, verify_head_plan
 from ..ops.lm_head.reference import filter_scores
 from . import lean
 from .adapters import Adapter, adapter_for
@@ -168,6 +168,7 @@ class SelfSpeculativeDecoder:
         if draft_vocab is None and imitation is not None:
             draft_vocab = getattr(imitation, "draft_vocab", None)
         self.draft_vocab = self._check_draft_vocab(draft_vocab)
+        self._plans: dict = {}
         self.profile = bool(profile)
         self.count_calls = False   # tests: count the tokens each layer attends (StepState.calls)
         self.last_calls: dict = {}
@@ -223,6 +224,7 @@ class SelfSpeculativeDecoder:
         if pixel_values is not None:
             model_inputs["pixel_values"] = pixel_values
         stats, policy = GenerateStats(), self.policy
+        self._plans = {}   # the heads' and acceptance's plans, made at first use in this call
         with attention_implementation(self._attention_configs()):
             self._prepare_lean()
             rows, state = self.prefill(input_ids, attention_mask, model_inputs, options, streamer, generator)
@@ -368,9 +370,10 @@ class SelfSpeculativeDecoder:
                 current = torch.multinomial(q, 1, generator=generator)[:, 0]
                 probs.append(q)
             else:
-                current = early_exit_head(imitated[:, 0].contiguous(), adapter.norm.weight, adapter.lm_head.weight,
-                                          mode="argmax", vocab_subset=subset_head[0] if subset_head else None,
-                                          validate=False, eps=adapter.norm_eps).tokens
+                hidden = imitated[:, 0].contiguous()
+                current = self._plan("draft_head", early_exit_head_plan, hidden, adapter.norm.weight,
+                                     adapter.lm_head.weight, mode="argmax", eps=adapter.norm_eps,
+                                     vocab_subset=subset_head[0] if subset_head else None).run(hidden).tokens
             drafts.append(current)
         draft_probs = torch.stack(probs, dim=1) if probs else None
         return torch.stack(drafts, dim=1), draft_probs, torch.cat(layer_e, dim=1)
@@ -383,11 +386,13 @@ class SelfSpeculativeDecoder:
         final = self._run_layers(layer_e, self.exit_layer, self.adapter.num_layers, position_embeddings, state)
         if sampling.do_sample:
             target_probs = self._warped_probs(final, sampling)                 # [B, k+1, V]
-            return accept_sampling(drafts, draft_probs.to(target_probs.dtype), target_probs, generator=generator,
-                                   validate=False)
+            draft_probs = draft_probs.to(target_probs.dtype).contiguous()
+            return self._plan("accept", accept_sampling_plan, drafts, draft_probs, target_probs,
+                              generator=generator).run(drafts, draft_probs, target_probs, generator=generator)
         draft_rows = torch.cat([drafts, drafts.new_full((batch, 1), -1)], dim=1)
         targets, _ = self._target_tokens(final.reshape(-1, hidden_size), draft_rows.reshape(-1), sampling, generator)
-        return accept_greedy(drafts, targets.view(batch, num_rows), validate=False)
+        targets = targets.view(batch, num_rows)
+        return self._plan("accept", accept_greedy_plan, drafts, targets).run(drafts, targets)
 
     # ---- pieces -----------------------------------------------------------------------------------------------
 
@@ -396,12 +401,19 @@ class SelfSpeculativeDecoder:
         if sampling.do_sample:
             probs = self._warped_probs(hidden, sampling)
             return torch.multinomial(probs, 1, generator=generator)[:, 0], probs
-        weight = self.adapter.lm_head.weight
         if draft_tokens is None:
             draft_tokens = torch.full((hidden.shape[0],), -1, dtype=torch.long, device=hidden.device)
-        result = verify_head(hidden.contiguous(), self.adapter.norm.weight, weight, draft_tokens,
-                             validate=False, eps=self.adapter.norm_eps)
-        return result.tokens, None
+        hidden = hidden.contiguous()
+        plan = self._plan("verify_head", verify_head_plan, hidden, self.adapter.norm.weight,
+                          self.adapter.lm_head.weight, draft_tokens, eps=self.adapter.norm_eps)
+        return plan.run(hidden, draft_tokens).tokens, None
+
+    def _plan(self, name: str, make, *args, **kwargs):
+        """The op plan ``name`` of this generate call (checks and backend choice made at its first use)."""
+        plan = self._plans.get(name)
+        if plan is None:
+            plan = self._plans[name] = make(*args, validate=False, **kwargs)
+        return plan
 
     def _prepare_lean(self) -> None:
         """Lean versions of the backbone's (and the imitation network's) layers for this generate, when every

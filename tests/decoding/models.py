@@ -164,3 +164,18 @@ def build(family: str, seed: int = 0, batch: int = 1, dtype=torch.float32) -> Ca
         return Case(model.to(dtype).eval(), dict(input_ids=ids, attention_mask=mask, pixel_values=pixels.to(dtype),
                                                   image_grid_thw=grid, mm_token_type_ids=mm_types))
     raise ValueError(family)
+
+
+def patch_acceptance(patch, name: str, replacement) -> None:
+    """Makes the decoder's ``name`` plans ("accept_greedy" or "accept_sampling") call
+    ``replacement(run, *args, **kwargs)`` where they would run the chosen kernel; ``run`` is the real plan's."""
+    import fastvlm_kernels.decoding.decoder as decoder_module
+    make_plan = getattr(decoder_module, name + "_plan")
+
+    class Plan:
+        def __init__(self, plan):
+            self.plan = plan
+
+        def run(self, *args, **kwargs):
+            return replacement(self.plan.run, *args, **kwargs)
+    patch.setattr(decoder_module, name + "_plan", lambda *args, **kwargs: Plan(make_plan(*args, **kwargs)))

@@ -12,7 +12,7 @@ from fastvlm_kernels.decoding import SelfSpeculativeDecoder, UnsupportedModelErr
 from fastvlm_kernels.decoding.policy import AdaptiveDraftLen
 from fastvlm_kernels.imitation import ImitationNetwork
 
-from .models import FAMILIES, NUM_LAYERS, assert_lossless, build, find_layers, sharpen
+from .models import FAMILIES, NUM_LAYERS, assert_lossless, build, find_layers, patch_acceptance, sharpen
 
 DRAFT_LENS = (1, 3, 8, "adaptive")
 MAX_NEW = 12
@@ -194,13 +194,11 @@ def test_sampling_preserves_the_model_distribution(wrong, monkeypatch):
     rows = 256
     decoder = SelfSpeculativeDecoder(model, exit_layer=1, draft_len=3)
     if wrong:
-        import fastvlm_kernels.decoding.decoder as decoder_module
-
-        def accept_everything(drafts, draft_probs, target_probs, generator=None, validate=False):
+        def accept_everything(run, drafts, draft_probs, target_probs, generator=None):
             batch, k = drafts.shape
             bonus = torch.multinomial(target_probs[:, k], 1, generator=generator)
             return torch.full((batch,), k, dtype=torch.int32), torch.cat([drafts, bonus], 1)
-        monkeypatch.setattr(decoder_module, "accept_sampling", accept_everything)
+        patch_acceptance(monkeypatch, "accept_sampling", accept_everything)
     counts = [torch.zeros(model.config.vocab_size) for _ in marginals]
     generator = torch.Generator().manual_seed(2024)
     for _ in range(12):
@@ -445,14 +443,12 @@ def test_adaptive_mixes_plain_and_drafting_steps_exactly():
 
 def _record_drafts(monkeypatch, name):
     """Wraps the decoder's acceptance op ``name`` to record what it is given (the real op still decides)."""
-    import fastvlm_kernels.decoding.decoder as decoder_module
-    real = getattr(decoder_module, name)
     calls = []
 
-    def recording(drafts, *args, **kwargs):
+    def recording(run, drafts, *args, **kwargs):
         calls.append((drafts.clone(),) + tuple(arg.clone() if isinstance(arg, torch.Tensor) else arg for arg in args))
-        return real(drafts, *args, **kwargs)
-    monkeypatch.setattr(decoder_module, name, recording)
+        return run(drafts, *args, **kwargs)
+    patch_acceptance(monkeypatch, name, recording)
     return calls
 
 
@@ -496,25 +492,23 @@ def test_sampling_with_a_draft_vocab_preserves_the_model_distribution(wrong, mon
     acceptance is the one the drafts were drawn from (zero outside the subset, sums to 1), and the emitted
     tokens follow the model's exact distribution (chi-square). Acceptance given another q (the uniform one)
     while drafting from the subset fails the same test."""
-    import fastvlm_kernels.decoding.decoder as decoder_module
     model, prompt = _sampling_case()
     marginals = _exact_marginals(model, prompt, 1.0)
     likely = torch.argsort(marginals[1], descending=True)
     subset = torch.sort(torch.cat([likely[1:3], likely[5:9]])).values     # misses the most likely token
     outside = torch.ones(model.config.vocab_size, dtype=torch.bool)
     outside[subset] = False
-    real_accept = decoder_module.accept_sampling
     seen = []
 
-    def checking(drafts, draft_probs, target_probs, generator=None, validate=False):
+    def checking(run, drafts, draft_probs, target_probs, generator=None):
         seen.append(draft_probs.shape[1])
         assert bool(outside[drafts].any()) is False, "a draft outside the subset"
         assert float(draft_probs[..., outside].abs().max()) == 0.0
         assert torch.allclose(draft_probs.sum(-1), torch.ones_like(draft_probs.sum(-1)), atol=1e-5)
         if wrong:
             draft_probs = torch.full_like(draft_probs, 1.0 / draft_probs.shape[-1])
-        return real_accept(drafts, draft_probs, target_probs, generator=generator, validate=validate)
-    monkeypatch.setattr(decoder_module, "accept_sampling", checking)
+        return run(drafts, draft_probs, target_probs, generator=generator)
+    patch_acceptance(monkeypatch, "accept_sampling", checking)
     decoder = SelfSpeculativeDecoder(model, exit_layer=1, draft_len=3, draft_vocab=subset)
     counts = [torch.zeros(model.config.vocab_size) for _ in marginals]
     generator = torch.Generator().manual_seed(7)

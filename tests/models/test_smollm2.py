@@ -118,7 +118,7 @@ def test_decoder_is_token_identical_on_real_weights(smollm2):
 def test_decoder_with_a_draft_vocab_is_token_identical_on_real_weights(smollm2):
     """The draft head over 4,096 tokens (the 4,096 lowest ids, with half the tokens the model emits removed
     and the other half added): output identical to model.generate; every draft from the subset."""
-    import fastvlm_kernels.decoding.decoder as decoder_module
+    from tests.decoding.models import patch_acceptance
     from fastvlm_kernels import SelfSpeculativeDecoder
     from fastvlm_kernels.models.smollm2 import chat_inputs
 
@@ -131,13 +131,12 @@ def test_decoder_with_a_draft_vocab_is_token_identical_on_real_weights(smollm2):
     allowed = set(subset.tolist())
     assert not set(emitted[1::2].tolist()) & allowed
     drafted = []
-    real_accept = decoder_module.accept_greedy
 
-    def recording(drafts, targets, *args, **kwargs):
+    def recording(run, drafts, targets, *args, **kwargs):
         drafted.extend(drafts.reshape(-1).tolist())
-        return real_accept(drafts, targets, *args, **kwargs)
+        return run(drafts, targets, *args, **kwargs)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(decoder_module, "accept_greedy", recording)
+        patch_acceptance(patch, "accept_greedy", recording)
         for exit_layer, draft_len in ((12, 3), (25, 3), (25, "adaptive")):
             out = SelfSpeculativeDecoder(model, exit_layer=exit_layer, draft_len=draft_len,
                                          draft_vocab=subset).generate(**inputs, max_new_tokens=24)
