@@ -7,6 +7,8 @@
 // top-k candidates); chunks are merged in vocabulary order, so ties keep the lowest index. Aim: the
 // weight's memory bandwidth for small M, fp32 FMA throughput beyond.
 #include "ops.h"
+#include "cpu/amx.h"
+#include "cpu/isa.h"
 #include "cpu/vec.h"
 
 #include <algorithm>
@@ -14,30 +16,15 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <string>
 #include <utility>
 #include <vector>
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-#if defined(__x86_64__) && defined(__linux__)
-#define FASTVLM_LM_AMX 1
-#include <sys/syscall.h>
-#include <unistd.h>
-#else
-#define FASTVLM_LM_AMX 0
-#endif
 #include <type_traits>
-
-#pragma GCC diagnostic ignored "-Wpsabi"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on _mm512_reduce_add_ps
 
 namespace fastvlm {
 namespace {
@@ -168,9 +155,8 @@ FASTVLM_INLINE void dot_block(const scalar_t* const* wrows, const float* y, int6
 // bf16 weights on CPUs with AVX512-BF16: vdpbf16ps multiplies bf16 pairs exactly and accumulates in fp32,
 // twice the multiply-adds of fp32 FMA and no conversion. y holds the normed rows as bf16 ([M, Hp], Hp a
 // multiple of 32, zero padded); the weight's H tail is read with a masked load.
-#define FASTVLM_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
 template <int ROWS>
-FASTVLM_BF16_TARGET FASTVLM_INLINE void dot_block_bf16(
+FASTVLM_AVX512_BF16_TARGET FASTVLM_INLINE void dot_block_bf16(
     const c10::BFloat16* const* wrows, const c10::BFloat16* y, int64_t H, int64_t Hp, float* scores,
     int64_t tile_col, int64_t ahead) {
   __m512 acc[kCols][ROWS];
@@ -200,7 +186,7 @@ FASTVLM_BF16_TARGET FASTVLM_INLINE void dot_block_bf16(
     for (int c = 0; c < kCols; ++c) scores[r * kTile + tile_col + c] = _mm512_reduce_add_ps(acc[c][r]);
 }
 template <int ROWS_BLOCK>
-FASTVLM_BF16_TARGET void dot_rows_bf16(const c10::BFloat16* const* wrows, const c10::BFloat16* yb, int64_t M,
+FASTVLM_AVX512_BF16_TARGET void dot_rows_bf16(const c10::BFloat16* const* wrows, const c10::BFloat16* yb, int64_t M,
                                        int64_t H, int64_t Hp, float* scores, int64_t tile_col, int64_t ahead) {
     int64_t m = 0;
     for (; m + ROWS_BLOCK <= M; m += ROWS_BLOCK)
@@ -219,13 +205,10 @@ FASTVLM_BF16_TARGET void dot_rows_bf16(const c10::BFloat16* const* wrows, const 
 }
 #endif
 
-#if FASTVLM_LM_AMX
+#if FASTVLM_AMX
 // ---- bf16 on AMX: 16 weight rows at a time as the A tile (read in place, row stride of the head), the
 // normed rows pre-arranged as bf16 pairs (VNNI) as B tiles, C = 16 vocab rows x 16 hidden rows in fp32.
 // Tiles: C 0-3 (up to 64 hidden rows per pass), A 4, B 5-7. Needs H % 32 == 0 and contiguous rows.
-#define FASTVLM_AMX_TARGET \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,amx-tile,amx-bf16")))
-
 FASTVLM_AMX_TARGET void amx_group(const Problem& p, const c10::BFloat16* wrow0, float* scores, int64_t tile_col) {
   alignas(64) float c[4][16 * 16];
   const int64_t half = p.H / 2;
@@ -269,16 +252,6 @@ FASTVLM_AMX_TARGET void amx_group(const Problem& p, const c10::BFloat16* wrow0, 
         for (int v = 0; v < 16; ++v) scores[m * kTile + tile_col + v] = c[j][v * 16 + mi];
       }
   }
-}
-
-// The CPU has AMX-BF16 and Linux lets this process use the tile registers.
-bool amx_bf16_usable() {
-  static const bool usable = [] {
-    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16")) return false;
-    constexpr long kArchRequestXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchRequestXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return usable;
 }
 #endif
 
@@ -367,7 +340,7 @@ FASTVLM_INLINE void run_chunk(const Problem& p, int64_t col_begin, int64_t col_e
   for (int64_t tile0 = col_begin; tile0 < col_end; tile0 += kTile) {
     const int64_t n = std::min<int64_t>(kTile, col_end - tile0);
     for (int64_t g = 0; g < n; g += kCols) {
-#if FASTVLM_LM_AMX
+#if FASTVLM_AMX
       if constexpr (kAmx) {
         if (g + 16 <= n) {
           amx_group(p, reinterpret_cast<const c10::BFloat16*>(weight + (tile0 + g) * p.weight_stride), scores.data(), g);
@@ -406,33 +379,21 @@ template <typename scalar_t>
 void run_chunk_baseline(const Problem& p, int64_t b, int64_t e, RowState* s) { run_chunk<4, scalar_t>(p, b, e, s); }
 #if defined(__x86_64__)
 template <typename scalar_t>
-__attribute__((target("avx2,fma,f16c"))) void run_chunk_avx2(const Problem& p, int64_t b, int64_t e, RowState* s) {
+FASTVLM_AVX2_TARGET void run_chunk_avx2(const Problem& p, int64_t b, int64_t e, RowState* s) {
   run_chunk<8, scalar_t>(p, b, e, s);
 }
 template <typename scalar_t>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))) void run_chunk_avx512(
-    const Problem& p, int64_t b, int64_t e, RowState* s) {
+FASTVLM_AVX512_TARGET void run_chunk_avx512(const Problem& p, int64_t b, int64_t e, RowState* s) {
   run_chunk<16, scalar_t>(p, b, e, s);
 }
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c"))) void run_chunk_avx512_bf16(
-    const Problem& p, int64_t b, int64_t e, RowState* s) {
+FASTVLM_AVX512_BF16_TARGET void run_chunk_avx512_bf16(const Problem& p, int64_t b, int64_t e, RowState* s) {
   run_chunk<16, c10::BFloat16, true>(p, b, e, s);
 }
-#if FASTVLM_LM_AMX
+#if FASTVLM_AMX
 FASTVLM_AMX_TARGET void run_chunk_amx_bf16(const Problem& p, int64_t b, int64_t e, RowState* s) {
-  struct alignas(64) TileConfig {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-  } config{};
-  config.palette = 1;
-  for (int i = 0; i < 8; ++i) {
-    config.bytes_per_row[i] = 64;
-    config.rows[i] = 16;
-  }
-  _tile_loadconfig(&config);
+  amx::configure_tiles();
   run_chunk<16, c10::BFloat16, true, true>(p, b, e, s);
-  _tile_release();
+  amx::release_tiles();
 }
 #endif
 #endif
@@ -440,21 +401,15 @@ FASTVLM_AMX_TARGET void run_chunk_amx_bf16(const Problem& p, int64_t b, int64_t 
 template <typename scalar_t>
 ChunkFn select_chunk_fn(bool amx_shape) {
 #if defined(__x86_64__)
-  static const std::string capability = at::get_cpu_capability();
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-#if FASTVLM_LM_AMX
-    if (amx_shape && capability == "AVX512" && __builtin_cpu_supports("avx512bf16") && amx_bf16_usable())
-      return run_chunk_amx_bf16;
+#if FASTVLM_AMX
+    // amx::bf16_usable() includes AVX512-BF16.
+    if (amx_shape && cpu_isa::torch_uses_avx512() && amx::bf16_usable()) return run_chunk_amx_bf16;
 #endif
-    if (capability == "AVX512" && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw"))
-      return run_chunk_avx512_bf16;
+    if (cpu_isa::has_avx512_bf16()) return run_chunk_avx512_bf16;
   }
-  if (capability == "AVX512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma"))
-    return run_chunk_avx512<scalar_t>;
-  if ((capability == "AVX512" || capability == "AVX2") && __builtin_cpu_supports("avx2") &&
-      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-    return run_chunk_avx2<scalar_t>;
+  if (cpu_isa::has_avx512()) return run_chunk_avx512<scalar_t>;
+  if (cpu_isa::has_avx2()) return run_chunk_avx2<scalar_t>;
 #endif
   return run_chunk_baseline<scalar_t>;
 }

@@ -7,6 +7,8 @@
 // (S^T = K Q^T, P V on even/odd dims), more: K^T and V repacked once per tile. Key chunks (only when items are
 // too few for the threads) merge by log-sum-exp. Aim: memory speed for decode, FMA / AMX throughput when T x G is large.
 #include "ops.h"
+#include "cpu/amx.h"
+#include "cpu/isa.h"
 #include "cpu/vec.h"
 
 #include <algorithm>
@@ -14,14 +16,12 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
@@ -30,22 +30,9 @@
 #if !defined(__GNUC__)
 #error "verify_attention.cpp uses GCC/Clang vector extensions"
 #endif
-#if defined(__x86_64__) && defined(__linux__) && !defined(FASTVLM_VA_NO_AMX)
-#define FASTVLM_VA_AMX 1
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#else
-#define FASTVLM_VA_AMX 0
-#endif
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP)
 #pragma message("verify_attention.cpp built without -fopenmp: at::parallel_for will run on one thread")
 #endif
-// The wide vector types below are only ever used inside always-inline code compiled for the ISA that
-// supports them; the ABI note GCC prints for them does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-// GCC 12 reports the _mm512_undefined_* placeholders inside its own AVX-512 intrinsics as maybe-uninitialized.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 namespace fastvlm {
 namespace {
@@ -557,10 +544,7 @@ FASTVLM_INLINE void run_items(const Problem& p, int64_t begin, int64_t end) {
 // Q is zero-padded to 16-row and 32-dim multiples, K is stored as bf16 pairs transposed (VNNI: [D/2][keys]),
 // V as key pairs interleaved ([keys/2][D][2]), P is rounded to bf16 (as torch's own CPU SDPA does), and
 // every accumulation stays fp32. Tile registers: C 0-3, A 4-5, B 6-7 (2 x 2 blocks of 16 x 16 outputs).
-#if FASTVLM_VA_AMX
-#define FASTVLM_AMX_TARGET \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,amx-tile,amx-bf16")))
-
+#if FASTVLM_AMX
 typedef uint16_t bf16x32 __attribute__((vector_size(64)));
 
 template <size_t... Lane>
@@ -994,16 +978,6 @@ FASTVLM_AMX_TARGET inline void run_item_amx_few(const Problem& p, int64_t item, 
 
 // bf16 items with enough rows go to AMX, the rest to the AVX-512 code.
 FASTVLM_AMX_TARGET void run_items_amx_bf16(const Problem& p, int64_t begin, int64_t end) {
-  struct alignas(64) TileConfig {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-  } config{};
-  config.palette = 1;
-  for (int i = 0; i < 8; ++i) {
-    config.bytes_per_row[i] = 64;
-    config.rows[i] = 16;
-  }
   bool configured = false;  // the tile registers are set up only when an item uses them (not for 1-row items)
   Buffers buf(p.rows_per_block, p.head_dim);
   for (int64_t item = begin; item < end; ++item) {
@@ -1011,7 +985,7 @@ FASTVLM_AMX_TARGET void run_items_amx_bf16(const Problem& p, int64_t begin, int6
     const bool few = rows > 1 && rows <= kMaxFewRows && p.head_dim % 32 == 0;
     const bool amx = p.scale_log2 > 0.0f && (few || rows > kMaxDirectRows);
     if (amx && !configured) {
-      _tile_loadconfig(&config);
+      amx::configure_tiles();
       configured = true;
     }
     if (amx) {
@@ -1026,21 +1000,9 @@ FASTVLM_AMX_TARGET void run_items_amx_bf16(const Problem& p, int64_t begin, int6
       run_item<16, c10::BFloat16>(p, item, buf);
     }
   }
-  if (configured) _tile_release();
+  if (configured) amx::release_tiles();
 }
-
-// The CPU has AMX-BF16 and Linux lets this process use the tile registers.
-bool amx_bf16_usable() {
-  static const bool usable = [] {
-    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16") ||
-        !__builtin_cpu_supports("avx512bf16"))
-      return false;
-    constexpr long kArchRequestXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchRequestXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return usable;
-}
-#endif  // FASTVLM_VA_AMX
+#endif  // FASTVLM_AMX
 
 // Combine the key chunks of one (slot, b, kv head): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s.
 template <typename scalar_t>
@@ -1087,33 +1049,27 @@ void run_items_baseline(const Problem& p, int64_t begin, int64_t end) {
 
 #if defined(__x86_64__)
 template <typename scalar_t>
-__attribute__((target("avx2,fma,f16c"))) void run_items_avx2(const Problem& p, int64_t begin, int64_t end) {
+FASTVLM_AVX2_TARGET void run_items_avx2(const Problem& p, int64_t begin, int64_t end) {
   run_items<8, scalar_t>(p, begin, end);
 }
 
 template <typename scalar_t>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))) void run_items_avx512(
-    const Problem& p, int64_t begin, int64_t end) {
+FASTVLM_AVX512_TARGET void run_items_avx512(const Problem& p, int64_t begin, int64_t end) {
   run_items<16, scalar_t>(p, begin, end);
 }
 #endif
 
-// Follows torch's own choice (so ATEN_CPU_CAPABILITY=avx2/default also selects the narrower code here).
+// Follows torch's own choice (cpu/isa.h).
 template <typename scalar_t>
 ItemsFn select_items_fn() {
 #if defined(__x86_64__)
-  static const std::string capability = at::get_cpu_capability();
-  const bool avx512 = capability == "AVX512" && __builtin_cpu_supports("avx512f") &&
-                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
-#if FASTVLM_VA_AMX
+  const bool avx512 = cpu_isa::has_avx512();
+#if FASTVLM_AMX
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
-    if (avx512 && amx_bf16_usable()) return run_items_amx_bf16;
+    if (avx512 && amx::bf16_usable()) return run_items_amx_bf16;
 #endif
   if (avx512) return run_items_avx512<scalar_t>;
-  if ((capability == "AVX512" || capability == "AVX2") && __builtin_cpu_supports("avx2") &&
-      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-    return run_items_avx2<scalar_t>;
+  if (cpu_isa::has_avx2()) return run_items_avx2<scalar_t>;
 #endif
   return run_items_baseline<scalar_t>;
 }
