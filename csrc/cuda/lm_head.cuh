@@ -219,33 +219,16 @@ __device__ __forceinline__ void warp_merge(const Params& p, RowState& st) {
 }
 
 // ---- tensor-core kernel (fp16 / bf16) ------------------------------------------------------------------
-// 16 bytes global -> shared, bypassing L1; !valid: zero-filled, nothing read. The _evict_first form marks
-// the lines first to go from L2 (the head is streamed once; the normed rows stay for the other CTAs).
-__device__ __forceinline__ void cp_async_16(void* shared, const void* global, bool valid) {
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_16_evict_first(void* shared, const void* global, bool valid,
-                                                        uint64_t policy) {
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(address), "l"(global),
-               "r"(valid ? 16 : 0), "l"(policy)
-               : "memory");
-}
+// Weight slices are copied with an evict-first L2 policy (the head is streamed once; the normed rows stay for
+// the other CTAs).
+using ptx::cp_async_16;
+using ptx::cp_async_16_evict_first;
 using ptx::cp_async_commit;
 using ptx::cp_async_wait;
+using ptx::l2_evict_first_policy;
+using ptx::ldmatrix_x4;
 using ptx::mma_m16n8k16;
-
-// Four 8x8 b16 matrices from shared memory (row addresses from the lanes, see the kernel) into the
-// fragment registers of mma.m16n8k16.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* shared_row) {
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared_row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address)
-               : "memory");
-}
+using ptx::shared_address;
 
 // 8 elements at `src` (those at index >= limit, or all when !valid, read as zero) into 16 bytes of shared
 // memory with plain loads: the path for rows that are not 16-byte aligned (odd H, offset views).
@@ -285,8 +268,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2) lm_head_mma_kernel(Params p) {
     const int64_t token = !w_ok[j] ? 0 : p.subset != nullptr ? p.subset[col] : col;
     w_src[j] = weight + token * p.stride_w + seg * 8;
   }
-  uint64_t evict_first;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(evict_first));
+  const uint64_t evict_first = l2_evict_first_policy();
 
   const auto load_stage = [&](int chunk) {
     unsigned char* stage = shared_raw + (chunk % kStages) * stage_bytes;
@@ -298,8 +280,8 @@ __global__ void __launch_bounds__(kMmaThreads, 2) lm_head_mma_kernel(Params p) {
     for (int j = 0; j < 4; ++j) {
       T* dst = w_dst + (tid / 8 + 32 * j) * kOperandLd + seg * 8;
       if (p.vector_loads)
-        cp_async_16_evict_first(dst, limit > 0 ? w_src[j] + chunk * kChunkK : weight, w_ok[j] && limit > 0,
-                                evict_first);
+        cp_async_16_evict_first(shared_address(dst), limit > 0 ? w_src[j] + chunk * kChunkK : weight,
+                                w_ok[j] && limit > 0, evict_first);
       else copy_8_scalar(dst, w_src[j] + chunk * kChunkK, w_ok[j], limit);
     }
 #pragma unroll
@@ -309,7 +291,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2) lm_head_mma_kernel(Params p) {
         T* dst = a_dst + r * kOperandLd + seg * 8;
         const bool ok = r < p.rows;
         const T* src = normed + static_cast<int64_t>(ok ? r : 0) * p.hidden + k;
-        if (p.vector_loads) cp_async_16(dst, ok && limit > 0 ? src : normed, ok && limit > 0);
+        if (p.vector_loads) cp_async_16(shared_address(dst), ok && limit > 0 ? src : normed, ok && limit > 0);
         else copy_8_scalar(dst, src, ok, limit);
       }
     }
@@ -352,12 +334,12 @@ __global__ void __launch_bounds__(kMmaThreads, 2) lm_head_mma_kernel(Params p) {
 #pragma unroll
     for (int kk = 0; kk < kChunkK; kk += 16) {
       uint32_t b[4];
-      ldmatrix_x4(b, w_tile + b_offset + kk);
+      ldmatrix_x4(b, shared_address(w_tile + b_offset + kk));
 #pragma unroll
       for (int mt = 0; mt < kMaxRows / 16; ++mt) {
         if (mt < m_tiles) {
           uint32_t a[4];
-          ldmatrix_x4(a, a_tile + mt * 16 * kOperandLd + a_offset + kk);
+          ldmatrix_x4(a, shared_address(a_tile + mt * 16 * kOperandLd + a_offset + kk));
           mma_m16n8k16<T>(acc[mt][0], a, b[0], b[1]);
           mma_m16n8k16<T>(acc[mt][1], a, b[2], b[3]);
         }

@@ -455,41 +455,15 @@ verify_attention_cuda_core_kernel(const Params p) {
 }
 
 // ---- tensor-core path (fp16 / bf16, sm_80+) ---------------------------------------------------------
-// PTX wrappers: cp.async (16-byte global -> shared copies that bypass registers and L1), ldmatrix (8x8
-// b16 matrices from shared memory into the mma fragment layout) and mma.sync m16n8k16 with fp32
-// accumulators. Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16"), with g = lane / 4 and
-// c = lane % 4: A (16x16) reg 0 = (row g, cols 2c, 2c+1), reg 1 = (row g+8, same cols), reg 2 = (row g,
-// cols 8+2c, 8+2c+1), reg 3 = (row g+8, cols 8+2c..); B (16x8, k x n) reg 0 = (k 2c, 2c+1; n g),
-// reg 1 = (k 8+2c, 8+2c+1; n g); C/D (16x8) d0, d1 = (row g, cols 2c, 2c+1), d2, d3 = (row g+8, same).
-// So the S accumulators of two neighbouring 8-key tiles are, packed to 16 bits, the A operand of P V.
-__device__ __forceinline__ uint32_t shared_address(const void* pointer) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
-}
-
-// Copies 16 bytes; when !valid, writes 16 zero bytes and reads nothing.
-__device__ __forceinline__ void cp_async_16(uint32_t smem, const void* gmem, bool valid) {
-  const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_bytes)
-               : "memory");
-}
-
+// cp.async, ldmatrix and mma.sync m16n8k16 from ptx.cuh, which gives the fragment layouts: the S
+// accumulators of two neighbouring 8-key tiles are, packed to 16 bits, the A operand of P V.
+using ptx::cp_async_16;
 using ptx::cp_async_commit;
 using ptx::cp_async_wait;
+using ptx::ldmatrix_x4;
+using ptx::ldmatrix_x4_trans;
 using ptx::mma_m16n8k16;
-
-// Lanes 8i..8i+7 give the row addresses of matrix i; register i receives matrix i's fragment
-// (row lane / 4, cols 2 (lane % 4), +1), or with .trans (rows 2 (lane % 4), +1, col lane / 4).
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t address) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
-}
+using ptx::shared_address;
 
 // Two floats rounded to T, the first in the low half (the lower column of a fragment register).
 template <typename T>
