@@ -5,11 +5,12 @@
 // tile x 6-row register block), online softmax in fp32, O += P V; bf16 with AMX: 128-key tiles, both
 // products as 16x16 tile matmuls (P rounded to bf16, fp32 sums); 2-32 rows: K and V tiles read in place
 // (S^T = K Q^T, P V on even/odd dims), more: K^T and V repacked once per tile. Key chunks (only when items are
-// too few for the threads) merge by log-sum-exp. Aim: memory speed for decode, FMA / AMX throughput when T x G is large.
-#include "ops.h"
+// too few for the threads) merge by log-sum-exp. Aim: memory speed for decode, FMA / AMX throughput when T x G is
+// large.
 #include "cpu/amx.h"
 #include "cpu/isa.h"
 #include "cpu/vec.h"
+#include "ops.h"
 
 #include <algorithm>
 #include <cmath>
@@ -56,7 +57,6 @@ struct Blocking {
   static constexpr int kVecs = W >= 16 ? 4 : 2;
 };
 
-
 // Interleave the low (or high) halves of a and b: {a0, b0, a1, b1, ...}.
 template <int W, size_t... Lane>
 FASTVLM_INLINE typename Vec<W>::f32 zip_low(typename Vec<W>::f32 a, typename Vec<W>::f32 b,
@@ -102,9 +102,9 @@ struct Problem {
 
   // Work decomposition: item = ((slot * batch + b) * num_kv_heads + kv_head) * num_splits + split.
   int64_t rows_per_block, num_blocks, num_splits, split_keys;
-  float* partial_out;   // [items, rows_per_block, D] unnormalised, when num_splits > 1
-  float* partial_max;   // [items, rows_per_block] (base 2)
-  float* partial_sum;   // [items, rows_per_block]
+  float* partial_out;  // [items, rows_per_block, D] unnormalised, when num_splits > 1
+  float* partial_max;  // [items, rows_per_block] (base 2)
+  float* partial_sum;  // [items, rows_per_block]
 
   int64_t num_items() const { return num_blocks * batch * num_kv_heads * num_splits; }
 
@@ -115,9 +115,7 @@ struct Problem {
 
   // Slots alternate between the cheapest and the dearest row blocks (causal rows see more keys as t
   // grows), so the contiguous ranges of items parallel_for hands each thread cost about the same.
-  int64_t block_of_slot(int64_t slot) const {
-    return slot % 2 == 0 ? slot / 2 : num_blocks - 1 - slot / 2;
-  }
+  int64_t block_of_slot(int64_t slot) const { return slot % 2 == 0 ? slot / 2 : num_blocks - 1 - slot / 2; }
 
   // How many new tokens query t may read, counted from new token 0 (its last visible one plus one).
   int64_t visible_new(int64_t b, int64_t t) const {
@@ -147,8 +145,8 @@ struct Buffers {
   float *q, *kt, *v, *scores, *acc, *row_max, *row_sum;
 
   Buffers(int64_t rows, int64_t head_dim) {
-    const int64_t sizes[] = {rows * head_dim, head_dim * kKeyTile, kKeyTile * head_dim,
-                             rows * kKeyTile, rows * head_dim, rows, rows};
+    const int64_t sizes[] = {
+        rows * head_dim, head_dim * kKeyTile, kKeyTile * head_dim, rows * kKeyTile, rows * head_dim, rows, rows};
     int64_t total = 16;
     for (int64_t size : sizes) total += (size + 15) / 16 * 16;
     float* cursor = thread_scratch(0, total);
@@ -166,8 +164,8 @@ struct Buffers {
 // DRAM, and the hardware prefetcher alone leaves the loads waiting. Used by the bf16 dot-product path only:
 // the fp32 paths and the AMX paths measured as fast or faster without it (2026-11-25, 1 thread).
 struct TilePrefetch {
-  const char* v_rows;       // this tile's V rows
-  const char* next_k_rows;  // the next tile's K rows (prefetch never faults, so past the end is harmless)
+  const char* v_rows;                     // this tile's V rows
+  const char* next_k_rows;                // the next tile's K rows (prefetch never faults, so past the end is harmless)
   int64_t v_stride, k_stride, row_bytes;  // in bytes
 
   template <typename scalar_t>
@@ -191,8 +189,7 @@ struct TilePrefetch {
 // ---- micro-kernels ------------------------------------------------------------------------------------
 // scores[R][kKeyTile] = q[R][D] . kt[D][kKeyTile], for the key vectors [first_vec, first_vec + NV).
 template <int W, int R, int NV>
-FASTVLM_INLINE void scores_block(const float* q, const float* kt, float* scores, int64_t head_dim,
-                                 int first_vec) {
+FASTVLM_INLINE void scores_block(const float* q, const float* kt, float* scores, int64_t head_dim, int first_vec) {
   using F = typename Vec<W>::f32;
   F acc[R][NV];
 #pragma GCC unroll 8
@@ -225,8 +222,7 @@ FASTVLM_INLINE void scores_rows_transposed(const float* q, const float* kt, floa
 
 // Scores of every row against a tile held as K^T.
 template <int W>
-FASTVLM_INLINE void scores_transposed(const float* q, const float* kt, float* scores, int64_t head_dim,
-                                      int rows) {
+FASTVLM_INLINE void scores_transposed(const float* q, const float* kt, float* scores, int64_t head_dim, int rows) {
   constexpr int kRows = Blocking<W>::kRows;
   int r = 0;
   for (; r + kRows <= rows; r += kRows)
@@ -258,8 +254,8 @@ FASTVLM_INLINE typename Vec<W>::f32 sum_each(typename Vec<W>::f32 (&v)[W]) {
 
 // Scores of a few rows straight from K rows (no transpose): W keys at a time, dot products along D.
 template <int W, typename scalar_t>
-FASTVLM_INLINE void scores_direct(const float* q, const scalar_t* k, int64_t k_row_stride, int num_keys,
-                                  float* scores, int64_t head_dim, int rows) {
+FASTVLM_INLINE void scores_direct(const float* q, const scalar_t* k, int64_t k_row_stride, int num_keys, float* scores,
+                                  int64_t head_dim, int rows) {
   using F = typename Vec<W>::f32;
   for (int key0 = 0; key0 < num_keys; key0 += W) {
     const scalar_t* key_rows[W];
@@ -281,8 +277,8 @@ FASTVLM_INLINE void scores_direct(const float* q, const scalar_t* k, int64_t k_r
 
 // acc[R][dims NV*W from first_dim] += probs[R][:num_keys] . v[:num_keys][same dims]
 template <int W, int R, int NV, typename value_t>
-FASTVLM_INLINE void accumulate_block(const float* probs, const value_t* v, int64_t v_row_stride,
-                                     int num_keys, float* acc_rows, int64_t head_dim, int64_t first_dim) {
+FASTVLM_INLINE void accumulate_block(const float* probs, const value_t* v, int64_t v_row_stride, int num_keys,
+                                     float* acc_rows, int64_t head_dim, int64_t first_dim) {
   using F = typename Vec<W>::f32;
   F acc[R][NV];
 #pragma GCC unroll 8
@@ -320,8 +316,8 @@ FASTVLM_INLINE void accumulate_rows(const float* probs, const value_t* v, int64_
 
 // acc[rows][D] += probs[rows][:num_keys] . v[:num_keys][D]
 template <int W, typename value_t>
-FASTVLM_INLINE void accumulate(const float* probs, const value_t* v, int64_t v_row_stride, int num_keys,
-                               float* acc, int64_t head_dim, int rows) {
+FASTVLM_INLINE void accumulate(const float* probs, const value_t* v, int64_t v_row_stride, int num_keys, float* acc,
+                               int64_t head_dim, int rows) {
   constexpr int kRows = Blocking<W>::kRows;
   int r = 0;
   for (; r + kRows <= rows; r += kRows)
@@ -340,8 +336,8 @@ FASTVLM_INLINE void accumulate(const float* probs, const value_t* v, int64_t v_r
 
 // K rows [0, num_keys) of the tile as fp32 K^T [D][kKeyTile]; keys past num_keys read as zero.
 template <int W, typename scalar_t>
-FASTVLM_INLINE void load_keys_transposed(const scalar_t* k, int64_t k_row_stride, int num_keys,
-                                         int64_t head_dim, float* kt) {
+FASTVLM_INLINE void load_keys_transposed(const scalar_t* k, int64_t k_row_stride, int num_keys, int64_t head_dim,
+                                         float* kt) {
   using F = typename Vec<W>::f32;
   for (int key0 = 0; key0 < kKeyTile; key0 += W) {
     for (int64_t d0 = 0; d0 < head_dim; d0 += W) {
@@ -358,8 +354,8 @@ FASTVLM_INLINE void load_keys_transposed(const scalar_t* k, int64_t k_row_stride
 
 // scores_direct for bf16 on AVX512-BF16: q (bf16, unscaled) times K straight from the cache, bf16 pairs
 // multiplied exactly and summed in fp32; no conversion of K. Defined with the AMX code (AMX CPUs have it).
-void scores_direct_dpbf16(const uint16_t* q, const c10::BFloat16* k, int64_t k_row_stride, int num_keys,
-                          float* scores, int64_t head_dim, int rows, const TilePrefetch& prefetch);
+void scores_direct_dpbf16(const uint16_t* q, const c10::BFloat16* k, int64_t k_row_stride, int num_keys, float* scores,
+                          int64_t head_dim, int rows, const TilePrefetch& prefetch);
 
 // acc rows from [16 even][16 odd] per 32 dims (the few-row AMX path) to natural order.
 FASTVLM_INLINE void deinterleave_rows(float* acc, int64_t head_dim, int rows) {
@@ -392,7 +388,6 @@ struct WorkItem {
     key_begin = split * p.split_keys;
     key_end = std::min(prefix + visible_new, key_begin + p.split_keys);
   }
-
 };
 
 // Scores of keys row r may not see in this tile of tile_keys (past the tile's end, or new tokens outside its
@@ -464,8 +459,8 @@ void write_rows(const Problem& p, int64_t item, const WorkItem& w, const float* 
     const int64_t t = (w.first_row + r) / G, head = w.kv_head * G + (w.first_row + r) % G;
     const float total = row_sum[r];
     const float inverse = total > 0.0f ? 1.0f / total : 0.0f;
-    scalar_t* dst = static_cast<scalar_t*>(p.out) + w.b * p.out_stride[0] + head * p.out_stride[1] +
-                    t * p.out_stride[2];
+    scalar_t* dst =
+        static_cast<scalar_t*>(p.out) + w.b * p.out_stride[0] + head * p.out_stride[1] + t * p.out_stride[2];
     const float* acc_row = acc + r * acc_stride;
     for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc_row[d] * inverse);
     if (p.lse != nullptr)
@@ -569,12 +564,12 @@ FASTVLM_INLINE bf16x32 load_bf16x32(const c10::BFloat16* src, int64_t count) {
 
 struct AmxBuffers {
   int64_t padded_rows, padded_dim;
-  uint16_t* q;       // [padded_rows][padded_dim]
-  uint32_t* kt;      // [padded_dim / 2][kAmxKeyTile]
-  uint16_t* v;       // [kAmxKeyTile / 2][padded_dim][2]
-  float* scores;     // [padded_rows][kAmxKeyTile]
-  uint16_t* probs;   // [padded_rows][kAmxKeyTile]
-  float* acc;        // [padded_rows][padded_dim]
+  uint16_t* q;      // [padded_rows][padded_dim]
+  uint32_t* kt;     // [padded_dim / 2][kAmxKeyTile]
+  uint16_t* v;      // [kAmxKeyTile / 2][padded_dim][2]
+  float* scores;    // [padded_rows][kAmxKeyTile]
+  uint16_t* probs;  // [padded_rows][kAmxKeyTile]
+  float* acc;       // [padded_rows][padded_dim]
   float *row_max, *row_sum;
   // The few-row path (run_item_amx_few): P as 32-bit words, bf16 in the low (even) or high (odd) half,
   // [kMaxFewRows][kAmxKeyTile] each; one 16 x 16 fp32 score tile; zero-padded copies of a last partial
@@ -586,9 +581,19 @@ struct AmxBuffers {
   AmxBuffers(int64_t rows, int64_t head_dim)
       : padded_rows((rows + 15) / 16 * 16), padded_dim((head_dim + 31) / 32 * 32) {
     const int64_t R = padded_rows, Dp = padded_dim;
-    const int64_t sizes[] = {R * Dp / 2, Dp / 2 * kAmxKeyTile, kAmxKeyTile * Dp / 2, R * kAmxKeyTile,
-                             R * kAmxKeyTile / 2, R * Dp, R, R,
-                             kMaxFewRows * kAmxKeyTile, kMaxFewRows * kAmxKeyTile, 256, 8 * Dp, 8 * Dp};  // floats
+    const int64_t sizes[] = {R * Dp / 2,                 // q (in floats, as all of them)
+                             Dp / 2 * kAmxKeyTile,       // kt
+                             kAmxKeyTile * Dp / 2,       // v
+                             R * kAmxKeyTile,            // scores
+                             R * kAmxKeyTile / 2,        // probs
+                             R * Dp,                     // acc
+                             R,                          // row_max
+                             R,                          // row_sum
+                             kMaxFewRows * kAmxKeyTile,  // p_even
+                             kMaxFewRows * kAmxKeyTile,  // p_odd
+                             256,                        // key_tile
+                             8 * Dp,                     // k_rest
+                             8 * Dp};                    // v_rest
     constexpr int kParts = sizeof(sizes) / sizeof(sizes[0]);
     int64_t total = 16;
     for (int64_t size : sizes) total += (size + 15) / 16 * 16;
@@ -796,8 +801,8 @@ FASTVLM_AMX_TARGET inline void run_item_amx(const Problem& p, int64_t item, AmxB
       for (int64_t d0 = 0; d0 < Dp; d0 += 32) {
         F block[16];
         for (int i = 0; i < 16; ++i) {
-          const bf16x32 words = key0 + i < num_keys ? load_bf16x32(k_tile + (key0 + i) * p.k_stride[2] + d0, D - d0)
-                                                    : bf16x32{};
+          const bf16x32 words =
+              key0 + i < num_keys ? load_bf16x32(k_tile + (key0 + i) * p.k_stride[2] + d0, D - d0) : bf16x32{};
           block[i] = (F)words;
         }
         transpose<16>(block);
@@ -813,7 +818,7 @@ FASTVLM_AMX_TARGET inline void run_item_amx(const Problem& p, int64_t item, AmxB
       if (first_masked < kAmxKeyTile)
         mask_row(p, w, (w.first_row + r) / G, tile_start, first_masked, num_keys, kAmxKeyTile, row_scores);
       softmax_row_amx(row_scores, p.scale_log2, buf.row_max[r], buf.row_sum[r], buf.acc + r * Dp, Dp,
-                            buf.probs + r * kAmxKeyTile);
+                      buf.probs + r * kAmxKeyTile);
     }
 
     // V with key pairs interleaved; keys past the tile's end are zero.
@@ -1031,8 +1036,7 @@ void merge_splits(const Problem& p, int64_t group_index) {
     }
     const int64_t t = (first_row + r) / G, head = kv_head * G + (first_row + r) % G;
     const float inverse = total > 0.0f ? 1.0f / total : 0.0f;
-    scalar_t* dst =
-        static_cast<scalar_t*>(p.out) + b * p.out_stride[0] + head * p.out_stride[1] + t * p.out_stride[2];
+    scalar_t* dst = static_cast<scalar_t*>(p.out) + b * p.out_stride[0] + head * p.out_stride[1] + t * p.out_stride[2];
     for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(row[d] * inverse);
     if (p.lse != nullptr)
       p.lse[(b * p.num_q_heads + head) * T + t] = total > 0.0f ? (max_all + std::log2(total)) * kLn2 : kNegInf;
@@ -1088,8 +1092,8 @@ void launch(const Problem& p) {
 }  // namespace
 
 void verify_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                          const at::Tensor& prefix_lens, const std::optional<at::Tensor>& tree_mask,
-                          double sm_scale, at::Tensor& out, const std::optional<at::Tensor>& lse) {
+                          const at::Tensor& prefix_lens, const std::optional<at::Tensor>& tree_mask, double sm_scale,
+                          at::Tensor& out, const std::optional<at::Tensor>& lse) {
   Problem p{};
   p.batch = q.size(0);
   p.num_q_heads = q.size(1);
@@ -1128,8 +1132,7 @@ void verify_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const 
   const int64_t base_items = p.num_blocks * p.batch * p.num_kv_heads;
   p.num_splits = 1;
   if (base_items % threads != 0 && base_items < 4 * threads)
-    p.num_splits =
-        std::max<int64_t>(1, std::min((4 * threads + base_items - 1) / base_items, longest / kMinSplitKeys));
+    p.num_splits = std::max<int64_t>(1, std::min((4 * threads + base_items - 1) / base_items, longest / kMinSplitKeys));
   p.split_keys = (longest + p.num_splits - 1) / p.num_splits;
   p.split_keys = (p.split_keys + kKeyTile - 1) / kKeyTile * kKeyTile;
 
@@ -1142,12 +1145,13 @@ void verify_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const 
     p.partial_sum = p.partial_max + items * rows;
   }
 
+  // clang-format off
   AT_DISPATCH_SWITCH(q.scalar_type(), "verify_attention_cpu",
       AT_DISPATCH_CASE(at::kFloat, [&] { launch<scalar_t>(p); })
       AT_DISPATCH_CASE(at::kHalf, [&] { launch<scalar_t>(p); })
       AT_DISPATCH_CASE(at::kBFloat16, [&] { launch<scalar_t>(p); }));
+  // clang-format on
 }
-
 
 // ---- verify_attention_checked: the public call on CPU tensors, in one C++ call -------------------------
 // The Python wrapper's checks cost ~30-50 us a call right after a kernel has streamed a cache through the
@@ -1185,8 +1189,7 @@ at::Tensor verify_attention_checked_cpu(const at::Tensor& q, const at::Tensor& k
   if (num_new == 0 || num_new > cache_len || batch == 0) refuse("length");
   if (q.stride(3) != 1 || k_cache.stride(3) != 1 || v_cache.stride(3) != 1) refuse("layout");
   const auto length_dtype = prefix_lens.scalar_type();
-  if ((length_dtype != at::kInt && length_dtype != at::kLong) || prefix_lens.dim() != 1 ||
-      prefix_lens.size(0) != batch)
+  if ((length_dtype != at::kInt && length_dtype != at::kLong) || prefix_lens.dim() != 1 || prefix_lens.size(0) != batch)
     refuse("prefix_lens");
   at::Tensor mask;
   if (tree_mask.has_value()) {
@@ -1198,8 +1201,8 @@ at::Tensor verify_attention_checked_cpu(const at::Tensor& q, const at::Tensor& k
   if (validate) {  // on the values as given: int64 lengths are narrowed to int32 below
     const at::Tensor given = prefix_lens.contiguous();
     for (int64_t b = 0; b < batch; ++b) {
-      const int64_t value = length_dtype == at::kLong ? given.const_data_ptr<int64_t>()[b]
-                                                      : given.const_data_ptr<int32_t>()[b];
+      const int64_t value =
+          length_dtype == at::kLong ? given.const_data_ptr<int64_t>()[b] : given.const_data_ptr<int32_t>()[b];
       if (value < 0 || value > cache_len - num_new) refuse("prefix_lens value");
     }
     if (mask.defined()) {
@@ -1217,8 +1220,7 @@ at::Tensor verify_attention_checked_cpu(const at::Tensor& q, const at::Tensor& k
   const std::optional<at::Tensor> no_lse;
   verify_attention_cpu(q, k_cache, v_cache, lengths,
                        mask.defined() ? std::optional<at::Tensor>(mask) : std::optional<at::Tensor>(),
-                       sm_scale.has_value() ? *sm_scale : 1.0 / std::sqrt(static_cast<double>(head_dim)), out,
-                       no_lse);
+                       sm_scale.has_value() ? *sm_scale : 1.0 / std::sqrt(static_cast<double>(head_dim)), out, no_lse);
   return out;
 }
 
