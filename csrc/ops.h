@@ -17,8 +17,8 @@ namespace fastvlm {
 // where bit i of tree_mask[b, j] is set (i <= j without a mask). prefix_lens is clamped to
 // [0, L_max - T], so no value can make a kernel read outside the cache.
 void verify_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                          const at::Tensor& prefix_lens, const std::optional<at::Tensor>& tree_mask,
-                          double sm_scale, at::Tensor& out, const std::optional<at::Tensor>& lse);
+                          const at::Tensor& prefix_lens, const std::optional<at::Tensor>& tree_mask, double sm_scale,
+                          at::Tensor& out, const std::optional<at::Tensor>& lse);
 
 // verify_attention_checked (CPU only): the public call in one C++ call: checks every argument (with `validate`
 // the values of prefix_lens and tree_mask too), allocates out [B, Hq, T, D] and runs verify_attention_cpu; any
@@ -30,8 +30,8 @@ at::Tensor verify_attention_checked_cpu(const at::Tensor& q, const at::Tensor& k
 
 #ifdef FASTVLM_WITH_CUDA
 void verify_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                           const at::Tensor& prefix_lens, const std::optional<at::Tensor>& tree_mask,
-                           double sm_scale, at::Tensor& out, const std::optional<at::Tensor>& lse);
+                           const at::Tensor& prefix_lens, const std::optional<at::Tensor>& tree_mask, double sm_scale,
+                           at::Tensor& out, const std::optional<at::Tensor>& lse);
 #endif
 
 // ---- kv_cache: kv_compact, kv_append -----------------------------------------------------------------------
@@ -60,16 +60,16 @@ void kv_append_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& 
 // The walk is fastvlm_kernels/ops/acceptance/reference.py's; token values are clamped to [0, V) where they
 // index probabilities, so no input makes a kernel read out of bounds.
 void accept_greedy_cpu(const at::Tensor& draft_tokens, const std::optional<at::Tensor>& parents,
-                       const at::Tensor& target_tokens, at::Tensor& accept_len,
-                       const std::optional<at::Tensor>& path, at::Tensor& emitted);
+                       const at::Tensor& target_tokens, at::Tensor& accept_len, const std::optional<at::Tensor>& path,
+                       at::Tensor& emitted);
 void accept_sampling_cpu(const at::Tensor& draft_tokens, const std::optional<at::Tensor>& parents,
                          const at::Tensor& draft_probs, const at::Tensor& target_probs, const at::Tensor& uniforms,
                          at::Tensor& accept_len, const std::optional<at::Tensor>& path, at::Tensor& emitted);
 
 #ifdef FASTVLM_WITH_CUDA
 void accept_greedy_cuda(const at::Tensor& draft_tokens, const std::optional<at::Tensor>& parents,
-                        const at::Tensor& target_tokens, at::Tensor& accept_len,
-                        const std::optional<at::Tensor>& path, at::Tensor& emitted);
+                        const at::Tensor& target_tokens, at::Tensor& accept_len, const std::optional<at::Tensor>& path,
+                        at::Tensor& emitted);
 void accept_sampling_cuda(const at::Tensor& draft_tokens, const std::optional<at::Tensor>& parents,
                           const at::Tensor& draft_probs, const at::Tensor& target_probs, const at::Tensor& uniforms,
                           at::Tensor& accept_len, const std::optional<at::Tensor>& path, at::Tensor& emitted);
@@ -82,13 +82,13 @@ void accept_sampling_cuda(const at::Tensor& draft_tokens, const std::optional<at
 // selection: 0 argmax, 1 sample (Gumbel-max; top_k > 0 / top_p < 1 filter), 2 topk. Outputs: tokens [M] ([M, k] for
 // topk) int64, max_logit / lse [M] fp32, logprob [M] ([M, k]) fp32, draft_logprob [M] fp32 or none,
 // probs [R, V] fp32 contiguous or none. logit_softcap <= 0 means none. Semantics: ops/lm_head/reference.py.
-#define FASTVLM_LM_HEAD_ARGS                                                                                      \
-  const at::Tensor &hidden, const at::Tensor &norm_weight, const at::Tensor &lm_head_weight,                      \
-      const std::optional<at::Tensor>&vocab_subset, const std::optional<at::Tensor>&draft_tokens,                \
-      const std::optional<at::Tensor>&prob_rows, const std::optional<at::Tensor>&seed, double eps,               \
-      double norm_offset, double logit_scale, double logit_softcap, double temperature, int64_t selection,          \
-      int64_t top_k, double top_p, at::Tensor &tokens, at::Tensor &max_logit, at::Tensor &lse,                   \
-      at::Tensor &logprob, const std::optional<at::Tensor>&draft_logprob, const std::optional<at::Tensor>&probs
+#define FASTVLM_LM_HEAD_ARGS                                                                                           \
+  const at::Tensor &hidden, const at::Tensor &norm_weight, const at::Tensor &lm_head_weight,                           \
+      const std::optional<at::Tensor>&vocab_subset, const std::optional<at::Tensor>&draft_tokens,                      \
+      const std::optional<at::Tensor>&prob_rows, const std::optional<at::Tensor>&seed, double eps, double norm_offset, \
+      double logit_scale, double logit_softcap, double temperature, int64_t selection, int64_t top_k, double top_p,    \
+      at::Tensor &tokens, at::Tensor &max_logit, at::Tensor &lse, at::Tensor &logprob,                                 \
+      const std::optional<at::Tensor>&draft_logprob, const std::optional<at::Tensor>&probs
 void lm_head_cpu(FASTVLM_LM_HEAD_ARGS);
 #ifdef FASTVLM_WITH_CUDA
 void lm_head_cuda(FASTVLM_LM_HEAD_ARGS);

@@ -41,32 +41,32 @@ struct Tree {
 
 Tree make_tree(const at::Tensor& draft_tokens, const std::optional<at::Tensor>& parents, int64_t num_nodes) {
   const int64_t cols = draft_tokens.size(1);
-  return Tree{draft_tokens.data_ptr<int64_t>(), parents.has_value() ? parents->data_ptr<int64_t>() : nullptr,
-              num_nodes, cols, num_nodes - cols};
+  return Tree{draft_tokens.data_ptr<int64_t>(), parents.has_value() ? parents->data_ptr<int64_t>() : nullptr, num_nodes,
+              cols, num_nodes - cols};
 }
 
 void check_common(const at::Tensor& draft_tokens, const std::optional<at::Tensor>& parents, int64_t num_nodes,
                   const at::Tensor& accept_len, const std::optional<at::Tensor>& path, const at::Tensor& emitted,
                   const char* op) {
   const int64_t batch = draft_tokens.size(0);
-  TORCH_CHECK(draft_tokens.dim() == 2 && draft_tokens.scalar_type() == at::kLong && draft_tokens.is_contiguous(),
-              op, ": draft_tokens must be [B, cols] int64 contiguous");
-  TORCH_CHECK(num_nodes >= 1 && (draft_tokens.size(1) == num_nodes || draft_tokens.size(1) == num_nodes - 1),
-              op, ": draft_tokens must have N (tree) or N - 1 (chain) columns");
+  TORCH_CHECK(draft_tokens.dim() == 2 && draft_tokens.scalar_type() == at::kLong && draft_tokens.is_contiguous(), op,
+              ": draft_tokens must be [B, cols] int64 contiguous");
+  TORCH_CHECK(num_nodes >= 1 && (draft_tokens.size(1) == num_nodes || draft_tokens.size(1) == num_nodes - 1), op,
+              ": draft_tokens must have N (tree) or N - 1 (chain) columns");
   TORCH_CHECK(parents.has_value() == (draft_tokens.size(1) == num_nodes), op,
               ": a tree (draft_tokens with N columns) needs parents, a chain (N - 1 columns) none");
   if (parents.has_value()) {
-    TORCH_CHECK(parents->scalar_type() == at::kLong && parents->is_contiguous() &&
-                    parents->numel() == batch * num_nodes,
-                op, ": parents must be [B, N] int64 contiguous");
+    TORCH_CHECK(
+        parents->scalar_type() == at::kLong && parents->is_contiguous() && parents->numel() == batch * num_nodes, op,
+        ": parents must be [B, N] int64 contiguous");
   }
-  TORCH_CHECK(accept_len.scalar_type() == at::kInt && accept_len.is_contiguous() && accept_len.numel() == batch,
-              op, ": accept_len must be [B] int32 contiguous");
-  TORCH_CHECK(emitted.scalar_type() == at::kLong && emitted.is_contiguous() && emitted.numel() == batch * num_nodes,
-              op, ": emitted must be [B, N] int64 contiguous");
+  TORCH_CHECK(accept_len.scalar_type() == at::kInt && accept_len.is_contiguous() && accept_len.numel() == batch, op,
+              ": accept_len must be [B] int32 contiguous");
+  TORCH_CHECK(emitted.scalar_type() == at::kLong && emitted.is_contiguous() && emitted.numel() == batch * num_nodes, op,
+              ": emitted must be [B, N] int64 contiguous");
   if (path.has_value()) {
-    TORCH_CHECK(path->scalar_type() == at::kLong && path->is_contiguous() && path->numel() == batch * num_nodes,
-                op, ": path must be [B, N] int64 contiguous");
+    TORCH_CHECK(path->scalar_type() == at::kLong && path->is_contiguous() && path->numel() == batch * num_nodes, op,
+                ": path must be [B, N] int64 contiguous");
   }
 }
 
@@ -131,8 +131,8 @@ int64_t sample_index(Weight weight, const double* sums, int64_t vocab, double un
 }
 
 template <typename T>
-void sampling_rows(const Tree& tree, const T* draft_probs, const T* target_probs, const float* uniforms,
-                   int64_t vocab, int32_t* accept_len, int64_t* path, int64_t* emitted, int64_t begin, int64_t end) {
+void sampling_rows(const Tree& tree, const T* draft_probs, const T* target_probs, const float* uniforms, int64_t vocab,
+                   int32_t* accept_len, int64_t* path, int64_t* emitted, int64_t begin, int64_t end) {
   const int64_t num_nodes = tree.num_nodes;
   const int64_t num_blocks = (vocab + kBlock - 1) / kBlock;
   std::vector<double> residual(vocab), sums(num_blocks);
@@ -193,13 +193,13 @@ void sampling_rows(const Tree& tree, const T* draft_probs, const T* target_probs
 }  // namespace
 
 void accept_greedy_cpu(const at::Tensor& draft_tokens, const std::optional<at::Tensor>& parents,
-                       const at::Tensor& target_tokens, at::Tensor& accept_len,
-                       const std::optional<at::Tensor>& path, at::Tensor& emitted) {
+                       const at::Tensor& target_tokens, at::Tensor& accept_len, const std::optional<at::Tensor>& path,
+                       at::Tensor& emitted) {
   const int64_t batch = draft_tokens.size(0), num_nodes = target_tokens.size(1);
   check_common(draft_tokens, parents, num_nodes, accept_len, path, emitted, "accept_greedy (cpu)");
-  TORCH_CHECK(target_tokens.scalar_type() == at::kLong && target_tokens.is_contiguous() &&
-                  target_tokens.size(0) == batch,
-              "accept_greedy (cpu): target_tokens must be [B, N] int64 contiguous");
+  TORCH_CHECK(
+      target_tokens.scalar_type() == at::kLong && target_tokens.is_contiguous() && target_tokens.size(0) == batch,
+      "accept_greedy (cpu): target_tokens must be [B, N] int64 contiguous");
   const Tree tree = make_tree(draft_tokens, parents, num_nodes);
   const int64_t* targets = target_tokens.data_ptr<int64_t>();
   int32_t* lens = accept_len.data_ptr<int32_t>();

@@ -83,16 +83,16 @@ void kv_append_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& l
       const int64_t b = (slice / num_kv_heads) % batch, head = slice % num_kv_heads;
       const at::Tensor& cache = is_values ? v_cache : k_cache;
       const at::Tensor& source = is_values ? values : keys;
-      char* target = static_cast<char*>(cache.data_ptr()) +
-                     (b * cache.stride(0) + head * cache.stride(1)) * element_bytes;
+      char* target =
+          static_cast<char*>(cache.data_ptr()) + (b * cache.stride(0) + head * cache.stride(1)) * element_bytes;
       const char* from = static_cast<const char*>(source.data_ptr()) +
                          (b * source.stride(0) + head * source.stride(1)) * element_bytes;
       const int64_t start = row_lengths[b];
       for (int64_t t = 0; t < num_new; ++t) {
         const int64_t position = start + t;
         if (position < 0 || position >= cache_len) continue;
-        std::memcpy(target + position * cache.stride(2) * element_bytes,
-                    from + t * source.stride(2) * element_bytes, row_bytes);
+        std::memcpy(target + position * cache.stride(2) * element_bytes, from + t * source.stride(2) * element_bytes,
+                    row_bytes);
       }
     }
   });

@@ -6,45 +6,32 @@
 // Scores of a 64-column tile feed per-row running state (max, first argmax, sum of exp, Gumbel-max best,
 // top-k candidates); chunks are merged in vocabulary order, so ties keep the lowest index. Aim: the
 // weight's memory bandwidth for small M, fp32 FMA throughput beyond.
-#include "ops.h"
+#include "cpu/amx.h"
+#include "cpu/isa.h"
 #include "cpu/vec.h"
+#include "ops.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <string>
 #include <utility>
 #include <vector>
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-#if defined(__x86_64__) && defined(__linux__)
-#define FASTVLM_LM_AMX 1
-#include <sys/syscall.h>
-#include <unistd.h>
-#else
-#define FASTVLM_LM_AMX 0
-#endif
 #include <type_traits>
-
-#pragma GCC diagnostic ignored "-Wpsabi"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on _mm512_reduce_add_ps
 
 namespace fastvlm {
 namespace {
 
-constexpr int kCols = 4;            // weight rows converted and computed together
-constexpr int kTile = 64;           // columns whose scores are buffered before the row updates
-constexpr int kMaxRowsBlock = 6;    // hidden rows per micro-kernel call
+constexpr int kCols = 4;          // weight rows converted and computed together
+constexpr int kTile = 64;         // columns whose scores are buffered before the row updates
+constexpr int kMaxRowsBlock = 6;  // hidden rows per micro-kernel call
 // Weight rows up to this many bytes are prefetched one group ahead (see Problem::prefetch_ahead).
 constexpr int64_t kPrefetchMaxRowBytes = 8192;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -73,11 +60,11 @@ FASTVLM_INLINE float gumbel(uint64_t row_base, int64_t token) {
 // ---- the problem and the per-chunk state -----------------------------------------------------------
 struct Problem {
   int64_t M = 0, H = 0, Hp = 0, num_cols = 0, vocab = 0;
-  const float* y = nullptr;           // [M, Hp] normed hidden rows, fp32, zero padded
-  const void* y_bf16 = nullptr;       // the same rows as bf16 (bf16 inputs), for the vdpbf16ps kernel
-  const uint16_t* y_vnni = nullptr;   // AMX: [M / 16 blocks][H / 2][16 rows][2] bf16 pairs, zero padded
-  int64_t num_row_blocks = 0;         // AMX: ceil(M / 16)
-  const void* weight = nullptr;       // [V, H], rows at weight_stride
+  const float* y = nullptr;          // [M, Hp] normed hidden rows, fp32, zero padded
+  const void* y_bf16 = nullptr;      // the same rows as bf16 (bf16 inputs), for the vdpbf16ps kernel
+  const uint16_t* y_vnni = nullptr;  // AMX: [M / 16 blocks][H / 2][16 rows][2] bf16 pairs, zero padded
+  int64_t num_row_blocks = 0;        // AMX: ceil(M / 16)
+  const void* weight = nullptr;      // [V, H], rows at weight_stride
   int64_t weight_stride = 0;
   // Software prefetch distance in elements (0: none): the next group's rows (kCols, or 16 on AMX) are
   // prefetched to L2 line by line while this group is computed. Short rows are many short streams that the
@@ -86,16 +73,16 @@ struct Problem {
   // 3.3 / 4.8 / 7.0 to 2.7 / 3.0 / 3.4 ms; at 16 KB rows (4096 fp32) it cost 3-6% at M = 1, so it stops at
   // kPrefetchMaxRowBytes. Rows picked through a subset are not contiguous: no prefetch there.
   int64_t prefetch_ahead = 0;
-  const int64_t* subset = nullptr;    // column j reads weight row subset[j] (token id), or j itself
-  const int64_t* draft = nullptr;     // [M] or null
-  const int64_t* prob_rows = nullptr; // [R] or null
+  const int64_t* subset = nullptr;     // column j reads weight row subset[j] (token id), or j itself
+  const int64_t* draft = nullptr;      // [M] or null
+  const int64_t* prob_rows = nullptr;  // [R] or null
   int64_t num_prob_rows = 0;
-  float* probs = nullptr;             // [R, V] contiguous
-  int mode = 0;                       // 0 argmax, 1 sample, 2 topk
-  int64_t top_k = 0;                  // candidates kept (topk mode, or sample with top-k); 0: none
+  float* probs = nullptr;  // [R, V] contiguous
+  int mode = 0;            // 0 argmax, 1 sample, 2 topk
+  int64_t top_k = 0;       // candidates kept (topk mode, or sample with top-k); 0: none
   float top_p = 1.0f;
   float logit_scale = 1.0f, softcap = 0.0f, temperature = 1.0f;
-  std::vector<uint64_t> row_base;     // per-row noise streams (sample)
+  std::vector<uint64_t> row_base;  // per-row noise streams (sample)
 };
 
 struct Candidate {
@@ -114,7 +101,7 @@ struct RowState {
   float max = kNegInf;
   int64_t arg = -1;
   float sum = 0.0f;
-  float best = kNegInf;   // best perturbed score (sample without top-k)
+  float best = kNegInf;  // best perturbed score (sample without top-k)
   float best_score = kNegInf;
   int64_t best_col = -1;
   float draft_score = kNegInf;
@@ -168,11 +155,10 @@ FASTVLM_INLINE void dot_block(const scalar_t* const* wrows, const float* y, int6
 // bf16 weights on CPUs with AVX512-BF16: vdpbf16ps multiplies bf16 pairs exactly and accumulates in fp32,
 // twice the multiply-adds of fp32 FMA and no conversion. y holds the normed rows as bf16 ([M, Hp], Hp a
 // multiple of 32, zero padded); the weight's H tail is read with a masked load.
-#define FASTVLM_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
 template <int ROWS>
-FASTVLM_BF16_TARGET FASTVLM_INLINE void dot_block_bf16(
-    const c10::BFloat16* const* wrows, const c10::BFloat16* y, int64_t H, int64_t Hp, float* scores,
-    int64_t tile_col, int64_t ahead) {
+FASTVLM_AVX512_BF16_TARGET FASTVLM_INLINE void dot_block_bf16(const c10::BFloat16* const* wrows, const c10::BFloat16* y,
+                                                              int64_t H, int64_t Hp, float* scores, int64_t tile_col,
+                                                              int64_t ahead) {
   __m512 acc[kCols][ROWS];
 #pragma GCC unroll 4
   for (int c = 0; c < kCols; ++c)
@@ -200,32 +186,29 @@ FASTVLM_BF16_TARGET FASTVLM_INLINE void dot_block_bf16(
     for (int c = 0; c < kCols; ++c) scores[r * kTile + tile_col + c] = _mm512_reduce_add_ps(acc[c][r]);
 }
 template <int ROWS_BLOCK>
-FASTVLM_BF16_TARGET void dot_rows_bf16(const c10::BFloat16* const* wrows, const c10::BFloat16* yb, int64_t M,
-                                       int64_t H, int64_t Hp, float* scores, int64_t tile_col, int64_t ahead) {
-    int64_t m = 0;
-    for (; m + ROWS_BLOCK <= M; m += ROWS_BLOCK)
-      dot_block_bf16<ROWS_BLOCK>(wrows, yb + m * Hp, H, Hp, scores + m * kTile, tile_col, m == 0 ? ahead : 0);
-    const c10::BFloat16* ym = yb + m * Hp;
-    float* sm = scores + m * kTile;
-    const int64_t rest_ahead = m == 0 ? ahead : 0;  // the group's rows are prefetched once, by its first block
-    switch (M - m) {
-      case 1: dot_block_bf16<1>(wrows, ym, H, Hp, sm, tile_col, rest_ahead); break;
-      case 2: dot_block_bf16<2>(wrows, ym, H, Hp, sm, tile_col, rest_ahead); break;
-      case 3: dot_block_bf16<3>(wrows, ym, H, Hp, sm, tile_col, rest_ahead); break;
-      case 4: dot_block_bf16<4>(wrows, ym, H, Hp, sm, tile_col, rest_ahead); break;
-      case 5: dot_block_bf16<5>(wrows, ym, H, Hp, sm, tile_col, rest_ahead); break;
-      default: break;
-    }
+FASTVLM_AVX512_BF16_TARGET void dot_rows_bf16(const c10::BFloat16* const* wrows, const c10::BFloat16* yb, int64_t M,
+                                              int64_t H, int64_t Hp, float* scores, int64_t tile_col, int64_t ahead) {
+  int64_t m = 0;
+  for (; m + ROWS_BLOCK <= M; m += ROWS_BLOCK)
+    dot_block_bf16<ROWS_BLOCK>(wrows, yb + m * Hp, H, Hp, scores + m * kTile, tile_col, m == 0 ? ahead : 0);
+  const c10::BFloat16* ym = yb + m * Hp;
+  float* sm = scores + m * kTile;
+  const int64_t rest_ahead = m == 0 ? ahead : 0;  // the group's rows are prefetched once, by its first block
+  switch (M - m) {
+    case 1: dot_block_bf16<1>(wrows, ym, H, Hp, sm, tile_col, rest_ahead); break;
+    case 2: dot_block_bf16<2>(wrows, ym, H, Hp, sm, tile_col, rest_ahead); break;
+    case 3: dot_block_bf16<3>(wrows, ym, H, Hp, sm, tile_col, rest_ahead); break;
+    case 4: dot_block_bf16<4>(wrows, ym, H, Hp, sm, tile_col, rest_ahead); break;
+    case 5: dot_block_bf16<5>(wrows, ym, H, Hp, sm, tile_col, rest_ahead); break;
+    default: break;
+  }
 }
 #endif
 
-#if FASTVLM_LM_AMX
+#if FASTVLM_AMX
 // ---- bf16 on AMX: 16 weight rows at a time as the A tile (read in place, row stride of the head), the
 // normed rows pre-arranged as bf16 pairs (VNNI) as B tiles, C = 16 vocab rows x 16 hidden rows in fp32.
 // Tiles: C 0-3 (up to 64 hidden rows per pass), A 4, B 5-7. Needs H % 32 == 0 and contiguous rows.
-#define FASTVLM_AMX_TARGET \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,amx-tile,amx-bf16")))
-
 FASTVLM_AMX_TARGET void amx_group(const Problem& p, const c10::BFloat16* wrow0, float* scores, int64_t tile_col) {
   alignas(64) float c[4][16 * 16];
   const int64_t half = p.H / 2;
@@ -270,16 +253,6 @@ FASTVLM_AMX_TARGET void amx_group(const Problem& p, const c10::BFloat16* wrow0, 
       }
   }
 }
-
-// The CPU has AMX-BF16 and Linux lets this process use the tile registers.
-bool amx_bf16_usable() {
-  static const bool usable = [] {
-    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16")) return false;
-    constexpr long kArchRequestXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchRequestXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return usable;
-}
 #endif
 
 template <int W, int ROWS_BLOCK, typename scalar_t, bool kBf16Dot>
@@ -302,8 +275,12 @@ FASTVLM_INLINE void dot_rows(const scalar_t* const* wrows, const float* y, const
     case 1: dot_block<W, 1>(wrows, ym, H, Hp, sm, tile_col, rest_ahead); break;
     case 2: dot_block<W, 2>(wrows, ym, H, Hp, sm, tile_col, rest_ahead); break;
     case 3: dot_block<W, 3>(wrows, ym, H, Hp, sm, tile_col, rest_ahead); break;
-    case 4: if constexpr (ROWS_BLOCK > 4) dot_block<W, 4>(wrows, ym, H, Hp, sm, tile_col, rest_ahead); break;
-    case 5: if constexpr (ROWS_BLOCK > 5) dot_block<W, 5>(wrows, ym, H, Hp, sm, tile_col, rest_ahead); break;
+    case 4:
+      if constexpr (ROWS_BLOCK > 4) dot_block<W, 4>(wrows, ym, H, Hp, sm, tile_col, rest_ahead);
+      break;
+    case 5:
+      if constexpr (ROWS_BLOCK > 5) dot_block<W, 5>(wrows, ym, H, Hp, sm, tile_col, rest_ahead);
+      break;
     default: break;
   }
 }
@@ -367,10 +344,11 @@ FASTVLM_INLINE void run_chunk(const Problem& p, int64_t col_begin, int64_t col_e
   for (int64_t tile0 = col_begin; tile0 < col_end; tile0 += kTile) {
     const int64_t n = std::min<int64_t>(kTile, col_end - tile0);
     for (int64_t g = 0; g < n; g += kCols) {
-#if FASTVLM_LM_AMX
+#if FASTVLM_AMX
       if constexpr (kAmx) {
         if (g + 16 <= n) {
-          amx_group(p, reinterpret_cast<const c10::BFloat16*>(weight + (tile0 + g) * p.weight_stride), scores.data(), g);
+          amx_group(p, reinterpret_cast<const c10::BFloat16*>(weight + (tile0 + g) * p.weight_stride), scores.data(),
+                    g);
           g += 16 - kCols;
           continue;
         }
@@ -403,36 +381,26 @@ FASTVLM_INLINE void run_chunk(const Problem& p, int64_t col_begin, int64_t col_e
 using ChunkFn = void (*)(const Problem&, int64_t, int64_t, RowState*);
 
 template <typename scalar_t>
-void run_chunk_baseline(const Problem& p, int64_t b, int64_t e, RowState* s) { run_chunk<4, scalar_t>(p, b, e, s); }
+void run_chunk_baseline(const Problem& p, int64_t b, int64_t e, RowState* s) {
+  run_chunk<4, scalar_t>(p, b, e, s);
+}
 #if defined(__x86_64__)
 template <typename scalar_t>
-__attribute__((target("avx2,fma,f16c"))) void run_chunk_avx2(const Problem& p, int64_t b, int64_t e, RowState* s) {
+FASTVLM_AVX2_TARGET void run_chunk_avx2(const Problem& p, int64_t b, int64_t e, RowState* s) {
   run_chunk<8, scalar_t>(p, b, e, s);
 }
 template <typename scalar_t>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))) void run_chunk_avx512(
-    const Problem& p, int64_t b, int64_t e, RowState* s) {
+FASTVLM_AVX512_TARGET void run_chunk_avx512(const Problem& p, int64_t b, int64_t e, RowState* s) {
   run_chunk<16, scalar_t>(p, b, e, s);
 }
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c"))) void run_chunk_avx512_bf16(
-    const Problem& p, int64_t b, int64_t e, RowState* s) {
+FASTVLM_AVX512_BF16_TARGET void run_chunk_avx512_bf16(const Problem& p, int64_t b, int64_t e, RowState* s) {
   run_chunk<16, c10::BFloat16, true>(p, b, e, s);
 }
-#if FASTVLM_LM_AMX
+#if FASTVLM_AMX
 FASTVLM_AMX_TARGET void run_chunk_amx_bf16(const Problem& p, int64_t b, int64_t e, RowState* s) {
-  struct alignas(64) TileConfig {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-  } config{};
-  config.palette = 1;
-  for (int i = 0; i < 8; ++i) {
-    config.bytes_per_row[i] = 64;
-    config.rows[i] = 16;
-  }
-  _tile_loadconfig(&config);
+  amx::configure_tiles();
   run_chunk<16, c10::BFloat16, true, true>(p, b, e, s);
-  _tile_release();
+  amx::release_tiles();
 }
 #endif
 #endif
@@ -440,29 +408,23 @@ FASTVLM_AMX_TARGET void run_chunk_amx_bf16(const Problem& p, int64_t b, int64_t 
 template <typename scalar_t>
 ChunkFn select_chunk_fn(bool amx_shape) {
 #if defined(__x86_64__)
-  static const std::string capability = at::get_cpu_capability();
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-#if FASTVLM_LM_AMX
-    if (amx_shape && capability == "AVX512" && __builtin_cpu_supports("avx512bf16") && amx_bf16_usable())
-      return run_chunk_amx_bf16;
+#if FASTVLM_AMX
+    // amx::bf16_usable() includes AVX512-BF16.
+    if (amx_shape && cpu_isa::torch_uses_avx512() && amx::bf16_usable()) return run_chunk_amx_bf16;
 #endif
-    if (capability == "AVX512" && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw"))
-      return run_chunk_avx512_bf16;
+    if (cpu_isa::has_avx512_bf16()) return run_chunk_avx512_bf16;
   }
-  if (capability == "AVX512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma"))
-    return run_chunk_avx512<scalar_t>;
-  if ((capability == "AVX512" || capability == "AVX2") && __builtin_cpu_supports("avx2") &&
-      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-    return run_chunk_avx2<scalar_t>;
+  if (cpu_isa::has_avx512()) return run_chunk_avx512<scalar_t>;
+  if (cpu_isa::has_avx2()) return run_chunk_avx2<scalar_t>;
 #endif
   return run_chunk_baseline<scalar_t>;
 }
 
 // Normed hidden rows: x * rsqrt(mean(x^2) + eps) * (offset + w) in fp32, rounded through scalar_t.
 template <typename scalar_t>
-std::vector<float> normed_rows(const at::Tensor& hidden, const at::Tensor& norm_weight, double eps,
-                               double norm_offset, int64_t Hp) {
+std::vector<float> normed_rows(const at::Tensor& hidden, const at::Tensor& norm_weight, double eps, double norm_offset,
+                               int64_t Hp) {
   const int64_t M = hidden.size(0), H = hidden.size(1);
   std::vector<float> y(M * Hp, 0.0f);
   const scalar_t* x = hidden.data_ptr<scalar_t>();
@@ -471,11 +433,12 @@ std::vector<float> normed_rows(const at::Tensor& hidden, const at::Tensor& norm_
   for (int64_t m = 0; m < M; ++m) {
     const scalar_t* row = x + m * stride;
     double squares = 0.0;
-    for (int64_t h = 0; h < H; ++h) squares += static_cast<double>(static_cast<float>(row[h])) * static_cast<float>(row[h]);
+    for (int64_t h = 0; h < H; ++h)
+      squares += static_cast<double>(static_cast<float>(row[h])) * static_cast<float>(row[h]);
     const float inv = 1.0f / std::sqrt(static_cast<float>(squares / H) + static_cast<float>(eps));
     for (int64_t h = 0; h < H; ++h) {
-      const float normed = static_cast<float>(row[h]) * inv *
-                           (static_cast<float>(norm_offset) + static_cast<float>(w[h * w_stride]));
+      const float normed =
+          static_cast<float>(row[h]) * inv * (static_cast<float>(norm_offset) + static_cast<float>(w[h * w_stride]));
       y[m * Hp + h] = static_cast<float>(static_cast<scalar_t>(normed));
     }
   }
@@ -531,7 +494,8 @@ void lm_head_cpu(FASTVLM_LM_HEAD_ARGS) {
                 "lm_head (cpu): probs must be [R, V] contiguous, without vocab_subset");
   }
   if (mode == 1) {
-    TORCH_CHECK(seed && seed->numel() == 2 && seed->scalar_type() == at::kLong, "lm_head (cpu): seed [2] int64 expected");
+    TORCH_CHECK(seed && seed->numel() == 2 && seed->scalar_type() == at::kLong,
+                "lm_head (cpu): seed [2] int64 expected");
     const int64_t* s = seed->data_ptr<int64_t>();
     const uint64_t stream = splitmix64(static_cast<uint64_t>(s[0]) ^ splitmix64(static_cast<uint64_t>(s[1]) + kGolden));
     for (int64_t m = 0; m < p.M; ++m) p.row_base.push_back(splitmix64(stream + static_cast<uint64_t>(m + 1) * kGolden));

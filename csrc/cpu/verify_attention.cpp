@@ -5,23 +5,24 @@
 // tile x 6-row register block), online softmax in fp32, O += P V; bf16 with AMX: 128-key tiles, both
 // products as 16x16 tile matmuls (P rounded to bf16, fp32 sums); 2-32 rows: K and V tiles read in place
 // (S^T = K Q^T, P V on even/odd dims), more: K^T and V repacked once per tile. Key chunks (only when items are
-// too few for the threads) merge by log-sum-exp. Aim: memory speed for decode, FMA / AMX throughput when T x G is large.
-#include "ops.h"
+// too few for the threads) merge by log-sum-exp. Aim: memory speed for decode, FMA / AMX throughput when T x G is
+// large.
+#include "cpu/amx.h"
+#include "cpu/isa.h"
 #include "cpu/vec.h"
+#include "ops.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
@@ -30,22 +31,9 @@
 #if !defined(__GNUC__)
 #error "verify_attention.cpp uses GCC/Clang vector extensions"
 #endif
-#if defined(__x86_64__) && defined(__linux__) && !defined(FASTVLM_VA_NO_AMX)
-#define FASTVLM_VA_AMX 1
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#else
-#define FASTVLM_VA_AMX 0
-#endif
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP)
 #pragma message("verify_attention.cpp built without -fopenmp: at::parallel_for will run on one thread")
 #endif
-// The wide vector types below are only ever used inside always-inline code compiled for the ISA that
-// supports them; the ABI note GCC prints for them does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-// GCC 12 reports the _mm512_undefined_* placeholders inside its own AVX-512 intrinsics as maybe-uninitialized.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 namespace fastvlm {
 namespace {
@@ -68,7 +56,6 @@ struct Blocking {
   static constexpr int kRows = W >= 16 ? 6 : 4;
   static constexpr int kVecs = W >= 16 ? 4 : 2;
 };
-
 
 // Interleave the low (or high) halves of a and b: {a0, b0, a1, b1, ...}.
 template <int W, size_t... Lane>
@@ -115,9 +102,9 @@ struct Problem {
 
   // Work decomposition: item = ((slot * batch + b) * num_kv_heads + kv_head) * num_splits + split.
   int64_t rows_per_block, num_blocks, num_splits, split_keys;
-  float* partial_out;   // [items, rows_per_block, D] unnormalised, when num_splits > 1
-  float* partial_max;   // [items, rows_per_block] (base 2)
-  float* partial_sum;   // [items, rows_per_block]
+  float* partial_out;  // [items, rows_per_block, D] unnormalised, when num_splits > 1
+  float* partial_max;  // [items, rows_per_block] (base 2)
+  float* partial_sum;  // [items, rows_per_block]
 
   int64_t num_items() const { return num_blocks * batch * num_kv_heads * num_splits; }
 
@@ -128,9 +115,7 @@ struct Problem {
 
   // Slots alternate between the cheapest and the dearest row blocks (causal rows see more keys as t
   // grows), so the contiguous ranges of items parallel_for hands each thread cost about the same.
-  int64_t block_of_slot(int64_t slot) const {
-    return slot % 2 == 0 ? slot / 2 : num_blocks - 1 - slot / 2;
-  }
+  int64_t block_of_slot(int64_t slot) const { return slot % 2 == 0 ? slot / 2 : num_blocks - 1 - slot / 2; }
 
   // How many new tokens query t may read, counted from new token 0 (its last visible one plus one).
   int64_t visible_new(int64_t b, int64_t t) const {
@@ -160,8 +145,8 @@ struct Buffers {
   float *q, *kt, *v, *scores, *acc, *row_max, *row_sum;
 
   Buffers(int64_t rows, int64_t head_dim) {
-    const int64_t sizes[] = {rows * head_dim, head_dim * kKeyTile, kKeyTile * head_dim,
-                             rows * kKeyTile, rows * head_dim, rows, rows};
+    const int64_t sizes[] = {
+        rows * head_dim, head_dim * kKeyTile, kKeyTile * head_dim, rows * kKeyTile, rows * head_dim, rows, rows};
     int64_t total = 16;
     for (int64_t size : sizes) total += (size + 15) / 16 * 16;
     float* cursor = thread_scratch(0, total);
@@ -179,8 +164,8 @@ struct Buffers {
 // DRAM, and the hardware prefetcher alone leaves the loads waiting. Used by the bf16 dot-product path only:
 // the fp32 paths and the AMX paths measured as fast or faster without it (2026-11-25, 1 thread).
 struct TilePrefetch {
-  const char* v_rows;       // this tile's V rows
-  const char* next_k_rows;  // the next tile's K rows (prefetch never faults, so past the end is harmless)
+  const char* v_rows;                     // this tile's V rows
+  const char* next_k_rows;                // the next tile's K rows (prefetch never faults, so past the end is harmless)
   int64_t v_stride, k_stride, row_bytes;  // in bytes
 
   template <typename scalar_t>
@@ -204,8 +189,7 @@ struct TilePrefetch {
 // ---- micro-kernels ------------------------------------------------------------------------------------
 // scores[R][kKeyTile] = q[R][D] . kt[D][kKeyTile], for the key vectors [first_vec, first_vec + NV).
 template <int W, int R, int NV>
-FASTVLM_INLINE void scores_block(const float* q, const float* kt, float* scores, int64_t head_dim,
-                                 int first_vec) {
+FASTVLM_INLINE void scores_block(const float* q, const float* kt, float* scores, int64_t head_dim, int first_vec) {
   using F = typename Vec<W>::f32;
   F acc[R][NV];
 #pragma GCC unroll 8
@@ -238,8 +222,7 @@ FASTVLM_INLINE void scores_rows_transposed(const float* q, const float* kt, floa
 
 // Scores of every row against a tile held as K^T.
 template <int W>
-FASTVLM_INLINE void scores_transposed(const float* q, const float* kt, float* scores, int64_t head_dim,
-                                      int rows) {
+FASTVLM_INLINE void scores_transposed(const float* q, const float* kt, float* scores, int64_t head_dim, int rows) {
   constexpr int kRows = Blocking<W>::kRows;
   int r = 0;
   for (; r + kRows <= rows; r += kRows)
@@ -271,8 +254,8 @@ FASTVLM_INLINE typename Vec<W>::f32 sum_each(typename Vec<W>::f32 (&v)[W]) {
 
 // Scores of a few rows straight from K rows (no transpose): W keys at a time, dot products along D.
 template <int W, typename scalar_t>
-FASTVLM_INLINE void scores_direct(const float* q, const scalar_t* k, int64_t k_row_stride, int num_keys,
-                                  float* scores, int64_t head_dim, int rows) {
+FASTVLM_INLINE void scores_direct(const float* q, const scalar_t* k, int64_t k_row_stride, int num_keys, float* scores,
+                                  int64_t head_dim, int rows) {
   using F = typename Vec<W>::f32;
   for (int key0 = 0; key0 < num_keys; key0 += W) {
     const scalar_t* key_rows[W];
@@ -294,8 +277,8 @@ FASTVLM_INLINE void scores_direct(const float* q, const scalar_t* k, int64_t k_r
 
 // acc[R][dims NV*W from first_dim] += probs[R][:num_keys] . v[:num_keys][same dims]
 template <int W, int R, int NV, typename value_t>
-FASTVLM_INLINE void accumulate_block(const float* probs, const value_t* v, int64_t v_row_stride,
-                                     int num_keys, float* acc_rows, int64_t head_dim, int64_t first_dim) {
+FASTVLM_INLINE void accumulate_block(const float* probs, const value_t* v, int64_t v_row_stride, int num_keys,
+                                     float* acc_rows, int64_t head_dim, int64_t first_dim) {
   using F = typename Vec<W>::f32;
   F acc[R][NV];
 #pragma GCC unroll 8
@@ -333,8 +316,8 @@ FASTVLM_INLINE void accumulate_rows(const float* probs, const value_t* v, int64_
 
 // acc[rows][D] += probs[rows][:num_keys] . v[:num_keys][D]
 template <int W, typename value_t>
-FASTVLM_INLINE void accumulate(const float* probs, const value_t* v, int64_t v_row_stride, int num_keys,
-                               float* acc, int64_t head_dim, int rows) {
+FASTVLM_INLINE void accumulate(const float* probs, const value_t* v, int64_t v_row_stride, int num_keys, float* acc,
+                               int64_t head_dim, int rows) {
   constexpr int kRows = Blocking<W>::kRows;
   int r = 0;
   for (; r + kRows <= rows; r += kRows)
@@ -353,8 +336,8 @@ FASTVLM_INLINE void accumulate(const float* probs, const value_t* v, int64_t v_r
 
 // K rows [0, num_keys) of the tile as fp32 K^T [D][kKeyTile]; keys past num_keys read as zero.
 template <int W, typename scalar_t>
-FASTVLM_INLINE void load_keys_transposed(const scalar_t* k, int64_t k_row_stride, int num_keys,
-                                         int64_t head_dim, float* kt) {
+FASTVLM_INLINE void load_keys_transposed(const scalar_t* k, int64_t k_row_stride, int num_keys, int64_t head_dim,
+                                         float* kt) {
   using F = typename Vec<W>::f32;
   for (int key0 = 0; key0 < kKeyTile; key0 += W) {
     for (int64_t d0 = 0; d0 < head_dim; d0 += W) {
@@ -371,8 +354,8 @@ FASTVLM_INLINE void load_keys_transposed(const scalar_t* k, int64_t k_row_stride
 
 // scores_direct for bf16 on AVX512-BF16: q (bf16, unscaled) times K straight from the cache, bf16 pairs
 // multiplied exactly and summed in fp32; no conversion of K. Defined with the AMX code (AMX CPUs have it).
-void scores_direct_dpbf16(const uint16_t* q, const c10::BFloat16* k, int64_t k_row_stride, int num_keys,
-                          float* scores, int64_t head_dim, int rows, const TilePrefetch& prefetch);
+void scores_direct_dpbf16(const uint16_t* q, const c10::BFloat16* k, int64_t k_row_stride, int num_keys, float* scores,
+                          int64_t head_dim, int rows, const TilePrefetch& prefetch);
 
 // acc rows from [16 even][16 odd] per 32 dims (the few-row AMX path) to natural order.
 FASTVLM_INLINE void deinterleave_rows(float* acc, int64_t head_dim, int rows) {
@@ -405,7 +388,6 @@ struct WorkItem {
     key_begin = split * p.split_keys;
     key_end = std::min(prefix + visible_new, key_begin + p.split_keys);
   }
-
 };
 
 // Scores of keys row r may not see in this tile of tile_keys (past the tile's end, or new tokens outside its
@@ -477,8 +459,8 @@ void write_rows(const Problem& p, int64_t item, const WorkItem& w, const float* 
     const int64_t t = (w.first_row + r) / G, head = w.kv_head * G + (w.first_row + r) % G;
     const float total = row_sum[r];
     const float inverse = total > 0.0f ? 1.0f / total : 0.0f;
-    scalar_t* dst = static_cast<scalar_t*>(p.out) + w.b * p.out_stride[0] + head * p.out_stride[1] +
-                    t * p.out_stride[2];
+    scalar_t* dst =
+        static_cast<scalar_t*>(p.out) + w.b * p.out_stride[0] + head * p.out_stride[1] + t * p.out_stride[2];
     const float* acc_row = acc + r * acc_stride;
     for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc_row[d] * inverse);
     if (p.lse != nullptr)
@@ -557,10 +539,7 @@ FASTVLM_INLINE void run_items(const Problem& p, int64_t begin, int64_t end) {
 // Q is zero-padded to 16-row and 32-dim multiples, K is stored as bf16 pairs transposed (VNNI: [D/2][keys]),
 // V as key pairs interleaved ([keys/2][D][2]), P is rounded to bf16 (as torch's own CPU SDPA does), and
 // every accumulation stays fp32. Tile registers: C 0-3, A 4-5, B 6-7 (2 x 2 blocks of 16 x 16 outputs).
-#if FASTVLM_VA_AMX
-#define FASTVLM_AMX_TARGET \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,amx-tile,amx-bf16")))
-
+#if FASTVLM_AMX
 typedef uint16_t bf16x32 __attribute__((vector_size(64)));
 
 template <size_t... Lane>
@@ -585,12 +564,12 @@ FASTVLM_INLINE bf16x32 load_bf16x32(const c10::BFloat16* src, int64_t count) {
 
 struct AmxBuffers {
   int64_t padded_rows, padded_dim;
-  uint16_t* q;       // [padded_rows][padded_dim]
-  uint32_t* kt;      // [padded_dim / 2][kAmxKeyTile]
-  uint16_t* v;       // [kAmxKeyTile / 2][padded_dim][2]
-  float* scores;     // [padded_rows][kAmxKeyTile]
-  uint16_t* probs;   // [padded_rows][kAmxKeyTile]
-  float* acc;        // [padded_rows][padded_dim]
+  uint16_t* q;      // [padded_rows][padded_dim]
+  uint32_t* kt;     // [padded_dim / 2][kAmxKeyTile]
+  uint16_t* v;      // [kAmxKeyTile / 2][padded_dim][2]
+  float* scores;    // [padded_rows][kAmxKeyTile]
+  uint16_t* probs;  // [padded_rows][kAmxKeyTile]
+  float* acc;       // [padded_rows][padded_dim]
   float *row_max, *row_sum;
   // The few-row path (run_item_amx_few): P as 32-bit words, bf16 in the low (even) or high (odd) half,
   // [kMaxFewRows][kAmxKeyTile] each; one 16 x 16 fp32 score tile; zero-padded copies of a last partial
@@ -602,9 +581,19 @@ struct AmxBuffers {
   AmxBuffers(int64_t rows, int64_t head_dim)
       : padded_rows((rows + 15) / 16 * 16), padded_dim((head_dim + 31) / 32 * 32) {
     const int64_t R = padded_rows, Dp = padded_dim;
-    const int64_t sizes[] = {R * Dp / 2, Dp / 2 * kAmxKeyTile, kAmxKeyTile * Dp / 2, R * kAmxKeyTile,
-                             R * kAmxKeyTile / 2, R * Dp, R, R,
-                             kMaxFewRows * kAmxKeyTile, kMaxFewRows * kAmxKeyTile, 256, 8 * Dp, 8 * Dp};  // floats
+    const int64_t sizes[] = {R * Dp / 2,                 // q (in floats, as all of them)
+                             Dp / 2 * kAmxKeyTile,       // kt
+                             kAmxKeyTile * Dp / 2,       // v
+                             R * kAmxKeyTile,            // scores
+                             R * kAmxKeyTile / 2,        // probs
+                             R * Dp,                     // acc
+                             R,                          // row_max
+                             R,                          // row_sum
+                             kMaxFewRows * kAmxKeyTile,  // p_even
+                             kMaxFewRows * kAmxKeyTile,  // p_odd
+                             256,                        // key_tile
+                             8 * Dp,                     // k_rest
+                             8 * Dp};                    // v_rest
     constexpr int kParts = sizeof(sizes) / sizeof(sizes[0]);
     int64_t total = 16;
     for (int64_t size : sizes) total += (size + 15) / 16 * 16;
@@ -812,8 +801,8 @@ FASTVLM_AMX_TARGET inline void run_item_amx(const Problem& p, int64_t item, AmxB
       for (int64_t d0 = 0; d0 < Dp; d0 += 32) {
         F block[16];
         for (int i = 0; i < 16; ++i) {
-          const bf16x32 words = key0 + i < num_keys ? load_bf16x32(k_tile + (key0 + i) * p.k_stride[2] + d0, D - d0)
-                                                    : bf16x32{};
+          const bf16x32 words =
+              key0 + i < num_keys ? load_bf16x32(k_tile + (key0 + i) * p.k_stride[2] + d0, D - d0) : bf16x32{};
           block[i] = (F)words;
         }
         transpose<16>(block);
@@ -829,7 +818,7 @@ FASTVLM_AMX_TARGET inline void run_item_amx(const Problem& p, int64_t item, AmxB
       if (first_masked < kAmxKeyTile)
         mask_row(p, w, (w.first_row + r) / G, tile_start, first_masked, num_keys, kAmxKeyTile, row_scores);
       softmax_row_amx(row_scores, p.scale_log2, buf.row_max[r], buf.row_sum[r], buf.acc + r * Dp, Dp,
-                            buf.probs + r * kAmxKeyTile);
+                      buf.probs + r * kAmxKeyTile);
     }
 
     // V with key pairs interleaved; keys past the tile's end are zero.
@@ -994,16 +983,6 @@ FASTVLM_AMX_TARGET inline void run_item_amx_few(const Problem& p, int64_t item, 
 
 // bf16 items with enough rows go to AMX, the rest to the AVX-512 code.
 FASTVLM_AMX_TARGET void run_items_amx_bf16(const Problem& p, int64_t begin, int64_t end) {
-  struct alignas(64) TileConfig {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-  } config{};
-  config.palette = 1;
-  for (int i = 0; i < 8; ++i) {
-    config.bytes_per_row[i] = 64;
-    config.rows[i] = 16;
-  }
   bool configured = false;  // the tile registers are set up only when an item uses them (not for 1-row items)
   Buffers buf(p.rows_per_block, p.head_dim);
   for (int64_t item = begin; item < end; ++item) {
@@ -1011,7 +990,7 @@ FASTVLM_AMX_TARGET void run_items_amx_bf16(const Problem& p, int64_t begin, int6
     const bool few = rows > 1 && rows <= kMaxFewRows && p.head_dim % 32 == 0;
     const bool amx = p.scale_log2 > 0.0f && (few || rows > kMaxDirectRows);
     if (amx && !configured) {
-      _tile_loadconfig(&config);
+      amx::configure_tiles();
       configured = true;
     }
     if (amx) {
@@ -1026,21 +1005,9 @@ FASTVLM_AMX_TARGET void run_items_amx_bf16(const Problem& p, int64_t begin, int6
       run_item<16, c10::BFloat16>(p, item, buf);
     }
   }
-  if (configured) _tile_release();
+  if (configured) amx::release_tiles();
 }
-
-// The CPU has AMX-BF16 and Linux lets this process use the tile registers.
-bool amx_bf16_usable() {
-  static const bool usable = [] {
-    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16") ||
-        !__builtin_cpu_supports("avx512bf16"))
-      return false;
-    constexpr long kArchRequestXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchRequestXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return usable;
-}
-#endif  // FASTVLM_VA_AMX
+#endif  // FASTVLM_AMX
 
 // Combine the key chunks of one (slot, b, kv head): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s.
 template <typename scalar_t>
@@ -1069,8 +1036,7 @@ void merge_splits(const Problem& p, int64_t group_index) {
     }
     const int64_t t = (first_row + r) / G, head = kv_head * G + (first_row + r) % G;
     const float inverse = total > 0.0f ? 1.0f / total : 0.0f;
-    scalar_t* dst =
-        static_cast<scalar_t*>(p.out) + b * p.out_stride[0] + head * p.out_stride[1] + t * p.out_stride[2];
+    scalar_t* dst = static_cast<scalar_t*>(p.out) + b * p.out_stride[0] + head * p.out_stride[1] + t * p.out_stride[2];
     for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(row[d] * inverse);
     if (p.lse != nullptr)
       p.lse[(b * p.num_q_heads + head) * T + t] = total > 0.0f ? (max_all + std::log2(total)) * kLn2 : kNegInf;
@@ -1087,33 +1053,27 @@ void run_items_baseline(const Problem& p, int64_t begin, int64_t end) {
 
 #if defined(__x86_64__)
 template <typename scalar_t>
-__attribute__((target("avx2,fma,f16c"))) void run_items_avx2(const Problem& p, int64_t begin, int64_t end) {
+FASTVLM_AVX2_TARGET void run_items_avx2(const Problem& p, int64_t begin, int64_t end) {
   run_items<8, scalar_t>(p, begin, end);
 }
 
 template <typename scalar_t>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))) void run_items_avx512(
-    const Problem& p, int64_t begin, int64_t end) {
+FASTVLM_AVX512_TARGET void run_items_avx512(const Problem& p, int64_t begin, int64_t end) {
   run_items<16, scalar_t>(p, begin, end);
 }
 #endif
 
-// Follows torch's own choice (so ATEN_CPU_CAPABILITY=avx2/default also selects the narrower code here).
+// Follows torch's own choice (cpu/isa.h).
 template <typename scalar_t>
 ItemsFn select_items_fn() {
 #if defined(__x86_64__)
-  static const std::string capability = at::get_cpu_capability();
-  const bool avx512 = capability == "AVX512" && __builtin_cpu_supports("avx512f") &&
-                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
-#if FASTVLM_VA_AMX
+  const bool avx512 = cpu_isa::has_avx512();
+#if FASTVLM_AMX
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
-    if (avx512 && amx_bf16_usable()) return run_items_amx_bf16;
+    if (avx512 && amx::bf16_usable()) return run_items_amx_bf16;
 #endif
   if (avx512) return run_items_avx512<scalar_t>;
-  if ((capability == "AVX512" || capability == "AVX2") && __builtin_cpu_supports("avx2") &&
-      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-    return run_items_avx2<scalar_t>;
+  if (cpu_isa::has_avx2()) return run_items_avx2<scalar_t>;
 #endif
   return run_items_baseline<scalar_t>;
 }
@@ -1132,8 +1092,8 @@ void launch(const Problem& p) {
 }  // namespace
 
 void verify_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                          const at::Tensor& prefix_lens, const std::optional<at::Tensor>& tree_mask,
-                          double sm_scale, at::Tensor& out, const std::optional<at::Tensor>& lse) {
+                          const at::Tensor& prefix_lens, const std::optional<at::Tensor>& tree_mask, double sm_scale,
+                          at::Tensor& out, const std::optional<at::Tensor>& lse) {
   Problem p{};
   p.batch = q.size(0);
   p.num_q_heads = q.size(1);
@@ -1172,8 +1132,7 @@ void verify_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const 
   const int64_t base_items = p.num_blocks * p.batch * p.num_kv_heads;
   p.num_splits = 1;
   if (base_items % threads != 0 && base_items < 4 * threads)
-    p.num_splits =
-        std::max<int64_t>(1, std::min((4 * threads + base_items - 1) / base_items, longest / kMinSplitKeys));
+    p.num_splits = std::max<int64_t>(1, std::min((4 * threads + base_items - 1) / base_items, longest / kMinSplitKeys));
   p.split_keys = (longest + p.num_splits - 1) / p.num_splits;
   p.split_keys = (p.split_keys + kKeyTile - 1) / kKeyTile * kKeyTile;
 
@@ -1186,84 +1145,12 @@ void verify_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const 
     p.partial_sum = p.partial_max + items * rows;
   }
 
+  // clang-format off
   AT_DISPATCH_SWITCH(q.scalar_type(), "verify_attention_cpu",
       AT_DISPATCH_CASE(at::kFloat, [&] { launch<scalar_t>(p); })
       AT_DISPATCH_CASE(at::kHalf, [&] { launch<scalar_t>(p); })
       AT_DISPATCH_CASE(at::kBFloat16, [&] { launch<scalar_t>(p); }));
-}
-
-
-// ---- verify_attention_checked: the public call on CPU tensors, in one C++ call -------------------------
-// The Python wrapper's checks cost ~30-50 us a call right after a kernel has streamed a cache through the
-// CPU's caches (every attribute read and allocation from Python misses), more than the kernel takes at a
-// few thousand positions on two cores. This entry checks what fastvlm_kernels/ops/verify_attention checks
-// (shapes, dtypes, devices, layouts, and with `validate` the values of prefix_lens and tree_mask), allocates
-// the output and runs the kernel. It refuses (NotImplementedError, before the output is allocated) whatever
-// it does not take, and the Python wrapper then runs its own checks, which name the bad argument.
-namespace {
-
-[[noreturn]] void refuse(const char* why) {
-  TORCH_CHECK_NOT_IMPLEMENTED(false, "verify_attention_checked: ", why, " (the Python checks take over)");
-}
-
-bool supported_head_dim(int64_t head_dim) {  // fastvlm_kernels/ops/verify_attention/spec.py HEAD_DIMS
-  return head_dim == 64 || head_dim == 80 || head_dim == 96 || head_dim == 128 || head_dim == 256;
-}
-
-constexpr int64_t kMaxTreeTokens = 64;  // spec.py MAX_TREE_TOKENS: one int64 bitmask per query
-
-}  // namespace
-
-at::Tensor verify_attention_checked_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                        const at::Tensor& prefix_lens, const std::optional<at::Tensor>& tree_mask,
-                                        std::optional<double> sm_scale, bool validate) {
-  const auto dtype = q.scalar_type();
-  if (q.dim() != 4 || k_cache.dim() != 4 || v_cache.dim() != 4) refuse("rank");
-  if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) refuse("dtype");
-  if (k_cache.scalar_type() != dtype || v_cache.scalar_type() != dtype) refuse("cache dtype");
-  if (!q.is_cpu() || !k_cache.is_cpu() || !v_cache.is_cpu() || !prefix_lens.is_cpu()) refuse("device");
-  const int64_t batch = q.size(0), num_q_heads = q.size(1), num_new = q.size(2), head_dim = q.size(3);
-  const int64_t num_kv_heads = k_cache.size(1), cache_len = k_cache.size(2);
-  if (k_cache.sizes() != v_cache.sizes() || k_cache.size(0) != batch || k_cache.size(3) != head_dim) refuse("shape");
-  if (!supported_head_dim(head_dim) || num_kv_heads == 0 || num_q_heads % num_kv_heads != 0) refuse("heads");
-  if (num_new == 0 || num_new > cache_len || batch == 0) refuse("length");
-  if (q.stride(3) != 1 || k_cache.stride(3) != 1 || v_cache.stride(3) != 1) refuse("layout");
-  const auto length_dtype = prefix_lens.scalar_type();
-  if ((length_dtype != at::kInt && length_dtype != at::kLong) || prefix_lens.dim() != 1 ||
-      prefix_lens.size(0) != batch)
-    refuse("prefix_lens");
-  at::Tensor mask;
-  if (tree_mask.has_value()) {
-    mask = tree_mask->contiguous();
-    if (mask.scalar_type() != at::kLong || mask.dim() != 2 || mask.size(0) != batch || mask.size(1) != num_new ||
-        !mask.is_cpu() || num_new > kMaxTreeTokens)
-      refuse("tree_mask");
-  }
-  if (validate) {  // on the values as given: int64 lengths are narrowed to int32 below
-    const at::Tensor given = prefix_lens.contiguous();
-    for (int64_t b = 0; b < batch; ++b) {
-      const int64_t value = length_dtype == at::kLong ? given.const_data_ptr<int64_t>()[b]
-                                                      : given.const_data_ptr<int32_t>()[b];
-      if (value < 0 || value > cache_len - num_new) refuse("prefix_lens value");
-    }
-    if (mask.defined()) {
-      const int64_t* rows = mask.const_data_ptr<int64_t>();
-      for (int64_t b = 0; b < batch; ++b)
-        for (int64_t j = 0; j < num_new; ++j) {
-          const uint64_t bits = static_cast<uint64_t>(rows[b * num_new + j]);
-          const uint64_t later = j == 63 ? 0 : ~uint64_t{0} << (j + 1);
-          if (!((bits >> j) & 1) || (bits & later)) refuse("tree_mask value");
-        }
-    }
-  }
-  const at::Tensor lengths = prefix_lens.to(at::kInt).contiguous();
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  const std::optional<at::Tensor> no_lse;
-  verify_attention_cpu(q, k_cache, v_cache, lengths,
-                       mask.defined() ? std::optional<at::Tensor>(mask) : std::optional<at::Tensor>(),
-                       sm_scale.has_value() ? *sm_scale : 1.0 / std::sqrt(static_cast<double>(head_dim)), out,
-                       no_lse);
-  return out;
+  // clang-format on
 }
 
 }  // namespace fastvlm

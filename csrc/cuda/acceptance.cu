@@ -16,15 +16,15 @@ namespace {
 
 namespace ac = acceptance;
 
-ac::TreeParams tree_params(const at::Tensor& draft_tokens, const std::optional<at::Tensor>& parents,
-                           int64_t num_nodes, at::Tensor& accept_len, const std::optional<at::Tensor>& path,
-                           at::Tensor& emitted, const char* op) {
+ac::TreeParams tree_params(const at::Tensor& draft_tokens, const std::optional<at::Tensor>& parents, int64_t num_nodes,
+                           at::Tensor& accept_len, const std::optional<at::Tensor>& path, at::Tensor& emitted,
+                           const char* op) {
   const int64_t batch = draft_tokens.size(0);
   TORCH_CHECK(draft_tokens.is_cuda() && draft_tokens.dim() == 2 && draft_tokens.scalar_type() == at::kLong &&
                   draft_tokens.is_contiguous(),
               op, ": draft_tokens must be [B, cols] int64 contiguous on a CUDA device");
-  TORCH_CHECK(num_nodes >= 1 && (draft_tokens.size(1) == num_nodes || draft_tokens.size(1) == num_nodes - 1),
-              op, ": draft_tokens must have N (tree) or N - 1 (chain) columns");
+  TORCH_CHECK(num_nodes >= 1 && (draft_tokens.size(1) == num_nodes || draft_tokens.size(1) == num_nodes - 1), op,
+              ": draft_tokens must have N (tree) or N - 1 (chain) columns");
   TORCH_CHECK(parents.has_value() == (draft_tokens.size(1) == num_nodes), op,
               ": a tree (draft_tokens with N columns) needs parents, a chain (N - 1 columns) none");
   if (parents.has_value()) {
@@ -59,8 +59,8 @@ ac::TreeParams tree_params(const at::Tensor& draft_tokens, const std::optional<a
 }  // namespace
 
 void accept_greedy_cuda(const at::Tensor& draft_tokens, const std::optional<at::Tensor>& parents,
-                        const at::Tensor& target_tokens, at::Tensor& accept_len,
-                        const std::optional<at::Tensor>& path, at::Tensor& emitted) {
+                        const at::Tensor& target_tokens, at::Tensor& accept_len, const std::optional<at::Tensor>& path,
+                        at::Tensor& emitted) {
   const int64_t batch = draft_tokens.size(0), num_nodes = target_tokens.size(1);
   TORCH_CHECK(target_tokens.scalar_type() == at::kLong && target_tokens.is_contiguous() &&
                   target_tokens.size(0) == batch && target_tokens.device() == draft_tokens.device(),

@@ -9,10 +9,10 @@
 
 #include <cstdint>
 
-#include <cub/block/block_reduce.cuh>
-#include <cub/block/block_scan.cuh>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
 
 namespace fastvlm::acceptance {
 
@@ -26,10 +26,10 @@ struct TreeParams {
 };
 
 struct SamplingParams {
-  const void* draft_probs;      // [B, N - 1, V]
-  const void* target_probs;     // [B, N, V]
-  const float* uniforms;        // [B, N]
-  double* residual;             // [B, V] workspace
+  const void* draft_probs;   // [B, N - 1, V]
+  const void* target_probs;  // [B, N, V]
+  const float* uniforms;     // [B, N]
+  double* residual;          // [B, V] workspace
   int64_t vocab;
 };
 
@@ -89,8 +89,7 @@ __device__ __forceinline__ double load(const T* row, int64_t index) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kSamplingThreads)
-accept_sampling_kernel(TreeParams tree, SamplingParams params) {
+__global__ void __launch_bounds__(kSamplingThreads) accept_sampling_kernel(TreeParams tree, SamplingParams params) {
   using Reduce = cub::BlockReduce<double, kSamplingThreads>;
   using Scan = cub::BlockScan<double, kSamplingThreads>;
   using ReduceIndex = cub::BlockReduce<int64_t, kSamplingThreads>;

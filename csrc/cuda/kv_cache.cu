@@ -1,6 +1,6 @@
-// Launchers of kv_append's and kv_compact's CUDA kernels (kv_cache.cuh): picks the widest vector (16, 8, 4, 2 or 1 bytes)
-// that divides the row, every stride and the base address, and launches one block per slice of the buffer
-// on the current stream. No host synchronisation.
+// Launchers of kv_append's and kv_compact's CUDA kernels (kv_cache.cuh): picks the widest vector (16, 8, 4, 2 or 1
+// bytes) that divides the row, every stride and the base address, and launches one block per slice of the buffer on the
+// current stream. No host synchronisation.
 #include <cstdint>
 
 #include <ATen/core/Tensor.h>

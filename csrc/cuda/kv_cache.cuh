@@ -7,12 +7,12 @@ namespace fastvlm {
 namespace kv_cache {
 
 struct CompactParams {
-  char* buffer;            // [num_layers, 2, B, Hkv, L_max, D], strides in bytes below
+  char* buffer;  // [num_layers, 2, B, Hkv, L_max, D], strides in bytes below
   int64_t stride_layer, stride_kv, stride_b, stride_h, stride_pos;
-  const int32_t* start;    // [B]
-  const int32_t* accepted; // [B, A], -1 padded
+  const int32_t* start;     // [B]
+  const int32_t* accepted;  // [B, A], -1 padded
   int64_t batch, num_kv_heads, cache_len, num_accepted;
-  int64_t vectors_per_row; // row bytes / sizeof(Vec)
+  int64_t vectors_per_row;  // row bytes / sizeof(Vec)
 };
 
 constexpr int kThreads = 128;
@@ -23,7 +23,8 @@ constexpr int kVectorsPerThread = 4;  // registers holding one chunk before the 
 // loads its items of the chunk into registers, __syncthreads, then stores them. Sources of later chunks
 // lie at or after this chunk's destinations (accepted[j] >= j), and the barrier orders the chunk's loads
 // before its stores, so a destination that is another node's source is safe. Rows that stay put
-// (accepted[j] == j) and padding are skipped; the loop ends at a chunk that starts on padding. Memory bound: read once, write once.
+// (accepted[j] == j) and padding are skipped; the loop ends at a chunk that starts on padding. Memory bound: read once,
+// write once.
 template <typename Vec>
 __global__ void __launch_bounds__(kThreads) kv_compact_kernel(CompactParams params) {
   const int64_t slice = blockIdx.x;
@@ -67,11 +68,11 @@ __global__ void __launch_bounds__(kThreads) kv_compact_kernel(CompactParams para
 }
 
 struct AppendParams {
-  char* cache[2];          // k_cache, v_cache [B, Hkv, L_max, D]
-  const char* source[2];   // keys, values [B, Hkv, T, D]
+  char* cache[2];               // k_cache, v_cache [B, Hkv, L_max, D]
+  const char* source[2];        // keys, values [B, Hkv, T, D]
   int64_t cache_stride[2][3];   // bytes: row, head, position
   int64_t source_stride[2][3];  // bytes: row, head, token
-  const int32_t* lengths;  // [B]
+  const int32_t* lengths;       // [B]
   int64_t num_kv_heads, cache_len, num_new;
   int64_t vectors_per_row;
 };
@@ -85,8 +86,8 @@ __global__ void __launch_bounds__(kThreads) kv_append_kernel(AppendParams params
   const int64_t row = blockIdx.x / params.num_kv_heads, head = blockIdx.x % params.num_kv_heads;
   const int64_t start = params.lengths[row];
   char* target = params.cache[which] + row * params.cache_stride[which][0] + head * params.cache_stride[which][1];
-  const char* from = params.source[which] + row * params.source_stride[which][0] +
-                     head * params.source_stride[which][1];
+  const char* from =
+      params.source[which] + row * params.source_stride[which][0] + head * params.source_stride[which][1];
   const int64_t total = params.num_new * params.vectors_per_row;
   for (int64_t item = threadIdx.x; item < total; item += kThreads) {
     const int64_t t = item / params.vectors_per_row;

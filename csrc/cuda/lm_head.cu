@@ -28,23 +28,22 @@ template <typename T>
 void launch(const at::Tensor& hidden, const at::Tensor& norm_weight, lm_head::Params base, double eps,
             double norm_offset, T* normed, int64_t num_rows, cudaStream_t stream) {
   lm_head::rms_norm_kernel<T><<<static_cast<unsigned int>(num_rows), 256, 0, stream>>>(
-      static_cast<const T*>(hidden.data_ptr()), hidden.stride(0), static_cast<const T*>(norm_weight.data_ptr()),
-      normed, static_cast<int>(hidden.size(1)), static_cast<float>(eps), static_cast<float>(norm_offset));
+      static_cast<const T*>(hidden.data_ptr()), hidden.stride(0), static_cast<const T*>(norm_weight.data_ptr()), normed,
+      static_cast<int>(hidden.size(1)), static_cast<float>(eps), static_cast<float>(norm_offset));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   constexpr bool kTensorCores = !std::is_same_v<T, float>;
   if constexpr (kTensorCores) {
     // 16-byte copies need 16-byte aligned rows: the normed buffer is fresh (H % 8 == 0 suffices), the head
     // may be a view.
-    base.vector_loads = base.hidden % 8 == 0 && base.stride_w % 8 == 0 &&
-                        reinterpret_cast<uintptr_t>(base.weight) % 16 == 0;
+    base.vector_loads =
+        base.hidden % 8 == 0 && base.stride_w % 8 == 0 && reinterpret_cast<uintptr_t>(base.weight) % 16 == 0;
     // Once per device: opt in to more than 48 KB of shared memory, and ask for the largest carve-out so
     // that two CTAs fit on an SM.
     static std::once_flag prepared[kMaxDevices];
     const int device = hidden.get_device();
     TORCH_CHECK(device >= 0 && device < kMaxDevices, "lm_head (cuda): device index ", device, " out of range");
     std::call_once(prepared[device], [] {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(lm_head::lm_head_mma_kernel<T>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+      C10_CUDA_CHECK(cudaFuncSetAttribute(lm_head::lm_head_mma_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           lm_head::mma_shared_bytes(lm_head::kMaxRows)));
       C10_CUDA_CHECK(cudaFuncSetAttribute(lm_head::lm_head_mma_kernel<T>,
                                           cudaFuncAttributePreferredSharedMemoryCarveout,
@@ -109,7 +108,7 @@ void lm_head_cuda(FASTVLM_LM_HEAD_ARGS) {
   const bool sample = mode == 1;
   const auto f32 = hidden.options().dtype(at::kFloat);
   const auto i64 = hidden.options().dtype(at::kLong);
-  at::Tensor normed = at::empty({num_rows, hidden_size}, hidden.options());   // rounded to T, as the model does
+  at::Tensor normed = at::empty({num_rows, hidden_size}, hidden.options());  // rounded to T, as the model does
   at::Tensor tile_max = at::empty({num_rows, num_tiles}, f32), tile_sum = at::empty({num_rows, num_tiles}, f32);
   at::Tensor tile_arg = at::empty({num_rows, num_tiles}, i64);
   at::Tensor tile_best = sample ? at::empty({num_rows, num_tiles}, f32) : tile_max;
@@ -147,9 +146,12 @@ void lm_head_cuda(FASTVLM_LM_HEAD_ARGS) {
   p.temperature = static_cast<float>(temperature);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   switch (hidden.scalar_type()) {
-    case at::kFloat: launch<float>(hidden, norm_weight, p, eps, norm_offset, normed.data_ptr<float>(), num_rows, stream); break;
+    case at::kFloat:
+      launch<float>(hidden, norm_weight, p, eps, norm_offset, normed.data_ptr<float>(), num_rows, stream);
+      break;
     case at::kHalf:
-      launch<__half>(hidden, norm_weight, p, eps, norm_offset, static_cast<__half*>(normed.data_ptr()), num_rows, stream);
+      launch<__half>(hidden, norm_weight, p, eps, norm_offset, static_cast<__half*>(normed.data_ptr()), num_rows,
+                     stream);
       break;
     case at::kBFloat16:
       launch<__nv_bfloat16>(hidden, norm_weight, p, eps, norm_offset, static_cast<__nv_bfloat16*>(normed.data_ptr()),

@@ -27,7 +27,7 @@
 
 namespace fastvlm::lm_head {
 
-constexpr int kMaxRows = 64;   // rows per launch (both kernels)
+constexpr int kMaxRows = 64;  // rows per launch (both kernels)
 constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
 
 // CUDA-core kernel (fp32).
@@ -38,11 +38,11 @@ constexpr int kRowChunk = 8;
 // Tensor-core kernel (fp16 / bf16).
 constexpr int kMmaWarps = 8;
 constexpr int kMmaThreads = kMmaWarps * 32;
-constexpr int kTileCols = kMmaWarps * 16;     // 128 vocabulary columns per CTA
-constexpr int kChunkK = 64;                   // H elements per pipeline stage
+constexpr int kTileCols = kMmaWarps * 16;  // 128 vocabulary columns per CTA
+constexpr int kChunkK = 64;                // H elements per pipeline stage
 constexpr int kStages = 4;
-constexpr int kOperandLd = kChunkK + 8;       // shared row pitch in elements (144 B: ldmatrix without conflicts)
-constexpr int kScoreLd = kTileCols + 4;       // fp32 score tile pitch
+constexpr int kOperandLd = kChunkK + 8;  // shared row pitch in elements (144 B: ldmatrix without conflicts)
+constexpr int kScoreLd = kTileCols + 4;  // fp32 score tile pitch
 constexpr int kWeightStageBytes = kTileCols * kOperandLd * 2;
 
 // Shared memory of the tensor-core kernel for rows padded to `padded_rows` (a multiple of 16).
@@ -53,8 +53,8 @@ constexpr int mma_shared_bytes(int padded_rows) {
 }
 
 struct Params {
-  const void* normed;         // [rows, H] T (rounded through T), this chunk's rows
-  const void* weight;         // [V, H] T, rows at stride_w
+  const void* normed;  // [rows, H] T (rounded through T), this chunk's rows
+  const void* weight;  // [V, H] T, rows at stride_w
   int64_t stride_w;
   const int64_t* subset;      // [num_cols] token ids or null
   const int64_t* draft;       // [rows] or null
@@ -72,9 +72,10 @@ struct Params {
   int rows, hidden, num_cols;
   int64_t vocab, num_tiles;
   float logit_scale, softcap, temperature;
-  bool vector_loads;          // tensor-core kernel: weight / normed rows allow 16-byte copies
+  bool vector_loads;  // tensor-core kernel: weight / normed rows allow 16-byte copies
 };
 
+// clang-format off
 template <typename T> __device__ __forceinline__ float to_float(T v);
 template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
 template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
@@ -83,6 +84,7 @@ template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+// clang-format on
 
 __device__ __forceinline__ uint64_t splitmix64(uint64_t x) {
   x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -123,8 +125,8 @@ struct RowState {
 };
 
 __device__ __forceinline__ RowState initial_state(uint64_t stream, int64_t global_row) {
-  return RowState{-INFINITY, 0.0f, -INFINITY, -INFINITY, -INFINITY, -1, -1,
-                  splitmix64(stream + static_cast<uint64_t>(global_row + 1) * kGolden)};
+  return RowState{-INFINITY, 0.0f, -INFINITY, -INFINITY,
+                  -INFINITY, -1,   -1,        splitmix64(stream + static_cast<uint64_t>(global_row + 1) * kGolden)};
 }
 
 // The raw dot product of a row and a column to its score: logit_scale, soft-cap, temperature.
@@ -196,7 +198,7 @@ __device__ __forceinline__ void merge_state(RowState& st, const RowState& other)
     st.best_arg = other.best_arg;
     st.best_score = other.best_score;
   }
-  st.draft = fmaxf(st.draft, other.draft);   // at most one column of the vocabulary is the draft token
+  st.draft = fmaxf(st.draft, other.draft);  // at most one column of the vocabulary is the draft token
 }
 
 __device__ __forceinline__ void warp_merge(const Params& p, RowState& st) {
@@ -219,33 +221,16 @@ __device__ __forceinline__ void warp_merge(const Params& p, RowState& st) {
 }
 
 // ---- tensor-core kernel (fp16 / bf16) ------------------------------------------------------------------
-// 16 bytes global -> shared, bypassing L1; !valid: zero-filled, nothing read. The _evict_first form marks
-// the lines first to go from L2 (the head is streamed once; the normed rows stay for the other CTAs).
-__device__ __forceinline__ void cp_async_16(void* shared, const void* global, bool valid) {
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_16_evict_first(void* shared, const void* global, bool valid,
-                                                        uint64_t policy) {
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(address), "l"(global),
-               "r"(valid ? 16 : 0), "l"(policy)
-               : "memory");
-}
+// Weight slices are copied with an evict-first L2 policy (the head is streamed once; the normed rows stay for
+// the other CTAs).
+using ptx::cp_async_16;
+using ptx::cp_async_16_evict_first;
 using ptx::cp_async_commit;
 using ptx::cp_async_wait;
+using ptx::l2_evict_first_policy;
+using ptx::ldmatrix_x4;
 using ptx::mma_m16n8k16;
-
-// Four 8x8 b16 matrices from shared memory (row addresses from the lanes, see the kernel) into the
-// fragment registers of mma.m16n8k16.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* shared_row) {
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared_row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address)
-               : "memory");
-}
+using ptx::shared_address;
 
 // 8 elements at `src` (those at index >= limit, or all when !valid, read as zero) into 16 bytes of shared
 // memory with plain loads: the path for rows that are not 16-byte aligned (odd H, offset views).
@@ -285,22 +270,22 @@ __global__ void __launch_bounds__(kMmaThreads, 2) lm_head_mma_kernel(Params p) {
     const int64_t token = !w_ok[j] ? 0 : p.subset != nullptr ? p.subset[col] : col;
     w_src[j] = weight + token * p.stride_w + seg * 8;
   }
-  uint64_t evict_first;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(evict_first));
+  const uint64_t evict_first = l2_evict_first_policy();
 
   const auto load_stage = [&](int chunk) {
     unsigned char* stage = shared_raw + (chunk % kStages) * stage_bytes;
     T* w_dst = reinterpret_cast<T*>(stage);
     T* a_dst = reinterpret_cast<T*>(stage + kWeightStageBytes);
     const int k = chunk * kChunkK + seg * 8;
-    const int limit = p.hidden - k;   // elements of this segment inside H
+    const int limit = p.hidden - k;  // elements of this segment inside H
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       T* dst = w_dst + (tid / 8 + 32 * j) * kOperandLd + seg * 8;
       if (p.vector_loads)
-        cp_async_16_evict_first(dst, limit > 0 ? w_src[j] + chunk * kChunkK : weight, w_ok[j] && limit > 0,
-                                evict_first);
-      else copy_8_scalar(dst, w_src[j] + chunk * kChunkK, w_ok[j], limit);
+        cp_async_16_evict_first(shared_address(dst), limit > 0 ? w_src[j] + chunk * kChunkK : weight,
+                                w_ok[j] && limit > 0, evict_first);
+      else
+        copy_8_scalar(dst, w_src[j] + chunk * kChunkK, w_ok[j], limit);
     }
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
@@ -309,13 +294,15 @@ __global__ void __launch_bounds__(kMmaThreads, 2) lm_head_mma_kernel(Params p) {
         T* dst = a_dst + r * kOperandLd + seg * 8;
         const bool ok = r < p.rows;
         const T* src = normed + static_cast<int64_t>(ok ? r : 0) * p.hidden + k;
-        if (p.vector_loads) cp_async_16(dst, ok && limit > 0 ? src : normed, ok && limit > 0);
-        else copy_8_scalar(dst, src, ok, limit);
+        if (p.vector_loads)
+          cp_async_16(shared_address(dst), ok && limit > 0 ? src : normed, ok && limit > 0);
+        else
+          copy_8_scalar(dst, src, ok, limit);
       }
     }
   };
 
-  float acc[kMaxRows / 16][2][4];   // [16-row tile][8-column half of the warp's 16][mma C fragment]
+  float acc[kMaxRows / 16][2][4];  // [16-row tile][8-column half of the warp's 16][mma C fragment]
 #pragma unroll
   for (int mt = 0; mt < kMaxRows / 16; ++mt)
 #pragma unroll
@@ -352,12 +339,12 @@ __global__ void __launch_bounds__(kMmaThreads, 2) lm_head_mma_kernel(Params p) {
 #pragma unroll
     for (int kk = 0; kk < kChunkK; kk += 16) {
       uint32_t b[4];
-      ldmatrix_x4(b, w_tile + b_offset + kk);
+      ldmatrix_x4(b, shared_address(w_tile + b_offset + kk));
 #pragma unroll
       for (int mt = 0; mt < kMaxRows / 16; ++mt) {
         if (mt < m_tiles) {
           uint32_t a[4];
-          ldmatrix_x4(a, a_tile + mt * 16 * kOperandLd + a_offset + kk);
+          ldmatrix_x4(a, shared_address(a_tile + mt * 16 * kOperandLd + a_offset + kk));
           mma_m16n8k16<T>(acc[mt][0], a, b[0], b[1]);
           mma_m16n8k16<T>(acc[mt][1], a, b[2], b[3]);
         }
@@ -365,7 +352,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2) lm_head_mma_kernel(Params p) {
     }
   }
   cp_async_wait<0>();
-  __syncthreads();   // every warp is done with the ring: the score tile reuses its memory
+  __syncthreads();  // every warp is done with the ring: the score tile reuses its memory
 
   // C fragment: lane l holds (row l / 4, columns 2 (l % 4) + {0, 1}) in [0], [1] and row + 8 in [2], [3].
   float* scores = reinterpret_cast<float*>(shared_raw);
@@ -402,7 +389,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2) lm_head_mma_kernel(Params p) {
     if (lane == 0) store_partials(p, st, row, tile);
   }
 #else
-  __trap();   // the launcher sends sm < 80 nowhere near this kernel
+  __trap();  // the launcher sends sm < 80 nowhere near this kernel
 #endif
 }
 
@@ -469,8 +456,10 @@ __global__ void __launch_bounds__(kWarps * 32) lm_head_tile_kernel(Params p) {
         const int row = m0 + r;
         if (row < p.rows && (row & 31) == lane) {
           const float s = score_of(p, acc[r]);
-          if (row < 32) update(p, st[0], draft_of(p, row), probs_row_of(p, row), col, token, s);
-          else update(p, st[1], draft_of(p, row), probs_row_of(p, row), col, token, s);
+          if (row < 32)
+            update(p, st[0], draft_of(p, row), probs_row_of(p, row), col, token, s);
+          else
+            update(p, st[1], draft_of(p, row), probs_row_of(p, row), col, token, s);
         }
       }
     }

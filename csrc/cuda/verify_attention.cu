@@ -82,8 +82,8 @@ void launch_attention(va::Params params, const at::Tensor& q, cudaStream_t strea
     TORCH_CHECK(shared_bytes <= properties->sharedMemPerBlockOptin, "verify_attention (cuda): the kernel for head dim ",
                 params.head_dim, " needs ", shared_bytes, " bytes of shared memory per block; ", properties->name,
                 " allows ", properties->sharedMemPerBlockOptin);
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(shared_bytes)));
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
     // Shared memory over L1 (K/V bypass L1 anyway), so that 2 or 3 CTAs of 64-99 KB fit on an SM.
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                         static_cast<int>(cudaSharedmemCarveoutMaxShared)));
@@ -116,7 +116,8 @@ void launch_attention(va::Params params, const at::Tensor& q, cudaStream_t strea
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (params.num_splits > 1) {
     const int64_t merge_ctas = (total_rows + va::kMergeRowsPerBlock - 1) / va::kMergeRowsPerBlock;
-    va::verify_attention_merge_kernel<T><<<static_cast<unsigned int>(merge_ctas), va::kMergeThreads, 0, stream>>>(params);
+    va::verify_attention_merge_kernel<T>
+        <<<static_cast<unsigned int>(merge_ctas), va::kMergeThreads, 0, stream>>>(params);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -129,8 +130,10 @@ void launch_for_dtype(const va::Params& params, int head_dim_padded, bool tensor
     if constexpr (std::is_same_v<T, float>) {  // fp32 runs on CUDA cores (plain FMA, no tf32)
       launch_attention<T, kHeadDimPadded, false>(params, q, stream);
     } else {
-      if (tensor_cores) launch_attention<T, kHeadDimPadded, true>(params, q, stream);
-      else launch_attention<T, kHeadDimPadded, false>(params, q, stream);
+      if (tensor_cores)
+        launch_attention<T, kHeadDimPadded, true>(params, q, stream);
+      else
+        launch_attention<T, kHeadDimPadded, false>(params, q, stream);
     }
   };
   switch (head_dim_padded) {
@@ -152,15 +155,14 @@ bool tensor_cores_disabled_by_env() {
 bool is_16_byte_aligned(const at::Tensor& tensor, std::initializer_list<int64_t> strides) {
   const int64_t element_size = tensor.element_size();
   if (reinterpret_cast<uintptr_t>(tensor.data_ptr()) % 16 != 0) return false;
-  return std::all_of(strides.begin(), strides.end(),
-                     [&](int64_t stride) { return (stride * element_size) % 16 == 0; });
+  return std::all_of(strides.begin(), strides.end(), [&](int64_t stride) { return (stride * element_size) % 16 == 0; });
 }
 
 }  // namespace
 
 void verify_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                           const at::Tensor& prefix_lens, const std::optional<at::Tensor>& tree_mask,
-                           double sm_scale, at::Tensor& out, const std::optional<at::Tensor>& lse) {
+                           const at::Tensor& prefix_lens, const std::optional<at::Tensor>& tree_mask, double sm_scale,
+                           at::Tensor& out, const std::optional<at::Tensor>& lse) {
   // The Python wrapper validates everything; these are the checks without which a kernel could read or
   // write out of bounds.
   TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4 && out.dim() == 4,

@@ -30,15 +30,15 @@ namespace fastvlm::verify_attention {
 
 // ---- parameters ------------------------------------------------------------------------------------
 struct Params {
-  const void* q;            // [B, Hq, T, D]
-  const void* k_cache;      // [B, Hkv, L_max, D]
-  const void* v_cache;      // [B, Hkv, L_max, D]
-  void* out;                // [B, Hq, T, D], q's dtype
-  float* lse;               // [B, Hq, T] contiguous, natural log; nullptr when not requested
-  const int32_t* prefix_lens;   // [B]
-  const int64_t* tree_mask;     // [B, T] contiguous; nullptr for a causal chain
-  float* partial_out;       // [num_splits, B, Hq, T, D] fp32, normalised per split; used when num_splits > 1
-  float* partial_lse;       // [num_splits, B, Hq, T] fp32, log2 domain; used when num_splits > 1
+  const void* q;               // [B, Hq, T, D]
+  const void* k_cache;         // [B, Hkv, L_max, D]
+  const void* v_cache;         // [B, Hkv, L_max, D]
+  void* out;                   // [B, Hq, T, D], q's dtype
+  float* lse;                  // [B, Hq, T] contiguous, natural log; nullptr when not requested
+  const int32_t* prefix_lens;  // [B]
+  const int64_t* tree_mask;    // [B, T] contiguous; nullptr for a causal chain
+  float* partial_out;          // [num_splits, B, Hq, T, D] fp32, normalised per split; used when num_splits > 1
+  float* partial_lse;          // [num_splits, B, Hq, T] fp32, log2 domain; used when num_splits > 1
 
   int64_t q_stride_b, q_stride_h, q_stride_t;
   int64_t k_stride_b, k_stride_h, k_stride_l;
@@ -46,14 +46,15 @@ struct Params {
   int64_t out_stride_b, out_stride_h, out_stride_t;
 
   int batch, num_q_heads, num_kv_heads, group;  // group = Hq / Hkv
-  int num_new;        // T
-  int cache_len;      // L_max
-  int head_dim;       // D, a multiple of 16, <= the instance's padded head dim
-  int block_m;        // query rows per CTA: kCudaCoreBlockM, or 16 * warps_m on tensor cores
-  int warps_m;        // tensor cores: row groups of 16 among the 4 warps (1, 2 or 4); the rest split keys
+
+  int num_new;    // T
+  int cache_len;  // L_max
+  int head_dim;   // D, a multiple of 16, <= the instance's padded head dim
+  int block_m;    // query rows per CTA: kCudaCoreBlockM, or 16 * warps_m on tensor cores
+  int warps_m;    // tensor cores: row groups of 16 among the 4 warps (1, 2 or 4); the rest split keys
   int num_query_blocks;
   int num_splits;
-  float scale_log2;   // sm_scale * log2(e)
+  float scale_log2;      // sm_scale * log2(e)
   bool q_vector_loads;   // q's pointer and strides allow 16-byte loads
   bool kv_vector_loads;  // k_cache's and v_cache's pointers and strides allow 16-byte loads
   bool vector_loads;     // both
@@ -65,13 +66,16 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 // Keys per tile: 64, or 32 for D = 256 so that the tiles fit in an A100's shared memory.
 template <int kHeadDimPadded>
-constexpr int block_n() { return kHeadDimPadded > 128 ? 32 : 64; }
+constexpr int block_n() {
+  return kHeadDimPadded > 128 ? 32 : 64;
+}
 
 // ---- element conversions ---------------------------------------------------------------------------
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
+// clang-format off
 template <typename T> __device__ __forceinline__ T from_float(float x);
 template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
@@ -83,6 +87,7 @@ template <int kBytes> struct RawVector;
 template <> struct RawVector<4> { using type = uint32_t; };
 template <> struct RawVector<8> { using type = uint2; };
 template <> struct RawVector<16> { using type = uint4; };
+// clang-format on
 
 // Reads N elements of T (N * sizeof(T) in {4, 8, 16, 32} bytes, `src` aligned to that size up to 16)
 // from shared memory with vector loads and widens them to fp32.
@@ -183,8 +188,8 @@ __device__ __forceinline__ bool is_visible(const RowInfo& row, int pos, const Bl
 // Copies rows [0, num_valid) of a [rows, head_dim] global matrix (row stride in elements) into a
 // [kRows, kHeadDimPadded] shared tile with row stride smem_stride, zero-filling padding rows and dims.
 template <typename T, int kRows, int kHeadDimPadded, int kThreads>
-__device__ __forceinline__ void load_tile(T* smem, int smem_stride, const T* gmem, int64_t gmem_stride,
-                                          int num_valid, int head_dim, bool vector_loads) {
+__device__ __forceinline__ void load_tile(T* smem, int smem_stride, const T* gmem, int64_t gmem_stride, int num_valid,
+                                          int head_dim, bool vector_loads) {
   constexpr int kVec = 16 / sizeof(T);
   constexpr int kChunksPerRow = kHeadDimPadded / kVec;
   constexpr int kChunks = kRows * kChunksPerRow;
@@ -213,8 +218,8 @@ __device__ __forceinline__ void load_tile(T* smem, int smem_stride, const T* gme
 // The block's query rows: row r is token t = (row_begin + r) / G of query head kv_head * G + g.
 // StoreT = float stores q * scale (the CUDA-core path); StoreT = T stores q unchanged (wmma operands).
 template <typename T, typename StoreT, int kHeadDimPadded, int kThreads>
-__device__ __forceinline__ void load_query_tile(StoreT* smem, int smem_stride, const Params& p,
-                                                const BlockWork& w, float scale) {
+__device__ __forceinline__ void load_query_tile(StoreT* smem, int smem_stride, const Params& p, const BlockWork& w,
+                                                float scale) {
   constexpr int kVec = 16 / sizeof(T);
   constexpr int kChunksPerRow = kHeadDimPadded / kVec;
   const T* q = static_cast<const T*>(p.q) + w.b * p.q_stride_b;
@@ -256,8 +261,8 @@ __device__ __forceinline__ void load_query_tile(StoreT* smem, int smem_stride, c
 // write_lse. A row that saw nothing gets 0 and -inf. kMaxCount is a constant so that the loop unrolls
 // and a register-array accumulator keeps constant indices.
 template <typename T, int kMaxCount>
-__device__ __forceinline__ void write_row(const Params& p, const BlockWork& w, int row, int dim,
-                                          const float* acc, int count, float m, float l, bool write_lse) {
+__device__ __forceinline__ void write_row(const Params& p, const BlockWork& w, int row, int dim, const float* acc,
+                                          int count, float m, float l, bool write_lse) {
   const int flat = w.row_begin + row;
   const int token = flat / p.group;
   const int head = w.kv_head * p.group + flat % p.group;
@@ -289,14 +294,14 @@ template <typename T, int kHeadDimPadded>
 struct CudaCoreConfig {
   static constexpr int kWarps = 8;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kRowsPerWarp = kCudaCoreBlockM / kWarps;              // 8
+  static constexpr int kRowsPerWarp = kCudaCoreBlockM / kWarps;  // 8
   static constexpr int kBlockN = block_n<kHeadDimPadded>();
-  static constexpr int kKeysPerLane = kBlockN / 32;                  // 2, or 1 for D = 256
-  static constexpr int kDimsPerLane = kHeadDimPadded / 32;           // 2, 4 or 8
-  static constexpr int kVec = 16 / sizeof(T);                        // elements per 16-byte vector
-  static constexpr int kQueryStride = kHeadDimPadded;                // fp32, read as broadcasts
-  static constexpr int kKeyStride = kHeadDimPadded + kVec;           // +16 B: conflict-free row-per-lane reads
-  static constexpr int kValueStride = kHeadDimPadded;                // read row-contiguously
+  static constexpr int kKeysPerLane = kBlockN / 32;         // 2, or 1 for D = 256
+  static constexpr int kDimsPerLane = kHeadDimPadded / 32;  // 2, 4 or 8
+  static constexpr int kVec = 16 / sizeof(T);               // elements per 16-byte vector
+  static constexpr int kQueryStride = kHeadDimPadded;       // fp32, read as broadcasts
+  static constexpr int kKeyStride = kHeadDimPadded + kVec;  // +16 B: conflict-free row-per-lane reads
+  static constexpr int kValueStride = kHeadDimPadded;       // read row-contiguously
   static constexpr size_t kQueryBytes = sizeof(float) * kCudaCoreBlockM * kQueryStride;
   static constexpr size_t kKeyBytes = sizeof(T) * kBlockN * kKeyStride;
   static constexpr size_t kValueBytes = sizeof(T) * kBlockN * kValueStride;
@@ -307,7 +312,7 @@ struct CudaCoreConfig {
 
 template <typename T, int kHeadDimPadded>
 __global__ void __launch_bounds__(CudaCoreConfig<T, kHeadDimPadded>::kThreads)
-verify_attention_cuda_core_kernel(const Params p) {
+    verify_attention_cuda_core_kernel(const Params p) {
   using Config = CudaCoreConfig<T, kHeadDimPadded>;
   constexpr int kBlockN = Config::kBlockN;
   constexpr int kRows = Config::kRowsPerWarp;
@@ -319,8 +324,8 @@ verify_attention_cuda_core_kernel(const Params p) {
   float* query_tile = reinterpret_cast<float*>(shared_raw);
   T* key_tile = reinterpret_cast<T*>(shared_raw + Config::kQueryBytes);
   T* value_tile = reinterpret_cast<T*>(shared_raw + Config::kQueryBytes + Config::kKeyBytes);
-  float* prob_tile = reinterpret_cast<float*>(shared_raw + Config::kQueryBytes + Config::kKeyBytes +
-                                              Config::kValueBytes);
+  float* prob_tile =
+      reinterpret_cast<float*>(shared_raw + Config::kQueryBytes + Config::kKeyBytes + Config::kValueBytes);
   RowInfo* row_info = reinterpret_cast<RowInfo*>(shared_raw + Config::kQueryBytes + Config::kKeyBytes +
                                                  Config::kValueBytes + Config::kProbBytes);
 
@@ -331,8 +336,7 @@ verify_attention_cuda_core_kernel(const Params p) {
   const bool warp_active = warp_row < w.num_rows;
   const bool has_tree = p.tree_mask != nullptr;
 
-  load_query_tile<T, float, kHeadDimPadded, Config::kThreads>(query_tile, Config::kQueryStride, p, w,
-                                                              p.scale_log2);
+  load_query_tile<T, float, kHeadDimPadded, Config::kThreads>(query_tile, Config::kQueryStride, p, w, p.scale_log2);
   load_row_info(p, w, row_info);
 
   float m[kRows], l[kRows], acc[kRows][kDims];  // l: this lane's keys only, summed over the warp at the end
@@ -352,9 +356,11 @@ verify_attention_cuda_core_kernel(const Params p) {
     const int tile_valid = min(kBlockN, w.kv_stop - tile_start);
     __syncthreads();  // the previous tile is consumed (and, first time, the query tile is stored)
     load_tile<T, kBlockN, kHeadDimPadded, Config::kThreads>(key_tile, Config::kKeyStride,
-        keys + tile_start * p.k_stride_l, p.k_stride_l, tile_valid, p.head_dim, p.vector_loads);
+                                                            keys + tile_start * p.k_stride_l, p.k_stride_l, tile_valid,
+                                                            p.head_dim, p.vector_loads);
     load_tile<T, kBlockN, kHeadDimPadded, Config::kThreads>(value_tile, Config::kValueStride,
-        values + tile_start * p.v_stride_l, p.v_stride_l, tile_valid, p.head_dim, p.vector_loads);
+                                                            values + tile_start * p.v_stride_l, p.v_stride_l,
+                                                            tile_valid, p.head_dim, p.vector_loads);
     __syncthreads();
     if (!warp_active) continue;
 
@@ -427,7 +433,8 @@ verify_attention_cuda_core_kernel(const Params p) {
     for (int n0 = 0; n0 < kBlockN; n0 += 4) {
       float v[4][kDims];
 #pragma unroll
-      for (int n = 0; n < 4; ++n) load_as_float<kDims>(value_tile + (n0 + n) * Config::kValueStride + lane * kDims, v[n]);
+      for (int n = 0; n < 4; ++n)
+        load_as_float<kDims>(value_tile + (n0 + n) * Config::kValueStride + lane * kDims, v[n]);
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         const float4 p4 = *reinterpret_cast<const float4*>(probs + r * kBlockN + n0);
@@ -455,41 +462,15 @@ verify_attention_cuda_core_kernel(const Params p) {
 }
 
 // ---- tensor-core path (fp16 / bf16, sm_80+) ---------------------------------------------------------
-// PTX wrappers: cp.async (16-byte global -> shared copies that bypass registers and L1), ldmatrix (8x8
-// b16 matrices from shared memory into the mma fragment layout) and mma.sync m16n8k16 with fp32
-// accumulators. Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16"), with g = lane / 4 and
-// c = lane % 4: A (16x16) reg 0 = (row g, cols 2c, 2c+1), reg 1 = (row g+8, same cols), reg 2 = (row g,
-// cols 8+2c, 8+2c+1), reg 3 = (row g+8, cols 8+2c..); B (16x8, k x n) reg 0 = (k 2c, 2c+1; n g),
-// reg 1 = (k 8+2c, 8+2c+1; n g); C/D (16x8) d0, d1 = (row g, cols 2c, 2c+1), d2, d3 = (row g+8, same).
-// So the S accumulators of two neighbouring 8-key tiles are, packed to 16 bits, the A operand of P V.
-__device__ __forceinline__ uint32_t shared_address(const void* pointer) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
-}
-
-// Copies 16 bytes; when !valid, writes 16 zero bytes and reads nothing.
-__device__ __forceinline__ void cp_async_16(uint32_t smem, const void* gmem, bool valid) {
-  const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_bytes)
-               : "memory");
-}
-
+// cp.async, ldmatrix and mma.sync m16n8k16 from ptx.cuh, which gives the fragment layouts: the S
+// accumulators of two neighbouring 8-key tiles are, packed to 16 bits, the A operand of P V.
+using ptx::cp_async_16;
 using ptx::cp_async_commit;
 using ptx::cp_async_wait;
+using ptx::ldmatrix_x4;
+using ptx::ldmatrix_x4_trans;
 using ptx::mma_m16n8k16;
-
-// Lanes 8i..8i+7 give the row addresses of matrix i; register i receives matrix i's fragment
-// (row lane / 4, cols 2 (lane % 4), +1), or with .trans (rows 2 (lane % 4), +1, col lane / 4).
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t address) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
-}
+using ptx::shared_address;
 
 // Two floats rounded to T, the first in the low half (the lower column of a fragment register).
 template <typename T>
@@ -570,8 +551,8 @@ template <typename T, int kHeadDimPadded>
 struct TensorCoreConfig {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kMaxBlockM = 64;          // query rows per CTA: 16 * warps_m, warps_m in {1, 2, 4}
-  static constexpr int kBlockN = 64;             // keys per K / V tile, split among the 4 / warps_m warps of a row group
+  static constexpr int kMaxBlockM = 64;  // query rows per CTA: 16 * warps_m, warps_m in {1, 2, 4}
+  static constexpr int kBlockN = 64;     // keys per K / V tile, split among the 4 / warps_m warps of a row group
   static constexpr int kKeyTiles = kBlockN / 8;  // 8-key mma tiles of S when one warp takes the whole tile
   static constexpr int kKSteps = kHeadDimPadded / 16;
   static constexpr int kDimTiles = kHeadDimPadded / 8;
@@ -590,7 +571,7 @@ struct TensorCoreConfig {
 
 template <typename T, int kHeadDimPadded>
 __global__ void __launch_bounds__(TensorCoreConfig<T, kHeadDimPadded>::kThreads)
-verify_attention_tensor_core_kernel(const Params p) {
+    verify_attention_tensor_core_kernel(const Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // cp.async, ldmatrix and bf16 mma need sm_80; the launcher only picks this path on sm_80+
 #else
@@ -617,8 +598,8 @@ verify_attention_tensor_core_kernel(const Params p) {
   const int warp_m = warp / warps_n;
   const int warp_n = warp % warps_n;
   const int warp_row = warp_m * 16;
-  const int slice_keys = kBlockN / warps_n;   // 64, 32 or 16
-  const int slice_tiles = slice_keys / 8;     // 8-key tiles of S
+  const int slice_keys = kBlockN / warps_n;  // 64, 32 or 16
+  const int slice_tiles = slice_keys / 8;    // 8-key tiles of S
   const int slice_begin = warp_n * slice_keys;
   const bool warp_active = warp_row < w.num_rows;
   const bool has_tree = p.tree_mask != nullptr;
@@ -636,8 +617,8 @@ verify_attention_tensor_core_kernel(const Params p) {
     T* value_dst = key_dst + kBlockN * kHeadDimPadded;
     load_tile_async<T, kBlockN, kHeadDimPadded, kThreads>(key_dst, keys + tile_start * p.k_stride_l, p.k_stride_l,
                                                           tile_valid, p.head_dim, p.kv_vector_loads);
-    load_tile_async<T, kBlockN, kHeadDimPadded, kThreads>(value_dst, values + tile_start * p.v_stride_l,
-                                                          p.v_stride_l, tile_valid, p.head_dim, p.kv_vector_loads);
+    load_tile_async<T, kBlockN, kHeadDimPadded, kThreads>(value_dst, values + tile_start * p.v_stride_l, p.v_stride_l,
+                                                          tile_valid, p.head_dim, p.kv_vector_loads);
   };
 
   // Prologue: the query tile (D = 256) joins the first group; then kStages - 1 tiles in flight.
@@ -650,8 +631,8 @@ verify_attention_tensor_core_kernel(const Params p) {
       if (col >= head_chunks) continue;
       const bool valid = row < w.num_rows;
       const int flat = w.row_begin + (valid ? row : 0);
-      const T* src = queries + (w.kv_head * p.group + flat % p.group) * p.q_stride_h +
-                     (flat / p.group) * p.q_stride_t + col * 8;
+      const T* src =
+          queries + (w.kv_head * p.group + flat % p.group) * p.q_stride_h + (flat / p.group) * p.q_stride_t + col * 8;
       T* dst = query_tile + swizzled<kHeadDimPadded>(row, col);
       if (p.q_vector_loads) {
         cp_async_16(shared_address(dst), src, valid);
@@ -876,7 +857,8 @@ verify_attention_tensor_core_kernel(const Params p) {
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
         float sum = o[j][r] * scale[r / 2];
-        for (int other = 1; other < warps_n; ++other) sum += partial_o[(((warp + other) * kDimTiles + j) * 4 + r) * 32 + lane];
+        for (int other = 1; other < warps_n; ++other)
+          sum += partial_o[(((warp + other) * kDimTiles + j) * 4 + r) * 32 + lane];
         o[j][r] = sum;
       }
     }
@@ -931,7 +913,8 @@ constexpr int kMergeRowsPerBlock = kMergeThreads / 32;
 template <typename T>
 __global__ void __launch_bounds__(kMergeThreads) verify_attention_merge_kernel(const Params p) {
   const int64_t total_rows = static_cast<int64_t>(p.batch) * p.num_q_heads * p.num_new;
-  const int64_t row_id = static_cast<int64_t>(blockIdx.x) * kMergeRowsPerBlock + threadIdx.x / 32;  // (b * Hq + h) * T + t
+  const int64_t row_id =
+      static_cast<int64_t>(blockIdx.x) * kMergeRowsPerBlock + threadIdx.x / 32;  // (b * Hq + h) * T + t
   const int lane = static_cast<int>(threadIdx.x) % 32;
   if (row_id >= total_rows) return;
   const int token = static_cast<int>(row_id % p.num_new);
@@ -955,7 +938,8 @@ __global__ void __launch_bounds__(kMergeThreads) verify_attention_merge_kernel(c
 #pragma unroll 4
     for (int s = 0; s < p.num_splits; ++s) {  // independent loads: 4 partials in flight per lane
       const float weight = exp2f(partial_lse[s * total_rows] - reference);  // 0 for an empty split
-      const float4 part = *reinterpret_cast<const float4*>(p.partial_out + (s * total_rows + row_id) * p.head_dim + dim);
+      const float4 part =
+          *reinterpret_cast<const float4*>(p.partial_out + (s * total_rows + row_id) * p.head_dim + dim);
       acc.x = fmaf(weight, part.x, acc.x);
       acc.y = fmaf(weight, part.y, acc.y);
       acc.z = fmaf(weight, part.z, acc.z);
