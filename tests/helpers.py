@@ -1,8 +1,17 @@
-"""Input builders shared by the op tests: random (never zero) data, random draft trees, poisoning."""
+"""What the tests share: seeds from a test's parameters, input builders for the op tests (random data, random
+draft trees, poisoning), one torch thread, and loading a recipe program."""
+import zlib
 from typing import Optional, Sequence
 
 import pytest
 import torch
+
+
+def seed_from(*params) -> int:
+    """A seed for a test's random inputs, from the test's parameters by a fixed rule: the CRC-32 of their repr
+    (ints, strings, tuples and torch dtypes repr the same in every process). Never hash(): Python salts the
+    hash of a str per process (PYTHONHASHSEED), so a failure would not rerun with the same inputs."""
+    return zlib.crc32(repr(params).encode())
 
 
 def random_tree_mask(batch: int, num_nodes: int, generator: torch.Generator, kind: str = "tree") -> torch.Tensor:

@@ -12,7 +12,7 @@ from fastvlm_kernels.ops.verify_attention import BACKENDS, verify_attention, ver
 from fastvlm_kernels.ops.verify_attention.reference import visibility_mask
 from fastvlm_kernels.ops.verify_attention.spec import HEAD_DIMS, INTERPRETER_SHAPES, LSE_RTOL, TEST_SHAPES, TOLERANCES
 
-from ..helpers import make_inputs, poisoned_like
+from ..helpers import make_inputs, poisoned_like, seed_from
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 REQUIRE_EXTENSION = os.environ.get("FASTVLM_REQUIRE_EXTENSION") == "1"
@@ -30,6 +30,11 @@ def backend_or_skip(name: str, device: str, dtype: torch.dtype):
         if REQUIRE_EXTENSION and (name == "cpu" or (name == "cuda" and torch.cuda.is_available())):
             pytest.fail(f"{name} backend required (FASTVLM_REQUIRE_EXTENSION=1) but: {'; '.join(reasons)}")
         pytest.skip(f"{name}: {'; '.join(reasons)}")
+
+
+def case_inputs(shape, dtype, salt: int, transposed_q: bool):
+    """A test case's inputs, seeded from its shape (the same in every process: see seed_from)."""
+    return make_inputs(*shape, dtype=dtype, seed=seed_from(shape, salt), transposed_q=transposed_q)
 
 
 def sdpa_error(q, k_cache, v_cache, prefix_lens, tree_mask, expected):
@@ -65,7 +70,7 @@ def check_against_reference(backend: str, inputs, dtype):
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_cpu_backends_match_reference(backend, shape, dtype):
     backend_or_skip(backend, "cpu", dtype)
-    inputs = make_inputs(*shape, dtype=dtype, seed=hash(shape) % 1000, transposed_q=shape[3] % 2 == 1)
+    inputs = case_inputs(shape, dtype, salt=0, transposed_q=shape[3] % 2 == 1)
     check_against_reference(backend, inputs, dtype)
 
 
@@ -81,8 +86,7 @@ def test_cpu_entry_of_the_public_function_matches_reference(shape, dtype, monkey
     calls = []
     entry = module._CPU_ENTRY
     monkeypatch.setattr(module, "_CPU_ENTRY", lambda *args: calls.append(args) or entry(*args))
-    q, k_cache, v_cache, prefix_lens, tree_mask = make_inputs(*shape, dtype=dtype, seed=hash(shape) % 1000 + 1,
-                                                              transposed_q=shape[3] % 2 == 0)
+    q, k_cache, v_cache, prefix_lens, tree_mask = case_inputs(shape, dtype, salt=1, transposed_q=shape[3] % 2 == 0)
     expected, _ = verify_attention_reference(q.double(), k_cache.double(), v_cache.double(), prefix_lens, tree_mask)
     out = verify_attention(q, k_cache, v_cache, prefix_lens.long(), tree_mask)
     assert len(calls) == 1
