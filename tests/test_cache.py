@@ -135,7 +135,7 @@ def test_chain_rollback_moves_no_bytes():
 
 def test_ragged_append_writes_each_row_at_its_own_length():
     cache = _filled(lengths=(2, 5))
-    keys = torch.randn(2, 2, 3, 4)
+    keys = torch.randn(2, 2, 3, 4, generator=torch.Generator().manual_seed(2))
     cache.append(0, keys, keys + 1)
     assert torch.equal(cache.layer(0)[0][0, :, 2:5], keys[0]) and torch.equal(cache.layer(0)[0][1, :, 5:8], keys[1])
     assert torch.equal(cache.layer(0)[1][1, :, 5:8], keys[1] + 1)
