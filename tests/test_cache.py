@@ -11,6 +11,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from fastvlm_kernels import KVCache
 
+from .helpers import skip_unless_runnable
+
 NUM_LAYERS, BATCH, HEADS, HEAD_DIM, MAX_LEN = 3, 3, 2, 8, 24
 
 
@@ -401,8 +403,7 @@ def test_gpu_cache_follows_the_cpu_cache(backend):
 
     caches = [KVCache(3, 2, 4, 64, 48, torch.float16, device) for device in ("cpu", "cuda")]
     reasons = next(b for b in BACKENDS if b.name == backend).not_supported_reasons(caches[1].buffer)
-    if reasons:
-        pytest.skip(f"{backend} cannot run here: {reasons}")
+    skip_unless_runnable(backend, reasons)
     generator = torch.Generator().manual_seed(9)
     steps = [("append", 0, 10), ("append", 1, 10), ("append", 2, 10), ("rollback", [6, 9]),
              ("append", 0, 12), ("append", 1, 12), ("append", 2, 12),

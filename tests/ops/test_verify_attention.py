@@ -12,10 +12,10 @@ from fastvlm_kernels.ops.verify_attention import BACKENDS, verify_attention, ver
 from fastvlm_kernels.ops.verify_attention.reference import visibility_mask
 from fastvlm_kernels.ops.verify_attention.spec import HEAD_DIMS, INTERPRETER_SHAPES, LSE_RTOL, TEST_SHAPES, TOLERANCES
 
-from ..helpers import make_inputs, poisoned_like, seed_from
+from ..helpers import (REQUIRE_CUDA, REQUIRE_EXTENSION, backend_skipper, extension_or_skip, make_inputs,
+                       poisoned_like, seed_from)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-REQUIRE_EXTENSION = os.environ.get("FASTVLM_REQUIRE_EXTENSION") == "1"
 
 
 def shape_id(shape):
@@ -23,13 +23,12 @@ def shape_id(shape):
     return f"B{batch}-Hq{num_q_heads}-Hkv{num_kv_heads}-T{num_new}-D{head_dim}-P{'_'.join(map(str, prefix_lens))}-{tree}"
 
 
-def backend_or_skip(name: str, device: str, dtype: torch.dtype):
-    backend = {b.name: b for b in BACKENDS}[name]
-    reasons = backend.not_supported_reasons(torch.empty(1, 1, 1, 64, device=device, dtype=dtype))
-    if reasons:
-        if REQUIRE_EXTENSION and (name == "cpu" or (name == "cuda" and torch.cuda.is_available())):
-            pytest.fail(f"{name} backend required (FASTVLM_REQUIRE_EXTENSION=1) but: {'; '.join(reasons)}")
-        pytest.skip(f"{name}: {'; '.join(reasons)}")
+def _probe(device, dtype):
+    """What the backends' reasons look at: q's device and dtype (a q of head dim 64)."""
+    return (torch.empty(1, 1, 1, 64, device=device, dtype=dtype),)
+
+
+backend_or_skip = backend_skipper(BACKENDS, _probe)
 
 
 def case_inputs(shape, dtype, salt: int, transposed_q: bool):
@@ -107,8 +106,8 @@ def test_cpu_entry_refuses_what_it_does_not_take():
     """Every argument the C++ entry does not take is refused before anything runs (NotImplementedError, which
     hands the call to the Python checks): bad values included, whatever validate says about the kernel."""
     module = importlib.import_module("fastvlm_kernels.ops.verify_attention")  # the package attribute is the function
-    if module._CPU_ENTRY is None:
-        pytest.skip("no C++ CPU entry (extension not built)")
+    extension_or_skip()
+    assert module._CPU_ENTRY is not None, "the extension is loaded but its CPU entry is missing"
     q, k_cache, v_cache, prefix_lens, tree_mask = _good()
     entry = module._CPU_ENTRY
     refused = [
@@ -257,8 +256,9 @@ def test_unvalidated_lengths_never_read_outside_the_cache(backend):
 def test_extension_state_is_reported():
     if REQUIRE_EXTENSION:
         assert _library.EXTENSION.loaded, _library.EXTENSION.error
-        assert _library.EXTENSION.build_info.get("with_cuda") or os.environ.get("FASTVLM_REQUIRE_CUDA") != "1", \
-            "the CUDA kernels were not built"
+    if REQUIRE_CUDA:
+        assert _library.EXTENSION.build_info.get("with_cuda"), \
+            f"the CUDA kernels were not built ({_library.EXTENSION.error or 'built without CUDA'})"
     result = subprocess.run([sys.executable, "-m", "fastvlm_kernels.info"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     for name in ("cuda", "triton", "cpu", "torch"):
