@@ -162,22 +162,22 @@ def check_sampling_tree(backend, shape, dtype, device, seed):
     assert_equal_results(got, expected)
 
 
+@pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("dtype", PROB_DTYPES.values(), ids=PROB_DTYPES.keys())
 @pytest.mark.parametrize("shape", SAMPLING_SHAPES, ids=sampling_shape_id)
 @pytest.mark.parametrize("backend", ["cpu"])
-def test_sampling_chain_matches_reference(backend, shape, dtype):
+def test_sampling_chain_matches_reference(backend, shape, dtype, seed):
     backend_or_skip(backend, "cpu", dtype)
-    for seed in range(3):
-        check_sampling_chain(backend, shape, dtype, "cpu", seed)
+    check_sampling_chain(backend, shape, dtype, "cpu", seed)
 
 
+@pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("dtype", PROB_DTYPES.values(), ids=PROB_DTYPES.keys())
 @pytest.mark.parametrize("shape", TREE_SAMPLING_SHAPES, ids=sampling_shape_id)
 @pytest.mark.parametrize("backend", ["cpu"])
-def test_sampling_tree_matches_reference(backend, shape, dtype):
+def test_sampling_tree_matches_reference(backend, shape, dtype, seed):
     backend_or_skip(backend, "cpu", dtype)
-    for seed in range(3):
-        check_sampling_tree(backend, shape, dtype, "cpu", seed)
+    check_sampling_tree(backend, shape, dtype, "cpu", seed)
 
 
 @pytest.mark.interpreter
@@ -197,39 +197,39 @@ def test_sampling_tree_triton_interpreter(shape, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("dtype", PROB_DTYPES.values(), ids=PROB_DTYPES.keys())
 @pytest.mark.parametrize("shape", SAMPLING_SHAPES, ids=sampling_shape_id)
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_gpu_sampling_chain_matches_reference(backend, shape, dtype):
+def test_gpu_sampling_chain_matches_reference(backend, shape, dtype, seed):
     backend_or_skip(backend, "cuda", dtype)
-    for seed in range(3):
-        check_sampling_chain(backend, shape, dtype, "cuda", seed)
+    check_sampling_chain(backend, shape, dtype, "cuda", seed)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("dtype", PROB_DTYPES.values(), ids=PROB_DTYPES.keys())
 @pytest.mark.parametrize("shape", TREE_SAMPLING_SHAPES, ids=sampling_shape_id)
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_gpu_sampling_tree_matches_reference(backend, shape, dtype):
+def test_gpu_sampling_tree_matches_reference(backend, shape, dtype, seed):
     backend_or_skip(backend, "cuda", dtype)
-    for seed in range(3):
-        check_sampling_tree(backend, shape, dtype, "cuda", seed)
+    check_sampling_tree(backend, shape, dtype, "cuda", seed)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("batch, num_nodes", [(1, 1), (3, 9), (5, 33)], ids=["B1-N1", "B3-N9", "B5-N33"])
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_gpu_greedy_matches_reference(backend):
+def test_gpu_greedy_matches_reference(backend, batch, num_nodes):
     backend_or_skip(backend, "cuda")
-    for batch, num_nodes in ((1, 1), (3, 9), (5, 33)):
-        drafts, targets = greedy_inputs(batch, num_nodes - 1, seed=num_nodes)
-        got = accept_greedy(drafts.cuda(), targets.cuda(), out=poisoned(batch, num_nodes, "cuda", False),
-                            backend=backend)
-        assert_equal_results(got, accept_greedy_reference(drafts, targets))
-        parents = random_parents(batch, num_nodes, torch.Generator().manual_seed(num_nodes))
-        drafts, targets = greedy_inputs(batch, num_nodes - 1, seed=num_nodes, parents=parents, vocab=3)
-        got = accept_greedy_tree(drafts.cuda(), parents.cuda(), targets.cuda(),
-                                 out=poisoned(batch, num_nodes, "cuda", True), backend=backend)
-        assert_equal_results(got, accept_greedy_tree_reference(drafts, parents, targets))
+    drafts, targets = greedy_inputs(batch, num_nodes - 1, seed=num_nodes)
+    got = accept_greedy(drafts.cuda(), targets.cuda(), out=poisoned(batch, num_nodes, "cuda", False),
+                        backend=backend)
+    assert_equal_results(got, accept_greedy_reference(drafts, targets))
+    parents = random_parents(batch, num_nodes, torch.Generator().manual_seed(num_nodes))
+    drafts, targets = greedy_inputs(batch, num_nodes - 1, seed=num_nodes, parents=parents, vocab=3)
+    got = accept_greedy_tree(drafts.cuda(), parents.cuda(), targets.cuda(),
+                             out=poisoned(batch, num_nodes, "cuda", True), backend=backend)
+    assert_equal_results(got, accept_greedy_tree_reference(drafts, parents, targets))
 
 
 @pytest.mark.gpu
