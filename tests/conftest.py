@@ -2,10 +2,17 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
 
 # Triton reads TRITON_INTERPRET when a kernel is defined: without a GPU, run its kernels on the CPU.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Hypothesis draws its examples from a seed derived from each test (not a fresh one per run), so that a failure
+# reruns from its test id like every other test's. `pytest --hypothesis-profile=explore` draws fresh examples.
+settings.register_profile("reproducible", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile("reproducible")
 
 
 def pytest_collection_modifyitems(config, items):

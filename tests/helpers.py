@@ -1,8 +1,72 @@
-"""Input builders shared by the op tests: random (never zero) data, random draft trees, poisoning."""
-from typing import Optional, Sequence
+"""What the tests share: seeds from a test's parameters, the one rule for skipping a backend that cannot run
+here (or failing where it must), input builders for the op tests (random data, random draft trees,
+poisoning), one torch thread, and loading a recipe program."""
+import os
+import zlib
+from typing import Callable, Optional, Sequence
 
 import pytest
 import torch
+
+# CI sets both: a backend CI is meant to check must fail, not skip, when it cannot run.
+REQUIRE_EXTENSION = os.environ.get("FASTVLM_REQUIRE_EXTENSION") == "1"   # the compiled CPU kernels
+REQUIRE_CUDA = os.environ.get("FASTVLM_REQUIRE_CUDA") == "1"             # the CUDA build (and sm_90 tools)
+
+
+def seed_from(*params) -> int:
+    """A seed for a test's random inputs, from the test's parameters by a fixed rule: the CRC-32 of their repr
+    (ints, strings, tuples and torch dtypes repr the same in every process). Never hash(): Python salts the
+    hash of a str per process (PYTHONHASHSEED), so a failure would not rerun with the same inputs."""
+    return zlib.crc32(repr(params).encode())
+
+
+def required_by(backend: str) -> Optional[str]:
+    """The setting that requires ``backend`` to run here ('FASTVLM_REQUIRE_EXTENSION=1', ...), or None when a
+    test of it may skip. ``cpu`` is the extension's CPU kernels; ``cuda`` its CUDA kernels, required where a GPU
+    is present; ``sm90-compile`` the CUDA toolkit that compiles Triton kernels ahead of time (no GPU needed)."""
+    if backend == "cpu" and REQUIRE_EXTENSION:
+        return "FASTVLM_REQUIRE_EXTENSION=1"
+    if backend == "cuda" and torch.cuda.is_available():
+        if REQUIRE_EXTENSION:
+            return "FASTVLM_REQUIRE_EXTENSION=1"
+        if REQUIRE_CUDA:
+            return "FASTVLM_REQUIRE_CUDA=1"
+    if backend == "sm90-compile" and REQUIRE_CUDA:
+        return "FASTVLM_REQUIRE_CUDA=1"
+    return None
+
+
+def skip_unless_runnable(backend: str, reasons: Sequence[str]) -> None:
+    """The one rule for a test whose ``backend`` cannot run here (``reasons``, non-empty, say why): it skips,
+    or fails where ``required_by(backend)`` says the environment requires that backend (so that CI cannot
+    skip what it is meant to check). Nothing happens when ``reasons`` is empty."""
+    if not reasons:
+        return
+    setting = required_by(backend)
+    if setting:
+        pytest.fail(f"{backend} backend required ({setting}) but: {'; '.join(reasons)}")
+    pytest.skip(f"{backend}: {'; '.join(reasons)}")
+
+
+def backend_skipper(backends: Sequence, probe: Callable[[str, torch.dtype], tuple]) -> Callable:
+    """``backend_or_skip(name, device, dtype=torch.float32)`` for one op: returns the op's backend ``name`` (of
+    ``backends``, each with ``not_supported_reasons``), after ``skip_unless_runnable`` with its reasons for the
+    inputs ``probe(device, dtype)`` builds (what that op's ``not_supported_reasons`` takes)."""
+    by_name = {backend.name: backend for backend in backends}
+
+    def backend_or_skip(name: str, device: str, dtype: torch.dtype = torch.float32):
+        backend = by_name[name]
+        skip_unless_runnable(name, backend.not_supported_reasons(*probe(device, dtype)))
+        return backend
+
+    return backend_or_skip
+
+
+def extension_or_skip(device: str = "cpu") -> None:
+    """For tests of the compiled ops themselves (schemas, C++ entries): skips without the extension (or its CUDA
+    kernels, on ``cuda``), fails where it is required (``skip_unless_runnable`` of the cpu / cuda backend)."""
+    from fastvlm_kernels.ops._dispatch import extension_reasons
+    skip_unless_runnable(device, extension_reasons(torch.device(device)))
 
 
 def random_tree_mask(batch: int, num_nodes: int, generator: torch.Generator, kind: str = "tree") -> torch.Tensor:

@@ -67,13 +67,13 @@ def test_unsupported_layers_keep_their_modules_and_say_why():
     assert lean.lean_layers(find_layers(model))[1] is None
 
 
+@pytest.mark.parametrize("use_lean", [True, False], ids=["lean", "modules"])
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_decoder_output_is_the_same_with_and_without_the_lean_path(family):
+def test_decoder_output_is_the_same_with_and_without_the_lean_path(family, use_lean):
     case = build(family, seed=4, batch=2)
     sharpen(case.model, 2)
     expected = case.model.generate(**case.inputs, max_new_tokens=12, do_sample=False)
-    for use_lean in (True, False):
-        decoder = SelfSpeculativeDecoder(case.model, 2, draft_len=3, lean_layers=use_lean)
-        out = decoder.generate(**case.inputs, max_new_tokens=12)
-        assert torch.equal(out.sequences, expected)
-        assert (decoder.lean_reason is None) == (use_lean and family == "llava")
+    decoder = SelfSpeculativeDecoder(case.model, 2, draft_len=3, lean_layers=use_lean)
+    out = decoder.generate(**case.inputs, max_new_tokens=12)
+    assert torch.equal(out.sequences, expected)
+    assert (decoder.lean_reason is None) == (use_lean and family == "llava")

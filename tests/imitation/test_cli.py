@@ -63,7 +63,14 @@ def test_pick_exit_layer_command(checkpoint, capsys):
     assert len(rows) == 2 and "Fastest: exit layer" in table
     report = json.loads((checkpoint / "pick" / "exit_layers.json").read_text())
     assert [r["exit_layer"] for r in report["reports"]] == [1, 2]
-    assert all(r["identical"] and r["speedup_imitation"] > 0 for r in report["reports"])
+    for r in report["reports"]:   # lossless; each speedup is its measured times' ratio, the table shows the same
+        assert r["identical"], r
+        assert r["speedup_early_exit"] == pytest.approx(r["seconds_generate"] / r["seconds_early_exit"])
+        assert r["speedup_imitation"] == pytest.approx(r["seconds_generate"] / r["seconds_imitation"])
+        assert (f"| {r['exit_layer']} | {r['accepted_early_exit']:.2f} | {r['accepted_imitation']:.2f} | "
+                f"{r['speedup_early_exit']:.2f}x | {r['speedup_imitation']:.2f}x | yes |") in rows
+    fastest = max(report["reports"], key=lambda r: r["speedup_imitation"])
+    assert f"Fastest: exit layer {fastest['exit_layer']} ({fastest['speedup_imitation']:.2f}x" in table
     assert (checkpoint / "pick" / "exit_layer_1" / "imitation" / "config.json").is_file()
     # one cache of the model's answers for every candidate
     assert len((checkpoint / "pick" / "responses.jsonl").read_text().splitlines()) == 1 + 8

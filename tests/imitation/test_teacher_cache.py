@@ -94,10 +94,12 @@ def test_rotary_tables_go_to_rows_and_back(family):
         rows = _to_rows(table, lead, tail, 2)
         assert rows.shape[:2] == (2, mask.shape[1])
         assert torch.equal(_from_rows(rows, lead, tail), table.float())
-    shared = torch.randn(1, 5, 8)
+    generator = torch.Generator().manual_seed(1)
+    shared = torch.randn(1, 5, 8, generator=generator)
     rows = _to_rows(shared, *rotary_layout(shared, 3, 5), 3)
     assert torch.equal(_from_rows(rows, (), (8,)), shared.expand(3, 5, 8))
-    sections = torch.randn(3, 2, 5, 8)     # three position kinds before [B, T] (Qwen2-VL's M-RoPE before merging)
+    # three position kinds before [B, T] (Qwen2-VL's M-RoPE before merging)
+    sections = torch.randn(3, 2, 5, 8, generator=generator)
     lead, tail = rotary_layout(sections, 2, 5)
     assert (lead, tail) == ((3,), (8,))
     rows = _to_rows(sections, lead, tail, 2)
@@ -116,7 +118,7 @@ def test_a_build_continues_where_it_stopped_and_refuses_other_builds(tmp_path):
         part.check(exit_layer=1, target_layer=NUM_LAYERS, model_fingerprint=model_fingerprint(model), encoder=encoder,
                    examples=examples)
     with open(tmp_path / "parts" / "exit.f32", "ab") as handle:   # a build killed half way through a batch
-        handle.write(torch.randn(100).numpy().tobytes())
+        handle.write(torch.randn(100, generator=torch.Generator().manual_seed(2)).numpy().tobytes())
     continued = _build(model, encoder, examples, tmp_path / "parts")
     assert continued.index == whole.index
     assert (tmp_path / "whole" / "last.f32").stat().st_size == 0     # the target is the last layer's output

@@ -2,6 +2,7 @@
 identical to model.generate."""
 import importlib.util
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -93,24 +94,41 @@ def test_missing_wheel_names_the_install_command(monkeypatch):
         smollm2.load()
 
 
-@needs_wheel
-def test_decoder_is_token_identical_on_real_weights(smollm2):
+@pytest.fixture(scope="module")
+def decoded(smollm2):
+    """model.generate's answer to two chat prompts, and decode(exit_layer, draft_len): the decoder's output on
+    them, computed once per setting (the tests below share it in any order)."""
     from fastvlm_kernels import SelfSpeculativeDecoder
     from fastvlm_kernels.models.smollm2 import chat_inputs
 
     model, tokenizer = smollm2
-    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
     inputs = chat_inputs(tokenizer, ["What is the capital of France? Answer in one sentence.",
                                      "Write a haiku about the sea."])
-    expected = model.generate(**inputs, max_new_tokens=24, do_sample=False)
-    accepted = {}
-    for exit_layer, draft_len in ((1, 0), (12, 3), (25, 3), (25, "adaptive")):
-        out = SelfSpeculativeDecoder(model, exit_layer=exit_layer, draft_len=draft_len).generate(
-            **inputs, max_new_tokens=24)
-        assert torch.equal(out.sequences, expected), f"E={exit_layer} k={draft_len}"
-        accepted[(exit_layer, draft_len)] = out.stats.mean_accepted
-    # Plain early exit from a pretrained model: deep exits agree more often than shallow ones.
-    assert accepted[(25, 3)] > accepted[(12, 3)]
+    outputs = {}
+
+    def decode(exit_layer, draft_len):
+        if (exit_layer, draft_len) not in outputs:
+            outputs[exit_layer, draft_len] = SelfSpeculativeDecoder(model, exit_layer=exit_layer,
+                                                                    draft_len=draft_len).generate(**inputs,
+                                                                                                  max_new_tokens=24)
+        return outputs[exit_layer, draft_len]
+
+    return SimpleNamespace(expected=model.generate(**inputs, max_new_tokens=24, do_sample=False), decode=decode)
+
+
+@needs_wheel
+@pytest.mark.parametrize("exit_layer, draft_len", [(1, 0), (12, 3), (25, 3), (25, "adaptive")],
+                         ids=["E1-k0", "E12-k3", "E25-k3", "E25-adaptive"])
+def test_decoder_is_token_identical_on_real_weights(smollm2, decoded, exit_layer, draft_len):
+    model, _ = smollm2
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    assert torch.equal(decoded.decode(exit_layer, draft_len).sequences, decoded.expected)
+
+
+@needs_wheel
+def test_deep_exits_draft_better_than_shallow_ones_on_real_weights(decoded):
+    """Plain early exit from a pretrained model: deep exits agree more often than shallow ones."""
+    assert decoded.decode(25, 3).stats.mean_accepted > decoded.decode(12, 3).stats.mean_accepted
 
 
 

@@ -1,14 +1,11 @@
 """accept_greedy / accept_sampling and their tree versions: every backend against the reference (integer
 outputs equal exactly, outputs poisoned with -7 first), chains as trees, the sampled distribution against
 the target's (chi-square), a biased sampler caught by the same test, and bad input."""
-import os
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastvlm_kernels.ops import _dispatch, _library
 from fastvlm_kernels.ops.acceptance import (BACKENDS, Acceptance, accept_greedy, accept_greedy_reference,
                                             accept_greedy_tree, accept_greedy_tree_reference, accept_sampling,
                                             accept_sampling_reference, accept_sampling_tree,
@@ -17,21 +14,18 @@ from fastvlm_kernels.ops.acceptance.reference import sample_index
 from fastvlm_kernels.ops.acceptance.spec import (INTERPRETER_SAMPLING_SHAPES, INTERPRETER_TREE_SHAPES,
                                                  SAMPLING_SHAPES, TREE_SAMPLING_SHAPES)
 
-REQUIRE_EXTENSION = os.environ.get("FASTVLM_REQUIRE_EXTENSION") == "1"
+from ..helpers import backend_skipper, extension_or_skip
+
 PROB_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 POISON = -7
 
 
-def backend_or_skip(name: str, device: str, dtype: torch.dtype = torch.float32):
-    backend = {b.name: b for b in BACKENDS}[name]
-    reasons = backend.not_supported_reasons(torch.empty(1, 1, dtype=torch.int64, device=device),
-                                            torch.empty(1, 1, 1, dtype=dtype, device=device))
-    if reasons:
-        if REQUIRE_EXTENSION and (name == "cpu" or (name == "cuda" and torch.cuda.is_available())):
-            pytest.fail(f"{name} backend required (FASTVLM_REQUIRE_EXTENSION=1) but: {'; '.join(reasons)}")
-        pytest.skip(f"{name}: {'; '.join(reasons)}")
-    if name == "triton" and device == "cpu" and not _dispatch.triton_interpreting():
-        pytest.skip("TRITON_INTERPRET is not set (a GPU is present: the GPU tests cover Triton)")
+def _probe(device, dtype):
+    """What the backends' reasons look at: the draft tokens' device and the probabilities' dtype."""
+    return torch.empty(1, 1, dtype=torch.int64, device=device), torch.empty(1, 1, 1, dtype=dtype, device=device)
+
+
+backend_or_skip = backend_skipper(BACKENDS, _probe)
 
 
 def poisoned(batch: int, num_nodes: int, device, with_path: bool):
@@ -168,22 +162,22 @@ def check_sampling_tree(backend, shape, dtype, device, seed):
     assert_equal_results(got, expected)
 
 
+@pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("dtype", PROB_DTYPES.values(), ids=PROB_DTYPES.keys())
 @pytest.mark.parametrize("shape", SAMPLING_SHAPES, ids=sampling_shape_id)
 @pytest.mark.parametrize("backend", ["cpu"])
-def test_sampling_chain_matches_reference(backend, shape, dtype):
+def test_sampling_chain_matches_reference(backend, shape, dtype, seed):
     backend_or_skip(backend, "cpu", dtype)
-    for seed in range(3):
-        check_sampling_chain(backend, shape, dtype, "cpu", seed)
+    check_sampling_chain(backend, shape, dtype, "cpu", seed)
 
 
+@pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("dtype", PROB_DTYPES.values(), ids=PROB_DTYPES.keys())
 @pytest.mark.parametrize("shape", TREE_SAMPLING_SHAPES, ids=sampling_shape_id)
 @pytest.mark.parametrize("backend", ["cpu"])
-def test_sampling_tree_matches_reference(backend, shape, dtype):
+def test_sampling_tree_matches_reference(backend, shape, dtype, seed):
     backend_or_skip(backend, "cpu", dtype)
-    for seed in range(3):
-        check_sampling_tree(backend, shape, dtype, "cpu", seed)
+    check_sampling_tree(backend, shape, dtype, "cpu", seed)
 
 
 @pytest.mark.interpreter
@@ -203,39 +197,39 @@ def test_sampling_tree_triton_interpreter(shape, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("dtype", PROB_DTYPES.values(), ids=PROB_DTYPES.keys())
 @pytest.mark.parametrize("shape", SAMPLING_SHAPES, ids=sampling_shape_id)
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_gpu_sampling_chain_matches_reference(backend, shape, dtype):
+def test_gpu_sampling_chain_matches_reference(backend, shape, dtype, seed):
     backend_or_skip(backend, "cuda", dtype)
-    for seed in range(3):
-        check_sampling_chain(backend, shape, dtype, "cuda", seed)
+    check_sampling_chain(backend, shape, dtype, "cuda", seed)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("dtype", PROB_DTYPES.values(), ids=PROB_DTYPES.keys())
 @pytest.mark.parametrize("shape", TREE_SAMPLING_SHAPES, ids=sampling_shape_id)
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_gpu_sampling_tree_matches_reference(backend, shape, dtype):
+def test_gpu_sampling_tree_matches_reference(backend, shape, dtype, seed):
     backend_or_skip(backend, "cuda", dtype)
-    for seed in range(3):
-        check_sampling_tree(backend, shape, dtype, "cuda", seed)
+    check_sampling_tree(backend, shape, dtype, "cuda", seed)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("batch, num_nodes", [(1, 1), (3, 9), (5, 33)], ids=["B1-N1", "B3-N9", "B5-N33"])
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_gpu_greedy_matches_reference(backend):
+def test_gpu_greedy_matches_reference(backend, batch, num_nodes):
     backend_or_skip(backend, "cuda")
-    for batch, num_nodes in ((1, 1), (3, 9), (5, 33)):
-        drafts, targets = greedy_inputs(batch, num_nodes - 1, seed=num_nodes)
-        got = accept_greedy(drafts.cuda(), targets.cuda(), out=poisoned(batch, num_nodes, "cuda", False),
-                            backend=backend)
-        assert_equal_results(got, accept_greedy_reference(drafts, targets))
-        parents = random_parents(batch, num_nodes, torch.Generator().manual_seed(num_nodes))
-        drafts, targets = greedy_inputs(batch, num_nodes - 1, seed=num_nodes, parents=parents, vocab=3)
-        got = accept_greedy_tree(drafts.cuda(), parents.cuda(), targets.cuda(),
-                                 out=poisoned(batch, num_nodes, "cuda", True), backend=backend)
-        assert_equal_results(got, accept_greedy_tree_reference(drafts, parents, targets))
+    drafts, targets = greedy_inputs(batch, num_nodes - 1, seed=num_nodes)
+    got = accept_greedy(drafts.cuda(), targets.cuda(), out=poisoned(batch, num_nodes, "cuda", False),
+                        backend=backend)
+    assert_equal_results(got, accept_greedy_reference(drafts, targets))
+    parents = random_parents(batch, num_nodes, torch.Generator().manual_seed(num_nodes))
+    drafts, targets = greedy_inputs(batch, num_nodes - 1, seed=num_nodes, parents=parents, vocab=3)
+    got = accept_greedy_tree(drafts.cuda(), parents.cuda(), targets.cuda(),
+                             out=poisoned(batch, num_nodes, "cuda", True), backend=backend)
+    assert_equal_results(got, accept_greedy_tree_reference(drafts, parents, targets))
 
 
 @pytest.mark.gpu
@@ -278,8 +272,7 @@ def trees(draw):
 @settings(max_examples=60, deadline=None)
 @given(tree=trees(), seed=st.integers(0, 1000))
 def test_cpu_kernels_match_reference_on_random_trees(tree, seed):
-    if not _library.EXTENSION.loaded:
-        pytest.skip("the extension is not built")
+    extension_or_skip()
     batch, parents, tokens, targets, vocab = tree
     num_nodes = parents.shape[1]
     assert_equal_results(accept_greedy_tree(tokens, parents, targets, backend="cpu"),
@@ -584,8 +577,8 @@ def test_empty_batch():
 
 # ---- the compiled ops' schemas and fake implementations ---------------------------------------------
 
-@pytest.mark.skipif(not _library.EXTENSION.loaded, reason="the extension is not built")
 def test_extension_ops_pass_opcheck():
+    extension_or_skip()
     drafts, draft_probs, target_probs, uniforms = valid_chain()
     outputs = (torch.empty(2, dtype=torch.int32), None, torch.empty(2, 4, dtype=torch.int64))
     torch.library.opcheck(torch.ops.fastvlm.accept_sampling.default,
@@ -594,9 +587,9 @@ def test_extension_ops_pass_opcheck():
                           (drafts, None, torch.zeros(2, 4, dtype=torch.int64), *outputs))
 
 
-@pytest.mark.skipif(not _library.EXTENSION.loaded, reason="the extension is not built")
 def test_torch_compile_fullgraph():
     """The public ops trace into one graph (fake implementations, no host reads with validate=False)."""
+    extension_or_skip()
     drafts, draft_probs, target_probs, uniforms = sampling_inputs(3, 4, 111, torch.float32, "cpu", seed=1)
     compiled = torch.compile(lambda d, q, p, u: accept_sampling(d, q, p, uniforms=u, validate=False, backend="cpu"),
                              fullgraph=True)

@@ -4,9 +4,11 @@ untouched, non-contiguous buffers, bad input, and the Triton kernel compiled for
 import pytest
 import torch
 
-from fastvlm_kernels.ops import _dispatch, kv_compact
+from fastvlm_kernels.ops import kv_compact
 from fastvlm_kernels.ops.kv_cache import BACKENDS
 from fastvlm_kernels.ops.kv_cache.spec import INTERPRETER_SHAPES, SUPPORTED_DTYPES, TEST_SHAPES
+
+from ..helpers import backend_skipper, extension_or_skip
 
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _BITS = {2: torch.int16, 4: torch.int32}
@@ -17,9 +19,12 @@ def _shape_id(shape):
     return f"L{num_layers}-B{batch}-H{heads}-Lmax{cache_len}-D{head_dim}"
 
 
-def _runnable(backend: str, buffer: torch.Tensor) -> bool:
-    chosen = next(b for b in BACKENDS if b.name == backend)
-    return not chosen.not_supported_reasons(buffer)
+def _probe(device, dtype):
+    """What the backends' reasons look at: the buffer's (or cache's) device and dtype."""
+    return (torch.empty(1, device=device, dtype=dtype),)
+
+
+backend_or_skip = backend_skipper(BACKENDS, _probe)
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -47,9 +52,8 @@ def _destinations(shape) -> torch.Tensor:
 
 
 def _check_backend(backend, shape, dtype, device, index_dtype=torch.int32):
+    backend_or_skip(backend, device, dtype)
     buffer, start, accepted = _inputs(shape, dtype, device, index_dtype=index_dtype)
-    if not _runnable(backend, buffer):
-        pytest.skip(f"{backend} cannot run here: {next(b for b in BACKENDS if b.name == backend).not_supported_reasons(buffer)}")
     # Poison every position that is neither a destination nor a source: it must come back unchanged.
     _, batch, _, cache_len, _, starts, nodes = shape
     keep = _destinations(shape)
@@ -110,8 +114,7 @@ def test_non_contiguous_buffer(backend):
     generator = torch.Generator().manual_seed(3)
     big = torch.randn(num_layers, 2, batch, heads + 1, cache_len + 7, head_dim, generator=generator)
     view = big[:, :, :, 1:, 4:4 + cache_len]
-    if not _runnable(backend, view):
-        pytest.skip(f"{backend} cannot run here")
+    backend_or_skip(backend, "cpu", view.dtype)
     start = torch.tensor(starts)
     accepted = torch.tensor(nodes)
     expected = view.clone()
@@ -179,6 +182,8 @@ def test_backend_errors():
 
 from fastvlm_kernels.ops.kv_cache import APPEND_BACKENDS, kv_append  # noqa: E402
 
+append_backend_or_skip = backend_skipper(APPEND_BACKENDS, _probe)
+
 # (B, Hkv, L_max, D, T, lengths): ragged rows, a row that ends exactly at L_max, T = 1 (a draft step), a
 # prefill-sized T, D whose rows are not a multiple of 16 bytes.
 APPEND_SHAPES = [
@@ -198,10 +203,7 @@ def _append_id(shape):
 
 def _check_append(backend, shape, dtype, device, transposed=False):
     batch, heads, cache_len, head_dim, num_new, lens = shape
-    probe = torch.empty(1, 1, 1, 1, dtype=dtype, device=device)
-    reasons = {b.name: b for b in APPEND_BACKENDS}[backend].not_supported_reasons(probe)
-    if reasons:
-        pytest.skip(f"{backend} cannot run here: {reasons}")
+    append_backend_or_skip(backend, device, dtype)
     generator = torch.Generator().manual_seed(7)
     keys = torch.randn(batch, num_new, heads, head_dim, generator=generator).to(device, dtype)
     keys = keys.transpose(1, 2) if transposed else keys.transpose(1, 2).contiguous()       # [B, Hkv, T, D]
@@ -251,7 +253,9 @@ def test_append_gpu_backends(backend, shape, dtype):
 
 def _append_good():
     cache = torch.zeros(2, 2, 10, 4)
-    return cache, cache.clone(), torch.tensor([0, 3], dtype=torch.int32), torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
+    generator = torch.Generator().manual_seed(5)
+    return (cache, cache.clone(), torch.tensor([0, 3], dtype=torch.int32),
+            torch.randn(2, 2, 3, 4, generator=generator), torch.randn(2, 2, 3, 4, generator=generator))
 
 
 @pytest.mark.parametrize("mutate, error, match", [
@@ -281,14 +285,12 @@ def test_append_bad_input(mutate, error, match):
 
 @pytest.mark.parametrize("op_name", ["kv_compact", "kv_compact_triton", "kv_append", "kv_append_triton"])
 def test_opcheck(op_name):
-    from fastvlm_kernels.ops import _library
-    if not op_name.endswith("triton") and not _library.EXTENSION.loaded:
-        pytest.skip(_library.EXTENSION.error)
-    if op_name.endswith("triton"):
-        if _dispatch.triton_import_error() or (not torch.cuda.is_available() and not _dispatch.triton_interpreting()):
-            pytest.skip("Triton cannot run here")
-        import fastvlm_kernels.ops.kv_cache.triton  # noqa: F401  (registers the custom ops)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if op_name.endswith("triton"):
+        backend_or_skip("triton", device)
+        import fastvlm_kernels.ops.kv_cache.triton  # noqa: F401  (registers the custom ops)
+    else:
+        extension_or_skip(device)
     if op_name.startswith("kv_compact"):
         buffer, start, accepted = _inputs(TEST_SHAPES[1], torch.float32, device)
         args = (buffer, start, accepted)

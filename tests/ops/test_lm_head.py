@@ -1,7 +1,6 @@
 """early_exit_head / verify_head: every runnable backend against the reference (fp64 logits), poisoned
 outputs, exact integer outputs, ties, statistical tests of the samplers, bad input."""
 import math
-import os
 
 import pytest
 import torch
@@ -12,8 +11,9 @@ from fastvlm_kernels.ops.lm_head import (BACKENDS, _prepare, early_exit_head, ve
 from fastvlm_kernels.ops.lm_head.reference import filter_scores, gumbel_noise, lm_head_reference, normed_hidden
 from fastvlm_kernels.ops.lm_head.spec import INTERPRETER_SHAPES, LARGE_HEAD, SAFE_GAP, TEST_SHAPES, TOLERANCES
 
+from ..helpers import backend_skipper
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-REQUIRE_EXTENSION = os.environ.get("FASTVLM_REQUIRE_EXTENSION") == "1"
 EPS = 1e-6
 
 
@@ -42,19 +42,17 @@ def fp64_scores(hidden, norm_weight, weight, temperature=1.0, vocab_subset=None,
     return logits / temperature
 
 
-def backend_or_skip(name, device, dtype, **call_kwargs):
-    backend = {b.name: b for b in BACKENDS}[name]
+def _probe(device, dtype):
+    """What the backends' reasons look at: a prepared argmax call on tensors of this device and dtype."""
     hidden, norm_weight, weight = make_head(1, 16, 32, dtype, device="cpu")
     call = _prepare(hidden.to(device), norm_weight.to(device), weight.to(device), eps=EPS, mode="argmax",
                     temperature=1.0, top_k=None, top_p=None, vocab_subset=None, generator=None, seed=None,
                     norm_offset=0.0, logit_scale=1.0, logit_softcap=None, draft_tokens=None, prob_rows=None,
                     validate=False)
-    reasons = backend.not_supported_reasons(call)
-    if reasons:
-        if REQUIRE_EXTENSION and (name == "cpu" or (name == "cuda" and torch.cuda.is_available())):
-            pytest.fail(f"{name} backend required (FASTVLM_REQUIRE_EXTENSION=1) but: {'; '.join(reasons)}")
-        pytest.skip(f"{name}: {'; '.join(reasons)}")
-    return backend
+    return (call,)
+
+
+backend_or_skip = backend_skipper(BACKENDS, _probe)
 
 
 def run_poisoned(backend_name, hidden, norm_weight, weight, *, mode="argmax", draft_tokens=None, prob_rows=None,

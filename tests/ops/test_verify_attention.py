@@ -12,10 +12,10 @@ from fastvlm_kernels.ops.verify_attention import BACKENDS, verify_attention, ver
 from fastvlm_kernels.ops.verify_attention.reference import visibility_mask
 from fastvlm_kernels.ops.verify_attention.spec import HEAD_DIMS, INTERPRETER_SHAPES, LSE_RTOL, TEST_SHAPES, TOLERANCES
 
-from ..helpers import make_inputs, poisoned_like
+from ..helpers import (REQUIRE_CUDA, REQUIRE_EXTENSION, backend_skipper, extension_or_skip, make_inputs,
+                       poisoned_like, seed_from)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-REQUIRE_EXTENSION = os.environ.get("FASTVLM_REQUIRE_EXTENSION") == "1"
 
 
 def shape_id(shape):
@@ -23,13 +23,17 @@ def shape_id(shape):
     return f"B{batch}-Hq{num_q_heads}-Hkv{num_kv_heads}-T{num_new}-D{head_dim}-P{'_'.join(map(str, prefix_lens))}-{tree}"
 
 
-def backend_or_skip(name: str, device: str, dtype: torch.dtype):
-    backend = {b.name: b for b in BACKENDS}[name]
-    reasons = backend.not_supported_reasons(torch.empty(1, 1, 1, 64, device=device, dtype=dtype))
-    if reasons:
-        if REQUIRE_EXTENSION and (name == "cpu" or (name == "cuda" and torch.cuda.is_available())):
-            pytest.fail(f"{name} backend required (FASTVLM_REQUIRE_EXTENSION=1) but: {'; '.join(reasons)}")
-        pytest.skip(f"{name}: {'; '.join(reasons)}")
+def _probe(device, dtype):
+    """What the backends' reasons look at: q's device and dtype (a q of head dim 64)."""
+    return (torch.empty(1, 1, 1, 64, device=device, dtype=dtype),)
+
+
+backend_or_skip = backend_skipper(BACKENDS, _probe)
+
+
+def case_inputs(shape, dtype, salt: int, transposed_q: bool):
+    """A test case's inputs, seeded from its shape (the same in every process: see seed_from)."""
+    return make_inputs(*shape, dtype=dtype, seed=seed_from(shape, salt), transposed_q=transposed_q)
 
 
 def sdpa_error(q, k_cache, v_cache, prefix_lens, tree_mask, expected):
@@ -65,7 +69,7 @@ def check_against_reference(backend: str, inputs, dtype):
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_cpu_backends_match_reference(backend, shape, dtype):
     backend_or_skip(backend, "cpu", dtype)
-    inputs = make_inputs(*shape, dtype=dtype, seed=hash(shape) % 1000, transposed_q=shape[3] % 2 == 1)
+    inputs = case_inputs(shape, dtype, salt=0, transposed_q=shape[3] % 2 == 1)
     check_against_reference(backend, inputs, dtype)
 
 
@@ -81,8 +85,7 @@ def test_cpu_entry_of_the_public_function_matches_reference(shape, dtype, monkey
     calls = []
     entry = module._CPU_ENTRY
     monkeypatch.setattr(module, "_CPU_ENTRY", lambda *args: calls.append(args) or entry(*args))
-    q, k_cache, v_cache, prefix_lens, tree_mask = make_inputs(*shape, dtype=dtype, seed=hash(shape) % 1000 + 1,
-                                                              transposed_q=shape[3] % 2 == 0)
+    q, k_cache, v_cache, prefix_lens, tree_mask = case_inputs(shape, dtype, salt=1, transposed_q=shape[3] % 2 == 0)
     expected, _ = verify_attention_reference(q.double(), k_cache.double(), v_cache.double(), prefix_lens, tree_mask)
     out = verify_attention(q, k_cache, v_cache, prefix_lens.long(), tree_mask)
     assert len(calls) == 1
@@ -103,8 +106,8 @@ def test_cpu_entry_refuses_what_it_does_not_take():
     """Every argument the C++ entry does not take is refused before anything runs (NotImplementedError, which
     hands the call to the Python checks): bad values included, whatever validate says about the kernel."""
     module = importlib.import_module("fastvlm_kernels.ops.verify_attention")  # the package attribute is the function
-    if module._CPU_ENTRY is None:
-        pytest.skip("no C++ CPU entry (extension not built)")
+    extension_or_skip()
+    assert module._CPU_ENTRY is not None, "the extension is loaded but its CPU entry is missing"
     q, k_cache, v_cache, prefix_lens, tree_mask = _good()
     entry = module._CPU_ENTRY
     refused = [
@@ -253,8 +256,9 @@ def test_unvalidated_lengths_never_read_outside_the_cache(backend):
 def test_extension_state_is_reported():
     if REQUIRE_EXTENSION:
         assert _library.EXTENSION.loaded, _library.EXTENSION.error
-        assert _library.EXTENSION.build_info.get("with_cuda") or os.environ.get("FASTVLM_REQUIRE_CUDA") != "1", \
-            "the CUDA kernels were not built"
+    if REQUIRE_CUDA:
+        assert _library.EXTENSION.build_info.get("with_cuda"), \
+            f"the CUDA kernels were not built ({_library.EXTENSION.error or 'built without CUDA'})"
     result = subprocess.run([sys.executable, "-m", "fastvlm_kernels.info"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     for name in ("cuda", "triton", "cpu", "torch"):
