@@ -1,6 +1,5 @@
 """Plan/run: the checks and the backend choice happen once, in the plan; run calls the chosen kernel."""
 import importlib
-import os
 
 import pytest
 import torch
@@ -10,19 +9,19 @@ from fastvlm_kernels.ops.verify_attention import (BACKENDS, HOST_BOUND_PRIORITY,
                                                   verify_attention_plan)
 from fastvlm_kernels.ops.verify_attention.spec import HEAD_DIMS
 
-from ..helpers import make_inputs
+from ..helpers import backend_skipper, make_inputs, skip_unless_runnable
 
-REQUIRE_EXTENSION = os.environ.get("FASTVLM_REQUIRE_EXTENSION") == "1"
 # the module, not the package attribute of the same name (the function)
 attention_module = importlib.import_module("fastvlm_kernels.ops.verify_attention")
 
 
-def cpu_backends():
-    """The backends that run CPU tensors here; the compiled one is required under FASTVLM_REQUIRE_EXTENSION."""
-    reasons = {b.name: b.not_supported_reasons(torch.empty(1, 1, 1, 64)) for b in BACKENDS}
-    if reasons["cpu"] and REQUIRE_EXTENSION:
-        pytest.fail(f"cpu backend required (FASTVLM_REQUIRE_EXTENSION=1) but: {'; '.join(reasons['cpu'])}")
-    return [name for name in ("cpu", "torch") if not reasons[name]]
+backend_or_skip = backend_skipper(BACKENDS, lambda device, dtype: (torch.empty(1, 1, 1, 64, device=device,
+                                                                                  dtype=dtype),))
+
+
+def skip_without_triton():
+    error = _dispatch.triton_import_error()
+    skip_unless_runnable("triton", [error] if error else [])
 
 
 # (B, Hq, Hkv, T, D, prefix_lens, tree)
@@ -36,8 +35,7 @@ PLAN_SHAPES = [
 @pytest.mark.parametrize("shape", PLAN_SHAPES, ids=lambda s: f"B{s[0]}-Hq{s[1]}-Hkv{s[2]}-T{s[3]}-D{s[4]}-{s[6]}")
 @pytest.mark.parametrize("name", ["cpu", "torch"])
 def test_plan_then_run_is_the_public_call(name, shape):
-    if name not in cpu_backends():
-        pytest.skip(f"{name} cannot run CPU tensors here")
+    backend_or_skip(name, "cpu")
     q, k_cache, v_cache, prefix_lens, tree_mask = make_inputs(*shape, dtype=torch.float32, seed=7)
     plan = verify_attention_plan(q, k_cache, v_cache, prefix_lens, tree_mask, sm_scale=0.3, return_lse=True,
                                  backend=name)
@@ -52,8 +50,7 @@ def test_plan_then_run_is_the_public_call(name, shape):
 def test_run_checks_nothing(name, monkeypatch):
     """After the plan, run reaches the kernel with no check in front: the decoder's hot path. Inputs of the
     planned kind with another T (a draft step after the prefill) give the public function's result."""
-    if name not in cpu_backends():
-        pytest.skip(f"{name} cannot run CPU tensors here")
+    backend_or_skip(name, "cpu")
     q, k_cache, v_cache, prefix_lens, _ = make_inputs(2, 4, 2, 9, 64, (3, 11), "chain", torch.float32, seed=3)
     plan = verify_attention_plan(q, k_cache, v_cache, prefix_lens, validate=False, backend=name)
     step_q, step_lens = q[:, :, :2], prefix_lens + 9
@@ -99,8 +96,7 @@ def test_host_bound_callers_take_the_host_bound_order(monkeypatch):
     assert HOST_BOUND_PRIORITY["cuda"][0] == "cuda" and PRIORITY["cuda"][0] == "triton"
     q, k_cache, v_cache, prefix_lens, _ = make_inputs(1, 2, 2, 1, 64, (4,), "chain", torch.float32)
     other = next((b.name for b in BACKENDS if b.name != "torch" and not b.not_supported_reasons(q)), None)
-    if other is None:
-        pytest.skip("only the reference runs CPU tensors here")
+    skip_unless_runnable("cpu", [] if other else ["only the reference runs CPU tensors here"])
     monkeypatch.setitem(PRIORITY, "cpu", ("torch", other))
     monkeypatch.setitem(HOST_BOUND_PRIORITY, "cpu", (other, "torch"))
     assert verify_attention_plan(q, k_cache, v_cache, prefix_lens).backend.name == "torch"
@@ -138,8 +134,7 @@ def test_the_decoder_attention_plans_once_per_generate(monkeypatch):
 
 def test_triton_on_cpu_follows_the_interpreter_setting(monkeypatch):
     """The remembered backend choice still sees TRITON_INTERPRET where it matters (Triton asked on CPU)."""
-    if _dispatch.triton_import_error():
-        pytest.skip(_dispatch.triton_import_error())
+    skip_without_triton()
     q, k_cache, v_cache, prefix_lens, _ = make_inputs(1, 2, 2, 1, 64, (4,), "chain", torch.float32)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert verify_attention_plan(q, k_cache, v_cache, prefix_lens, backend="triton").backend.name == "triton"
@@ -156,8 +151,7 @@ def test_head_dims_are_defined_once():
     for head_dim in HEAD_DIMS:
         q, k_cache, v_cache, prefix_lens, _ = make_inputs(1, 2, 1, 2, head_dim, (4,), "chain", torch.float32)
         verify_attention_plan(q, k_cache, v_cache, prefix_lens)
-    if _dispatch.triton_import_error():
-        pytest.skip(_dispatch.triton_import_error())
+    skip_without_triton()
     from fastvlm_kernels.ops.verify_attention.triton import KERNEL_CONFIGS
     assert sorted({config["head_dim"] for config in KERNEL_CONFIGS}) == sorted(HEAD_DIMS)
 
@@ -243,8 +237,7 @@ def test_remembered_choices_key_on_what_the_reasons_read():
     that one backend cannot take (top_p without top_k: not the CPU kernel) does not inherit another's choice,
     and tensors on another device type (meta) do not inherit the CPU's."""
     from fastvlm_kernels.ops import acceptance, lm_head
-    if "cpu" not in cpu_backends():
-        pytest.skip("the compiled CPU backend is not usable here")
+    backend_or_skip("cpu", "cpu")
     hidden, norm_weight, weight = torch.randn(2, 32), torch.ones(32), torch.randn(50, 32)
     assert lm_head.early_exit_head_plan(hidden, norm_weight, weight, eps=1e-6).backend.name == "cpu"
     top_p = lm_head.early_exit_head_plan(hidden, norm_weight, weight, eps=1e-6, mode="sample", top_p=0.9, seed=1)
