@@ -1,11 +1,13 @@
 """What every benchmark script prints and writes the same way: a row per line, a markdown table, and the
 environment the numbers were taken in (device, versions, date)."""
+import argparse
 import datetime
 import json
 import os
 import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -56,6 +58,16 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "cpu"
+
+
+def op_parser(description: str, min_time: float) -> argparse.ArgumentParser:
+    """The options every op benchmark takes (--device, --min-time, --json, --md); a script adds its own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--min-time", type=float, default=min_time, help="CPU: seconds per measurement")
+    parser.add_argument("--json", type=Path, help="write the rows and the environment here")
+    parser.add_argument("--md", type=Path, help="write a markdown table here")
+    return parser
 
 
 def write_results(args, env: dict, rows, title: str, units: str) -> None:

@@ -12,14 +12,13 @@ timed (integer outputs must be equal).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import cpu_time_us, gpu_time_ms, environment, format_row, write_results  # noqa: E402
+from _common import op_parser, cpu_time_us, gpu_time_ms, environment, format_row, write_results  # noqa: E402
 from fastvlm_kernels.ops.acceptance import (BACKENDS, accept_greedy, accept_greedy_reference,  # noqa: E402
                                             accept_sampling, accept_sampling_reference, accept_sampling_tree,
                                             accept_sampling_tree_reference)
@@ -155,12 +154,8 @@ def run(args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--min-time", type=float, default=0.2, help="CPU: seconds per measurement")
+    parser = op_parser(__doc__.splitlines()[0], min_time=0.2)
     parser.add_argument("--skip-reference", action="store_true", help="do not time the slow reference")
-    parser.add_argument("--json", type=Path, help="write the rows and the environment here")
-    parser.add_argument("--md", type=Path, help="write a markdown table here")
     args = parser.parse_args()
 
     env = environment(args.device)

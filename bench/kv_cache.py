@@ -15,7 +15,6 @@ call launches is counted with the profiler. Every configuration is checked again
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -23,7 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import copy_bandwidth_gbps, cpu_time_us, gpu_time_ms, environment, format_row, markdown  # noqa: E402
+from _common import (op_parser, copy_bandwidth_gbps, cpu_time_us, gpu_time_ms, environment, format_row,  # noqa: E402
+                     markdown)
 from fastvlm_kernels import KVCache  # noqa: E402
 from fastvlm_kernels.ops.kv_cache import BACKENDS, kv_append, kv_compact  # noqa: E402
 
@@ -195,11 +195,7 @@ def append_rows(device, timer):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--min-time", type=float, default=0.3, help="CPU: seconds per measurement")
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--md", type=Path)
+    parser = op_parser(__doc__.splitlines()[0], min_time=0.3)
     args = parser.parse_args()
     env = environment(args.device)
     print(f"kv_cache on {env['device']} (torch {env['torch']}, {env['threads']} threads)", flush=True)

@@ -12,7 +12,6 @@ Each configuration is checked against the reference chain before it is timed.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import (alternate, copy_bandwidth_gbps, gpu_time_ms, environment, format_row,  # noqa: E402
+from _common import (op_parser, alternate, copy_bandwidth_gbps, gpu_time_ms, environment, format_row,  # noqa: E402
                      same_size_read_us, span, write_results)
 from fastvlm_kernels.ops.lm_head import BACKENDS, _prepare, early_exit_head, verify_head  # noqa: E402
 
@@ -152,13 +151,9 @@ def run_gpu(args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser = op_parser(__doc__.splitlines()[0], min_time=1.0)
     parser.add_argument("--repeats", type=int, default=7, help="CPU: alternating calls per function (at least)")
-    parser.add_argument("--min-time", type=float, default=1.0, help="CPU: seconds per configuration (at least)")
     parser.add_argument("--heads", nargs="+", choices=[head[0] for head in HEADS], help="only these heads")
-    parser.add_argument("--json", type=Path, help="write the rows and the environment here")
-    parser.add_argument("--md", type=Path, help="write a markdown table here")
     args = parser.parse_args()
 
     env = environment(args.device)

@@ -16,7 +16,6 @@ on CUDA at a decode step's shape without synchronising (launch cost), on CPU at 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -24,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import (alternate, copy_bandwidth_gbps, cpu_time_us, gpu_time_ms, environment, format_row,  # noqa: E402
-                     same_size_read_us, span, write_results)
+from _common import (op_parser, alternate, copy_bandwidth_gbps, cpu_time_us, gpu_time_ms, environment,  # noqa: E402
+                     format_row, same_size_read_us, span, write_results)
 from fastvlm_kernels.ops.verify_attention import (BACKENDS, verify_attention, verify_attention_plan,  # noqa: E402
                                                   verify_attention_reference)
 from fastvlm_kernels.ops.verify_attention.reference import visibility_mask  # noqa: E402
@@ -191,17 +190,13 @@ def run_host_overhead(args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--min-time", type=float, default=0.2, help="CPU: seconds per measurement")
+    parser = op_parser(__doc__.splitlines()[0], min_time=0.2)
     parser.add_argument("--prefixes", type=int, nargs="+", default=list(CPU_PREFIXES), help="CPU: prefix lengths")
     parser.add_argument("--new-tokens", type=int, nargs="+", default=list(NEW_TOKENS), help="CPU: values of T")
     parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     parser.add_argument("--skip-reference", action="store_true", help="CPU: do not time the slow reference")
     parser.add_argument("--host-overhead", action="store_true",
                         help="host time per call of the kernel, a plan's run and the public call, per backend")
-    parser.add_argument("--json", type=Path, help="write the rows and the environment here")
-    parser.add_argument("--md", type=Path, help="write a markdown table here")
     args = parser.parse_args()
 
     env = environment(args.device)
