@@ -339,7 +339,7 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    from fastvlm_kernels.imitation.trainer import model_fingerprint
+    from fastvlm_kernels.imitation.teacher import model_fingerprint
     from fastvlm_kernels.models import smollm2
     model, tokenizer = smollm2.load()
     fingerprint = dict(model_fingerprint(model), max_new_tokens=args.max_new_tokens)

@@ -8,7 +8,7 @@
     python python/build_tiny_vlm.py --skip-imitation       # the VLM only
 
 What it does: procedural scenes (models/tiny/scenes.py) -> a word-level tokenizer and a LlavaProcessor
-(models/tiny/recipe.py) -> a LlavaForConditionalGeneration (CLIP vision tower, projector, 24-layer Llama of
+(python/tiny_vlm_recipe.py) -> a LlavaForConditionalGeneration (CLIP vision tower, projector, 24-layer Llama of
 width 256) trained from scratch in the joint phase: next-token loss plus the same loss at an exit after layer
 E - 1 (through the model's own final norm and LM head), so that the first E layers already draft well.
 Checkpoints go to --work-dir every --checkpoint-minutes; a rerun with the same options resumes from the last
@@ -37,7 +37,8 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fastvlm_kernels.models.tiny import recipe  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tiny_vlm_recipe as recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

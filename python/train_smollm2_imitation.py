@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fastvlm_kernels.imitation import ImitationNetwork, TrainConfig, train_imitation  # noqa: E402
 from fastvlm_kernels.imitation.data import Encoder, _read_cache, load_examples  # noqa: E402
 from fastvlm_kernels.imitation.evaluation import compare_drafters  # noqa: E402
-from fastvlm_kernels.imitation.trainer import model_fingerprint  # noqa: E402
+from fastvlm_kernels.imitation.teacher import model_fingerprint  # noqa: E402
 
 MAX_NEW_TOKENS = 160     # the data program's answer length (part of its responses cache's fingerprint)
 

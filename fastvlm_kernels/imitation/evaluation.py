@@ -24,6 +24,7 @@ from torch import nn
 
 from .data import Encoder, Example
 from .losses import draft_logits
+from .teacher import Taps, teacher_forward
 
 
 @dataclass
@@ -77,7 +78,6 @@ def compare_drafters(model: nn.Module, encoder: Encoder, examples: Sequence[Exam
     """:func:`teacher_forced_acceptance` of several drafters at one exit layer, ``{name: (network or None,
     draft_vocab or None)}``, from one forward of the full model per batch."""
     from ..decoding.adapters import adapter_for
-    from .trainer import _Taps, teacher_forward
     adapter = adapter_for(model)
     if not 1 <= exit_layer < adapter.num_layers:
         raise ValueError(f"exit_layer must be in [1, {adapter.num_layers - 1}], got {exit_layer}")
@@ -88,7 +88,7 @@ def compare_drafters(model: nn.Module, encoder: Encoder, examples: Sequence[Exam
             raise ValueError(f"drafter {name!r}: its network was trained for exit layer {network.config.exit_layer}, "
                              f"not {exit_layer}")
         prepared[name] = (network, vocab.to(device, torch.int64) if vocab is not None else None)
-    taps = _Taps(adapter.layers, exit_layer, adapter.num_layers)
+    taps = Taps(adapter.layers, exit_layer, adapter.num_layers)
     modes = {name: network.training for name, (network, _) in prepared.items() if network is not None}
     for name in modes:
         prepared[name][0].eval()

@@ -32,8 +32,9 @@ from typing import Callable, List, Sequence
 import numpy as np
 import torch
 
+from .checkpoint import write_json
 from .data import DataError, Encoder, Example
-from .trainer import _Taps, _write_json, tapped_forward
+from .teacher import Taps, tapped_forward
 
 CACHE_FORMAT = "fastvlm-teacher-cache/1"
 _ARRAYS = ("exit", "target", "last", "cos", "sin")
@@ -190,7 +191,7 @@ class TeacherCache:
             handle.truncate(sizes.get(name, 0) * 4)
             handle.seek(0, os.SEEK_END)
             handles[name] = handle
-        taps = _Taps(adapter.layers, exit_layer, target_layer)
+        taps = Taps(adapter.layers, exit_layer, target_layer)
         bar = tqdm(total=len(keys), initial=done, disable=not progress, desc="teacher cache", file=sys.stderr,
                    dynamic_ncols=True)
         started, tokens_this_run = time.perf_counter(), 0
@@ -224,7 +225,7 @@ class TeacherCache:
                 for handle in handles.values():
                     handle.flush()
                     os.fsync(handle.fileno())
-                _write_json(folder / "index.json", index)
+                write_json(folder / "index.json", index)
                 bar.update(len(chunk))
                 seconds = time.perf_counter() - started
                 bar.set_postfix_str(f"{tokens_this_run / max(seconds, 1e-9):.0f} tokens/s", refresh=False)
@@ -232,7 +233,7 @@ class TeacherCache:
             bar.close()
             for handle in handles.values():
                 handle.close()
-        _write_json(folder / "index.json", index)
+        write_json(folder / "index.json", index)
         return cls(folder)
 
 

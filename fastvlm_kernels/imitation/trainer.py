@@ -6,7 +6,7 @@ One training step (online: no stored corpus of hidden states or logits unless a 
    forward (vision tower, projector, positions) into its language model; forward hooks take the output of
    layer E-1 (the layer-E states the drafter sees), of layer ``target_layer - 1`` (the cosine target) and of
    the last layer (whose final norm and LM head give the full model's next-token logits), and a pre-hook
-   takes the attention mask and rotary embeddings the backbone's layer E receives;
+   takes the attention mask and rotary embeddings the backbone's layer E receives (:mod:`.teacher`);
 2. the imitation network runs, with gradient, on the layer-E states with that same mask and those same
    rotary embeddings: its decoder layers use transformers' ordinary attention over the full sequence
    (causal), not the decoder's cache path;
@@ -31,8 +31,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
-import os
 import shutil
 import sys
 import time
@@ -43,9 +41,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .data import DataError, Encoder, Example, TrainBatch, data_fingerprint, generate_responses, load_examples
+from .checkpoint import load_checkpoint, save_checkpoint, write_json
+from .data import DataError, Encoder, Example, data_fingerprint, generate_responses, load_examples
 from .losses import LossWeights, draft_logits, imitation_loss
 from .network import ImitationNetwork
+from .schedule import WarmupCosine
+from .teacher import Taps, cached_teacher, model_fingerprint, teacher_forward
+from .teacher_cache import TeacherCache
 
 RUN_FORMAT = "fastvlm-imitation-run/1"
 # Files a run writes in its folder (``--overwrite`` removes these and nothing else).
@@ -156,115 +158,7 @@ class TrainResult:
         return self.evals[-1] if self.evals else None
 
 
-# ---- the model ------------------------------------------------------------------------------------------------------
-
-
-def model_fingerprint(model: nn.Module) -> dict:
-    """Architecture, size and a checksum of a few weights: enough to tell two checkpoints apart cheaply."""
-    from ..decoding.adapters import adapter_for
-    from .network import _describe
-    adapter = adapter_for(model)
-    with torch.no_grad():
-        pieces = [adapter.lm_head.weight[:64], adapter.embed_tokens.weight[:64], adapter.norm.weight]
-        for layer in adapter.layers:
-            pieces.append(layer.input_layernorm.weight)
-            pieces.append(layer.self_attn.q_proj.weight[:4])
-        checksum = sum(float(piece.double().abs().sum()) for piece in pieces)
-    return dict(_describe(model), checksum=f"{checksum:.10e}")
-
-
-class _Taps:
-    """Hooks on the frozen backbone for one forward: the layer-E states, the target-layer states, the last
-    layer's output, and the keyword arguments (mask, rotary embeddings) layer E is called with."""
-
-    def __init__(self, layers: nn.ModuleList, exit_layer: int, target_layer: int):
-        self.layers, self.exit_layer, self.target_layer = layers, exit_layer, target_layer
-        self.values: Dict[str, object] = {}
-
-    def _store(self, name):
-        def hook(module, args, output):
-            self.values[name] = output[0] if isinstance(output, tuple) else output
-        return hook
-
-    def _store_kwargs(self, module, args, kwargs):
-        self.values["layer_kwargs"] = kwargs
-
-    @contextlib.contextmanager
-    def active(self):
-        self.values = {}
-        layers = self.layers
-        handles = [layers[self.exit_layer - 1].register_forward_hook(self._store("exit")),
-                   layers[self.target_layer - 1].register_forward_hook(self._store("target")),
-                   layers[len(layers) - 1].register_forward_hook(self._store("last")),
-                   layers[self.exit_layer].register_forward_pre_hook(self._store_kwargs, with_kwargs=True)]
-        try:
-            yield self.values
-        finally:
-            for handle in handles:
-                handle.remove()
-
-
-@dataclass
-class Teacher:
-    exit_states: torch.Tensor            # [B, T, H] output of backbone layer E-1
-    targets: torch.Tensor                # [M, H] output of layer target_layer-1 at the loss positions
-    logits: torch.Tensor                 # [M, V] the full model's next-token logits at the loss positions (fp32)
-    attention_mask: Optional[torch.Tensor]
-    position_embeddings: tuple
-
-
-@torch.no_grad()
-def tapped_forward(adapter, taps: _Taps, batch: TrainBatch) -> Dict[str, object]:
-    """The frozen model's own forward over ``batch`` up to its language model (images, positions), then the
-    language model with the taps attached: what the taps took (``exit``, ``target``, ``last``,
-    ``layer_kwargs``)."""
-    inputs = dict(batch.model_inputs)
-    prompt = adapter.prompt_inputs(inputs.pop("input_ids"), inputs.pop("attention_mask"), **inputs)
-    with taps.active() as values:
-        adapter.language_model(inputs_embeds=prompt.embeds, attention_mask=prompt.attention_mask,
-                               position_ids=prompt.positions, use_cache=False)
-    return values
-
-
-@torch.no_grad()
-def teacher_forward(adapter, taps: _Taps, batch: TrainBatch, vocab: Optional[torch.Tensor] = None) -> Teacher:
-    """Runs the frozen model once over ``batch``: its own forward up to the language model (images, positions),
-    then the language model with the taps attached. ``vocab``: the teacher's logits over those ids only."""
-    values = tapped_forward(adapter, taps, batch)
-    mask = batch.loss_mask
-    last = values["last"][mask]
-    logits = draft_logits(last, adapter.norm, adapter.lm_head, vocab).float()
-    kwargs = values["layer_kwargs"]
-    return Teacher(exit_states=values["exit"], targets=values["target"][mask], logits=logits,
-                   attention_mask=kwargs.get("attention_mask"), position_embeddings=kwargs["position_embeddings"])
-
-
-@torch.no_grad()
-def cached_teacher(adapter, cache, indices: Sequence[int], vocab: Optional[torch.Tensor], dtype: torch.dtype,
-                   device) -> tuple:
-    """(Teacher, loss mask) of the training examples ``indices`` read from a TeacherCache: the logits come from
-    the stored last-layer states through the model's final norm and LM head, as :func:`teacher_forward` makes
-    them. Rows are right-padded, so the causal mask alone keeps pads out (no attention mask)."""
-    stored = cache.batch(indices, dtype=dtype, device=device)
-    logits = draft_logits(stored.last.to(dtype), adapter.norm, adapter.lm_head, vocab).float()
-    return Teacher(exit_states=stored.exit_states, targets=stored.targets.to(dtype), logits=logits,
-                   attention_mask=None, position_embeddings=stored.position_embeddings), stored.loss_mask
-
-
-# ---- schedule and evaluation ----------------------------------------------------------------------------------------
-
-
-class WarmupCosine:
-    """LR multiplier: linear warmup over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
-
-    def __init__(self, warmup: int, total: int, min_ratio: float):
-        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        progress = (step - self.warmup) / max(1, self.total - self.warmup)
-        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+# ---- evaluation ----------------------------------------------------------------------------------------------------------
 
 
 def evaluate(model: nn.Module, encoder: Encoder, examples: Sequence[Example], exit_layer: int,
@@ -348,14 +242,8 @@ def prepare_out_dir(out_dir: Path, record: dict, *, resume: bool, overwrite: boo
     elif resume:
         say(f"nothing to resume in {out_dir}: starting a new run")
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(run_file, record)
+    write_json(run_file, record)
     return resume and (out_dir / "checkpoint.pt").exists()
-
-
-def _write_json(path: Path, value) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(temporary, path)
 
 
 def _split(examples: List[Example], config: TrainConfig):
@@ -434,7 +322,6 @@ def train_imitation(model: nn.Module, processor, data_dir: Path, out_dir: Path, 
                            batch_size=config.response_batch_size)
         cache = None
         if teacher_cache is not None:
-            from .teacher_cache import TeacherCache
             # holds exactly train_examples afterwards (a build continues only a build of these, in this order)
             cache = TeacherCache.build(model, encoder, train_examples, teacher_cache, exit_layer=config.exit_layer,
                                        target_layer=config.target_layer, model_fingerprint=record["model"],
@@ -514,7 +401,7 @@ def _train(model, adapter, encoder: Encoder, config: TrainConfig, train_examples
     step = 0
     checkpoint_path = out_dir / "checkpoint.pt"
     if resuming:
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        state = load_checkpoint(checkpoint_path)
         network.load_state_dict(state["network"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -527,16 +414,14 @@ def _train(model, adapter, encoder: Encoder, config: TrainConfig, train_examples
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         say(f"resuming {out_dir} at step {step} of {config.steps}")
 
-    def save_checkpoint() -> None:
+    def checkpoint() -> None:
         rng = {"torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         state = {"step": step, "network": network.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "history": history, "evals": [asdict(e) for e in evals],
                  "baseline": asdict(baseline) if baseline is not None else None, "rng": rng}
-        temporary = checkpoint_path.with_name("checkpoint.pt.tmp")
-        torch.save(state, temporary)
-        os.replace(temporary, checkpoint_path)
-        _write_json(out_dir / "history.json", {"steps": history, "evals": [asdict(e) for e in evals],
+        save_checkpoint(checkpoint_path, state)
+        write_json(out_dir / "history.json", {"steps": history, "evals": [asdict(e) for e in evals],
                                                "baseline": asdict(baseline) if baseline is not None else None})
 
     def run_eval() -> None:
@@ -555,7 +440,7 @@ def _train(model, adapter, encoder: Encoder, config: TrainConfig, train_examples
             f"(plain early exit {baseline.mean_accepted:.3f})")
 
     batch_order = _BatchOrder(len(train_examples), config.batch_size, config.seed)
-    taps = _Taps(adapter.layers, config.exit_layer, config.target_layer)
+    taps = Taps(adapter.layers, config.exit_layer, config.target_layer)
     weights = config.loss_weights()
     use_autocast = device.type == "cuda"
     last_step = config.steps if stop_after is None else min(config.steps, step + stop_after)
@@ -595,10 +480,10 @@ def _train(model, adapter, encoder: Encoder, config: TrainConfig, train_examples
             if config.eval_every and step % config.eval_every == 0 and step < config.steps:
                 run_eval()
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < last_step:
-                save_checkpoint()
+                checkpoint()
         if step == config.steps and (not evals or evals[-1].step != step):
             run_eval()
-        save_checkpoint()
+        checkpoint()
     finally:
         bar.close()
 

@@ -7,6 +7,7 @@ import torch
 from fastvlm_kernels.cli import main
 from fastvlm_kernels.imitation import ImitationNetwork
 
+from ..helpers import load_program
 from .models import TEXT, build, sharpen
 
 
@@ -80,8 +81,9 @@ def test_imitation_network_round_trip_and_mismatch(tmp_path):
 def test_generate_command_with_an_image(tmp_path, capsys):
     """A LLaVA checkpoint with its processor (the tiny VLM's recipe at reduced size, random weights) and an
     image file: the streamed answer is model.generate's."""
-    from fastvlm_kernels.models.tiny import recipe, scene
+    from fastvlm_kernels.models.tiny import scene
 
+    recipe = load_program("tiny_vlm_recipe")
     config = recipe.reduced()
     processor = recipe.build_processor(config)
     torch.manual_seed(0)
@@ -102,8 +104,7 @@ def test_generate_command_with_an_image(tmp_path, capsys):
 def test_demo_on_a_tiny_vlm_build(tmp_path, capsys):
     """`fastvlm demo` on a reduced random build of the tiny VLM with an (untrained) imitation network: both
     answers identical, the report and the scene images written."""
-    from fastvlm_kernels.models.tiny import recipe
-
+    recipe = load_program("tiny_vlm_recipe")
     config = recipe.reduced()
     processor = recipe.build_processor(config)
     torch.manual_seed(1)

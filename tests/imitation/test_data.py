@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastvlm_kernels.imitation.data import DataError, Encoder, Example, generate_responses, load_examples
-from fastvlm_kernels.imitation.trainer import model_fingerprint
+from fastvlm_kernels.imitation.teacher import model_fingerprint
 from tests.decoding.models import IMAGE_TOKEN, build
 
 from .helpers import llava_processor, random_words, tokenizer, write_image, write_prompts

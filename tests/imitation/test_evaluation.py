@@ -9,7 +9,7 @@ import torch
 from fastvlm_kernels import ImitationNetwork, SelfSpeculativeDecoder
 from fastvlm_kernels.imitation.data import Encoder, generate_responses, load_examples
 from fastvlm_kernels.imitation.evaluation import accepted_by_walk, teacher_forced_acceptance
-from fastvlm_kernels.imitation.trainer import model_fingerprint
+from fastvlm_kernels.imitation.teacher import model_fingerprint
 from tests.decoding.models import build, sharpen
 
 from .helpers import tokenizer, write_prompts

@@ -11,7 +11,7 @@ from fastvlm_kernels.decoding.adapters import adapter_for
 from fastvlm_kernels.imitation import TrainConfig, train_imitation
 from fastvlm_kernels.imitation.data import Encoder, load_examples
 from fastvlm_kernels.imitation.teacher_cache import TeacherCache, _from_rows, _to_rows, rotary_layout
-from fastvlm_kernels.imitation.trainer import _Taps, cached_teacher, model_fingerprint, teacher_forward
+from fastvlm_kernels.imitation.teacher import Taps, cached_teacher, model_fingerprint, teacher_forward
 from tests.decoding.models import NUM_LAYERS, build
 
 from .helpers import llava_processor, tokenizer, write_image, write_prompts
@@ -57,7 +57,7 @@ def test_cached_teacher_equals_the_live_one(tmp_path, family):
     cache = _build(model, encoder, examples, tmp_path / "cache", exit_layer, target_layer)
     cache.check(exit_layer=exit_layer, target_layer=target_layer, model_fingerprint=model_fingerprint(model),
                 encoder=encoder, examples=examples)
-    taps = _Taps(adapter.layers, exit_layer, target_layer)
+    taps = Taps(adapter.layers, exit_layer, target_layer)
     vocab = torch.tensor([0, 2, 5, 9, 17, 33, 64, 99])
     for indices in ([4, 0, 6], [1], [2, 3, 5, 1]):
         for subset in (None, vocab):
@@ -87,7 +87,7 @@ def test_rotary_tables_go_to_rows_and_back(family):
     adapter = adapter_for(case.model)
     from fastvlm_kernels.imitation.data import TrainBatch
     mask = case.inputs["attention_mask"].bool()
-    teacher = teacher_forward(adapter, _Taps(adapter.layers, 1, 2), TrainBatch(dict(case.inputs), mask))
+    teacher = teacher_forward(adapter, Taps(adapter.layers, 1, 2), TrainBatch(dict(case.inputs), mask))
     for table in teacher.position_embeddings:
         lead, tail = rotary_layout(table, 2, mask.shape[1])
         assert lead in ((), (3,)) and tail == (table.shape[-1],)

@@ -12,7 +12,7 @@ from fastvlm_kernels.decoding import SelfSpeculativeDecoder
 from fastvlm_kernels.decoding.adapters import adapter_for
 from fastvlm_kernels.imitation import ImitationNetwork, TrainConfig, train_imitation
 from fastvlm_kernels.imitation.data import Encoder, TrainBatch
-from fastvlm_kernels.imitation.trainer import _Taps, teacher_forward
+from fastvlm_kernels.imitation.teacher import Taps, teacher_forward
 from tests.decoding.models import FAMILIES, NUM_LAYERS, build, sharpen
 
 from .helpers import llava_processor, tokenizer, write_image, write_prompts
@@ -46,7 +46,7 @@ def test_teacher_values_are_the_models_own(reference_outputs, family, exit_layer
     adapter = adapter_for(case.model)
     mask = case.inputs["attention_mask"].bool()
     batch = TrainBatch(dict(case.inputs), mask)
-    teacher = teacher_forward(adapter, _Taps(adapter.layers, exit_layer, target_layer), batch)
+    teacher = teacher_forward(adapter, Taps(adapter.layers, exit_layer, target_layer), batch)
     torch.testing.assert_close(teacher.exit_states[mask], reference.hidden_states[exit_layer][mask])
     if target_layer < NUM_LAYERS:
         torch.testing.assert_close(teacher.targets, reference.hidden_states[target_layer][mask])
@@ -229,8 +229,8 @@ def test_a_draft_vocabulary_is_trained_saved_and_drafted_over(tmp_path):
     # the teacher's distribution is over the subset's ids
     adapter = adapter_for(case.model)
     batch = encoder.collate(examples[:2])
-    full = teacher_forward(adapter, _Taps(adapter.layers, 1, NUM_LAYERS), batch)
-    subset = teacher_forward(adapter, _Taps(adapter.layers, 1, NUM_LAYERS), batch, ids)
+    full = teacher_forward(adapter, Taps(adapter.layers, 1, NUM_LAYERS), batch)
+    subset = teacher_forward(adapter, Taps(adapter.layers, 1, NUM_LAYERS), batch, ids)
     torch.testing.assert_close(subset.logits, full.logits[:, ids])
     with pytest.raises(ValueError, match="draft_vocab"):
         TrainConfig(exit_layer=1, draft_vocab=-1).check(NUM_LAYERS)

@@ -10,8 +10,10 @@ import torch
 from PIL import Image
 
 from fastvlm_kernels.models import tiny
-from fastvlm_kernels.models.tiny import recipe, scenes
+from fastvlm_kernels.models.tiny import scenes
 from ..helpers import load_program
+
+recipe = load_program("tiny_vlm_recipe")
 
 SEEDS = range(0, 400, 7)
 

@@ -8,15 +8,16 @@ loss at layer ``EXIT_LAYER`` so that its first layers already draft well. Everyt
     inputs = processor(images=image, text=prompt, return_tensors="pt")
     print(processor.decode(model.generate(**inputs)[0], skip_special_tokens=True))
 
-The weights are built by ``python python/build_tiny_vlm.py`` (recipe and cost-model reasoning: README.md
-in this folder).
+The weights are built by ``python python/build_tiny_vlm.py`` (the recipe: ``python/tiny_vlm_recipe.py``; the
+reasoning behind it, cost model included: README.md in this folder). The package keeps what loading and using
+the model need: its configuration and prompt format (``config.py``) and the scenes (``scenes.py``).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
-from .recipe import HELD_OUT_SEED, TinyConfig, prompt_for
+from .config import HELD_OUT_SEED, TinyConfig, prompt_for
 from .scenes import Scene, make_scene, make_turn, render
 
 FOLDER = Path(__file__).resolve().parent

@@ -1,87 +1,40 @@
 """The recipe of the embedded tiny VLM: tokenizer, processor, model config, data and the joint training phase.
 
-``python/build_tiny_vlm.py`` is the command line over :func:`train`; the tests run the same functions on a
-reduced model for a few steps. Everything is deterministic from ``TinyConfig.seed``: example i of the run
+A program, not part of the package (which keeps only what loading and inference need: the configuration, the
+prompt format and the scenes, ``fastvlm_kernels.models.tiny``). ``python/build_tiny_vlm.py`` is the command
+line over :func:`train`; the tests load this file (``tests.helpers.load_program``) and run the same functions
+on a reduced model for a few steps. Everything is deterministic from ``TinyConfig.seed``: example i of the run
 is scene ``i`` with question seed ``i`` whatever the batch it lands in, so a resumed run sees the same data.
+The learning-rate schedule and the checkpoint files are the imitation trainer's
+(:mod:`fastvlm_kernels.imitation.schedule`, :mod:`fastvlm_kernels.imitation.checkpoint`).
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
+import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
 
-from . import scenes
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fastvlm_kernels.imitation.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from fastvlm_kernels.imitation.schedule import WarmupCosine  # noqa: E402
+from fastvlm_kernels.models.tiny import scenes  # noqa: E402
+from fastvlm_kernels.models.tiny.config import HELD_OUT_SEED, TinyConfig, prompt_for  # noqa: E402
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IMAGE)
-PROMPT_FORMAT = "USER: <image> {question} ASSISTANT:"
-# Seeds of the scenes that ``scene(seed)`` and evaluation use: far from the training range [0, steps * batch).
-HELD_OUT_SEED = 1_000_000_000
 BUCKET_STEPS = 8
 CHAT_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}USER: "
                  "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image> {% else %}"
                  "{{ item['text'] }}{% endif %}{% endfor %} {% else %}ASSISTANT: {% for item in message['content'] %}"
                  "{{ item['text'] }}{% endfor %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:"
                  "{% endif %}")
-
-
-@dataclass(frozen=True)
-class TinyConfig:
-    """Model size and training schedule. The defaults are the shipped model (README of models/tiny)."""
-    # text model (Llama): deep and narrow, head dim 64
-    num_layers: int = 24
-    hidden_size: int = 256
-    intermediate_size: int = 512
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    exit_layer: int = 3
-    # vision tower (CLIP): 72x72 images, 24x24 patches -> 9 image tokens, one per cell of the scene grid
-    vision_hidden_size: int = 128
-    vision_intermediate_size: int = 256
-    vision_layers: int = 2
-    vision_heads: int = 2
-    patch_size: int = 24
-    # training: the joint phase (next-token loss + early-exit loss at exit_layer through the final norm and head)
-    steps: int = 3000
-    batch_size: int = 24
-    learning_rate: float = 2e-3
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    exit_loss_weight: float = 1.0
-    # the vision tower's own supervision (recipe only; the probe is not part of the shipped model): each of the
-    # 9 image tokens, RMS-normalised as the text model's first norm sees it, must tell its grid cell's colour,
-    # kind, size and texture through linear heads. Alone for the first vision_warmup_steps (as a VLM starts
-    # from a pretrained vision tower), then added to the joint loss. Without it the image features collapsed
-    # into one large constant vector within 100 steps and the text model never read the image.
-    vision_warmup_steps: int = 100
-    vision_loss_weight: float = 1.0
-    probe_cells: bool = False        # the probe also names each token's grid cell (an experiment, see above)
-    # then count_steps joint steps of "how many shapes?" only, and grounding_steps of short questions answered
-    # from the image (scenes.GROUNDING_KINDS), before the full mix. With the mix from the start the text model
-    # learned the answers' grammar first and never read the image; with 400 grounding steps (the shipped run)
-    # it began to, late in the mixed phase (README). Counting alone is read from the image within 90 steps at
-    # full learning rate, but a 300-step counting phase was forgotten again in the grounding mix that
-    # followed (an experiment: count_steps=300, probe_cells=True); neither is in the shipped model.
-    count_steps: int = 0
-    grounding_steps: int = 400
-    seed: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TinyConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in known})
 
 
 # ---- tokenizer and processor -------------------------------------------------------------------------------------
@@ -127,10 +80,6 @@ def build_processor(config: TinyConfig):
 
 def num_image_tokens(config: TinyConfig) -> int:
     return (scenes.IMAGE_SIZE // config.patch_size) ** 2
-
-
-def prompt_for(question: str) -> str:
-    return PROMPT_FORMAT.format(question=question)
 
 
 # ---- model -------------------------------------------------------------------------------------------------------
@@ -316,22 +265,17 @@ def learning_rate(config: TinyConfig, step: int) -> float:
         phase_step, phase_steps = step, config.vision_warmup_steps
     else:
         phase_step, phase_steps = step - config.vision_warmup_steps, config.steps - config.vision_warmup_steps
-    warmup = min(config.warmup_steps, phase_steps)
-    if phase_step < warmup:
-        return config.learning_rate * (phase_step + 1) / warmup
-    progress = (phase_step - warmup) / max(1, phase_steps - warmup)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return config.learning_rate * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+    schedule = WarmupCosine(min(config.warmup_steps, phase_steps), phase_steps, config.min_lr_ratio)
+    return schedule.rate(config.learning_rate, phase_step)
 
 
 # ---- training ----------------------------------------------------------------------------------------------------
 
 def _save_checkpoint(path: Path, model, probe, optimizer, config: TinyConfig, step: int, elapsed: float,
                      log: list) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "probe": probe.state_dict(), "optimizer": optimizer.state_dict(), "config": config.to_dict(),
-                "step": step, "elapsed": elapsed, "log": log}, tmp)
-    os.replace(tmp, path)
+    save_checkpoint(path, {"model": model.state_dict(), "probe": probe.state_dict(),
+                           "optimizer": optimizer.state_dict(), "config": config.to_dict(), "step": step,
+                           "elapsed": elapsed, "log": log})
 
 
 def train(config: TinyConfig, out_dir: Path, work_dir: Path, *, checkpoint_every_s: float = 300.0,
@@ -355,7 +299,7 @@ def train(config: TinyConfig, out_dir: Path, work_dir: Path, *, checkpoint_every
                                   lr=config.learning_rate, betas=(0.9, 0.98))
     step, elapsed, log = 0, 0.0, []
     if checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(checkpoint_path)
         if TinyConfig.from_dict(state["config"]) != config:
             raise ValueError(f"{checkpoint_path} was written for another configuration; delete it or pass the same "
                              f"options (checkpoint: {state['config']})")
