@@ -38,8 +38,8 @@ class AdaptiveDraftLen:
     - Draft or plain: a moving average of the wall time per emitted token of drafting steps and of plain
       steps; the faster mode runs, and every ``probe_every`` steps ``probe_steps`` of the other refresh its
       estimate (acceptance changes along an answer). Plain is first tried after ``window`` drafting steps.
-      The estimates are kept per batch size across ``generate`` calls, so a later call starts in the mode
-      that was faster and does not pay the warmup again.
+      The estimates and the acceptance window are kept per batch size across ``generate`` calls, so a later
+      call starts in the mode that was faster, at the length acceptance asked for, without a new warmup.
     """
 
     def __init__(self, max_draft_len: int = 8, window: int = 8, probe_every: int = 24, probe_steps: int = 2,
@@ -51,6 +51,7 @@ class AdaptiveDraftLen:
         self.max_draft_len, self.window = max_draft_len, window
         self.probe_every, self.probe_steps, self.smoothing = probe_every, probe_steps, smoothing
         self.per_token: Dict[int, Dict[str, Optional[float]]] = {}   # batch size -> mode -> seconds per token
+        self.windows: Dict[int, deque] = {}                            # batch size -> recent mean accepted
         self.mode = "draft"
         self._estimates: Dict[str, Optional[float]] = {"draft": None, "plain": None}
         self._recent: deque = deque(maxlen=window)
@@ -59,10 +60,10 @@ class AdaptiveDraftLen:
 
     def start(self, batch: int) -> None:
         """A new ``generate`` call at this batch size: the faster mode by the estimates so far (drafting until
-        plain was timed), the acceptance window and probe counters restarted."""
+        plain was timed) and the acceptance window of earlier calls; the probe counters restart."""
         self._estimates = self.per_token.setdefault(batch, {"draft": None, "plain": None})
+        self._recent = self.windows.setdefault(batch, deque(maxlen=self.window))
         self.mode = self._faster() if None not in self._estimates.values() else "draft"
-        self._recent.clear()
         self._probe_left = 0
         self._since = 0
 

@@ -394,7 +394,7 @@ def test_adaptive_policy_falls_back_to_plain_and_probes_drafting_again():
 
 def test_adaptive_policy_draft_len_follows_acceptance():
     """k = ceil(mean accepted over the window) + 1, within [1, max_draft_len]; max_draft_len before any
-    drafting step."""
+    drafting step; the window carries over to the next call at the same batch size."""
     policy = AdaptiveDraftLen(max_draft_len=6, window=3)
     policy.start(2)
     assert policy.draft_len() == 6
@@ -403,8 +403,10 @@ def test_adaptive_policy_draft_len_follows_acceptance():
         assert policy.length_when_drafting() == expected, (accepted, policy._recent)
     policy.update(0, [0, 0], 1e-3)                        # a plain step leaves the window alone
     assert policy.length_when_drafting() == 6
-    policy.start(2)                                       # a new call: the window restarts
-    assert policy.draft_len() == 6
+    policy.start(2)                                       # a new call at this batch size keeps the window
+    assert policy.length_when_drafting() == 6
+    policy.start(3)                                       # another batch size has its own
+    assert policy.draft_len() == 6 and not policy._recent
 
 
 def test_adaptive_policy_starts_a_later_call_in_the_faster_mode():
