@@ -78,16 +78,21 @@ def test_imitation_network_round_trip_and_mismatch(tmp_path):
         ImitationNetwork.from_pretrained(tmp_path / "net", other.model)
 
 
+def _reduced_tiny_vlm(seed: int):
+    """(recipe program, config, processor, model): the tiny VLM's recipe at reduced size, random weights."""
+    recipe = load_program("tiny_vlm_recipe")
+    config = recipe.reduced()
+    processor = recipe.build_processor(config)
+    torch.manual_seed(seed)
+    return recipe, config, processor, recipe.build_model(config, processor).eval()
+
+
 def test_generate_command_with_an_image(tmp_path, capsys):
     """A LLaVA checkpoint with its processor (the tiny VLM's recipe at reduced size, random weights) and an
     image file: the streamed answer is model.generate's."""
     from fastvlm_kernels.models.tiny import scene
 
-    recipe = load_program("tiny_vlm_recipe")
-    config = recipe.reduced()
-    processor = recipe.build_processor(config)
-    torch.manual_seed(0)
-    model = recipe.build_model(config, processor).eval()
+    recipe, config, processor, model = _reduced_tiny_vlm(seed=0)
     folder = tmp_path / "vlm"
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -104,11 +109,7 @@ def test_generate_command_with_an_image(tmp_path, capsys):
 def test_demo_on_a_tiny_vlm_build(tmp_path, capsys):
     """`fastvlm demo` on a reduced random build of the tiny VLM with an (untrained) imitation network: both
     answers identical, the report and the scene images written."""
-    recipe = load_program("tiny_vlm_recipe")
-    config = recipe.reduced()
-    processor = recipe.build_processor(config)
-    torch.manual_seed(1)
-    model = recipe.build_model(config, processor).eval()
+    recipe, config, processor, model = _reduced_tiny_vlm(seed=1)
     folder = tmp_path / "tiny"
     recipe.write(model, processor, config, folder, dtype=torch.float32, log=[], elapsed=0.0)
     ImitationNetwork.from_model(model, exit_layer=config.exit_layer).save_pretrained(folder / "imitation",
