@@ -318,7 +318,7 @@ class SelfSpeculativeDecoder:
         return rows, state
 
     def plain_step(self, rows: Rows, state: StepState, sampling: Sampling, generator):
-        """x0 through all N layers and the head: ``(accept_len [B] = 0, emitted [B, 1])``."""
+        """x0 through all N layers and the head: ``(None, emitted [B, 1])`` (None: nothing was drafted)."""
         hidden = self.adapter.embed_tokens(rows.x0)[:, None]
         position_embeddings = self._rotary(hidden, rows.positions(1))
         state.prefix_lens = rows.lengths
@@ -330,7 +330,7 @@ class SelfSpeculativeDecoder:
         else:
             hidden = self._run_layers(hidden, 0, self.adapter.num_layers, position_embeddings, state)
         tokens = self._target_tokens(hidden[:, 0], None, sampling, generator)[0]
-        return torch.zeros_like(rows.lengths), tokens[:, None]
+        return None, tokens[:, None]
 
     def speculative_step(self, rows: Rows, state: StepState, draft_len: int, sampling: Sampling, generator,
                          subset_head=None, stats: Optional[GenerateStats] = None):

@@ -55,17 +55,24 @@ class Rows:
         self.x0 = x0
         self._emit([[token] for token in x0.tolist()])
 
-    def advance(self, accept_len: torch.Tensor, emitted: torch.Tensor) -> List[int]:
+    def advance(self, accept_len: Optional[torch.Tensor], emitted: torch.Tensor) -> List[int]:
         """Applies a step: row b keeps x0 and its first ``accept_len[b]`` drafts (their KV is in the cache) and
-        emits ``emitted[b, :accept_len[b] + 1]``; ``emitted[b, accept_len[b]]`` is its next x0. Returns the
-        accepted lengths of the rows that were unfinished at the step's start."""
-        host = torch.cat([accept_len.to(emitted.dtype)[:, None], emitted], dim=1).tolist()   # the one read
+        emits ``emitted[b, :accept_len[b] + 1]``; ``emitted[b, accept_len[b]]`` is its next x0. ``accept_len``
+        None: a plain step (``emitted [B, 1]``, nothing drafted). Returns the accepted lengths of the rows that
+        were unfinished at the step's start."""
         active = self.active()
-        self.lengths = self.lengths + (accept_len.to(torch.int32) + 1) * self.keep
+        if accept_len is None:
+            tokens = emitted[:, 0]
+            host = [[0, token] for token in tokens.tolist()]                                   # the one read
+            self.lengths = self.lengths + self.keep
+            self.x0 = tokens
+        else:
+            host = torch.cat([accept_len.to(emitted.dtype)[:, None], emitted], dim=1).tolist()  # the one read
+            self.lengths = self.lengths + (accept_len.to(torch.int32) + 1) * self.keep
+            self.x0 = emitted.gather(1, accept_len.long()[:, None])[:, 0]
         self.host_lengths = [length + (row[0] + 1 if not self.finished[b] else 0)
                              for b, (length, row) in enumerate(zip(self.host_lengths, host))]
         self.cache.rollback_unchecked(self.lengths, self.host_lengths)
-        self.x0 = emitted.gather(1, accept_len.long()[:, None])[:, 0]
         self._emit([row[1:row[0] + 2] for row in host])
         return [host[b][0] for b in active]
 
