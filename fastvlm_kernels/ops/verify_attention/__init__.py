@@ -199,44 +199,24 @@ def check_arguments(q, k_cache, v_cache, prefix_lens, tree_mask, out=None, out_l
     if prefix_lens.shape[0] != batch:
         raise _checks.size_error("prefix_lens", prefix_lens, 0, batch, "the batch size B of q")
     if tree_mask is not None:
-        if not isinstance(tree_mask, torch.Tensor):
-            raise _checks.not_a_tensor_error("tree_mask", tree_mask, "[B, T]")
-        if tree_mask.dim() != 2:
-            raise _checks.rank_error("tree_mask", tree_mask, 2, "[B, T]")
-        if tree_mask.dtype != torch.int64:
-            raise _checks.dtype_error("tree_mask", tree_mask, (torch.int64,))
-        if tree_mask.device != device:
-            raise _checks.same_device_error("tree_mask", tree_mask, "q", q)
-        if tree_mask.shape[0] != batch:
-            raise _checks.size_error("tree_mask", tree_mask, 0, batch, "the batch size B of q")
-        if tree_mask.shape[1] != num_new:
-            raise _checks.size_error("tree_mask", tree_mask, 1, num_new, "the number of new tokens T of q")
+        _checks.check_tensor("tree_mask", tree_mask, ndim=2, dtypes=(torch.int64,), shape_doc="[B, T]")
+        _checks.check_same_device("tree_mask", tree_mask, "q", q)
+        _checks.check_size("tree_mask", tree_mask, 0, batch, "the batch size B of q")
+        _checks.check_size("tree_mask", tree_mask, 1, num_new, "the number of new tokens T of q")
         if num_new > MAX_TREE_TOKENS:
             raise ValueError(f"tree_mask covers T={num_new} tokens; a tree holds at most {MAX_TREE_TOKENS} "
                              "(one int64 bitmask per query); pass tree_mask=None for a causal chain")
 
     if out is not None:
-        if not isinstance(out, torch.Tensor):
-            raise _checks.not_a_tensor_error("out", out, _Q_SHAPE)
-        if out.dim() != 4:
-            raise _checks.rank_error("out", out, 4, _Q_SHAPE)
-        if out.dtype != dtype:
-            raise _checks.dtype_error("out", out, (dtype,))
-        if out.device != device:
-            raise _checks.same_device_error("out", out, "q", q)
+        _checks.check_tensor("out", out, ndim=4, dtypes=(dtype,), shape_doc=_Q_SHAPE)
+        _checks.check_same_device("out", out, "q", q)
         if out.shape != shape:
             raise ValueError(f"out must have q's shape {tuple(shape)}, got {tuple(out.shape)}")
         if out.stride(3) != 1:
             raise _checks.last_dim_contiguous_error("out", out)
     if out_lse is not None:
-        if not isinstance(out_lse, torch.Tensor):
-            raise _checks.not_a_tensor_error("out_lse", out_lse, "[B, Hq, T]")
-        if out_lse.dim() != 3:
-            raise _checks.rank_error("out_lse", out_lse, 3, "[B, Hq, T]")
-        if out_lse.dtype != torch.float32:
-            raise _checks.dtype_error("out_lse", out_lse, (torch.float32,))
-        if out_lse.device != device:
-            raise _checks.same_device_error("out_lse", out_lse, "q", q)
+        _checks.check_tensor("out_lse", out_lse, ndim=3, dtypes=(torch.float32,), shape_doc="[B, Hq, T]")
+        _checks.check_same_device("out_lse", out_lse, "q", q)
         if out_lse.shape != shape[:3] or not out_lse.is_contiguous():
             raise ValueError(f"out_lse must be contiguous with shape {tuple(shape[:3])}, "
                              f"got shape {tuple(out_lse.shape)} and strides {tuple(out_lse.stride())}")
