@@ -355,10 +355,11 @@ class SelfSpeculativeDecoder:
         x0, d1 .. dk). ``subset_head``: draft_vocab's (ids, rows, bias), or None."""
         adapter = self.adapter
         current = rows.x0
+        first_position = rows.positions(1)                      # [B, 1]: x0's; the i-th draft's is + i
         drafts, probs, layer_e = [], [], []
         for i in range(draft_len + 1):
             hidden = adapter.embed_tokens(current)[:, None]
-            position_embeddings = self._rotary(hidden, rows.positions(1) + i)
+            position_embeddings = self._rotary(hidden, first_position + i)
             state.prefix_lens = rows.lengths + i
             hidden = self._run_layers(hidden, 0, self.exit_layer, position_embeddings, state)
             layer_e.append(hidden)
