@@ -166,8 +166,7 @@ class KVCache:
         """:meth:`rollback` without the checks, for a caller that computed both forms itself (the decoder's
         :class:`~fastvlm_kernels.decoding.rows.Rows`): ``new_lens [B]`` int32 on the cache's device and the
         same values as host ints, each at most the row's shortest layer length."""
-        self.lengths.copy_(new_lens.expand(self.num_layers, self.batch))
-        self._host_lengths = [list(host_lens) for _ in range(self.num_layers)]
+        self._set_lengths(host_lens, new_lens)
 
     def compact(self, start: Lengths, accepted: torch.Tensor, host_lens: Optional[Sequence[int]] = None, *,
                 validate: bool = True, backend: str = "auto") -> None:
