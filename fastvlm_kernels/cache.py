@@ -169,7 +169,7 @@ class KVCache:
         self._set_lengths(host_lens, new_lens)
 
     def compact(self, start: Lengths, accepted: torch.Tensor, host_lens: Optional[Sequence[int]] = None, *,
-                validate: bool = True, backend: str = "auto") -> None:
+                validate: bool = True, backend: str = "auto", layers: Optional[slice] = None) -> None:
         """Rolls back to a draft tree's accepted path: moves each row's accepted nodes to ``start, start+1,
         ...`` in every layer with one ``kv_compact`` launch, then sets every layer's length of row b to
         ``start[b] + (number of accepted nodes of row b)``.
@@ -178,6 +178,9 @@ class KVCache:
         device, node indices relative to start, strictly increasing, -1 padded. host_lens: the resulting
         lengths as Python ints if the caller has them. validate: check the values (reads start and
         accepted back: one synchronisation); with validate=False and host_lens given, nothing is read.
+        layers: a ``slice`` of cache layers to move (default: all of them) when different layers hold the tree's
+            nodes in different orders (the decoder's dynamic tree: its draft layers hold every drafted node,
+            the layers above the exit only the verified ones); the lengths of every layer are set either way.
         """
         _checks.check_tensor("accepted", accepted, ndim=2, dtypes=INDEX_DTYPES, shape_doc="[B, A]")
         if accepted.device != self.device:
@@ -206,7 +209,10 @@ class KVCache:
         if host_lens is None:
             host_lens = [starts[b] + sum(1 for node in nodes[b] if node >= 0) for b in range(self.batch)]
         host = self._host_ints("host_lens", host_lens)
-        kv_compact(self.buffer, start_device, accepted, validate=False, backend=backend)
+        if layers is not None and not isinstance(layers, slice):
+            raise TypeError(f"layers must be a slice of cache layers or None, got {type(layers).__name__}")
+        buffer = self.buffer if layers is None else self.buffer[layers]
+        kv_compact(buffer, start_device, accepted, validate=False, backend=backend)
         self._set_lengths(host, new_lens)
 
     def reset(self) -> None:

@@ -26,10 +26,17 @@ STATE_KWARG = "fastvlm_state"
 @dataclass
 class StepState:
     """What one pass over some layers needs: the cache, where each row's new tokens start (``[B]`` int32
-    on the cache's device; every layer of one pass starts at the same lengths) and an optional tree mask."""
+    on the cache's device; every layer of one pass starts at the same lengths) and an optional tree mask.
+
+    ``query_offset`` > 0 (a draft tree's later depth): the new tokens of this pass are the last ones of a
+    window that starts at ``prefix_lens`` and whose first ``query_offset`` tokens (the earlier depths) are
+    already in the cache; ``tree_mask`` ``[B, query_offset + T]`` covers the whole window. The pass's queries
+    go to ``verify_attention`` behind ``query_offset`` zero rows (their outputs are dropped), so each new
+    token sees exactly its ancestors among the earlier depths."""
     cache: KVCache
     prefix_lens: torch.Tensor
     tree_mask: Optional[torch.Tensor] = None
+    query_offset: int = 0
     calls: Optional[dict] = None   # layer_idx -> number of tokens attended, when counting (tests)
     plan: Optional[VerifyAttentionPlan] = None   # made at the first attention call (inputs checked once)
     requested_backend: str = "auto"   # "auto" or a verify_attention backend name
@@ -65,6 +72,13 @@ def attend(state: StepState, layer: int, query, key, value, sm_scale: float) -> 
         state.cache.append_unchecked(layer, key, value)
         keys, values = state.cache.layer_unchecked(layer)
     batch, num_heads, num_new, head_dim = query.shape
+    offset = state.query_offset
+    if offset:
+        padded = query.new_zeros((batch, num_heads, offset + num_new, head_dim))
+        padded[:, :, offset:] = query
+        out = query.new_empty((batch, offset + num_new, num_heads, head_dim))
+        plan.run(padded, keys, values, state.prefix_lens, state.tree_mask, out=out.transpose(1, 2))
+        return out[:, offset:]
     out = query.new_empty((batch, num_new, num_heads, head_dim))
     plan.run(query, keys, values, state.prefix_lens, state.tree_mask, out=out.transpose(1, 2))
     return out

@@ -28,6 +28,7 @@ from .attention import STATE_KWARG, StepState, attention_implementation
 from .options import UNSUPPORTED_GENERATION_OPTIONS, GenerationOptions, Sampling, resolve
 from .policy import AdaptiveDraftLen, FixedDraftLen
 from .rows import Rows
+from .tree_step import TreeDrafter, check_tree_arguments
 
 
 @dataclass
@@ -92,7 +93,18 @@ class SelfSpeculativeDecoder:
         imitation: an :class:`~fastvlm_kernels.imitation.ImitationNetwork` trained for this model and E.
         draft_len: k >= 0 drafted tokens per step (0: plain autoregressive decoding through the package's
             attention and cache), or "adaptive".
-        tree: draft trees are not supported by the decoder yet (the tree ops are); None.
+        tree: None (a chain of ``draft_len`` drafts), a static tree as a list of paths of child ranks from the
+            root (Medusa's and EAGLE's "choices": ``[(0,), (1,), (0, 0), ...]``, ``(0, 1)`` being the second
+            best draft token after the best one; its depth at most ``draft_len`` / ``max_draft_len``), or
+            ``"dynamic"``: EAGLE-2's expansion, ``tree_width`` nodes kept per depth (the top ``tree_width``
+            children of each by cumulative draft log-probability), depth ``draft_len`` (or the adaptive
+            length), the best ``tree_budget`` drafted nodes verified. Each depth's nodes go through layers
+            [0, E) in one pass and every verified node through [E, N) in one (:mod:`.tree_step`). Greedy stays
+            token-identical; sampling stays exact (children are independent draws from the draft
+            distribution, the contract of ``accept_sampling_tree``; a dynamic tree then verifies every
+            drafted node).
+        tree_budget: drafted nodes verified per step with ``tree="dynamic"`` (default: all of them).
+        tree_width: nodes per depth of the dynamic tree.
         adaptive_window, max_draft_len: with "adaptive" (:class:`~.policy.AdaptiveDraftLen`), k follows the
             mean accepted length of the last ``adaptive_window`` drafting steps, between 1 and
             ``max_draft_len``; and where drafting does not pay (measured time per emitted token) steps fall
@@ -117,7 +129,8 @@ class SelfSpeculativeDecoder:
     """
 
     def __init__(self, model: nn.Module, exit_layer: int, imitation: Optional[nn.Module] = None,
-                 draft_len: Union[int, str] = 4, tree=None, *, adaptive_window: int = 8, max_draft_len: int = 8, max_cache_len: Optional[int] = None,
+                 draft_len: Union[int, str] = 4, tree=None, *, tree_budget: Optional[int] = None, tree_width: int = 4,
+                 adaptive_window: int = 8, max_draft_len: int = 8, max_cache_len: Optional[int] = None,
                  attention_backend: str = "auto", lean_layers: bool = True,
                  draft_vocab: Optional[torch.Tensor] = None, profile: bool = False):
         self.adapter: Adapter = adapter_for(model)
@@ -128,9 +141,6 @@ class SelfSpeculativeDecoder:
         if not 1 <= exit_layer < num_layers:
             raise ValueError(f"exit_layer must be in [1, {num_layers - 1}] for this {num_layers}-layer model, "
                              f"got {exit_layer}")
-        if tree is not None:
-            raise ValueError("tree: the decoder drafts chains only so far (the tree attention, acceptance and "
-                             "compaction ops exist); pass tree=None")
         self.adaptive = draft_len == "adaptive"
         if not self.adaptive:
             if isinstance(draft_len, bool) or not isinstance(draft_len, int) or draft_len < 0:
@@ -168,6 +178,14 @@ class SelfSpeculativeDecoder:
         if draft_vocab is None and imitation is not None:
             draft_vocab = getattr(imitation, "draft_vocab", None)
         self.draft_vocab = self._check_draft_vocab(draft_vocab)
+        checked = check_tree_arguments(tree, tree_budget, tree_width, self.max_draft_len,
+                                       None if self.draft_vocab is None else self.draft_vocab.numel())
+        self._tree: Optional[TreeDrafter] = None if checked is None else TreeDrafter(*checked)
+        if self._tree is not None and self.max_draft_len == 0:
+            raise ValueError("draft_len=0 drafts nothing: a tree needs draft_len >= 1 or 'adaptive'")
+        # positions one step appends to a cache layer at most: the chain's x0 and k drafts, or the tree's nodes
+        self._step_positions = (self.max_draft_len + 1 if self._tree is None
+                                else self._tree.max_nodes(self.max_draft_len))
         self._plans: dict = {}
         self.profile = bool(profile)
         self.count_calls = False   # tests: count the tokens each layer attends (StepState.calls)
@@ -234,12 +252,16 @@ class SelfSpeculativeDecoder:
             while not rows.done:
                 step_start = time.perf_counter()
                 draft_len = policy.draft_len()
+                paths = None
                 if draft_len == 0:
                     accept_len, emitted = self.plain_step(rows, state, options.sampling, generator)
+                elif self._tree is not None:
+                    accept_len, emitted, paths = self.tree_step(rows, state, draft_len, options.sampling, generator,
+                                                                subset_head, stats)
                 else:
                     accept_len, emitted = self.speculative_step(rows, state, draft_len, options.sampling, generator,
                                                                 subset_head, stats)
-                accepted = rows.advance(accept_len, emitted)          # the step's one device-to-host read
+                accepted = rows.advance(accept_len, emitted, paths)   # the step's one device-to-host read
                 stats.record(draft_len, accepted)
                 policy.update(draft_len, accepted, time.perf_counter() - step_start)
             if streamer is not None:
@@ -285,11 +307,12 @@ class SelfSpeculativeDecoder:
         adapter, device = self.adapter, input_ids.device
         batch, prompt_len = input_ids.shape
         # A row that finishes mid-step keeps up to k tokens past max_new_tokens in its cache, and a finished
-        # row still runs (and rolls back) k + 1 positions per step while other rows go on.
-        max_len = prompt_len + options.max_new_tokens + 2 * self.max_draft_len + 1
+        # row still runs (and rolls back) a step's positions (k + 1, or the tree's nodes) while other rows go on.
+        max_len = prompt_len + options.max_new_tokens + self.max_draft_len + self._step_positions
         if self.max_cache_len is not None and max_len > self.max_cache_len:
             raise ValueError(f"max_new_tokens={options.max_new_tokens}: the prompt ({prompt_len}) + new tokens + "
-                             f"twice the draft length ({self.max_draft_len}) + 1 need {max_len} cache positions > "
+                             f"the draft length ({self.max_draft_len}) + one step's positions "
+                             f"({self._step_positions}) need {max_len} cache positions > "
                              f"max_cache_len={self.max_cache_len}")
         prompt = adapter.prompt_inputs(input_ids, attention_mask, **model_inputs)
         mask = attention_mask.bool()
@@ -349,6 +372,33 @@ class SelfSpeculativeDecoder:
             self._sync(rows.lengths.device)
             stats.verify_time += time.perf_counter() - verify_start
         return result
+
+    def tree_step(self, rows: Rows, state: StepState, depth: int, sampling: Sampling, generator, subset_head=None,
+                  stats: Optional[GenerateStats] = None):
+        """Drafts a tree of depth ``depth``, verifies it in one pass and accepts a path (:mod:`.tree_step`):
+        ``(accept_len [B] int32, emitted [B, Nv] int64, paths)``, paths for :meth:`Rows.advance`."""
+        if self.profile:
+            self._sync(rows.lengths.device)
+            draft_start = time.perf_counter()
+        drafted = self._tree.draft(self, rows, state, depth, sampling, generator, subset_head)
+        if self.profile:
+            self._sync(rows.lengths.device)
+            verify_start = time.perf_counter()
+            stats.draft_time += verify_start - draft_start
+        result = self._tree.verify(self, rows, state, drafted, sampling, generator)
+        if self.profile:
+            self._sync(rows.lengths.device)
+            stats.verify_time += time.perf_counter() - verify_start
+        return result
+
+    def _tree_paths(self, draft_path: torch.Tensor, verify_path: torch.Tensor):
+        """Compaction of a tree whose draft layers ([0, E) and the imitation layers) hold every drafted node and
+        whose layers [E, N) hold the verified ones: each group of cache layers with its own node indices."""
+        exit_layer, num_layers = self.exit_layer, self.adapter.num_layers
+        paths = [(slice(0, exit_layer), draft_path), (slice(exit_layer, num_layers), verify_path)]
+        if self._drafts and self.imitation.num_cache_layers:
+            paths.append((slice(num_layers, None), draft_path))
+        return paths
 
     def _draft(self, rows: Rows, state: StepState, draft_len: int, sampling: Sampling, generator, subset_head):
         """Drafts k tokens; returns (drafts [B, k], draft probs [B, k, V] or None, layer-E states [B, k+1, H] of

@@ -8,7 +8,7 @@ keeps running with the others (static shapes) but keeps nothing: its length stay
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -55,12 +55,17 @@ class Rows:
         self.x0 = x0
         self._emit([[token] for token in x0.tolist()])
 
-    def advance(self, accept_len: Optional[torch.Tensor], emitted: torch.Tensor) -> List[int]:
+    def advance(self, accept_len: Optional[torch.Tensor], emitted: torch.Tensor,
+                paths: Optional[Sequence[Tuple[Optional[slice], torch.Tensor]]] = None) -> List[int]:
         """Applies a step: row b keeps x0 and its first ``accept_len[b]`` drafts (their KV is in the cache) and
         emits ``emitted[b, :accept_len[b] + 1]``; ``emitted[b, accept_len[b]]`` is its next x0. ``accept_len``
-        None: a plain step (``emitted [B, 1]``, nothing drafted). Returns the accepted lengths of the rows that
-        were unfinished at the step's start."""
+        None: a plain step (``emitted [B, 1]``, nothing drafted). ``paths``: a draft tree's step, whose kept
+        nodes are not the first positions after each row's length: ``(layers, path [B, N])`` pairs, path being
+        0 (the root, x0) then the accepted nodes' indices in those cache layers' order, -1 padded (``layers``
+        None: every layer); the nodes are compacted in place (``KVCache.compact``, no read) instead of a
+        rollback. Returns the accepted lengths of the rows that were unfinished at the step's start."""
         active = self.active()
+        start = self.lengths
         if accept_len is None:
             tokens = emitted[:, 0]
             host = [[0, token] for token in tokens.tolist()]                                   # the one read
@@ -72,7 +77,13 @@ class Rows:
             self.x0 = emitted.gather(1, accept_len.long()[:, None])[:, 0]
         self.host_lengths = [length + (row[0] + 1 if not self.finished[b] else 0)
                              for b, (length, row) in enumerate(zip(self.host_lengths, host))]
-        self.cache.rollback_unchecked(self.lengths, self.host_lengths)
+        if paths is None:
+            self.cache.rollback_unchecked(self.lengths, self.host_lengths)
+        else:
+            kept = self.keep.bool()[:, None]          # a finished row keeps nothing: all -1, its length stays
+            for layers, path in paths:
+                self.cache.compact(start, torch.where(kept, path, -1), self.host_lengths, validate=False,
+                                   layers=layers)
         self._emit([row[1:row[0] + 2] for row in host])
         return [host[b][0] for b in active]
 
