@@ -236,6 +236,24 @@ def test_compact_with_host_lens_reads_nothing_and_moves_the_path():
     assert torch.equal(cache.layer(1)[0][1, :, 0], keys[1, :, 4])
 
 
+def test_compact_layers_moves_only_those_layers_and_sets_every_length():
+    """Layer groups holding a tree's nodes in different orders (the decoder's dynamic tree): each group
+    compacted with its own path; every layer's length set by each call."""
+    cache = _filled(lengths=(5, 5))
+    before = cache.buffer.clone()
+    cache.compact(torch.tensor([1, 0]), torch.tensor([[0, 3, -1], [0, 2, 4]]), host_lens=[3, 3], validate=False,
+                  layers=slice(0, 1))
+    assert torch.equal(cache.buffer[1], before[1])                                   # layer 1 untouched
+    assert torch.equal(cache.buffer[0, :, 0, :, 1:3], before[0, :, 0, :, [1, 4]])
+    assert torch.equal(cache.buffer[0, :, 1, :, 0:3], before[0, :, 1, :, [0, 2, 4]])
+    cache.compact(torch.tensor([1, 0]), torch.tensor([[0, 1, -1], [0, 1, 3]]), host_lens=[3, 3], validate=False,
+                  layers=slice(1, None))
+    assert torch.equal(cache.buffer[1, :, 1, :, 0:3], before[1, :, 1, :, [0, 1, 3]])
+    assert cache.host_lengths == [[3, 3], [3, 3]] and cache.lengths.tolist() == [[3, 3], [3, 3]]
+    with pytest.raises(TypeError, match="layers must be a slice"):
+        cache.compact([0, 0], torch.tensor([[0, -1], [0, -1]]), layers=1)
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(num_layers=0), ValueError, "num_layers must be >= 1"),
     (dict(batch=2.0), TypeError, "batch must be an int"),

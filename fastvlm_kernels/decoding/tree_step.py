@@ -225,8 +225,13 @@ class TreeDrafter:
         owner = torch.sort(value.reshape(batch, count * slots), dim=1, descending=True, stable=True
                            ).indices[:, :slots] // slots                                  # [B, W] level positions
         owner = torch.sort(owner, dim=1).values                                        # siblings together
+        # slot s is its parent's r-th child, r = s - (the parent's first slot); every frontier node draws
+        # `slots` candidates (what a parent with all the slots would need) and its children take the first ones
+        first = torch.searchsorted(owner, owner, right=False)
+        rank = torch.arange(slots, device=q.device) - first
+        draws = self.draw_children(q.reshape(batch * count, -1), slots, generator).view(batch, count * slots)
+        drawn = draws.gather(1, owner * slots + rank)                                   # [B, W]
         rows_q = q.gather(1, owner[..., None].expand(-1, -1, q.shape[-1]))              # [B, W, V]
-        drawn = self.draw_children(rows_q.reshape(batch * slots, -1), 1, generator).view(batch, slots)
         logq = torch.log(rows_q.gather(2, drawn[..., None])[..., 0].clamp_min(1e-30))
         self._set_children(tokens, parents, masks, scores, drawn, scores[:, lo:hi].gather(1, owner) + logq,
                            lo + owner, nlo, nhi)

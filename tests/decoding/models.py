@@ -167,9 +167,11 @@ def build(family: str, seed: int = 0, batch: int = 1, dtype=torch.float32) -> Ca
 
 
 def patch_acceptance(patch, name: str, replacement) -> None:
-    """Makes the decoder's ``name`` plans ("accept_greedy" or "accept_sampling") call
+    """Makes the decoder's ``name`` plans ("accept_greedy", "accept_sampling" or their "_tree" forms) call
     ``replacement(run, *args, **kwargs)`` where they would run the chosen kernel; ``run`` is the real plan's."""
-    import fastvlm_kernels.decoding.decoder as decoder_module
+    import fastvlm_kernels.decoding.decoder as chain_module
+    import fastvlm_kernels.decoding.tree_step as tree_module
+    decoder_module = tree_module if name.endswith("_tree") else chain_module
     make_plan = getattr(decoder_module, name + "_plan")
 
     class Plan:
