@@ -100,6 +100,61 @@ def early_exit_config(model):
         config.__class__ = original
 
 
+def parse_tree(spec: str) -> dict:
+    """--trees' spec as SelfSpeculativeDecoder keywords (plus a short 'name' for the row)."""
+    import ast
+    import re
+    match = re.fullmatch(r"d(\d+)-k(\d+|a)(?:-b(\d+))?", spec)
+    if match:
+        width, depth, budget = match.groups()
+        kwargs = dict(tree="dynamic", tree_width=int(width), name=spec)
+        if depth == "a":
+            kwargs.update(draft_len="adaptive", max_draft_len=8 if 1 + 8 * int(width) <= 64 else 63 // int(width))
+        else:
+            kwargs["draft_len"] = int(depth)
+        if budget:
+            kwargs["tree_budget"] = int(budget)
+        return kwargs
+    try:
+        paths = [tuple(path) for path in ast.literal_eval(f"[{spec}]")]
+    except (ValueError, SyntaxError, TypeError):
+        raise SystemExit(f"--trees {spec!r}: expected dW-kD[-bB] or paths like '(0,),(1,),(0,0)'") from None
+    return dict(tree=paths, draft_len=max(len(path) for path in paths), name=f"static{len(paths)}")
+
+
+def tree_cost(parts: dict, decoder, mean_accepted: float, num_layers: int, imitation_layers: int) -> tuple:
+    """docs/design.md's cost model for a tree step, with the measured parts: each depth's pass of E layers over
+    its nodes (``layer_T{n}``) plus the imitation layers, the draft head's top-k over those nodes
+    (``draft_top_{n}``), the last depth's pass, one pass of N - E layers over the verified nodes and the verify
+    head on them; against a plain token. Returns (predicted speedup, step seconds)."""
+    sizes, verified = tree_shape(decoder)
+    draft = 0.0
+    for d, size in enumerate(sizes):
+        draft += (decoder.exit_layer + imitation_layers) * parts[f"layer_T{size}"]
+        if d < len(sizes) - 1:
+            draft += parts[f"draft_top_{size}"]
+    verify = (num_layers - decoder.exit_layer) * parts[f"layer_T{verified}"] + parts[f"verify_head_T{verified}"]
+    token = num_layers * parts["layer_T1"] + parts["verify_head_T1"]
+    step = draft + verify
+    return (mean_accepted + 1) * token / step, step
+
+
+def tree_shape(decoder) -> tuple:
+    """(nodes of each depth's draft pass, verified nodes with the root) of a fixed-depth tree decoder's step."""
+    tree = decoder._tree
+    depth = decoder.max_draft_len
+    if tree.static is not None:
+        static, _ = tree.static.at_depth(depth)
+        return [len(level) for level in static.levels], static.num_nodes
+    return [1] + [tree.width] * depth, 1 + min(tree.budget, tree.width * depth)
+
+
+def tree_part_sizes(decoder) -> tuple:
+    """(layer pass sizes, draft-head row counts, verify-head row counts) a tree decoder's cost model needs."""
+    sizes, verified = tree_shape(decoder)
+    return set(sizes) | {verified}, set(sizes[:-1]), {verified}
+
+
 def heldout_prompts(folder: Path, seed: int) -> list:
     """The chat-formatted prompts of a prompts folder (python/build_smollm2_data.py's held-out split), in a
     seeded order that spreads them over topics and templates."""
@@ -118,11 +173,14 @@ def adapter_layers(model) -> int:
     return adapter_for(model).num_layers
 
 
-def measure_parts(model, exit_layer: int, prompt_len: int, draft_lens, repeats: int = 30) -> dict:
+def measure_parts(model, exit_layer: int, prompt_len: int, draft_lens, repeats: int = 30, extra_tokens=(),
+                  verify_rows=(), draft_top=(), draft_vocab=None) -> dict:
     """Medians (seconds) of the parts a decoder step is made of, timed on this machine the way the decoder runs
     them (lean layer path when supported, the package's KVCache and attention, the fused heads): one layer
     over T new tokens after ``prompt_len`` cached ones for T = 1 and k + 1, the early-exit head on one row
-    and the verify head on k + 1 rows."""
+    and the verify head on k + 1 rows; for trees also the layer over ``extra_tokens`` tokens, the verify head on
+    ``verify_rows`` rows and the draft head's top-n over n rows for n in ``draft_top`` (``draft_top_{n}``,
+    over ``draft_vocab`` when given)."""
     from fastvlm_kernels import KVCache, early_exit_head, verify_head
     from fastvlm_kernels.decoding import lean
     from fastvlm_kernels.decoding.adapters import adapter_for
@@ -135,7 +193,7 @@ def measure_parts(model, exit_layer: int, prompt_len: int, draft_lens, repeats: 
     device = adapter.norm.weight.device
     layer = adapter.layers[exit_layer]
     lean_layer = lean.lean_layers([layer])[0]
-    tokens = sorted({1} | {k + 1 for k in draft_lens})
+    tokens = sorted({1} | {k + 1 for k in draft_lens} | set(extra_tokens))
     parts = {}
     with torch.no_grad(), attention_implementation(adapter.attention_configs()):
         cache = KVCache(adapter.num_layers, 1, config.num_key_value_heads, head_dim, prompt_len + 64, dtype, device)
@@ -169,10 +227,14 @@ def measure_parts(model, exit_layer: int, prompt_len: int, draft_lens, repeats: 
         weight, norm = adapter.lm_head.weight, adapter.norm.weight
         heads = {"draft_head": lambda: early_exit_head(torch.randn(1, config.hidden_size, dtype=dtype, device=device),
                                                        norm, weight, eps=adapter.norm_eps)}
-        for k in sorted(set(draft_lens) | {0}):
-            heads[f"verify_head_T{k + 1}"] = lambda k=k: verify_head(
-                torch.randn(k + 1, config.hidden_size, dtype=dtype, device=device), norm, weight,
-                torch.zeros(k + 1, dtype=torch.long, device=device), eps=adapter.norm_eps)
+        for rows in sorted({k + 1 for k in draft_lens} | {1} | set(verify_rows)):
+            heads[f"verify_head_T{rows}"] = lambda rows=rows: verify_head(
+                torch.randn(rows, config.hidden_size, dtype=dtype, device=device), norm, weight,
+                torch.zeros(rows, dtype=torch.long, device=device), eps=adapter.norm_eps)
+        for rows in sorted(draft_top):
+            heads[f"draft_top_{rows}"] = lambda rows=rows: early_exit_head(
+                torch.randn(rows, config.hidden_size, dtype=dtype, device=device), norm, weight, mode="topk",
+                top_k=rows, eps=adapter.norm_eps, vocab_subset=draft_vocab)
         for name, seconds in alternate(heads, repeats).items():
             parts[name] = seconds
     return parts
@@ -241,6 +303,10 @@ def main():
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--exit-layer", type=int, help="default 4; tiny: the layer it was trained for")
     parser.add_argument("--draft-lens", nargs="+", default=["0", "3", "adaptive"])
+    parser.add_argument("--trees", nargs="+", default=[],
+                        help="draft trees beside the chains, each run with every drafter: dW-kD[-bB] for "
+                             "tree='dynamic' of width W, depth D (k adaptive: 'ka') and budget B (default W * D), "
+                             "or a static tree as its paths, e.g. '(0,),(1,),(0,0)' (depth = its longest path)")
     parser.add_argument("--imitation", type=Path, nargs="+",
                         help="trained imitation networks for this model (each runs at its own exit layer)")
     parser.add_argument("--heldout", type=Path,
@@ -369,6 +435,20 @@ def main():
                 print(f"  assisted generation with assistant_early_exit: unavailable "
                       f"({type(error).__name__}: {str(error).splitlines()[0][:100]})", flush=True)
         decoders = {}
+        for spec in args.trees:
+            tree_kwargs = parse_tree(spec)
+            for label, exit_layer, network, vocabulary in drafters:
+                name = f"decoder_tree-{tree_kwargs.pop('name', spec)}{label}"
+                decoder = SelfSpeculativeDecoder(model, exit_layer, imitation=network, draft_vocab=vocabulary,
+                                                 **tree_kwargs)
+                tree_kwargs = parse_tree(spec)
+                outs = run_all(lambda inputs, decoder=decoder: decoder.generate(**inputs, **options))
+                identical = all(torch.equal(out.sequences, want) for out, want in zip(outs, expected))
+                if not identical and args.dtype == "fp32":
+                    raise SystemExit(f"{name}: output differs from model.generate")
+                decoders[name] = (decoder, [out.stats for out in outs], identical)
+                print(f"  checked {name}: {'identical to' if identical else 'DIFFERS from'} generate", flush=True)
+                functions[name] = lambda decoder=decoder: run_all(lambda inputs: decoder.generate(**inputs, **options))
         for draft_len in args.draft_lens:
             k = draft_len if draft_len == "adaptive" else int(draft_len)
             # k = 0 drafts nothing: one row, whatever the drafter
@@ -406,11 +486,29 @@ def main():
             print(format_row(row), flush=True)
     if args.cost_model and 1 in args.batches:
         fixed = sorted({int(d) for d in args.draft_lens if d != "adaptive" and int(d) > 0})
-        parts = measure_parts(model, args.exit_layer, prompt_len_for_parts, fixed)
+        extra, verify_rows, draft_top, vocab_for_tops = set(), set(), set(), None
+        for name, decoder in decoders_batch1.items():
+            if name.startswith("decoder_tree-") and not decoder.adaptive:
+                sizes, tops, verified = tree_part_sizes(decoder)
+                extra |= sizes
+                draft_top |= tops
+                verify_rows |= verified
+                if decoder.draft_vocab is not None:
+                    vocab_for_tops = decoder.draft_vocab
+        parts = measure_parts(model, args.exit_layer, prompt_len_for_parts, fixed, extra_tokens=extra,
+                              verify_rows=verify_rows, draft_top=draft_top, draft_vocab=vocab_for_tops)
         print("parts (ms): " + ", ".join(f"{name} {seconds * 1e3:.3f}" for name, seconds in parts.items()), flush=True)
         num_layers = adapter_layers(model)
         drafter_parts = {}
         for row in rows:
+            if row["batch"] == 1 and row["config"].startswith("decoder_tree-") and "-ka" not in row["config"]:
+                decoder = decoders_batch1[row["config"]]
+                imitation_layers = len(getattr(decoder.imitation, "layers", ()) or ()) if decoder.imitation else 0
+                speedup, step_s = tree_cost(parts, decoder, row["mean_accepted"], num_layers, imitation_layers)
+                row.update(predicted_speedup=speedup, predicted_step_ms=step_s * 1e3)
+                print(f"cost model: {row['config']}: {row['mean_accepted'] + 1:.2f} tokens per step, predicted "
+                      f"{speedup:.2f}x, measured {row['speedup_vs_generate']:.2f}x", flush=True)
+                continue
             if row["batch"] != 1 or not row["config"].startswith("decoder_k") or "adaptive" in row["config"]:
                 continue
             k = int(row["config"][len("decoder_k"):].split("+")[0].split("@")[0])
