@@ -28,6 +28,10 @@ TORCH_LIBRARY(fastvlm, m) {
       "float logit_softcap, float temperature, int selection, int top_k, float top_p, Tensor(a!) tokens, "
       "Tensor(b!) max_logit, Tensor(c!) lse, Tensor(d!) logprob, Tensor(e!)? draft_logprob, "
       "Tensor(f!)? probs) -> ()");
+  // skinny_linear (fastvlm_kernels/ops/linear): CPU only
+  m.def("skinny_linear(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out) -> ()");
+  // no tensor argument to dispatch on: a catch-all kernel
+  m.def("skinny_linear_isa() -> int", &fastvlm::skinny_linear_isa);
 }
 
 TORCH_LIBRARY_IMPL(fastvlm, CPU, m) {
@@ -39,6 +43,7 @@ TORCH_LIBRARY_IMPL(fastvlm, CPU, m) {
   m.impl("accept_greedy", &fastvlm::accept_greedy_cpu);
   m.impl("accept_sampling", &fastvlm::accept_sampling_cpu);
   m.impl("lm_head", &fastvlm::lm_head_cpu);
+  m.impl("skinny_linear", &fastvlm::skinny_linear_cpu);
 }
 
 #ifdef FASTVLM_WITH_CUDA

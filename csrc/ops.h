@@ -94,4 +94,13 @@ void lm_head_cpu(FASTVLM_LM_HEAD_ARGS);
 void lm_head_cuda(FASTVLM_LM_HEAD_ARGS);
 #endif
 
+// ---- skinny_linear ---------------------------------------------------------------------------------------
+// x [M, I], weight [O, I], out [M, O] contiguous fp32, bias [O] fp32 or none, M <= kSkinnyMaxRows:
+// out = x @ weight^T (+ bias), reading the weight once (csrc/cpu/linear.cpp). skinny_linear_isa: the vector
+// width the kernel runs with on this CPU (512, 256, or 0 for the scalar loop).
+constexpr int64_t kSkinnyMaxRows = 16;
+void skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       at::Tensor& out);
+int64_t skinny_linear_isa();
+
 }  // namespace fastvlm

@@ -116,6 +116,10 @@ class SelfSpeculativeDecoder:
         lean_layers: run Llama / Mistral / Qwen2 text layers (and an imitation network's layers) as plain
             tensor ops (:mod:`.lean`: bit-identical to the modules, less host time per layer); other layers,
             or False, run the model's own modules. ``lean_reason`` says why a generate did not.
+        linear_backend: the lean layers' projections: "auto" (:func:`~fastvlm_kernels.ops.skinny_linear`'s
+            CPU kernel for fp32 CPU weights, which reads each weight once for a step's few rows; F.linear
+            elsewhere), "cpu" (that kernel, or an error) or "torch" (F.linear: bit-identical to the modules).
+            Results differ from F.linear's only by fp32 rounding (as the package's attention does from SDPA).
         draft_vocab: ``[S]`` integer token ids the draft may propose (None: the imitation network's own
             ``draft_vocab`` when it was trained over one, else the whole vocabulary). The
             early-exit head then reads only those rows of the LM head (``early_exit_head(vocab_subset=...)``),
@@ -131,7 +135,7 @@ class SelfSpeculativeDecoder:
     def __init__(self, model: nn.Module, exit_layer: int, imitation: Optional[nn.Module] = None,
                  draft_len: Union[int, str] = 4, tree=None, *, tree_budget: Optional[int] = None, tree_width: int = 4,
                  adaptive_window: int = 8, max_draft_len: int = 8, max_cache_len: Optional[int] = None,
-                 attention_backend: str = "auto", lean_layers: bool = True,
+                 attention_backend: str = "auto", lean_layers: bool = True, linear_backend: str = "auto",
                  draft_vocab: Optional[torch.Tensor] = None, profile: bool = False):
         self.adapter: Adapter = adapter_for(model)
         self.model = model
@@ -173,6 +177,9 @@ class SelfSpeculativeDecoder:
         self._num_kv_heads = config.num_key_value_heads
         self._head_dim = self.adapter.head_dim
         self.lean_layers = bool(lean_layers)
+        if linear_backend not in ("auto", "cpu", "torch"):
+            raise ValueError(f"linear_backend must be one of ('auto', 'cpu', 'torch'), got {linear_backend!r}")
+        self.linear_backend = linear_backend
         self._lean = None          # per generate: (backbone LeanLayers, imitation LeanLayers) or None
         self.lean_reason: Optional[str] = None   # why the last generate ran the model's own layer modules
         if draft_vocab is None and imitation is not None:
@@ -473,11 +480,12 @@ class SelfSpeculativeDecoder:
         if not self.lean_layers:
             self.lean_reason = "lean_layers=False"
             return
-        backbone, reason = lean.lean_layers(self.adapter.layers)
+        linear = lean.linear_for(self.adapter.layers, self.linear_backend)
+        backbone, reason = lean.lean_layers(self.adapter.layers, linear)
         imitation = None
         if backbone is not None and self._drafts and getattr(self.imitation, "layers", None) \
                 is not None and self.imitation.config.kind == "layers":
-            imitation, reason = lean.lean_layers(self.imitation.layers)
+            imitation, reason = lean.lean_layers(self.imitation.layers, linear)
             if imitation is None:
                 backbone = None
         if backbone is None:

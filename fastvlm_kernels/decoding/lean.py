@@ -15,7 +15,7 @@ Qwen2-VL, a layer with hooks, e.g. accelerate's offloading) runs through its own
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -68,9 +68,9 @@ class LeanLayer:
     """``layer``'s forward with the decoder's attention, as plain tensor ops (bit-identical output)."""
 
     __slots__ = ("layer_idx", "norm1", "eps1", "norm2", "eps2", "q", "q_b", "k", "k_b", "v", "v_b", "o", "o_b",
-                 "gate", "gate_b", "up", "up_b", "down", "down_b", "head_dim", "scaling")
+                 "gate", "gate_b", "up", "up_b", "down", "down_b", "head_dim", "scaling", "linear")
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, linear: Callable = F.linear):
         attention, mlp = layer.self_attn, layer.mlp
         self.layer_idx = attention.layer_idx
         self.norm1, self.eps1 = _rms_norm(layer.input_layernorm)
@@ -84,6 +84,7 @@ class LeanLayer:
         self.down, self.down_b = mlp.down_proj.weight, mlp.down_proj.bias
         self.head_dim = attention.head_dim
         self.scaling = float(attention.scaling)
+        self.linear = linear      # F.linear, or skinny_linear's plan.run (few rows, the weight read once)
 
     def __call__(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, state: StepState) -> torch.Tensor:
         """``hidden [B, T, H]``; ``cos``/``sin [B, 1, T, D]`` (already unsqueezed for the heads)."""
@@ -91,17 +92,18 @@ class LeanLayer:
         residual = hidden
         normed = _rms(hidden, self.norm1, self.eps1)
         shape = (batch, tokens, -1, self.head_dim)
-        query = F.linear(normed, self.q, self.q_b).view(shape).transpose(1, 2)
-        key = F.linear(normed, self.k, self.k_b).view(shape).transpose(1, 2)
-        value = F.linear(normed, self.v, self.v_b).view(shape).transpose(1, 2)
+        linear = self.linear
+        query = linear(normed, self.q, self.q_b).view(shape).transpose(1, 2)
+        key = linear(normed, self.k, self.k_b).view(shape).transpose(1, 2)
+        value = linear(normed, self.v, self.v_b).view(shape).transpose(1, 2)
         query = (query * cos) + (_rotate_half(query) * sin)
         key = (key * cos) + (_rotate_half(key) * sin)
         out = attend(state, self.layer_idx, query, key, value, self.scaling)
-        hidden = residual + F.linear(out.reshape(batch, tokens, -1).contiguous(), self.o, self.o_b)
+        hidden = residual + linear(out.reshape(batch, tokens, -1).contiguous(), self.o, self.o_b)
         residual = hidden
         normed = _rms(hidden, self.norm2, self.eps2)
-        gated = F.silu(F.linear(normed, self.gate, self.gate_b)) * F.linear(normed, self.up, self.up_b)
-        return residual + F.linear(gated, self.down, self.down_b)
+        gated = F.silu(linear(normed, self.gate, self.gate_b)) * linear(normed, self.up, self.up_b)
+        return residual + linear(gated, self.down, self.down_b)
 
 
 def _rms(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -118,13 +120,29 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def lean_layers(layers: Sequence[nn.Module]) -> Tuple[Optional[List[LeanLayer]], Optional[str]]:
-    """(lean versions of ``layers``, None), or (None, why not) when any layer is unsupported."""
+def lean_layers(layers: Sequence[nn.Module], linear: Callable = F.linear
+                ) -> Tuple[Optional[List[LeanLayer]], Optional[str]]:
+    """(lean versions of ``layers``, None), or (None, why not) when any layer is unsupported. ``linear``: the
+    projections' function (F.linear: bit-identical to the modules; or skinny_linear's, see :func:`linear_for`)."""
     for layer in layers:
         reason = unsupported_reason(layer)
         if reason is not None:
             return None, reason
-    return [LeanLayer(layer) for layer in layers], None
+    return [LeanLayer(layer, linear) for layer in layers], None
+
+
+def linear_for(layers: Sequence[nn.Module], backend: str = "auto") -> Callable:
+    """The projections' function for ``layers`` under ``linear_backend``: "torch" is F.linear (the modules'
+    own, bit-identical); "auto" is :func:`~fastvlm_kernels.ops.linear.skinny_linear`'s CPU kernel where it
+    runs (fp32 CPU weights, the extension loaded: a few rows at the cost of reading the weight once; rows
+    past its limit still go to F.linear) and F.linear elsewhere; "cpu" requires the kernel."""
+    if backend == "torch" or not layers:
+        return F.linear
+    from ..ops.linear import skinny_linear_plan
+    weight = layers[0].self_attn.q_proj.weight
+    probe = weight.new_empty((1, weight.shape[1]))
+    plan = skinny_linear_plan(probe, weight, backend=backend)
+    return F.linear if plan.backend.name == "torch" else plan.run
 
 
 def run(layers: Sequence[LeanLayer], hidden: torch.Tensor, position_embeddings, state: StepState) -> torch.Tensor:

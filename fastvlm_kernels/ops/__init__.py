@@ -11,9 +11,10 @@ from .acceptance import (accept_greedy, accept_greedy_plan, accept_greedy_tree, 
                          accept_sampling, accept_sampling_plan, accept_sampling_tree, accept_sampling_tree_plan)
 
 from .lm_head import early_exit_head, early_exit_head_plan, verify_head, verify_head_plan, vocab_subset_from_counts
+from .linear import skinny_linear, skinny_linear_plan
 
 __all__ = ["verify_attention", "kv_compact", "kv_append",
            "accept_greedy", "accept_sampling", "accept_greedy_tree", "accept_sampling_tree",
-           "early_exit_head", "verify_head", "vocab_subset_from_counts",
+           "early_exit_head", "verify_head", "vocab_subset_from_counts", "skinny_linear", "skinny_linear_plan",
            "verify_attention_plan", "accept_greedy_plan", "accept_sampling_plan", "accept_greedy_tree_plan",
            "accept_sampling_tree_plan", "early_exit_head_plan", "verify_head_plan"]

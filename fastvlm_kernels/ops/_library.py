@@ -65,6 +65,10 @@ else:
     # (never traced; torch.compile takes the checked Python path), and a meta or fake tensor must reach the
     # dispatcher's NotImplementedError, which sends the call to the Python checks.
 
+    @torch.library.register_fake("fastvlm::skinny_linear")
+    def _skinny_linear_fake(x, weight, bias, out):
+        return None
+
     @torch.library.register_fake("fastvlm::kv_compact")
     def _kv_compact_fake(buffer, start, accepted):
         return None

@@ -77,3 +77,36 @@ def test_decoder_output_is_the_same_with_and_without_the_lean_path(family, use_l
     out = decoder.generate(**case.inputs, max_new_tokens=12)
     assert torch.equal(out.sequences, expected)
     assert (decoder.lean_reason is None) == (use_lean and family == "llava")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_lean_layers_with_skinny_linear_match_the_modules(family):
+    """With skinny_linear's CPU kernel for the projections (the decoder's default on fp32 CPU weights) the
+    lean layers agree with the modules to fp32 rounding (another summation order), for few and many rows."""
+    from fastvlm_kernels.ops.linear import BACKENDS
+    from ..helpers import skip_unless_runnable
+    skip_unless_runnable("cpu", BACKENDS[0].not_supported_reasons(torch.empty(1)))
+    model = build(family, seed=3).model
+    adapter = adapter_for(model)
+    linear = lean.linear_for(adapter.layers, "auto")
+    assert linear is not torch.nn.functional.linear
+    layers, reason = lean.lean_layers(adapter.layers, linear)
+    assert reason is None
+    for batch, tokens in ((1, 1), (1, 5), (3, 5), (2, 9)):        # 1, 5, 15 and 18 rows
+        _, cache_a = _cache(model, batch, 7, torch.Generator().manual_seed(10), torch.float32)
+        _, cache_b = _cache(model, batch, 7, torch.Generator().manual_seed(10), torch.float32)
+        generator = torch.Generator().manual_seed(batch * 100 + tokens)
+        hidden = torch.randn(batch, tokens, adapter.text_config.hidden_size, generator=generator)
+        rotary = adapter.rotary_emb(hidden, torch.arange(7, 7 + tokens)[None].expand(batch, -1))
+        starts = torch.full((batch,), 7, dtype=torch.int32)
+        with torch.no_grad(), attention_implementation(adapter.attention_configs()):
+            expected = hidden
+            for layer in adapter.layers:
+                out = layer(expected, attention_mask=None, position_embeddings=rotary,
+                            **{STATE_KWARG: StepState(cache_a, starts)})
+                expected = out[0] if isinstance(out, tuple) else out
+            actual = lean.run(layers, hidden, rotary, StepState(cache_b, starts))
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    assert lean.linear_for(adapter.layers, "torch") is torch.nn.functional.linear
+    with pytest.raises(ValueError, match="fp32"):
+        lean.linear_for([layer.to(torch.bfloat16) for layer in adapter.layers], "cpu")
