@@ -192,7 +192,7 @@ def measure_parts(model, exit_layer: int, prompt_len: int, draft_lens, repeats: 
     dtype = adapter.norm.weight.dtype
     device = adapter.norm.weight.device
     layer = adapter.layers[exit_layer]
-    lean_layer = lean.lean_layers([layer])[0]
+    lean_layer = lean.lean_layers([layer], lean.linear_for([layer]))[0]   # the projections the decoder runs
     tokens = sorted({1} | {k + 1 for k in draft_lens} | set(extra_tokens))
     parts = {}
     with torch.no_grad(), attention_implementation(adapter.attention_configs()):
