@@ -100,26 +100,27 @@ def early_exit_config(model):
         config.__class__ = original
 
 
-def parse_tree(spec: str) -> dict:
-    """--trees' spec as SelfSpeculativeDecoder keywords (plus a short 'name' for the row)."""
+def parse_tree(spec: str) -> tuple:
+    """--trees' spec as (a short row name, SelfSpeculativeDecoder keywords)."""
     import ast
     import re
     match = re.fullmatch(r"d(\d+)-k(\d+|a)(?:-b(\d+))?", spec)
     if match:
         width, depth, budget = match.groups()
-        kwargs = dict(tree="dynamic", tree_width=int(width), name=spec)
+        kwargs = dict(tree="dynamic", tree_width=int(width))
         if depth == "a":
-            kwargs.update(draft_len="adaptive", max_draft_len=8 if 1 + 8 * int(width) <= 64 else 63 // int(width))
+            kwargs.update(draft_len="adaptive", max_draft_len=min(8, 63 // int(width)))
         else:
             kwargs["draft_len"] = int(depth)
         if budget:
             kwargs["tree_budget"] = int(budget)
-        return kwargs
+        return spec, kwargs
     try:
         paths = [tuple(path) for path in ast.literal_eval(f"[{spec}]")]
     except (ValueError, SyntaxError, TypeError):
         raise SystemExit(f"--trees {spec!r}: expected dW-kD[-bB] or paths like '(0,),(1,),(0,0)'") from None
-    return dict(tree=paths, draft_len=max(len(path) for path in paths), name=f"static{len(paths)}")
+    name = "static:" + "|".join("".join(str(rank) for rank in path) for path in paths)   # static:0|1|00
+    return name, dict(tree=paths, draft_len=max(len(path) for path in paths))
 
 
 def tree_cost(parts: dict, decoder, mean_accepted: float, num_layers: int, imitation_layers: int) -> tuple:
@@ -309,6 +310,8 @@ def main():
                              "or a static tree as its paths, e.g. '(0,),(1,),(0,0)' (depth = its longest path)")
     parser.add_argument("--imitation", type=Path, nargs="+",
                         help="trained imitation networks for this model (each runs at its own exit layer)")
+    parser.add_argument("--imitation-only", action="store_true",
+                        help="with --imitation: drafting rows with the networks only (no plain early-exit rows)")
     parser.add_argument("--heldout", type=Path,
                         help="smollm2: take the prompts from this prompts folder (python/build_smollm2_data.py's "
                              "held-out split) instead of the built-in chat questions")
@@ -373,12 +376,12 @@ def main():
         description += f", draft vocabulary {draft_vocab.numel()} tokens"
     # (row label, exit layer, imitation network, draft vocabulary): plain early exit at --exit-layer (and with
     # the --draft-vocab subset), then each network at its own exit layer, beside plain early exit there.
-    drafters = [("", args.exit_layer, None, None)]
+    drafters = [] if args.imitation_only and imitations else [("", args.exit_layer, None, None)]
     if draft_vocab is not None:
         drafters.append((f"+vocab{args.draft_vocab}", args.exit_layer, None, draft_vocab))
     for network in imitations:
         exit_layer, kind = network.config.exit_layer, network.config.kind
-        if not any(d[1] == exit_layer and d[2] is None for d in drafters):
+        if not args.imitation_only and not any(d[1] == exit_layer and d[2] is None for d in drafters):
             drafters.append((f"+E{exit_layer}-plain", exit_layer, None, None))
         label = "+imitation" if len(imitations) == 1 and exit_layer == args.exit_layer else f"+E{exit_layer}-{kind}"
         if network.draft_vocab is not None:
@@ -435,36 +438,31 @@ def main():
                 print(f"  assisted generation with assistant_early_exit: unavailable "
                       f"({type(error).__name__}: {str(error).splitlines()[0][:100]})", flush=True)
         decoders = {}
+
+        def add_decoder(name, decoder):
+            """Checks the decoder's output against generate's (fp32: must be identical) and times it."""
+            outs = run_all(lambda inputs: decoder.generate(**inputs, **options))
+            identical = all(torch.equal(out.sequences, want) for out, want in zip(outs, expected))
+            if not identical and args.dtype == "fp32":
+                raise SystemExit(f"{name}: output differs from model.generate")
+            decoders[name] = (decoder, [out.stats for out in outs], identical)
+            print(f"  checked {name}: {'identical to' if identical else 'DIFFERS from'} generate", flush=True)
+            functions[name] = lambda: run_all(lambda inputs: decoder.generate(**inputs, **options))
+
         for spec in args.trees:
-            tree_kwargs = parse_tree(spec)
+            tree_name, tree_kwargs = parse_tree(spec)
             for label, exit_layer, network, vocabulary in drafters:
-                name = f"decoder_tree-{tree_kwargs.pop('name', spec)}{label}"
-                decoder = SelfSpeculativeDecoder(model, exit_layer, imitation=network, draft_vocab=vocabulary,
-                                                 **tree_kwargs)
-                tree_kwargs = parse_tree(spec)
-                outs = run_all(lambda inputs, decoder=decoder: decoder.generate(**inputs, **options))
-                identical = all(torch.equal(out.sequences, want) for out, want in zip(outs, expected))
-                if not identical and args.dtype == "fp32":
-                    raise SystemExit(f"{name}: output differs from model.generate")
-                decoders[name] = (decoder, [out.stats for out in outs], identical)
-                print(f"  checked {name}: {'identical to' if identical else 'DIFFERS from'} generate", flush=True)
-                functions[name] = lambda decoder=decoder: run_all(lambda inputs: decoder.generate(**inputs, **options))
+                add_decoder(f"decoder_tree-{tree_name}{label}", SelfSpeculativeDecoder(
+                    model, exit_layer, imitation=network, draft_vocab=vocabulary, **tree_kwargs))
         for draft_len in args.draft_lens:
             k = draft_len if draft_len == "adaptive" else int(draft_len)
             # k = 0 drafts nothing: one row, whatever the drafter
-            for label, exit_layer, network, vocabulary in (drafters[:1] if k == 0 else drafters):
+            for label, exit_layer, network, vocabulary in ([("", args.exit_layer, None, None)] if k == 0
+                                                           else drafters):
                 for attention in args.attention_backends:
                     name = f"decoder_k{draft_len}{label}" + ("" if attention == "auto" else f"@{attention}")
-                    decoder = SelfSpeculativeDecoder(model, exit_layer, imitation=network, draft_len=k,
-                                                     attention_backend=attention, draft_vocab=vocabulary)
-                    outs = run_all(lambda inputs, decoder=decoder: decoder.generate(**inputs, **options))
-                    identical = all(torch.equal(out.sequences, want) for out, want in zip(outs, expected))
-                    if not identical and args.dtype == "fp32":
-                        raise SystemExit(f"{name}: output differs from model.generate")
-                    decoders[name] = (decoder, [out.stats for out in outs], identical)
-                    print(f"  checked {name}: {'identical to' if identical else 'DIFFERS from'} generate", flush=True)
-                    functions[name] = lambda decoder=decoder: run_all(
-                        lambda inputs: decoder.generate(**inputs, **options))
+                    add_decoder(name, SelfSpeculativeDecoder(model, exit_layer, imitation=network, draft_len=k,
+                                                             attention_backend=attention, draft_vocab=vocabulary))
         if batch == 1:
             decoders_batch1 = {name: entry[0] for name, entry in decoders.items()}
         # each configuration ran once above (the output check): no warm-up call

@@ -66,9 +66,60 @@ FASTVLM_INLINE void block(const float* __restrict w, const float* __restrict x, 
   }
 }
 
+// One weight row times the M input rows, U chunks of W per iteration into U independent sets of sums (so that
+// each sum's multiply-add chain does not bound the loop when M is small): out[m * out_stride].
+template <int W, int M, int U>
+FASTVLM_INLINE void row(const float* __restrict w, const float* __restrict x, int64_t in, const float* bias,
+                        float* __restrict out, int64_t out_stride) {
+  using F = typename cpu_vec::Vec<W>::f32;
+  F acc[U][M];
+#pragma GCC unroll 16
+  for (int u = 0; u < U; ++u)
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m) acc[u][m] = F{};
+  int64_t i = 0;
+  for (; i + W * U <= in; i += W * U) {
+#pragma GCC unroll 16
+    for (int u = 0; u < U; ++u) {
+      const F wv = cpu_vec::load<W>(w + i + u * W);
+#pragma GCC unroll 16
+      for (int m = 0; m < M; ++m) acc[u][m] += wv * cpu_vec::load<W>(x + m * in + i + u * W);
+    }
+  }
+  for (; i + W <= in; i += W) {
+    const F wv = cpu_vec::load<W>(w + i);
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m) acc[0][m] += wv * cpu_vec::load<W>(x + m * in + i);
+  }
+  const float b = bias != nullptr ? bias[0] : 0.0f;
+#pragma GCC unroll 16
+  for (int m = 0; m < M; ++m) {
+    F sum = acc[0][m];
+#pragma GCC unroll 16
+    for (int u = 1; u < U; ++u) sum += acc[u][m];
+    float total = cpu_vec::reduce_sum<W>(sum);
+    for (int64_t j = i; j < in; ++j) total += w[j] * x[m * in + j];   // the tail (in % W)
+    out[m * out_stride] = total + b;
+  }
+}
+
+// Chunks per iteration of row(). Measured in the package (bench/linear.py, SmolLM2's projections, one thread;
+// runs on the shared machine vary by ~15%): up to 4 input rows one chunk (0.63-1.01 ms at M = 1..4; 4 chunks ran
+// M = 2 and 4 at 1.0 ms), 5 and 6 rows two (1.15-1.34 ms against 1.43 in blocks of 4 weight rows).
+template <int W, int M>
+constexpr int row_unroll() {
+  return M <= 4 ? 1 : 2;
+}
+
 // Blocks [begin, end) of R weight rows (the last block, past the whole blocks, row by row).
 template <int W, int R, int M>
 FASTVLM_INLINE void range_body(const Args& a, int64_t begin, int64_t end) {
+  if constexpr (R == 1) {
+    for (int64_t o = begin; o < end; ++o)
+      row<W, M, row_unroll<W, M>()>(a.w + o * a.in, a.x, a.in, a.bias != nullptr ? a.bias + o : nullptr, a.out + o,
+                                    a.out_features);
+    return;
+  }
   const int64_t blocks = a.out_features / R;
   for (int64_t b = begin; b < end; ++b) {
     const int64_t o = b * R;
@@ -104,13 +155,14 @@ struct Avx2 {
   static void range(const Args& a, int64_t begin, int64_t end) { range_avx2<R, M>(a, begin, end); }
 };
 
-// Rows per block. Up to 4 input rows, one weight row at a time: a single sequential stream, which the hardware
-// prefetcher follows best (one thread, SmolLM2's projections: 0.68 ms at M = 1 and 2 against 0.95-1.05 ms with
-// blocks of 4 or 8 rows). More input rows: as many accumulators (R x M) as the registers hold beside R weight
-// vectors and one input, so that each input load serves R rows (M = 8: 1.65 ms against 1.99 one row at a time).
+// Rows per block. Few input rows (6 with AVX-512, 4 with AVX2): one weight row at a time, a single sequential
+// stream, which the hardware prefetcher follows best (one thread, SmolLM2's projections: 0.63-1.01 ms at
+// M = 1..4 against 0.95-1.33 with blocks of 4 or 8 rows). More input rows: as many accumulators (R x M) as the
+// registers hold beside R weight vectors and one input, so that each input load serves R rows (M = 8: 1.58 ms
+// against 1.74 one row at a time).
 template <class S, int M>
 constexpr int rows_per_block() {
-  if (M <= 4) return 1;
+  if (M <= (S::W == 16 ? 6 : 4)) return 1;
   constexpr int registers = S::W == 16 ? 32 : 16;
   int r = 8;
   while (r > 1 && r * M + r + 1 > registers) r /= 2;

@@ -572,6 +572,11 @@ def test_a_step_reads_the_device_once(draft_len, monkeypatch):
     case = build("llava", seed=2, batch=4)
     sharpen(case.model, 1, scale=0.1)
     decoder = SelfSpeculativeDecoder(case.model, exit_layer=1, draft_len=draft_len, adaptive_window=2)
+    assert_one_read_per_step(decoder, case, monkeypatch)
+
+
+def assert_one_read_per_step(decoder, case, monkeypatch) -> None:
+    """Two calls that differ only in their number of steps differ by exactly that many host reads."""
     decoder.generate(**case.inputs, max_new_tokens=4, eos_token_id=[])      # the first call picks backends
     counter = _count_host_reads(monkeypatch)
     reads, steps = [], []

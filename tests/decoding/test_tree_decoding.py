@@ -11,7 +11,7 @@ from fastvlm_kernels.decoding.tree_step import TreeDrafter
 from fastvlm_kernels.imitation import ImitationNetwork
 
 from .models import FAMILIES, NUM_LAYERS, assert_lossless, build, find_layers, patch_acceptance, sharpen
-from .test_decoder import _chi_square_p_value, _count_host_reads, _exact_marginals, _sampling_case
+from .test_decoder import _chi_square_p_value, _exact_marginals, _sampling_case, assert_one_read_per_step
 
 MAX_NEW = 12
 STATIC = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 1, 0)]
@@ -142,17 +142,7 @@ def test_a_tree_step_reads_the_device_once(tree, monkeypatch):
     case = build("llava", seed=2, batch=4)
     sharpen(case.model, 1, scale=0.1)
     decoder = SelfSpeculativeDecoder(case.model, exit_layer=1, **TREES[tree])
-    decoder.generate(**case.inputs, max_new_tokens=4, eos_token_id=[])
-    counter = _count_host_reads(monkeypatch)
-    reads, steps = [], []
-    for max_new in (6, 30):
-        counter["reads"] = 0
-        out = decoder.generate(**case.inputs, max_new_tokens=max_new, eos_token_id=[])
-        reads.append(counter["reads"])
-        steps.append(out.stats.steps)
-    monkeypatch.undo()
-    assert steps[1] > steps[0]
-    assert reads[1] - reads[0] == steps[1] - steps[0], (reads, steps)
+    assert_one_read_per_step(decoder, case, monkeypatch)
 
 
 # ---- sampling ------------------------------------------------------------------------------------------
