@@ -11,12 +11,14 @@ from .ops.kv_cache import APPEND_BACKENDS as KV_APPEND_BACKENDS
 from .ops.kv_cache import BACKENDS as KV_COMPACT_BACKENDS
 from .ops.acceptance import BACKENDS as ACCEPTANCE_BACKENDS
 from .ops.lm_head import BACKENDS as LM_HEAD_BACKENDS
+from .ops.linear import BACKENDS as LINEAR_BACKENDS
 
 OPS = {"verify_attention": VERIFY_ATTENTION_BACKENDS,
        "kv_compact": KV_COMPACT_BACKENDS,
        "kv_append": KV_APPEND_BACKENDS,
        "accept_greedy / accept_sampling (chains and trees)": ACCEPTANCE_BACKENDS,
-       "lm_head (early_exit_head, verify_head)": LM_HEAD_BACKENDS}
+       "lm_head (early_exit_head, verify_head)": LM_HEAD_BACKENDS,
+       "skinny_linear (fp32 probe)": LINEAR_BACKENDS}
 
 
 def _probe_inputs(device: torch.device):
@@ -29,7 +31,8 @@ def _probe_inputs(device: torch.device):
             "accept_greedy / accept_sampling (chains and trees)": (
                 torch.empty(1, 1, device=device, dtype=torch.int64),
                 torch.empty(1, 1, 1, device=device, dtype=torch.float16)),
-            "lm_head (early_exit_head, verify_head)": (_lm_head_probe(device),)}
+            "lm_head (early_exit_head, verify_head)": (_lm_head_probe(device),),
+            "skinny_linear (fp32 probe)": (torch.empty(1, 64, device=device, dtype=torch.float32),)}
 
 
 def _lm_head_probe(device: torch.device):

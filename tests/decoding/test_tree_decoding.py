@@ -247,3 +247,21 @@ def test_a_cache_too_small_for_the_tree_raises_before_running():
     assert decoder._cache is None
     out = decoder.generate(**case.inputs, max_new_tokens=9)
     assert out.sequences.shape[1] <= prompt_len + 9
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tree", ["static", "dynamic", "adaptive"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llama"])
+def test_greedy_trees_on_gpu_are_token_identical_to_generate(family, tree):
+    """fp32 on the GPU: tree attention, top-k draft heads, tree acceptance and kv_compact on the GPU backends."""
+    case = build(family, seed=0, batch=4)
+    sharpen(case.model, 1, scale=0.1)
+    case.model.cuda()
+    case.inputs = {name: value.cuda() for name, value in case.inputs.items()}
+    expected = case.model.generate(**case.inputs, max_new_tokens=MAX_NEW, do_sample=False)
+    decoder = SelfSpeculativeDecoder(case.model, exit_layer=1, **TREES[tree])
+    out = decoder.generate(**case.inputs, max_new_tokens=MAX_NEW)
+    assert out.sequences.device.type == "cuda"
+    assert_lossless(case, out.sequences, expected, f"cuda {family} {tree}", [])
+    lengths = decoder._cache.host_lengths
+    assert decoder._cache.lengths.tolist() == lengths
