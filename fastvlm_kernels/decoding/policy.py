@@ -8,6 +8,7 @@ device-to-host read, which waits for the device anyway: measuring it costs no sy
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from typing import Dict, List, Optional
 
@@ -104,3 +105,114 @@ class AdaptiveDraftLen:
         """The mode with the lower time per token (a mode not timed yet counts as slower)."""
         timed = {mode: value for mode, value in self._estimates.items() if value is not None}
         return min(timed, key=timed.get) if timed else self.mode
+
+
+class CostModelDraftLen:
+    """The draft length (0: plain) that maximises expected emitted tokens per second, from two estimates.
+
+    - Acceptance per depth: ``alpha[i]`` estimates the probability that the i-th drafted token is kept given
+      that the ones before it were. A step that drafted k tokens and kept a (mean over unfinished rows, rounded
+      down, and the fraction above it) is evidence for depths 1 .. min(a + 1, k): kept up to a, rejected at
+      a + 1. Counts decay by ``forget`` per observation, so the estimate follows the answer. Depths not seen yet
+      take the deepest estimate there is (a prior of ``prior_alpha`` before any draft).
+    - Step cost per k: the median of the last ``samples`` wall times of steps with that k, kept per batch size
+      across calls; a k not timed yet is priced from the line through the timed drafting lengths (or, with one,
+      a slope of one ``draft_cost`` fraction of a plain step per drafted token).
+
+    The expected tokens of a step with k drafts are ``1 + sum_j prod_{i<=j} alpha[i]``; the policy runs the k in
+    0 .. max_draft_len with the most tokens per second, deterministically given these estimates. Calibration:
+    the first steps at a batch size run a fixed schedule (k = 0, then 1, then max, each ``samples_to_trust``
+    times), so every decision after it compares measured costs. After ``probe_every`` plain steps in a row one
+    drafting step refreshes the acceptance estimates (plain steps observe none).
+    """
+
+    def __init__(self, max_draft_len: int = 8, *, samples: int = 9, samples_to_trust: int = 2, forget: float = 0.97,
+                 prior_alpha: float = 0.6, draft_cost: float = 0.3, probe_every: int = 16):
+        if isinstance(max_draft_len, bool) or not isinstance(max_draft_len, int) or max_draft_len < 1:
+            raise ValueError(f"max_draft_len must be an int >= 1, got {max_draft_len!r}")
+        self.max_draft_len = max_draft_len
+        self.samples, self.samples_to_trust, self.forget = samples, samples_to_trust, forget
+        self.prior_alpha, self.draft_cost, self.probe_every = prior_alpha, draft_cost, probe_every
+        self._plain_run = 0                                   # plain steps in a row (acceptance is not observed)
+        self.times: Dict[int, Dict[int, deque]] = {}          # batch size -> k -> recent step seconds
+        self.kept = [0.0] * (max_draft_len + 1)               # decayed counts per depth (index 1..max)
+        self.tried = [0.0] * (max_draft_len + 1)
+        self.last_estimates: Dict[int, float] = {}            # k -> estimated seconds per token (last choice)
+        self._times: Dict[int, deque] = {}
+
+    def start(self, batch: int) -> None:
+        self._times = self.times.setdefault(batch, {})
+
+    # ---- estimates ------------------------------------------------------------------------------------------
+
+    def alphas(self) -> List[float]:
+        """alpha[1 .. max_draft_len] (index 0 unused)."""
+        values, deepest = [1.0], self.prior_alpha
+        for depth in range(1, self.max_draft_len + 1):
+            if self.tried[depth] > 0.5:
+                deepest = (self.kept[depth] + self.prior_alpha) / (self.tried[depth] + 1.0)
+            values.append(deepest)
+        return values
+
+    def expected_tokens(self, k: int) -> float:
+        alphas, total, chain = self.alphas(), 1.0, 1.0
+        for depth in range(1, k + 1):
+            chain *= alphas[depth]
+            total += chain
+        return total
+
+    def step_seconds(self, k: int) -> Optional[float]:
+        """The estimated wall time of a step with k drafts (None: nothing timed yet to price it from)."""
+        timed = {length: statistics.median(values) for length, values in self._times.items()
+                 if len(values) >= self.samples_to_trust}
+        if k in timed:
+            return timed[k]
+        drafting = sorted(length for length in timed if length > 0)
+        if k == 0:
+            return None
+        if len(drafting) >= 2:
+            low, high = (drafting[0], drafting[-1]) if not (drafting[0] < k < drafting[-1]) else \
+                (max(d for d in drafting if d < k), min(d for d in drafting if d > k))
+            slope = (timed[high] - timed[low]) / (high - low)
+            return timed[low] + slope * (k - low)
+        if drafting:
+            base = drafting[0]
+            per_draft = self.draft_cost * timed.get(0, timed[base] / (1.0 + self.draft_cost * base))
+            return timed[base] + per_draft * (k - base)
+        return None
+
+    # ---- the policy interface ------------------------------------------------------------------------------------
+
+    def draft_len(self) -> int:
+        for k in (0, 1, self.max_draft_len):                  # calibration: each trusted once timed enough
+            if len(self._times.get(k, ())) < self.samples_to_trust:
+                return k
+        if self._plain_run >= self.probe_every:               # refresh acceptance: one drafting step
+            return self.length_when_drafting()
+        best, best_rate = 0, -1.0
+        self.last_estimates = {}
+        for k in range(self.max_draft_len + 1):
+            seconds = self.step_seconds(k)
+            if seconds is None or seconds <= 0:
+                continue
+            rate = self.expected_tokens(k) / seconds
+            self.last_estimates[k] = 1.0 / rate
+            if rate > best_rate:
+                best, best_rate = k, rate
+        return best
+
+    def length_when_drafting(self) -> int:
+        best = max(range(1, self.max_draft_len + 1),
+                   key=lambda k: self.expected_tokens(k) / (self.step_seconds(k) or float("inf")))
+        return best
+
+    def update(self, draft_len: int, accepted: List[int], seconds: float) -> None:
+        samples = self._times.setdefault(draft_len, deque(maxlen=self.samples))
+        samples.append(seconds)
+        self._plain_run = self._plain_run + 1 if draft_len == 0 else 0
+        if draft_len == 0 or not accepted:
+            return
+        for kept in accepted:                                  # each unfinished row is one observation
+            for depth in range(1, min(kept + 1, draft_len) + 1):
+                self.tried[depth] = self.tried[depth] * self.forget + 1.0
+                self.kept[depth] = self.kept[depth] * self.forget + (1.0 if depth <= kept else 0.0)
