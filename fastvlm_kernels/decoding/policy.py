@@ -111,10 +111,11 @@ class CostModelDraftLen:
     """The draft length (0: plain) that maximises expected emitted tokens per second, from two estimates.
 
     - Acceptance per depth: ``alpha[i]`` estimates the probability that the i-th drafted token is kept given
-      that the ones before it were. A step that drafted k tokens and kept a (mean over unfinished rows, rounded
-      down, and the fraction above it) is evidence for depths 1 .. min(a + 1, k): kept up to a, rejected at
-      a + 1. Counts decay by ``forget`` per observation, so the estimate follows the answer. Depths not seen yet
-      take the deepest estimate there is (a prior of ``prior_alpha`` before any draft).
+      that the ones before it were. Each unfinished row of a step that drafted k tokens and kept a is evidence
+      for depths 1 .. min(a + 1, k): kept up to a, rejected at a + 1. All counts decay by ``forget`` per
+      drafting step, so the estimate follows the answer, and each depth is shrunk toward the one above it
+      (see :meth:`alphas`). When every row kept the whole draft, the next step drafts one more, so that deeper
+      depths get evidence.
     - Step cost per k: the median of the last ``samples`` wall times of steps with that k, kept per batch size
       across calls; a k not timed yet is priced from the line through the timed drafting lengths (or, with one,
       a slope of one ``draft_cost`` fraction of a plain step per drafted token).
@@ -127,13 +128,15 @@ class CostModelDraftLen:
     """
 
     def __init__(self, max_draft_len: int = 8, *, samples: int = 9, samples_to_trust: int = 2, forget: float = 0.97,
-                 prior_alpha: float = 0.6, draft_cost: float = 0.3, probe_every: int = 16):
+                 prior_alpha: float = 0.6, prior_weight: float = 2.0, draft_cost: float = 0.3, probe_every: int = 16):
         if isinstance(max_draft_len, bool) or not isinstance(max_draft_len, int) or max_draft_len < 1:
             raise ValueError(f"max_draft_len must be an int >= 1, got {max_draft_len!r}")
         self.max_draft_len = max_draft_len
         self.samples, self.samples_to_trust, self.forget = samples, samples_to_trust, forget
         self.prior_alpha, self.draft_cost, self.probe_every = prior_alpha, draft_cost, probe_every
+        self.prior_weight = prior_weight
         self._plain_run = 0                                   # plain steps in a row (acceptance is not observed)
+        self._extend = 0                                      # a draft length that was kept whole: try one more
         self.times: Dict[int, Dict[int, deque]] = {}          # batch size -> k -> recent step seconds
         self.kept = [0.0] * (max_draft_len + 1)               # decayed counts per depth (index 1..max)
         self.tried = [0.0] * (max_draft_len + 1)
@@ -146,12 +149,13 @@ class CostModelDraftLen:
     # ---- estimates ------------------------------------------------------------------------------------------
 
     def alphas(self) -> List[float]:
-        """alpha[1 .. max_draft_len] (index 0 unused)."""
-        values, deepest = [1.0], self.prior_alpha
+        """alpha[1 .. max_draft_len] (index 0 unused). Each depth's counts are shrunk toward the depth above it
+        (``prior_weight`` pseudo-observations of its alpha; depth 1 toward ``prior_alpha``), so a depth seen
+        rarely, or long ago, follows the shallower ones instead of a few stale samples."""
+        values, above = [1.0], self.prior_alpha
         for depth in range(1, self.max_draft_len + 1):
-            if self.tried[depth] > 0.5:
-                deepest = (self.kept[depth] + self.prior_alpha) / (self.tried[depth] + 1.0)
-            values.append(deepest)
+            above = (self.kept[depth] + self.prior_weight * above) / (self.tried[depth] + self.prior_weight)
+            values.append(above)
         return values
 
     def expected_tokens(self, k: int) -> float:
@@ -199,7 +203,9 @@ class CostModelDraftLen:
             self.last_estimates[k] = 1.0 / rate
             if rate > best_rate:
                 best, best_rate = k, rate
-        return best
+        if best > 0 and self._extend >= best:                 # every row kept a whole draft this long: the
+            best = min(self.max_draft_len, self._extend + 1)  # next depth gets evidence (+1, as transformers'
+        return best                                           # "heuristic" schedule grows after a full accept)
 
     def length_when_drafting(self) -> int:
         best = max(range(1, self.max_draft_len + 1),
@@ -212,7 +218,11 @@ class CostModelDraftLen:
         self._plain_run = self._plain_run + 1 if draft_len == 0 else 0
         if draft_len == 0 or not accepted:
             return
+        self._extend = draft_len if min(accepted) == draft_len else 0
+        for depth in range(1, self.max_draft_len + 1):         # older evidence fades at every depth
+            self.tried[depth] *= self.forget
+            self.kept[depth] *= self.forget
         for kept in accepted:                                  # each unfinished row is one observation
             for depth in range(1, min(kept + 1, draft_len) + 1):
-                self.tried[depth] = self.tried[depth] * self.forget + 1.0
-                self.kept[depth] = self.kept[depth] * self.forget + (1.0 if depth <= kept else 0.0)
+                self.tried[depth] += 1.0
+                self.kept[depth] += 1.0 if depth <= kept else 0.0

@@ -72,13 +72,27 @@ def test_calibration_then_estimates_per_batch_size():
 
 
 def test_acceptance_per_depth_counts_rejections_where_they_happen():
-    policy = CostModelDraftLen(4, forget=1.0, prior_alpha=0.5)
+    policy = CostModelDraftLen(4, forget=1.0, prior_alpha=0.5, prior_weight=2.0)
     policy.start(1)
     policy.update(4, [2, 4], 0.01)     # row 1 kept 2 (rejected at depth 3), row 2 kept all 4
-    # depth 1, 2: 2 kept of 2; depth 3: 1 of 2; depth 4: 1 of 1 (the prior adds half a success, one trial)
-    assert policy.alphas()[1:] == pytest.approx([2.5 / 3, 2.5 / 3, 1.5 / 3, 1.5 / 2])
+    # (kept, tried) per depth: (2, 2), (2, 2), (1, 2), (1, 1); each shrunk toward the depth above (weight 2)
+    expected, above = [], 0.5
+    for kept, tried in ((2, 2), (2, 2), (1, 2), (1, 1)):
+        above = (kept + 2.0 * above) / (tried + 2.0)
+        expected.append(above)
+    assert policy.alphas()[1:] == pytest.approx(expected)
     assert policy.expected_tokens(0) == 1.0
-    assert policy.expected_tokens(2) == pytest.approx(1 + 2.5 / 3 + (2.5 / 3) ** 2)
+    assert policy.expected_tokens(2) == pytest.approx(1 + expected[0] + expected[0] * expected[1])
+
+
+def test_a_whole_draft_kept_extends_the_next_one():
+    policy = CostModelDraftLen(6, samples_to_trust=1)
+    policy.start(1)
+    for k in (0, 1, 6):                                       # calibration: plain dear, drafting cheap
+        policy.update(k, [min(k, 1)] if k else [], 0.010 + 0.001 * k if k else 0.05)
+    chosen = policy.draft_len()
+    policy.update(chosen, [chosen], 0.010 + 0.001 * chosen)   # kept whole
+    assert policy.draft_len() >= min(6, chosen + 1)
 
 
 def test_bad_arguments():
