@@ -183,6 +183,29 @@ def _exact_marginals(model, prompt, temperature, depth=3):
     return marginals
 
 
+def sampled_counts(decoder, model, prompt, marginals, seed: int, rounds: int = 12, rows: int = 256,
+                   temperature: float = 1.0):
+    """The first len(marginals) sampled tokens of ``rounds`` seeded calls of ``rows`` copies of the prompt:
+    (counts per position, chi-square p-values against the exact marginals, the last call's stats)."""
+    counts = [torch.zeros(model.config.vocab_size) for _ in marginals]
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(rounds):
+        out = decoder.generate(prompt.repeat(rows, 1), max_new_tokens=len(marginals), do_sample=True,
+                               temperature=temperature, top_k=0, top_p=1.0, generator=generator)
+        new = out.sequences[:, prompt.shape[1]:]
+        for position, count in enumerate(counts):
+            count += torch.bincount(new[:, position], minlength=model.config.vocab_size)
+    return counts, [_chi_square_p_value(count, marginal) for count, marginal in zip(counts, marginals)], out.stats
+
+
+def assert_in_top_2(model, prompt, sequences) -> None:
+    """Every new token of ``sequences`` is among the model's top 2 after its prefix (what top_k=2 allows)."""
+    with torch.no_grad():
+        logits = model(sequences).logits[:, prompt.shape[1] - 1:-1]
+    allowed = torch.topk(logits, 2, dim=-1).indices
+    assert (allowed == sequences[:, prompt.shape[1]:, None]).any(-1).all()
+
+
 @pytest.mark.parametrize("wrong", [False, True])
 def test_sampling_preserves_the_model_distribution(wrong, monkeypatch):
     """The 2nd and 3rd tokens come from speculative steps (the 1st from the prefill): their empirical
@@ -199,15 +222,7 @@ def test_sampling_preserves_the_model_distribution(wrong, monkeypatch):
             bonus = torch.multinomial(target_probs[:, k], 1, generator=generator)
             return torch.full((batch,), k, dtype=torch.int32), torch.cat([drafts, bonus], 1)
         patch_acceptance(monkeypatch, "accept_sampling", accept_everything)
-    counts = [torch.zeros(model.config.vocab_size) for _ in marginals]
-    generator = torch.Generator().manual_seed(2024)
-    for _ in range(12):
-        out = decoder.generate(prompt.repeat(rows, 1), max_new_tokens=3, do_sample=True, temperature=temperature,
-                               top_k=0, top_p=1.0, generator=generator)
-        new = out.sequences[:, prompt.shape[1]:]
-        for position, count in enumerate(counts):
-            count += torch.bincount(new[:, position], minlength=model.config.vocab_size)
-    p_values = [_chi_square_p_value(count, marginal) for count, marginal in zip(counts, marginals)]
+    _, p_values, _ = sampled_counts(decoder, model, prompt, marginals, seed=2024, rows=rows, temperature=temperature)
     assert p_values[0] > 1e-4, p_values       # the prefill's own sample
     if wrong:
         assert min(p_values[1:]) < 1e-6, f"a wrong acceptance rule went undetected: p-values {p_values}"
@@ -225,10 +240,7 @@ def test_sampling_with_top_k_top_p_respects_the_filter(top_p, draft_vocab):
     decoder = SelfSpeculativeDecoder(model, exit_layer=1, draft_len=4, draft_vocab=subset)
     out = decoder.generate(prompt.repeat(64, 1), max_new_tokens=6, do_sample=True, temperature=0.7, top_k=2,
                            top_p=top_p, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        logits = model(out.sequences).logits[:, prompt.shape[1] - 1:-1]
-    allowed = torch.topk(logits, 2, dim=-1).indices
-    assert (allowed == out.sequences[:, prompt.shape[1]:, None]).any(-1).all()
+    assert_in_top_2(model, prompt, out.sequences)
 
 
 # ---- bad input -----------------------------------------------------------------------------------------
@@ -515,16 +527,8 @@ def test_sampling_with_a_draft_vocab_preserves_the_model_distribution(wrong, mon
         return run(drafts, draft_probs, target_probs, generator=generator)
     patch_acceptance(monkeypatch, "accept_sampling", checking)
     decoder = SelfSpeculativeDecoder(model, exit_layer=1, draft_len=3, draft_vocab=subset)
-    counts = [torch.zeros(model.config.vocab_size) for _ in marginals]
-    generator = torch.Generator().manual_seed(7)
-    for _ in range(12):
-        out = decoder.generate(prompt.repeat(256, 1), max_new_tokens=3, do_sample=True, temperature=1.0,
-                               top_k=0, top_p=1.0, generator=generator)
-        new = out.sequences[:, prompt.shape[1]:]
-        for position, count in enumerate(counts):
-            count += torch.bincount(new[:, position], minlength=model.config.vocab_size)
+    counts, p_values, _ = sampled_counts(decoder, model, prompt, marginals, seed=7)
     assert seen
-    p_values = [_chi_square_p_value(count, marginal) for count, marginal in zip(counts, marginals)]
     # tokens outside the subset are still emitted, by the verifier, as often as the model says
     assert float(counts[1][outside].sum()) > 0
     if wrong:

@@ -11,7 +11,8 @@ from fastvlm_kernels.decoding.tree_step import TreeDrafter
 from fastvlm_kernels.imitation import ImitationNetwork
 
 from .models import FAMILIES, NUM_LAYERS, assert_lossless, build, find_layers, patch_acceptance, sharpen
-from .test_decoder import _chi_square_p_value, _exact_marginals, _sampling_case, assert_one_read_per_step
+from .test_decoder import (_exact_marginals, _sampling_case, assert_in_top_2, assert_one_read_per_step,
+                           sampled_counts)
 
 MAX_NEW = 12
 STATIC = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 1, 0)]
@@ -165,21 +166,13 @@ def test_sampling_with_trees_preserves_the_model_distribution(tree, wrong, monke
         monkeypatch.setattr(TreeDrafter, "draw_children", staticmethod(
             lambda q, count, generator: torch.multinomial(q, count, replacement=False, generator=generator)))
     decoder = SelfSpeculativeDecoder(model, exit_layer=1, **SAMPLING_TREES[tree])
-    counts = [torch.zeros(model.config.vocab_size) for _ in marginals]
-    generator = torch.Generator().manual_seed(2025)
-    for _ in range(24):
-        out = decoder.generate(prompt.repeat(256, 1), max_new_tokens=3, do_sample=True, temperature=1.0,
-                               top_k=0, top_p=1.0, generator=generator)
-        new = out.sequences[:, prompt.shape[1]:]
-        for position, count in enumerate(counts):
-            count += torch.bincount(new[:, position], minlength=model.config.vocab_size)
-    p_values = [_chi_square_p_value(count, marginal) for count, marginal in zip(counts, marginals)]
+    _, p_values, stats = sampled_counts(decoder, model, prompt, marginals, seed=2025, rounds=24)
     assert p_values[0] > 1e-4, p_values
     if wrong:
         assert min(p_values[1:]) < 1e-6, f"distinct siblings went undetected: p-values {p_values}"
     else:
         assert min(p_values[1:]) > 1e-4, f"tree samples do not follow the model: p-values {p_values}"
-        assert out.stats.mean_accepted > 0.3
+        assert stats.mean_accepted > 0.3
 
 
 @pytest.mark.parametrize("tree", list(SAMPLING_TREES))
@@ -202,10 +195,7 @@ def test_sampling_trees_hand_independent_children_to_the_acceptance(tree, monkey
     out = decoder.generate(prompt.repeat(32, 1), max_new_tokens=6, do_sample=True, temperature=0.7, top_k=2,
                            generator=torch.Generator().manual_seed(0))
     assert seen
-    with torch.no_grad():
-        logits = model(out.sequences).logits[:, prompt.shape[1] - 1:-1]
-    allowed = torch.topk(logits, 2, dim=-1).indices
-    assert (allowed == out.sequences[:, prompt.shape[1]:, None]).any(-1).all()
+    assert_in_top_2(model, prompt, out.sequences)
 
 
 # ---- bad input -----------------------------------------------------------------------------------------
