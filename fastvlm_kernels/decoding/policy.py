@@ -167,8 +167,14 @@ class CostModelDraftLen:
 
     def step_seconds(self, k: int) -> Optional[float]:
         """The estimated wall time of a step with k drafts (None: nothing timed yet to price it from)."""
-        timed = {length: statistics.median(values) for length, values in self._times.items()
-                 if len(values) >= self.samples_to_trust}
+        return self._price(k, self._timed())
+
+    def _timed(self) -> Dict[int, float]:
+        """Median step seconds of each draft length timed often enough to trust."""
+        return {length: statistics.median(values) for length, values in self._times.items()
+                if len(values) >= self.samples_to_trust}
+
+    def _price(self, k: int, timed: Dict[int, float]) -> Optional[float]:
         if k in timed:
             return timed[k]
         drafting = sorted(length for length in timed if length > 0)
@@ -185,6 +191,19 @@ class CostModelDraftLen:
             return timed[base] + per_draft * (k - base)
         return None
 
+    def _rates(self) -> Dict[int, float]:
+        """Expected tokens per second of each draft length that can be priced (one pass over the estimates)."""
+        timed, alphas = self._timed(), self.alphas()
+        rates, tokens, chain = {}, 1.0, 1.0
+        for k in range(self.max_draft_len + 1):
+            if k:
+                chain *= alphas[k]
+                tokens += chain
+            seconds = self._price(k, timed)
+            if seconds is not None and seconds > 0:
+                rates[k] = tokens / seconds
+        return rates
+
     # ---- the policy interface ------------------------------------------------------------------------------------
 
     def draft_len(self) -> int:
@@ -193,24 +212,16 @@ class CostModelDraftLen:
                 return k
         if self._plain_run >= self.probe_every:               # refresh acceptance: one drafting step
             return self.length_when_drafting()
-        best, best_rate = 0, -1.0
-        self.last_estimates = {}
-        for k in range(self.max_draft_len + 1):
-            seconds = self.step_seconds(k)
-            if seconds is None or seconds <= 0:
-                continue
-            rate = self.expected_tokens(k) / seconds
-            self.last_estimates[k] = 1.0 / rate
-            if rate > best_rate:
-                best, best_rate = k, rate
+        rates = self._rates()
+        self.last_estimates = {k: 1.0 / rate for k, rate in rates.items()}
+        best = max(rates, key=rates.get) if rates else 0      # the first of equal rates, as k goes up
         if best > 0 and self._extend >= best:                 # every row kept a whole draft this long: the
             best = min(self.max_draft_len, self._extend + 1)  # next depth gets evidence (+1, as transformers'
         return best                                           # "heuristic" schedule grows after a full accept)
 
     def length_when_drafting(self) -> int:
-        best = max(range(1, self.max_draft_len + 1),
-                   key=lambda k: self.expected_tokens(k) / (self.step_seconds(k) or float("inf")))
-        return best
+        rates = self._rates()
+        return max(range(1, self.max_draft_len + 1), key=lambda k: rates.get(k, 0.0))
 
     def update(self, draft_len: int, accepted: List[int], seconds: float) -> None:
         samples = self._times.setdefault(draft_len, deque(maxlen=self.samples))
