@@ -100,26 +100,32 @@ def test_draft_len_zero_is_the_model_itself():
 
 # ---- layer calls and cache lengths ---------------------------------------------------------------------
 
-def test_layers_below_exit_run_once_per_token_and_caches_end_at_the_accepted_length():
-    case = build("llama", seed=5, batch=1)
-    sharpen(case.model, 1, scale=0.2)
-    layers = find_layers(case.model)
-    tokens_seen = [0] * NUM_LAYERS
-    calls_with_many = [0] * NUM_LAYERS
+def generate_counting_layer_passes(case, decoder, max_new_tokens: int = 24):
+    """decoder.generate with forward hooks on the model's layers: (output, tokens each layer ran, its passes,
+    its passes over more than one token)."""
+    tokens_seen, passes, passes_with_many = [0] * NUM_LAYERS, [0] * NUM_LAYERS, [0] * NUM_LAYERS
     handles = []
-    for index, layer in enumerate(layers):
+    for index, layer in enumerate(find_layers(case.model)):
         def hook(module, args, kwargs, output, index=index):
             hidden = args[0] if args else kwargs["hidden_states"]
             tokens_seen[index] += hidden.shape[0] * hidden.shape[1]
-            calls_with_many[index] += hidden.shape[1] > 1
+            passes[index] += 1
+            passes_with_many[index] += hidden.shape[1] > 1
         handles.append(layer.register_forward_hook(hook, with_kwargs=True))
-    exit_layer, draft_len = 2, 3
-    decoder = SelfSpeculativeDecoder(case.model, exit_layer=exit_layer, draft_len=draft_len)
     try:
-        out = decoder.generate(**case.inputs, max_new_tokens=24, eos_token_id=[])
+        out = decoder.generate(**case.inputs, max_new_tokens=max_new_tokens, eos_token_id=[])
     finally:
         for handle in handles:
             handle.remove()
+    return out, tokens_seen, passes, passes_with_many
+
+
+def test_layers_below_exit_run_once_per_token_and_caches_end_at_the_accepted_length():
+    case = build("llama", seed=5, batch=1)
+    sharpen(case.model, 1, scale=0.2)
+    exit_layer, draft_len = 2, 3
+    decoder = SelfSpeculativeDecoder(case.model, exit_layer=exit_layer, draft_len=draft_len)
+    out, tokens_seen, _, calls_with_many = generate_counting_layer_passes(case, decoder)
     stats = out.stats
     prompt_len = int(case.inputs["attention_mask"].sum())
     # Below E: the prompt once, then x0 and each draft exactly once per step (k + 1 single-token passes).

@@ -10,9 +10,9 @@ from fastvlm_kernels.decoding import SelfSpeculativeDecoder
 from fastvlm_kernels.decoding.tree_step import TreeDrafter
 from fastvlm_kernels.imitation import ImitationNetwork
 
-from .models import FAMILIES, NUM_LAYERS, assert_lossless, build, find_layers, patch_acceptance, sharpen
+from .models import FAMILIES, NUM_LAYERS, assert_lossless, build, patch_acceptance, sharpen
 from .test_decoder import (_exact_marginals, _sampling_case, assert_in_top_2, assert_one_read_per_step,
-                           sampled_counts)
+                           generate_counting_layer_passes, sampled_counts)
 
 MAX_NEW = 12
 STATIC = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 1, 0)]
@@ -104,21 +104,9 @@ def test_each_node_runs_below_exit_once_and_caches_end_at_the_accepted_length(tr
     nodes of every step."""
     case = build("llama", seed=5, batch=1)
     sharpen(case.model, 1, scale=0.2)
-    tokens_seen, passes = [0] * NUM_LAYERS, [0] * NUM_LAYERS
-    handles = []
-    for index, layer in enumerate(find_layers(case.model)):
-        def hook(module, args, kwargs, output, index=index):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            tokens_seen[index] += hidden.shape[0] * hidden.shape[1]
-            passes[index] += 1
-        handles.append(layer.register_forward_hook(hook, with_kwargs=True))
     exit_layer = 2
     decoder = SelfSpeculativeDecoder(case.model, exit_layer=exit_layer, **TREES[tree])
-    try:
-        out = decoder.generate(**case.inputs, max_new_tokens=24, eos_token_id=[])
-    finally:
-        for handle in handles:
-            handle.remove()
+    out, tokens_seen, passes, _ = generate_counting_layer_passes(case, decoder)
     stats = out.stats
     prompt_len = int(case.inputs["attention_mask"].sum())
     if tree == "static":
