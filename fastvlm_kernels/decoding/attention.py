@@ -58,6 +58,12 @@ def attend(state: StepState, layer: int, query, key, value, sm_scale: float) -> 
     [B, Hq, T, D]`` to that layer's cache; returns ``[B, T, Hq, D]`` (what the attention module reshapes)."""
     if state.calls is not None:
         state.calls[layer] = state.calls.get(layer, 0) + query.shape[0] * query.shape[2]
+    offset = state.query_offset
+    if offset:   # the earlier depths' rows of the window: zero queries, outputs dropped
+        batch, num_heads, num_new, head_dim = query.shape
+        padded = query.new_zeros((batch, num_heads, offset + num_new, head_dim))
+        padded[:, :, offset:] = query
+        query = padded
     plan = state.plan
     if plan is None or plan.sm_scale != sm_scale:
         # The first call of a generate (or a layer with another scale): the cache append and the plan check
@@ -71,17 +77,10 @@ def attend(state: StepState, layer: int, query, key, value, sm_scale: float) -> 
     else:
         state.cache.append_unchecked(layer, key, value)
         keys, values = state.cache.layer_unchecked(layer)
-    batch, num_heads, num_new, head_dim = query.shape
-    offset = state.query_offset
-    if offset:
-        padded = query.new_zeros((batch, num_heads, offset + num_new, head_dim))
-        padded[:, :, offset:] = query
-        out = query.new_empty((batch, offset + num_new, num_heads, head_dim))
-        plan.run(padded, keys, values, state.prefix_lens, state.tree_mask, out=out.transpose(1, 2))
-        return out[:, offset:]
-    out = query.new_empty((batch, num_new, num_heads, head_dim))
+    batch, num_heads, num_rows, head_dim = query.shape
+    out = query.new_empty((batch, num_rows, num_heads, head_dim))
     plan.run(query, keys, values, state.prefix_lens, state.tree_mask, out=out.transpose(1, 2))
-    return out
+    return out[:, offset:] if offset else out
 
 
 _registered = False
