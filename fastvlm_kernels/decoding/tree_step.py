@@ -266,13 +266,11 @@ class TreeDrafter:
         state.tree_mask = None
         if sampling.do_sample:
             target_probs = decoder._warped_probs(final, sampling)                           # [B, N, V]
-            vocab = target_probs.shape[-1]
-            draft_probs = target_probs.new_zeros((batch, num_nodes - 1, vocab))
-            start = 0
-            for q in drafted["probs"]:
-                stop = min(start + q.shape[1], num_nodes - 1)
-                draft_probs[:, start:stop] = q[:, :stop - start]
-                start = stop
+            # q of every node that drew children (all depths but the last, in node order), then zero rows for
+            # the last depth's leaves, which the acceptance never reads: [B, N - 1, V]
+            drawn = torch.cat(drafted["probs"], dim=1).to(target_probs.dtype)
+            draft_probs = torch.cat([drawn, drawn.new_zeros((batch, num_nodes - 1 - drawn.shape[1],
+                                                             drawn.shape[-1]))], dim=1)
             plan = decoder._plan("accept_tree", accept_sampling_tree_plan, tokens, parents, draft_probs,
                                  target_probs, generator=generator)
             accept_len, path, emitted = plan.run(tokens, parents, draft_probs, target_probs, generator=generator)
