@@ -97,7 +97,7 @@ def _cpu_reasons(x: torch.Tensor, *others) -> list:
 def _run_cpu(x, weight, bias):
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if rows > MAX_ROWS or rows == 0 or not weight.is_contiguous() or (bias is not None and not bias.is_contiguous()):
-        return F.linear(x, weight, bias)
+        return skinny_linear_reference(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
     if not flat.is_contiguous():
         flat = flat.contiguous()
@@ -106,13 +106,9 @@ def _run_cpu(x, weight, bias):
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def _run_reference(x, weight, bias):
-    return F.linear(x, weight, bias)
-
-
 BACKENDS = (
     Backend("cpu", _run_cpu, _cpu_reasons),
-    Backend("torch", _run_reference, always_supported),
+    Backend("torch", skinny_linear_reference, always_supported),
 )
 PRIORITY = {"cpu": ("cpu", "torch")}
 
