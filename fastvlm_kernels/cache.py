@@ -162,11 +162,19 @@ class KVCache:
                                  f"in its shortest layer, so a rollback may set 0..{shortest}")
         self._set_lengths(host, device_lens)
 
-    def rollback_unchecked(self, new_lens: torch.Tensor, host_lens: List[int]) -> None:
+    def rollback_unchecked(self, new_lens: torch.Tensor, host_lens: List[int], layers: Optional[slice] = None) -> None:
         """:meth:`rollback` without the checks, for a caller that computed both forms itself (the decoder's
         :class:`~fastvlm_kernels.decoding.rows.Rows`): ``new_lens [B]`` int32 on the cache's device and the
-        same values as host ints, each at most the row's shortest layer length."""
-        self._set_lengths(host_lens, new_lens)
+        same values as host ints. ``layers``: only those layers (default all). The caller keeps each row's
+        positions below the lengths it sets written (the decoder also sets a layer group's lengths back to
+        where it lags, then appends the missing positions)."""
+        if layers is None:
+            self._set_lengths(host_lens, new_lens)
+            return
+        chosen = self.lengths[layers]
+        chosen.copy_(new_lens.to(device=self.device, dtype=torch.int32).expand_as(chosen))
+        for index in range(self.num_layers)[layers]:
+            self._host_lengths[index] = list(host_lens)
 
     def compact(self, start: Lengths, accepted: torch.Tensor, host_lens: Optional[Sequence[int]] = None, *,
                 validate: bool = True, backend: str = "auto", layers: Optional[slice] = None) -> None:

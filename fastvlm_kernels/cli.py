@@ -299,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", required=True, help="the prompt, formatted as the model expects")
     generate.add_argument("--exit-layer", type=int, help="E: the draft runs layers [0, E)")
     generate.add_argument("--imitation", type=Path, help="a trained imitation network's folder")
-    generate.add_argument("--draft-len", type=_draft_len, default=4, help="k >= 0, or 'adaptive' (default 4)")
+    generate.add_argument("--draft-len", type=_draft_len, default="adaptive",
+                          help="'adaptive' (the default: each step's k chosen from the measured step costs and "
+                               "the acceptance so far; 0 where drafting does not pay), or a fixed k >= 0")
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     generate.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")

@@ -11,7 +11,7 @@ nothing for anyone else.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
 import torch
@@ -40,6 +40,9 @@ class StepState:
     calls: Optional[dict] = None   # layer_idx -> number of tokens attended, when counting (tests)
     plan: Optional[VerifyAttentionPlan] = None   # made at the first attention call (inputs checked once)
     requested_backend: str = "auto"   # "auto" or a verify_attention backend name
+    # the decoder's plain steps not yet through the imitation layers: (layer-E states [B, 1, H], positions
+    # [B, 1], lengths [B] before the step, their host copy), caught up in one pass before the next draft
+    imitation_lag: list = field(default_factory=list)
 
 
 def fastvlm_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

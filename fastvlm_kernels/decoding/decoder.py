@@ -11,9 +11,10 @@ below E never run twice for a token; for a given k a step's tensors have static 
 """
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
-from typing import List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ from . import lean
 from .adapters import Adapter, adapter_for
 from .attention import STATE_KWARG, StepState, attention_implementation
 from .options import UNSUPPORTED_GENERATION_OPTIONS, GenerationOptions, Sampling, resolve
-from .policy import AdaptiveDraftLen, FixedDraftLen
+from .policy import AdaptiveDraftLen, FixedDraftLen, StepCosts
 from .rows import Rows
 from .tree_step import TreeDrafter, check_tree_arguments
 
@@ -40,6 +41,11 @@ class GenerateStats:
     drafted: int = 0
     accepted: List[List[int]] = field(default_factory=list)
     draft_lens: List[int] = field(default_factory=list)
+    step_draft_lens: List[int] = field(default_factory=list)   # every step's draft length, 0 for plain steps
+    # adaptive drafting: per step, the estimated seconds per emitted token of each draft length it weighed
+    step_estimates: List[Dict[int, float]] = field(default_factory=list)
+    step_costs: Optional[dict] = None   # adaptive drafting: the timed parts its estimates came from
+    measure_time: float = 0.0           # seconds this call spent timing them (0 when earlier calls had)
     new_tokens: List[int] = field(default_factory=list)
     prefill_time: float = 0.0
     draft_time: float = 0.0       # draft and verify times: only with profile=True (they need a sync)
@@ -49,6 +55,7 @@ class GenerateStats:
     def record(self, draft_len: int, accepted: List[int]) -> None:
         """One step: its draft length (0: plain) and the drafted tokens each unfinished row kept."""
         self.steps += 1
+        self.step_draft_lens.append(draft_len)
         if draft_len == 0:
             self.plain_steps += 1
             return
@@ -72,10 +79,13 @@ class GenerateStats:
         return sum(self.new_tokens) / self.total_time if self.total_time > 0 else 0.0
 
     def summary(self) -> str:
+        per_k = {k: self.step_draft_lens.count(k) for k in sorted(set(self.step_draft_lens))}
         return (f"{sum(self.new_tokens)} new tokens in {self.total_time:.3f} s ({self.tokens_per_s:.1f} tokens/s); "
                 f"{self.steps} steps ({self.plain_steps} without a draft), {self.mean_accepted:.2f} drafted tokens accepted per step "
                 f"({self.mean_emitted:.2f} emitted); prefill {self.prefill_time:.3f} s"
-                + (f", draft {self.draft_time:.3f} s, verify {self.verify_time:.3f} s" if self.draft_time else ""))
+                + (f", draft {self.draft_time:.3f} s, verify {self.verify_time:.3f} s" if self.draft_time else "")
+                + (f"; steps per draft length {per_k}" if len(per_k) > 1 else "")
+                + (f"; step costs timed in {self.measure_time:.3f} s" if self.measure_time else ""))
 
 
 class GenerateOutput(NamedTuple):
@@ -91,8 +101,8 @@ class SelfSpeculativeDecoder:
             Llama / Mistral / Qwen2 causal LM), in eval mode.
         exit_layer: E in [1, N-1]: the draft runs layers [0, E) and the early-exit head.
         imitation: an :class:`~fastvlm_kernels.imitation.ImitationNetwork` trained for this model and E.
-        draft_len: k >= 0 drafted tokens per step (0: plain autoregressive decoding through the package's
-            attention and cache), or "adaptive".
+        draft_len: "adaptive" (the default: see ``adaptive_window``), or a fixed k >= 0 drafted tokens per
+            step (0: plain autoregressive decoding through the package's attention and cache).
         tree: None (a chain of ``draft_len`` drafts), a static tree as a list of paths of child ranks from the
             root (Medusa's and EAGLE's "choices": ``[(0,), (1,), (0, 0), ...]``, ``(0, 1)`` being the second
             best draft token after the best one; its depth at most ``draft_len`` / ``max_draft_len``), or
@@ -105,11 +115,13 @@ class SelfSpeculativeDecoder:
             drafted node).
         tree_budget: drafted nodes verified per step with ``tree="dynamic"`` (default: all of them).
         tree_width: nodes per depth of the dynamic tree.
-        adaptive_window, max_draft_len: with "adaptive" (:class:`~.policy.AdaptiveDraftLen`), k follows the
-            mean accepted length of the last ``adaptive_window`` drafting steps, between 1 and
-            ``max_draft_len``; and where drafting does not pay (measured time per emitted token) steps fall
-            back to plain decoding, drafting being tried again every few steps. These timings are kept
-            across calls (per batch size), so later calls start in the mode that was faster.
+        adaptive_window, max_draft_len: with "adaptive" (:class:`~.policy.AdaptiveDraftLen`), each step drafts
+            the k in 0 .. ``max_draft_len`` (0: a plain step) with the most expected tokens per second: the
+            acceptance per depth estimated online (over about the last ``adaptive_window`` drafting steps), the
+            cost of each k from the parts of a step timed once per batch size and sampling mode
+            (:meth:`measure_step_costs`, at the first call that needs them). With a tree, k is its depth.
+            The estimates are kept across calls; ``GenerateStats.step_draft_lens`` and ``step_estimates``
+            show the choices.
         max_cache_len: when set, the positions one call may use (prompt + new tokens + draft); a call that
             would need more raises before running anything. The cache is kept between calls and reused.
         attention_backend: the ``verify_attention`` backend ("auto": the op's own order for the device).
@@ -133,8 +145,8 @@ class SelfSpeculativeDecoder:
     """
 
     def __init__(self, model: nn.Module, exit_layer: int, imitation: Optional[nn.Module] = None,
-                 draft_len: Union[int, str] = 4, tree=None, *, tree_budget: Optional[int] = None, tree_width: int = 4,
-                 adaptive_window: int = 8, max_draft_len: int = 8, max_cache_len: Optional[int] = None,
+                 draft_len: Union[int, str] = "adaptive", tree=None, *, tree_budget: Optional[int] = None, tree_width: int = 4,
+                 adaptive_window: int = 16, max_draft_len: int = 8, max_cache_len: Optional[int] = None,
                  attention_backend: str = "auto", lean_layers: bool = True, linear_backend: str = "auto",
                  draft_vocab: Optional[torch.Tensor] = None, profile: bool = False):
         self.adapter: Adapter = adapter_for(model)
@@ -255,10 +267,17 @@ class SelfSpeculativeDecoder:
             rows, state = self.prefill(input_ids, attention_mask, model_inputs, options, streamer, generator)
             stats.prefill_time = time.perf_counter() - start_time
             subset_head = self._subset_head(self.adapter.lm_head.weight.device, options.sampling)
-            policy.start(rows.batch)
+            policy.start(rows.batch, options.sampling.do_sample)
+            if policy.needs_costs(max(rows.host_lengths)):
+                policy.set_costs(self.measure_step_costs(rows, state, options.sampling, subset_head))
+                stats.measure_time = policy.current_costs.measured_in
+            adaptive = isinstance(policy, AdaptiveDraftLen)
+            stats.step_costs = policy.current_costs.as_dict() if adaptive else None
             while not rows.done:
                 step_start = time.perf_counter()
                 draft_len = policy.draft_len()
+                if adaptive:
+                    stats.step_estimates.append(policy.last_estimates)
                 paths = None
                 if draft_len == 0:
                     accept_len, emitted = self.plain_step(rows, state, options.sampling, generator)
@@ -353,19 +372,43 @@ class SelfSpeculativeDecoder:
         position_embeddings = self._rotary(hidden, rows.positions(1))
         state.prefix_lens = rows.lengths
         if self._drafts:
-            # Adaptive drafting may draft again later: the imitation layers need this token's KV too.
+            # Adaptive drafting may draft again later: the imitation layers will need this token's KV. Its
+            # layer-E state waits in state.imitation_lag, and the imitation layers take the waiting tokens
+            # in one pass before the next draft (or once as many wait as a step may append), not one pass
+            # per plain step.
             hidden = self._run_layers(hidden, 0, self.exit_layer, position_embeddings, state)
-            self._imitate(hidden, position_embeddings, state)
+            state.imitation_lag.append((hidden, rows.positions(1), rows.lengths, rows.host_lengths))
+            if len(state.imitation_lag) >= self._step_positions:
+                self._catch_up_imitation(rows, state)
+                state.prefix_lens = rows.lengths
             hidden = self._run_layers(hidden, self.exit_layer, self.adapter.num_layers, position_embeddings, state)
         else:
             hidden = self._run_layers(hidden, 0, self.adapter.num_layers, position_embeddings, state)
         tokens = self._target_tokens(hidden[:, 0], None, sampling, generator)[0]
         return None, tokens[:, None]
 
+    def _catch_up_imitation(self, rows: Rows, state: StepState) -> None:
+        """The plain steps' tokens waiting for the imitation layers (``state.imitation_lag``) through them in
+        one pass: those layers' lengths are set back to where the first waiting token starts, the pass
+        appends the tokens' KV, and the lengths are set to the rows' again (a row that finished meanwhile
+        wrote past its length: at most ``_step_positions`` positions, within the cache's slack)."""
+        lag = state.imitation_lag
+        if not lag:
+            return
+        hidden = torch.cat([entry[0] for entry in lag], dim=1)
+        positions = torch.cat([entry[1] for entry in lag], dim=1)
+        layers = slice(self.adapter.num_layers, None)
+        rows.cache.rollback_unchecked(lag[0][2], lag[0][3], layers=layers)
+        state.prefix_lens = lag[0][2]
+        self._imitate(hidden, self._rotary(hidden, positions), state)
+        rows.cache.rollback_unchecked(rows.lengths, rows.host_lengths, layers=layers)
+        lag.clear()
+
     def speculative_step(self, rows: Rows, state: StepState, draft_len: int, sampling: Sampling, generator,
                          subset_head=None, stats: Optional[GenerateStats] = None):
         """Drafts ``draft_len`` tokens, verifies them in one pass and accepts: ``(accept_len [B] int32,
         emitted [B, k+1] int64)``. With ``profile`` on, the draft and verify times go to ``stats``."""
+        self._catch_up_imitation(rows, state)
         if self.profile:
             self._sync(rows.lengths.device)
             draft_start = time.perf_counter()
@@ -384,6 +427,7 @@ class SelfSpeculativeDecoder:
                   stats: Optional[GenerateStats] = None):
         """Drafts a tree of depth ``depth``, verifies it in one pass and accepts a path (:mod:`.tree_step`):
         ``(accept_len [B] int32, emitted [B, Nv] int64, paths)``, paths for :meth:`Rows.advance`."""
+        self._catch_up_imitation(rows, state)
         if self.profile:
             self._sync(rows.lengths.device)
             draft_start = time.perf_counter()
@@ -397,6 +441,83 @@ class SelfSpeculativeDecoder:
             self._sync(rows.lengths.device)
             stats.verify_time += time.perf_counter() - verify_start
         return result
+
+    def measure_step_costs(self, rows: Rows, state: StepState, sampling: Sampling, subset_head=None,
+                           repeats: int = 3) -> StepCosts:
+        """Times a step and its parts on this call's real state, for the adaptive policy (:class:`StepCosts`):
+        a plain step and a drafting step with one draft (a tree: depth 1), each with the cache rollback that
+        follows it; the draft loop at 0 and 1 drafts (a tree: depths 1 and 2), whose difference is one more
+        drafted token (depth); verification of 2 and of ``max_draft_len + 1`` positions (a tree: its verified
+        nodes at depths 1 and ``max_draft_len``). Each is the median of ``repeats`` timings, taken in
+        alternated turns; a whole step is timed right after an untimed one of its kind, as steps of one kind
+        follow each other (timed after other parts, a plain step ran about 5% slower than in a run of plain
+        steps on this CPU: its weights come back into the caches in another order). Every part runs as a step runs it and is undone at once: the cache is rolled back to
+        the rows' lengths (a step's positions past them are overwritten by the next step anyway), nothing is
+        emitted, and sampling draws from a generator of its own, so the call's output and random stream are
+        unchanged. The device is synchronised around each timing (once per batch size and mode, not per
+        step)."""
+        begin = time.perf_counter()
+        device = rows.lengths.device
+        generator = torch.Generator(device=device)
+        generator.manual_seed(0)
+        max_k, tree = self.max_draft_len, self._tree
+        scratch = GenerateStats()                    # what profile=True would add to the call's stats
+
+        def undo():
+            rows.cache.rollback_unchecked(rows.lengths, rows.host_lengths)
+            state.imitation_lag.clear()       # what a timed plain step left waiting
+
+        if tree is None:
+            drafts, probs, layer_e = self._draft(rows, state, 1, sampling, generator, subset_head)
+            undo()
+            index = torch.arange(max_k + 1, device=device) % 2   # x0 and max_k drafts: the two drafted
+            wide_e = layer_e[:, index]                           # positions' layer-E states, repeated (the
+            wide_drafts = drafts[:, index[:-1] * 0]              # cost does not depend on the values)
+            wide_probs = None if probs is None else probs[:, index[:-1] * 0]
+            parts = {
+                "first": lambda: self.speculative_step(rows, state, 1, sampling, generator, subset_head, scratch),
+                "draft_lo": lambda: self._draft(rows, state, 0, sampling, generator, subset_head),
+                "draft_hi": lambda: self._draft(rows, state, 1, sampling, generator, subset_head),
+                "verify_lo": lambda: self._verify(rows, state, layer_e, drafts, probs, sampling, generator),
+                "verify_hi": lambda: self._verify(rows, state, wide_e, wide_drafts, wide_probs, sampling, generator),
+            }
+            nodes = list(range(1, max_k + 2))
+        else:
+            shallow = tree.draft(self, rows, state, 1, sampling, generator, subset_head)
+            undo()
+            deep = tree.draft(self, rows, state, max_k, sampling, generator, subset_head)
+            undo()
+            two = min(2, max_k)
+            parts = {
+                "first": lambda: self.tree_step(rows, state, 1, sampling, generator, subset_head, scratch),
+                "draft_lo": lambda: tree.draft(self, rows, state, 1, sampling, generator, subset_head),
+                "draft_hi": lambda: tree.draft(self, rows, state, two, sampling, generator, subset_head),
+                "verify_lo": lambda: tree.verify(self, rows, state, shallow, sampling, generator),
+                "verify_hi": lambda: tree.verify(self, rows, state, deep, sampling, generator),
+            }
+            nodes = [1] + [tree.verified_nodes(depth, sampling.do_sample) for depth in range(1, max_k + 1)]
+        parts["plain"] = lambda: self.plain_step(rows, state, sampling, generator)
+        whole = ("first", "plain")                  # timed with their rollback, as a step is
+        samples = {name: [] for name in parts}
+        for _ in range(repeats):               # alternated turns: the machine's drift falls on every part
+            for name, run in parts.items():
+                for timed in ((False, True) if name in whole else (True,)):
+                    self._sync(device)         # a whole step follows one of its kind, as steps do
+                    start = time.perf_counter()
+                    run()
+                    if name in whole:
+                        undo()
+                    self._sync(device)
+                    if timed:
+                        samples[name].append(time.perf_counter() - start)
+                    undo()
+        seconds = {name: statistics.median(values) for name, values in samples.items()}
+        per_depth = seconds["draft_hi"] - seconds["draft_lo"]
+        if tree is not None and max_k < 2:
+            per_depth = 0.0
+        return StepCosts(plain=seconds["plain"], first=seconds["first"], draft_per_token=per_depth,
+                         verify_points=((nodes[1], seconds["verify_lo"]), (nodes[max_k], seconds["verify_hi"])),
+                         nodes=nodes, context_len=max(rows.host_lengths), measured_in=time.perf_counter() - begin)
 
     def _tree_paths(self, draft_path: torch.Tensor, verify_path: torch.Tensor):
         """Compaction of a tree whose draft layers ([0, E) and the imitation layers) hold every drafted node and
@@ -434,7 +555,8 @@ class SelfSpeculativeDecoder:
                                      vocab_subset=subset_head[0] if subset_head else None).run(hidden).tokens
             drafts.append(current)
         draft_probs = torch.stack(probs, dim=1) if probs else None
-        return torch.stack(drafts, dim=1), draft_probs, torch.cat(layer_e, dim=1)
+        drafts = torch.stack(drafts, dim=1) if drafts else current.new_empty((rows.batch, 0))
+        return drafts, draft_probs, torch.cat(layer_e, dim=1)
 
     def _verify(self, rows: Rows, state: StepState, layer_e, drafts, draft_probs, sampling: Sampling, generator):
         """Layers [E, N) over the k+1 layer-E states, the verify head, and acceptance."""

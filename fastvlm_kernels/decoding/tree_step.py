@@ -100,6 +100,14 @@ class TreeDrafter:
             return self.static.at_depth(max_depth)[0].num_nodes
         return 1 + self.width * max_depth
 
+    def verified_nodes(self, depth: int, sampling: bool) -> int:
+        """The nodes (with the root) one step verifies at depth ``depth``: a static tree's nodes to that depth;
+        a dynamic tree's best ``budget`` drafted nodes when greedy, every drafted node when sampling."""
+        if self.static is not None:
+            return self.static.at_depth(depth)[0].num_nodes
+        drafted = self.width * depth
+        return 1 + (drafted if sampling else min(self.budget, drafted))
+
     def _static_tensors(self, tree: DraftTree, device):
         key = (id(tree), str(device))
         tensors = self._constants.get(key)

@@ -1,6 +1,7 @@
 """SelfSpeculativeDecoder: lossless greedy and sampling, layer calls, caches, bad input, memory."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import math
@@ -9,7 +10,6 @@ import pytest
 import torch
 
 from fastvlm_kernels.decoding import SelfSpeculativeDecoder, UnsupportedModelError
-from fastvlm_kernels.decoding.policy import AdaptiveDraftLen
 from fastvlm_kernels.imitation import ImitationNetwork
 
 from .models import FAMILIES, NUM_LAYERS, assert_lossless, build, find_layers, patch_acceptance, sharpen
@@ -382,84 +382,125 @@ def test_stats_are_consistent(profile):
 
 # ---- the adaptive draft policy ---------------------------------------------------------------------------
 
-def _run_policy(policy, cost, steps, accepted=(1,)):
-    """Feeds ``policy`` synthetic step times (seconds per emitted token by mode) and returns the modes."""
-    modes = []
-    for _ in range(steps):
-        draft_len = policy.draft_len()
-        mode = "plain" if draft_len == 0 else "draft"
-        modes.append(mode)
-        kept = list(accepted) if draft_len else [0] * len(accepted)
-        policy.update(draft_len, kept, cost[mode] * (sum(kept) / len(kept) + 1))
-    return modes
-
-
-def test_adaptive_policy_falls_back_to_plain_and_probes_drafting_again():
-    """Synthetic timings: drafting at 3 ms per emitted token, plain at 2 ms: after the warmup the policy
-    tries plain, keeps it, and re-probes drafting every probe_every steps; when drafting becomes cheaper
-    (acceptance went up) it switches back."""
-    policy = AdaptiveDraftLen(max_draft_len=8, window=4, probe_every=10, probe_steps=2)
-    policy.start(1)
-    cost = {"draft": 3e-3, "plain": 2e-3}
-    modes = _run_policy(policy, cost, 40)
-    assert modes[:4] == ["draft"] * 4 and modes[4:6] == ["plain"] * 2      # warmup, then a plain probe
-    assert modes.count("plain") > 30                                        # plain wins
-    assert "draft" in modes[8:]                                             # drafting is re-probed
-    cost["draft"] = 1e-3
-    _run_policy(policy, cost, 30)
-    assert policy.mode == "draft"
-
-
-def test_adaptive_policy_draft_len_follows_acceptance():
-    """k = ceil(mean accepted over the window) + 1, within [1, max_draft_len]; max_draft_len before any
-    drafting step; the window carries over to the next call at the same batch size."""
-    policy = AdaptiveDraftLen(max_draft_len=6, window=3)
-    policy.start(2)
-    assert policy.draft_len() == 6
-    for accepted, expected in (([0, 0], 1), ([2, 3], 3), ([5, 6], 4), ([6, 6], 6), ([6, 6], 6)):
-        policy.update(policy.length_when_drafting(), accepted, 1e-3)
-        assert policy.length_when_drafting() == expected, (accepted, policy._recent)
-    policy.update(0, [0, 0], 1e-3)                        # a plain step leaves the window alone
-    assert policy.length_when_drafting() == 6
-    policy.start(2)                                       # a new call at this batch size keeps the window
-    assert policy.length_when_drafting() == 6
-    policy.start(3)                                       # another batch size has its own
-    assert policy.draft_len() == 6 and not policy._recent
-
-
-def test_adaptive_policy_starts_a_later_call_in_the_faster_mode():
-    """start keeps the estimates per batch size: a later call begins in the faster mode without a new
-    warmup; a batch size never timed begins by drafting."""
-    policy = AdaptiveDraftLen(max_draft_len=4, window=4, probe_every=10, probe_steps=2)
-    policy.start(1)
-    assert policy.mode == "draft"
-    cost = {"draft": 3e-3, "plain": 2e-3}
-    _run_policy(policy, cost, 12)
-    policy.start(1)
-    assert policy.mode == "plain"
-    modes = _run_policy(policy, cost, 10)
-    assert modes == ["plain"] * 10          # no warmup in drafting mode; the next probe comes later
-    assert policy.mode == "draft"           # ... after probe_every steps
-    policy.start(3)
-    assert policy.mode == "draft" and policy.draft_len() == 4
-    with pytest.raises(ValueError, match="max_draft_len"):
-        AdaptiveDraftLen(max_draft_len=0)
-    with pytest.raises(ValueError, match="adaptive_window"):
-        AdaptiveDraftLen(window=0)
-
-
-def test_adaptive_mixes_plain_and_drafting_steps_exactly():
+@pytest.mark.parametrize("max_draft_len, probe_every", [(8, 2), (2, 7)])
+def test_adaptive_mixes_plain_and_drafting_steps_exactly(max_draft_len, probe_every):
+    """The adaptive decoder times a step's parts at its first call (on the real state, undone: the output is
+    identical to generate's) and shows its choices; with costs that make plain steps cheap, plain steps and
+    drafting probes mix, still exactly, with an imitation network whose layers catch up on the plain steps'
+    tokens before each draft, or within a run of plain steps (max_draft_len 2: every 3 plain steps)."""
     case = build("llava", seed=9, batch=4)
     expected = case.model.generate(**case.inputs, max_new_tokens=40, do_sample=False)
-    decoder = SelfSpeculativeDecoder(case.model, exit_layer=1, draft_len="adaptive", adaptive_window=3)
+    network = ImitationNetwork.from_model(case.model, exit_layer=1, kind="layers", num_layers=1)
+    decoder = SelfSpeculativeDecoder(case.model, exit_layer=1, imitation=network, draft_len="adaptive",
+                                     adaptive_window=3, max_draft_len=max_draft_len)
     out = decoder.generate(**case.inputs, max_new_tokens=40)
-    assert_lossless(case, out.sequences, expected, "adaptive with plain steps", [])
-    stats = out.stats
+    assert_lossless(case, out.sequences, expected, "adaptive", [])
+    stats, costs = out.stats, decoder.policy.current_costs
+    assert stats.step_costs == costs.as_dict() and costs.plain > 0 and costs.first > 0
+    assert len(stats.step_draft_lens) == len(stats.step_estimates) == stats.steps
+    assert all(set(estimates) == set(range(decoder.max_draft_len + 1)) for estimates in stats.step_estimates)
+    assert [k for k in stats.step_draft_lens if k] == stats.draft_lens
     assert stats.steps == stats.plain_steps + len(stats.accepted)
-    assert stats.plain_steps >= 1 and len(stats.accepted) >= 3   # the warmup drafts, then plain was tried
-    again = decoder.generate(**case.inputs, max_new_tokens=40)   # the timings carry over; still exact
-    assert_lossless(case, again.sequences, expected, "adaptive, second call", [])
-    assert set(decoder.policy.per_token) == {4} and None not in decoder.policy.per_token[4].values()
+    decoder.policy.probe_every = probe_every
+    decoder.policy.costs[(4, False)] = dataclasses.replace(costs, plain=costs.step(1) / 20)
+    again = decoder.generate(**case.inputs, max_new_tokens=40)     # no new timing: the costs are kept
+    assert_lossless(case, again.sequences, expected, "adaptive with plain steps", [])
+    assert again.stats.step_costs == dict(out.stats.step_costs, plain=costs.step(1) / 20)
+    assert again.stats.plain_steps >= 3 and len(again.stats.accepted) >= 2
+
+
+class _Schedule:
+    """A draft policy that runs a given list of draft lengths (then plain steps)."""
+
+    def __init__(self, lengths, max_draft_len=8):
+        self.lengths, self.max_draft_len, self.step = list(lengths), max_draft_len, 0
+
+    def start(self, batch, sampling=False):
+        self.step = 0
+
+    def needs_costs(self, context_len):
+        return False
+
+    def draft_len(self):
+        self.step += 1
+        return self.lengths[self.step - 1] if self.step <= len(self.lengths) else 0
+
+    def update(self, draft_len, accepted, seconds):
+        pass
+
+
+def test_plain_steps_tokens_reach_the_imitation_layers_in_one_catch_up_pass(monkeypatch):
+    """Plain steps leave their tokens waiting for the imitation layers; the catch-up pass (before a draft,
+    or when as many wait as a step may append) writes the same keys and values as running the imitation
+    layers at every plain step, at every position, in ragged rows."""
+    case = build("llama", seed=2, batch=3)
+    network = ImitationNetwork.from_model(case.model, exit_layer=1, kind="layers", num_layers=2)
+    schedule = [0] * 13 + [2] + [0] * 4 + [1]        # 13 plain steps: a catch-up at the 9th, then at the draft
+    caches = []
+    for every_step in (False, True):
+        decoder = SelfSpeculativeDecoder(case.model, exit_layer=1, imitation=network, draft_len="adaptive",
+                                         linear_backend="torch")
+        decoder.policy = _Schedule(schedule)
+        if not every_step:     # the lengths up to which the lagging layers are complete, at each catch-up
+            catch_up, complete = decoder._catch_up_imitation, []
+
+            def recorded(rows, state, catch_up=catch_up, complete=complete):
+                catch_up(rows, state)
+                complete.append(list(rows.host_lengths))
+            monkeypatch.setattr(decoder, "_catch_up_imitation", recorded)
+        else:                  # the reference: the imitation layers inside every plain step, at its positions
+
+            def eager(rows, state, sampling, generator, decoder=decoder):
+                hidden = decoder.adapter.embed_tokens(rows.x0)[:, None]
+                rotary = decoder._rotary(hidden, rows.positions(1))
+                state.prefix_lens = rows.lengths
+                hidden = decoder._run_layers(hidden, 0, decoder.exit_layer, rotary, state)
+                decoder._imitate(hidden, rotary, state)
+                hidden = decoder._run_layers(hidden, decoder.exit_layer, decoder.adapter.num_layers, rotary, state)
+                return None, decoder._target_tokens(hidden[:, 0], None, sampling, generator)[0][:, None]
+            monkeypatch.setattr(decoder, "plain_step", eager)
+        out = decoder.generate(**case.inputs, max_new_tokens=len(schedule) + 4)
+        caches.append((decoder._cache, out.sequences))
+    (lagged, first), (eager_cache, second) = caches
+    assert torch.equal(first, second)
+    assert lagged.host_lengths == eager_cache.host_lengths
+    lengths = complete[-1]         # the plain steps after the last draft never needed a catch-up
+    assert len(complete) >= 3 and min(lengths) > min(complete[0])
+    num_layers = case.model.config.text_config.num_hidden_layers if hasattr(case.model.config, "text_config") \
+        else case.model.config.num_hidden_layers
+    for layer in range(num_layers, lagged.num_layers):
+        for b, length in enumerate(lengths):
+            torch.testing.assert_close(lagged.buffer[layer, :, b, :, :length],
+                                       eager_cache.buffer[layer, :, b, :, :length], rtol=1e-5, atol=1e-5)
+
+
+def test_measuring_step_costs_leaves_the_state_and_the_random_stream_alone(monkeypatch):
+    """measure_step_costs runs every part on the real state: afterwards the rows, every cache layer's length
+    and its positions below them, and the caller's generator are as before."""
+    case = build("llava", seed=4, batch=2)
+    decoder = SelfSpeculativeDecoder(case.model, exit_layer=1, draft_len="adaptive")
+    generator = torch.Generator().manual_seed(5)
+    original, checked = decoder.measure_step_costs, []
+
+    def measured(rows, state, *args, **kwargs):
+        lengths, cache = rows.lengths.clone(), rows.cache
+        host = [list(layer) for layer in cache.host_lengths]
+        kept = [cache.buffer[:, :, b, :, :n].clone() for b, n in enumerate(rows.host_lengths)]
+        random_state, x0 = generator.get_state(), rows.x0.clone()
+        costs = original(rows, state, *args, **kwargs)
+        assert torch.equal(rows.lengths, lengths) and torch.equal(rows.x0, x0)
+        assert cache.host_lengths == host and torch.equal(cache.lengths.cpu(), torch.tensor(host, dtype=torch.int32))
+        assert all(torch.equal(cache.buffer[:, :, b, :, :n], before)
+                   for b, (n, before) in enumerate(zip(rows.host_lengths, kept)))
+        assert torch.equal(generator.get_state(), random_state)
+        checked.append(costs)
+        return costs
+
+    monkeypatch.setattr(decoder, "measure_step_costs", measured)
+    decoder.generate(**case.inputs, max_new_tokens=12, do_sample=True, temperature=1.0, generator=generator)
+    assert len(checked) == 1
+    decoder.generate(**case.inputs, max_new_tokens=12, do_sample=True, temperature=1.0, generator=generator)
+    assert len(checked) == 1      # kept for this batch size and mode
 
 
 # ---- draft vocabulary subset -----------------------------------------------------------------------------

@@ -1,78 +1,109 @@
-"""CostModelDraftLen: deterministic choices from its estimates, calibration, acceptance per depth, pricing."""
+"""AdaptiveDraftLen: choices from timed step parts and acceptance per depth; deterministic; StepCosts pricing."""
 from __future__ import annotations
 
 import random
 
 import pytest
 
-from fastvlm_kernels.decoding.policy import CostModelDraftLen
+from fastvlm_kernels.decoding.policy import AdaptiveDraftLen, StepCosts
 
 
-def _simulate(policy, alpha, step_ms, steps=300, seed=0, batch=1):
-    """Runs the policy against a synthetic decoder: acceptance alpha per depth, step_ms(k) milliseconds."""
+def _costs(plain_ms, draft_base_ms, per_token_ms, verify_ms_at_2, verify_slope_ms, max_k=8, context_len=50):
+    """StepCosts of a chain whose draft loop costs draft_base + k per_token and whose verification is linear in
+    the positions (k + 1)."""
+    first = draft_base_ms + per_token_ms + verify_ms_at_2
+    return StepCosts(plain=plain_ms / 1e3, first=first / 1e3, draft_per_token=per_token_ms / 1e3,
+                     verify_points=((2, verify_ms_at_2 / 1e3), (max_k + 1, (verify_ms_at_2 + verify_slope_ms
+                                                                              * (max_k - 1)) / 1e3)),
+                     nodes=list(range(1, max_k + 2)), context_len=context_len)
+
+
+def _simulate(policy, costs, alpha, steps=300, seed=0, batch=1, noise=0.0):
+    """Runs the policy against a synthetic decoder whose steps take what ``costs`` say (times relative noise)
+    and keep each drafted token with probability ``alpha``."""
     rng = random.Random(seed)
     policy.start(batch)
+    if policy.needs_costs(costs.context_len):
+        policy.set_costs(costs)
     chosen = []
     for _ in range(steps):
         k = policy.draft_len()
-        kept = 0
-        while kept < k and rng.random() < alpha:
-            kept += 1
-        policy.update(k, [kept], step_ms(k) / 1e3)
+        kept = [0] * batch
+        for row in range(batch):
+            while kept[row] < k and rng.random() < alpha:
+                kept[row] += 1
+        seconds = costs.step(k) * (1.0 + noise * rng.uniform(-1.0, 1.0))
+        policy.update(k, kept, seconds)
         chosen.append(k)
     return chosen
 
 
-def _best_k(alpha, step_ms, max_k):
-    def rate(k):
-        tokens = sum(alpha ** j for j in range(k + 1))
-        return tokens / step_ms(k)
-    return max(range(max_k + 1), key=rate)
+def _tokens(alpha, k):
+    return sum(alpha ** j for j in range(k + 1))
 
 
-@pytest.mark.parametrize("alpha, base, per_draft", [(0.9, 10.0, 1.0), (0.7, 10.0, 3.0), (0.3, 10.0, 6.0),
-                                                    (0.95, 20.0, 0.5)])
-def test_it_settles_on_the_best_length_of_a_known_model(alpha, base, per_draft):
-    """With exact step times and acceptance alpha per depth, the policy's last 100 steps (its acceptance
-    probes included) emit within 3% of the best fixed length's tokens per second; plain decoding (k = 0) where
-    drafting does not pay."""
-    step_ms = lambda k: base + (per_draft * k + 2.0 if k else 0.0)   # noqa: E731 - a drafting step's fixed part
-    policy = CostModelDraftLen(8)
-    chosen = _simulate(policy, alpha, step_ms)
-    best = _best_k(alpha, step_ms, 8)
-
-    def tokens(k):
-        return sum(alpha ** j for j in range(k + 1))
-    settled = chosen[-100:]
-    achieved = sum(tokens(k) for k in settled) / sum(step_ms(k) for k in settled)
-    assert achieved >= 0.97 * tokens(best) / step_ms(best), (best, settled[-20:], policy.alphas())
+@pytest.mark.parametrize("alpha, costs", [
+    (0.9, _costs(10.0, 1.5, 1.1, 7.8, 0.6)),      # the tiny VLM's parts: a long draft pays
+    (0.45, _costs(31.0, 11.0, 12.0, 21.0, 3.3)),   # SmolLM2's parts at its chat-prompt acceptance: plain
+    (0.8, _costs(31.0, 11.0, 12.0, 21.0, 3.3)),    # ... at a higher acceptance: a short draft
+    (0.7, _costs(10.0, 2.0, 3.0, 8.0, 1.0)),
+    (0.97, _costs(20.0, 2.0, 0.5, 15.0, 0.5)),
+])
+def test_it_settles_on_the_best_length_of_a_known_model(alpha, costs):
+    """With the step costs the parts give and acceptance alpha per depth, the policy's last 150 steps (its
+    acceptance probes included) emit within 3% of the best fixed length's tokens per second, and never slower
+    than plain decoding by more than 3%."""
+    policy = AdaptiveDraftLen(8)
+    chosen = _simulate(policy, costs, alpha, noise=0.1)
+    best = max(range(9), key=lambda k: _tokens(alpha, k) / costs.step(k))
+    settled = chosen[-150:]
+    achieved = sum(_tokens(alpha, k) for k in settled) / sum(costs.step(k) for k in settled)
+    assert achieved >= 0.97 * _tokens(alpha, best) / costs.step(best), (best, settled[-20:], policy.alphas())
+    assert achieved >= 0.97 / costs.plain
 
 
 def test_choices_are_deterministic_given_the_measurements():
-    step_ms = lambda k: 10.0 + 2.0 * k   # noqa: E731
-    runs = [_simulate(CostModelDraftLen(6), 0.8, step_ms, seed=3) for _ in range(2)]
+    costs = _costs(10.0, 2.0, 1.5, 8.0, 1.0)
+    runs = [_simulate(AdaptiveDraftLen(6), costs, 0.8, seed=3, noise=0.2) for _ in range(2)]
     assert runs[0] == runs[1]
 
 
-def test_calibration_then_estimates_per_batch_size():
-    policy = CostModelDraftLen(4, samples_to_trust=2)
+def test_step_costs_price_chains_and_trees_from_their_parts():
+    costs = _costs(10.0, 2.0, 1.5, 8.0, 1.0, max_k=4)
+    assert costs.step(0) == pytest.approx(0.010)
+    # k drafts: the draft loop (2 + 1.5 k) and verification of k + 1 positions (8 at 2, + 1 per position)
+    for k in range(1, 5):
+        assert costs.step(k) == pytest.approx((2.0 + 1.5 * k + 8.0 + 1.0 * (k - 1)) / 1e3)
+    tree = StepCosts(plain=0.01, first=0.015, draft_per_token=0.003, verify_points=((5, 0.01), (9, 0.014)),
+                     nodes=[1, 5, 9, 9])       # a dynamic tree of width 4 and budget 8: 9 nodes from depth 2 on
+    assert tree.step(1) == pytest.approx(0.015)
+    assert tree.step(3) == pytest.approx(0.015 + 2 * 0.003 + (0.014 - 0.010))
+    noisy = StepCosts(plain=0.01, first=0.02, draft_per_token=-0.001, verify_points=((2, 0.01), (9, 0.009)),
+                      nodes=list(range(1, 10)))
+    assert noisy.step(8) == pytest.approx(0.02)   # a negative slope from noise counts as flat
+    assert costs.as_dict()["verify_points"] == [[2, 0.008], [5, pytest.approx(0.011)]]
+
+
+def test_costs_are_asked_for_once_per_batch_size_and_mode_and_when_the_context_doubles():
+    policy = AdaptiveDraftLen(4)
     policy.start(1)
-    schedule = []
-    for _ in range(6):
-        k = policy.draft_len()
-        schedule.append(k)
-        policy.update(k, [min(k, 1)], 0.01 + 0.002 * k)
-    assert schedule == [0, 0, 1, 1, 4, 4]
-    assert set(policy.last_estimates) == set()            # no choice made from estimates yet
-    policy.draft_len()
-    assert set(policy.last_estimates) == {0, 1, 2, 3, 4}     # every length priced (2, 3 interpolated)
-    assert policy.step_seconds(2) == pytest.approx(0.014)
-    policy.start(4)                                          # another batch size calibrates its own costs
-    assert policy.draft_len() == 0
+    assert policy.needs_costs(40)
+    with pytest.raises(RuntimeError, match="no step costs"):
+        policy.draft_len()
+    policy.set_costs(_costs(10.0, 2.0, 1.5, 8.0, 1.0, max_k=4, context_len=40))
+    assert not policy.needs_costs(295) and policy.needs_costs(297)   # past max(2 x 40, 40 + 256)
+    policy.start(1, sampling=True)                                    # sampling has its own
+    assert policy.needs_costs(40)
+    policy.start(2)
+    assert policy.needs_costs(40)
+    policy.start(1)
+    assert not policy.needs_costs(40)
+    with pytest.raises(ValueError, match="costs.nodes"):
+        policy.set_costs(_costs(10.0, 2.0, 1.5, 8.0, 1.0, max_k=2))
 
 
 def test_acceptance_per_depth_counts_rejections_where_they_happen():
-    policy = CostModelDraftLen(4, forget=1.0, prior_alpha=0.5, prior_weight=2.0)
+    policy = AdaptiveDraftLen(4, window=10**9, prior_alpha=0.5, prior_weight=2.0)
     policy.start(1)
     policy.update(4, [2, 4], 0.01)     # row 1 kept 2 (rejected at depth 3), row 2 kept all 4
     # (kept, tried) per depth: (2, 2), (2, 2), (1, 2), (1, 1); each shrunk toward the depth above (weight 2)
@@ -83,18 +114,46 @@ def test_acceptance_per_depth_counts_rejections_where_they_happen():
     assert policy.alphas()[1:] == pytest.approx(expected)
     assert policy.expected_tokens(0) == 1.0
     assert policy.expected_tokens(2) == pytest.approx(1 + expected[0] + expected[0] * expected[1])
+    policy.update(0, [0, 0], 0.01)     # a plain step observes no acceptance
+    assert policy.alphas()[1:] == pytest.approx(expected)
 
 
-def test_a_whole_draft_kept_extends_the_next_one():
-    policy = CostModelDraftLen(6, samples_to_trust=1)
+def test_plain_steps_probe_drafting_every_probe_every_steps():
+    """Where drafting does not pay, the rule keeps k = 0, and one drafting step in probe_every refreshes the
+    acceptance; when acceptance rises, drafting takes over."""
+    policy = AdaptiveDraftLen(4, probe_every=5)
+    costs = _costs(10.0, 2.0, 2.0, 8.0, 1.0, max_k=4)    # k = 1 costs 1.2 plain steps
+    chosen = _simulate(policy, costs, 0.1, steps=30)
+    assert chosen[-24:].count(0) >= 18 and 0 < sum(1 for k in chosen[-24:] if k) <= 5
+    chosen = _simulate(policy, costs, 1.0, steps=40)       # every draft kept: drafting wins, and grows
+    assert chosen[-5:] == [4] * 5
+
+
+def test_drafts_kept_whole_make_a_longer_draft_look_as_good():
+    """A depth never drafted is priced as the deepest one seen, so a draft kept whole grows where that pays."""
+    policy = AdaptiveDraftLen(6, prior_alpha=0.5)
     policy.start(1)
-    for k in (0, 1, 6):                                       # calibration: plain dear, drafting cheap
-        policy.update(k, [min(k, 1)] if k else [], 0.010 + 0.001 * k if k else 0.05)
+    policy.set_costs(_costs(30.0, 1.0, 1.0, 5.0, 0.5, max_k=6))
     chosen = policy.draft_len()
-    policy.update(chosen, [chosen], 0.010 + 0.001 * chosen)   # kept whole
-    assert policy.draft_len() >= min(6, chosen + 1)
+    assert 0 < chosen < 6
+    for _ in range(4):
+        policy.update(chosen, [chosen], 0.01)   # kept whole
+    assert policy.alphas()[chosen + 1] == pytest.approx(policy.alphas()[chosen])
+    assert policy.draft_len() > chosen
+
+
+def test_estimates_cover_every_length():
+    policy = AdaptiveDraftLen(5)
+    policy.start(1)
+    policy.set_costs(_costs(10.0, 2.0, 1.5, 8.0, 1.0, max_k=5))
+    policy.draft_len()
+    assert set(policy.last_estimates) == set(range(6))
+    assert policy.last_estimates[0] == pytest.approx(0.010)
+    assert policy.last_estimates[2] == pytest.approx(policy.step_seconds(2) / policy.expected_tokens(2))
 
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="max_draft_len"):
-        CostModelDraftLen(0)
+        AdaptiveDraftLen(0)
+    with pytest.raises(ValueError, match="adaptive_window"):
+        AdaptiveDraftLen(window=0)

@@ -1,6 +1,7 @@
 """SelfSpeculativeDecoder with draft trees: lossless greedy and sampling, layer passes, caches, bad input."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -25,6 +26,21 @@ TREES = {
 }
 
 
+def tree_decoder(model, exit_layer, tree, **kwargs):
+    """The decoder of TREES[tree]. "adaptive": its step costs are measured as usual (the tree path of
+    measure_step_costs runs) and then plain steps priced 100x dearer, so that the adaptive depth drafts trees
+    on these tiny models, where a plain step is the cheapest."""
+    decoder = SelfSpeculativeDecoder(model, exit_layer=exit_layer, **TREES[tree], **kwargs)
+    if tree == "adaptive":
+        measure = decoder.measure_step_costs
+
+        def dear_plain(*args, **kw):
+            costs = measure(*args, **kw)
+            return dataclasses.replace(costs, plain=100 * costs.plain)
+        decoder.measure_step_costs = dear_plain
+    return decoder
+
+
 @functools.lru_cache(maxsize=None)
 def _case_and_expected(family, batch, seed=0):
     case = build(family, seed=seed, batch=batch)
@@ -40,7 +56,7 @@ def test_greedy_trees_are_token_identical_to_generate(family, exit_layer, tree):
     """Every supported family (Qwen2-VL's M-RoPE included), exit layers 1 .. N-1, static and dynamic trees
     (reranked to a budget, or verified whole), adaptive depth; 4 ragged rows with images."""
     case, expected = _case_and_expected(family, 4)
-    decoder = SelfSpeculativeDecoder(case.model, exit_layer=exit_layer, **TREES[tree])
+    decoder = tree_decoder(case.model, exit_layer, tree)
     out = decoder.generate(**case.inputs, max_new_tokens=MAX_NEW)
     assert_lossless(case, out.sequences, expected, f"{family} E={exit_layer} {tree}", [])
     assert out.stats.steps > 0 and out.stats.plain_steps < out.stats.steps
@@ -52,8 +68,7 @@ def test_greedy_trees_at_batch_1_and_on_random_weights(family, tree):
     """Batch 1 on the sharpened model (drafts kept) and 4 rows of random weights (mostly rejected)."""
     for batch, seed in ((1, 0), (4, 1)):
         case, expected = _case_and_expected(family, batch, seed)
-        out = SelfSpeculativeDecoder(case.model, exit_layer=2, **TREES[tree]).generate(**case.inputs,
-                                                                                      max_new_tokens=MAX_NEW)
+        out = tree_decoder(case.model, 2, tree).generate(**case.inputs, max_new_tokens=MAX_NEW)
         assert_lossless(case, out.sequences, expected, f"{family} B={batch} seed={seed} {tree}", [])
 
 
@@ -76,8 +91,7 @@ def test_trees_with_an_imitation_network_and_a_draft_vocab(kind, tree):
     imitation = ImitationNetwork.from_model(case.model, exit_layer=2, kind=kind,
                                             num_layers=2 if kind == "layers" else 0)
     for subset in (None, torch.cat([emitted, torch.tensor([3, 50, 99])]), torch.cat([emitted[::2], torch.arange(4, 9)])):
-        decoder = SelfSpeculativeDecoder(case.model, exit_layer=2, imitation=imitation, draft_vocab=subset,
-                                         **TREES[tree])
+        decoder = tree_decoder(case.model, 2, tree, imitation=imitation, draft_vocab=subset)
         out = decoder.generate(**case.inputs, max_new_tokens=MAX_NEW)
         label = f"imitation={kind} {tree} subset={None if subset is None else subset.numel()}"
         assert_lossless(case, out.sequences, expected, label, [])
@@ -237,7 +251,7 @@ def test_greedy_trees_on_gpu_are_token_identical_to_generate(family, tree):
     case.model.cuda()
     case.inputs = {name: value.cuda() for name, value in case.inputs.items()}
     expected = case.model.generate(**case.inputs, max_new_tokens=MAX_NEW, do_sample=False)
-    decoder = SelfSpeculativeDecoder(case.model, exit_layer=1, **TREES[tree])
+    decoder = tree_decoder(case.model, 1, tree)
     out = decoder.generate(**case.inputs, max_new_tokens=MAX_NEW)
     assert out.sequences.device.type == "cuda"
     assert_lossless(case, out.sequences, expected, f"cuda {family} {tree}", [])
