@@ -44,8 +44,8 @@ class GenerateStats:
     step_draft_lens: List[int] = field(default_factory=list)   # every step's draft length, 0 for plain steps
     # adaptive drafting: per step, the estimated seconds per emitted token of each draft length it weighed
     step_estimates: List[Dict[int, float]] = field(default_factory=list)
-    step_costs: Optional[dict] = None   # adaptive drafting: the timed parts its estimates came from
-    measure_time: float = 0.0           # seconds this call spent timing them (0 when earlier calls had)
+    step_costs: Optional[dict] = None   # adaptive drafting: the step costs its estimates came from (at the end)
+    measure_time: float = 0.0           # seconds this call spent timing a step's parts (0: an earlier call did)
     new_tokens: List[int] = field(default_factory=list)
     prefill_time: float = 0.0
     draft_time: float = 0.0       # draft and verify times: only with profile=True (they need a sync)
@@ -118,8 +118,9 @@ class SelfSpeculativeDecoder:
         adaptive_window, max_draft_len: with "adaptive" (:class:`~.policy.AdaptiveDraftLen`), each step drafts
             the k in 0 .. ``max_draft_len`` (0: a plain step) with the most expected tokens per second: the
             acceptance per depth estimated online (over about the last ``adaptive_window`` drafting steps), the
-            cost of each k from the parts of a step timed once per batch size and sampling mode
-            (:meth:`measure_step_costs`, at the first call that needs them). With a tree, k is its depth.
+            cost of each k from a plain and a one-draft step (timed on the first real steps at each batch
+            size and sampling mode: a few plain, then a few one-draft steps) and the parts that longer drafts
+            add (:meth:`measure_step_costs`, once, at the first call). With a tree, k is its depth.
             The estimates are kept across calls; ``GenerateStats.step_draft_lens`` and ``step_estimates``
             show the choices.
         max_cache_len: when set, the positions one call may use (prompt + new tokens + draft); a call that
@@ -272,7 +273,6 @@ class SelfSpeculativeDecoder:
                 policy.set_costs(self.measure_step_costs(rows, state, options.sampling, subset_head))
                 stats.measure_time = policy.current_costs.measured_in
             adaptive = isinstance(policy, AdaptiveDraftLen)
-            stats.step_costs = policy.current_costs.as_dict() if adaptive else None
             while not rows.done:
                 step_start = time.perf_counter()
                 draft_len = policy.draft_len()
@@ -290,6 +290,8 @@ class SelfSpeculativeDecoder:
                 accepted = rows.advance(accept_len, emitted, paths)   # the step's one device-to-host read
                 stats.record(draft_len, accepted)
                 policy.update(draft_len, accepted, time.perf_counter() - step_start)
+            if adaptive:
+                stats.step_costs = policy.current_costs.as_dict()
             if streamer is not None:
                 streamer.end()
             self.last_calls = dict(state.calls) if state.calls is not None else {}
@@ -444,28 +446,23 @@ class SelfSpeculativeDecoder:
 
     def measure_step_costs(self, rows: Rows, state: StepState, sampling: Sampling, subset_head=None,
                            repeats: int = 3) -> StepCosts:
-        """Times a step and its parts on this call's real state, for the adaptive policy (:class:`StepCosts`):
-        a plain step and a drafting step with one draft (a tree: depth 1), each with the cache rollback that
-        follows it; the draft loop at 0 and 1 drafts (a tree: depths 1 and 2), whose difference is one more
-        drafted token (depth); verification of 2 and of ``max_draft_len + 1`` positions (a tree: its verified
-        nodes at depths 1 and ``max_draft_len``). Each is the median of ``repeats`` timings, taken in
-        alternated turns; a whole step is timed right after an untimed one of its kind, as steps of one kind
-        follow each other (timed after other parts, a plain step ran about 5% slower than in a run of plain
-        steps on this CPU: its weights come back into the caches in another order). Every part runs as a step runs it and is undone at once: the cache is rolled back to
-        the rows' lengths (a step's positions past them are overwritten by the next step anyway), nothing is
-        emitted, and sampling draws from a generator of its own, so the call's output and random stream are
-        unchanged. The device is synchronised around each timing (once per batch size and mode, not per
-        step)."""
+        """Times the parts that price longer drafts, on this call's real state, for the adaptive policy
+        (:class:`StepCosts`; its ``plain`` and ``first`` steps the policy times on the real steps that follow):
+        the draft loop at 0 and 1 drafts (a tree: depths 1 and 2), whose difference is one more drafted token
+        (depth), and verification of 2 and of ``max_draft_len + 1`` positions (a tree: its verified nodes at
+        depths 1 and ``max_draft_len``). Each is the median of ``repeats`` timings, taken in alternated turns.
+        Every part runs as a step runs it and is undone at once: the cache is rolled back to the rows' lengths
+        (a step's positions past them are overwritten by the next step anyway), nothing is emitted, and
+        sampling draws from a generator of its own, so the call's output and random stream are unchanged.
+        The device is synchronised around each timing (once per batch size and mode, not per step)."""
         begin = time.perf_counter()
         device = rows.lengths.device
         generator = torch.Generator(device=device)
         generator.manual_seed(0)
         max_k, tree = self.max_draft_len, self._tree
-        scratch = GenerateStats()                    # what profile=True would add to the call's stats
 
         def undo():
             rows.cache.rollback_unchecked(rows.lengths, rows.host_lengths)
-            state.imitation_lag.clear()       # what a timed plain step left waiting
 
         if tree is None:
             drafts, probs, layer_e = self._draft(rows, state, 1, sampling, generator, subset_head)
@@ -475,7 +472,6 @@ class SelfSpeculativeDecoder:
             wide_drafts = drafts[:, index[:-1] * 0]              # cost does not depend on the values)
             wide_probs = None if probs is None else probs[:, index[:-1] * 0]
             parts = {
-                "first": lambda: self.speculative_step(rows, state, 1, sampling, generator, subset_head, scratch),
                 "draft_lo": lambda: self._draft(rows, state, 0, sampling, generator, subset_head),
                 "draft_hi": lambda: self._draft(rows, state, 1, sampling, generator, subset_head),
                 "verify_lo": lambda: self._verify(rows, state, layer_e, drafts, probs, sampling, generator),
@@ -489,33 +485,26 @@ class SelfSpeculativeDecoder:
             undo()
             two = min(2, max_k)
             parts = {
-                "first": lambda: self.tree_step(rows, state, 1, sampling, generator, subset_head, scratch),
                 "draft_lo": lambda: tree.draft(self, rows, state, 1, sampling, generator, subset_head),
                 "draft_hi": lambda: tree.draft(self, rows, state, two, sampling, generator, subset_head),
                 "verify_lo": lambda: tree.verify(self, rows, state, shallow, sampling, generator),
                 "verify_hi": lambda: tree.verify(self, rows, state, deep, sampling, generator),
             }
             nodes = [1] + [tree.verified_nodes(depth, sampling.do_sample) for depth in range(1, max_k + 1)]
-        parts["plain"] = lambda: self.plain_step(rows, state, sampling, generator)
-        whole = ("first", "plain")                  # timed with their rollback, as a step is
         samples = {name: [] for name in parts}
         for _ in range(repeats):               # alternated turns: the machine's drift falls on every part
             for name, run in parts.items():
-                for timed in ((False, True) if name in whole else (True,)):
-                    self._sync(device)         # a whole step follows one of its kind, as steps do
-                    start = time.perf_counter()
-                    run()
-                    if name in whole:
-                        undo()
-                    self._sync(device)
-                    if timed:
-                        samples[name].append(time.perf_counter() - start)
-                    undo()
+                self._sync(device)
+                start = time.perf_counter()
+                run()
+                self._sync(device)
+                samples[name].append(time.perf_counter() - start)
+                undo()
         seconds = {name: statistics.median(values) for name, values in samples.items()}
         per_depth = seconds["draft_hi"] - seconds["draft_lo"]
         if tree is not None and max_k < 2:
             per_depth = 0.0
-        return StepCosts(plain=seconds["plain"], first=seconds["first"], draft_per_token=per_depth,
+        return StepCosts(plain=None, first=None, draft_per_token=per_depth,
                          verify_points=((nodes[1], seconds["verify_lo"]), (nodes[max_k], seconds["verify_hi"])),
                          nodes=nodes, context_len=max(rows.host_lengths), measured_in=time.perf_counter() - begin)
 

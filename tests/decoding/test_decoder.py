@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fastvlm_kernels.decoding import SelfSpeculativeDecoder, UnsupportedModelError
+from fastvlm_kernels.decoding.policy import StepCosts
 from fastvlm_kernels.imitation import ImitationNetwork
 
 from .models import FAMILIES, NUM_LAYERS, assert_lossless, build, find_layers, patch_acceptance, sharpen
@@ -398,7 +399,11 @@ def test_adaptive_mixes_plain_and_drafting_steps_exactly(max_draft_len, probe_ev
     stats, costs = out.stats, decoder.policy.current_costs
     assert stats.step_costs == costs.as_dict() and costs.plain > 0 and costs.first > 0
     assert len(stats.step_draft_lens) == len(stats.step_estimates) == stats.steps
-    assert all(set(estimates) == set(range(decoder.max_draft_len + 1)) for estimates in stats.step_estimates)
+    calibration = decoder.policy.calibration_steps
+    assert stats.step_draft_lens[:2 * calibration] == [0] * calibration + [1] * calibration   # timing steps
+    assert all(estimates == {} for estimates in stats.step_estimates[:2 * calibration])
+    assert all(set(estimates) == set(range(decoder.max_draft_len + 1))
+               for estimates in stats.step_estimates[2 * calibration:])
     assert [k for k in stats.step_draft_lens if k] == stats.draft_lens
     assert stats.steps == stats.plain_steps + len(stats.accepted)
     decoder.policy.probe_every = probe_every
@@ -407,6 +412,26 @@ def test_adaptive_mixes_plain_and_drafting_steps_exactly(max_draft_len, probe_ev
     assert_lossless(case, again.sequences, expected, "adaptive with plain steps", [])
     assert again.stats.step_costs == dict(out.stats.step_costs, plain=costs.step(1) / 20)
     assert again.stats.plain_steps >= 3 and len(again.stats.accepted) >= 2
+
+
+def test_adaptive_choices_are_the_same_given_the_same_measured_costs():
+    """Two decoders given the same step costs choose the same draft length at every step (the rule reads
+    nothing that varies from run to run, such as the steps' wall times), and show it in their stats."""
+    case = build("llava", seed=3, batch=2)
+    sharpen(case.model, 1, scale=0.1)
+    costs = StepCosts(plain=0.010, first=0.011, draft_per_token=0.001, verify_points=((2, 0.008), (9, 0.012)),
+                      nodes=list(range(1, 10)))          # drafting pays: lengths follow acceptance
+    runs = []
+    for _ in range(2):
+        decoder = SelfSpeculativeDecoder(case.model, exit_layer=1, draft_len="adaptive")
+        decoder.policy.costs = {(2, False): costs}
+        runs.append(decoder.generate(**case.inputs, max_new_tokens=30))
+    out, again = runs
+    assert torch.equal(out.sequences, again.sequences)
+    assert out.stats.measure_time == again.stats.measure_time == 0.0
+    assert out.stats.step_draft_lens == again.stats.step_draft_lens
+    assert len(set(out.stats.step_draft_lens)) > 1, out.stats.step_draft_lens
+    assert out.stats.step_estimates == again.stats.step_estimates
 
 
 class _Schedule:

@@ -1,6 +1,7 @@
 """AdaptiveDraftLen: choices from timed step parts and acceptance per depth; deterministic; StepCosts pricing."""
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -88,7 +89,7 @@ def test_costs_are_asked_for_once_per_batch_size_and_mode_and_when_the_context_d
     policy = AdaptiveDraftLen(4)
     policy.start(1)
     assert policy.needs_costs(40)
-    with pytest.raises(RuntimeError, match="no step costs"):
+    with pytest.raises(RuntimeError, match="no complete step costs"):
         policy.draft_len()
     policy.set_costs(_costs(10.0, 2.0, 1.5, 8.0, 1.0, max_k=4, context_len=40))
     assert not policy.needs_costs(295) and policy.needs_costs(297)   # past max(2 x 40, 40 + 256)
@@ -100,6 +101,35 @@ def test_costs_are_asked_for_once_per_batch_size_and_mode_and_when_the_context_d
     assert not policy.needs_costs(40)
     with pytest.raises(ValueError, match="costs.nodes"):
         policy.set_costs(_costs(10.0, 2.0, 1.5, 8.0, 1.0, max_k=2))
+
+
+def test_plain_and_one_draft_steps_are_timed_on_the_first_real_steps():
+    """With the decoder's parts only, the first steps are plain, then one-draft, ``calibration_steps`` each;
+    each cost is the median of those steps but the first of each kind (and of each call); then the rule."""
+    policy = AdaptiveDraftLen(4, calibration_steps=4)
+    parts = dataclasses.replace(_costs(10.0, 2.0, 1.5, 8.0, 1.0, max_k=4), plain=None, first=None)
+    policy.start(1)
+    policy.set_costs(parts)
+    chosen = []
+    times = {0: iter([0.050, 0.010, 0.012, 0.011, 0.013]), 1: iter([0.040, 0.020, 0.022, 0.021])}
+    for step in range(5):
+        if step == 2:
+            policy.start(1)                  # a new call: its first step follows the prefill, not timed
+        k = policy.draft_len()
+        chosen.append(k)
+        assert policy.last_estimates == {}
+        policy.update(k, [0] if k else [], next(times[k]))
+    for _ in range(4):
+        k = policy.draft_len()
+        chosen.append(k)
+        policy.update(k, [1], next(times[k]))
+    assert chosen == [0] * 5 + [1] * 4
+    policy.draft_len()
+    costs = policy.current_costs
+    assert costs.plain == pytest.approx(0.011) and costs.first == pytest.approx(0.021)   # 0.050, 0.012 dropped
+    assert set(policy.last_estimates) == set(range(5))
+    with pytest.raises(ValueError, match="calibration_steps"):
+        AdaptiveDraftLen(4, calibration_steps=1)
 
 
 def test_acceptance_per_depth_counts_rejections_where_they_happen():
