@@ -26,7 +26,8 @@ from ..ops.lm_head.reference import filter_scores
 from . import lean
 from .adapters import Adapter, adapter_for
 from .attention import STATE_KWARG, StepState, attention_implementation
-from .options import UNSUPPORTED_GENERATION_OPTIONS, GenerationOptions, Sampling, resolve
+from .options import (GENERATE_ONLY_OPTIONS, IGNORABLE_GENERATE_OPTIONS, UNSUPPORTED_GENERATION_OPTIONS, GenerationOptions,
+                      Sampling, check_generate_options, check_model_inputs, resolve)
 from .policy import AdaptiveDraftLen, FixedDraftLen, StepCosts
 from .rows import Rows
 from .tree_step import TreeDrafter, check_tree_arguments
@@ -243,7 +244,7 @@ class SelfSpeculativeDecoder:
                  do_sample: Optional[bool] = None, temperature: Optional[float] = None, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, eos_token_id: Union[int, List[int], None] = None,
                  pad_token_id: Optional[int] = None, streamer=None, generator: Optional[torch.Generator] = None,
-                 **model_inputs) -> GenerateOutput:
+                 max_length: Optional[int] = None, **model_inputs) -> GenerateOutput:
         """Generates like ``model.generate(**processor_outputs, ...)`` and returns (sequences, stats).
 
         Other processor outputs (``image_sizes``, ``image_grid_thw``, ``mm_token_type_ids``, ...) pass through
@@ -254,9 +255,12 @@ class SelfSpeculativeDecoder:
         start_time = time.perf_counter()
         attention_mask = self._check_prompt(input_ids, attention_mask)
         extra = {name: model_inputs.pop(name) for name in list(model_inputs) if name in UNSUPPORTED_GENERATION_OPTIONS}
+        check_generate_options({name: model_inputs.pop(name) for name in list(model_inputs)
+                                if name in GENERATE_ONLY_OPTIONS or name in IGNORABLE_GENERATE_OPTIONS})
+        check_model_inputs(self.model, dict(model_inputs, pixel_values=pixel_values))
         options = resolve(self.model, input_ids.shape[1], max_new_tokens=max_new_tokens, do_sample=do_sample,
                           temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-                          pad_token_id=pad_token_id, extra=extra)
+                          pad_token_id=pad_token_id, extra=extra, max_length=max_length)
         if streamer is not None and input_ids.shape[0] > 1:
             raise ValueError("a streamer supports batch size 1 only (as in model.generate)")
         if pixel_values is not None:
