@@ -100,7 +100,8 @@ class SelfSpeculativeDecoder:
     Args:
         model: a transformers model of a supported family (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, or a
             Llama / Mistral / Qwen2 causal LM), in eval mode.
-        exit_layer: E in [1, N-1]: the draft runs layers [0, E) and the early-exit head.
+        exit_layer: E in [1, N-1]: the draft runs layers [0, E) and the early-exit head. None (the default):
+            the imitation network's own exit layer (required without a network).
         imitation: an :class:`~fastvlm_kernels.imitation.ImitationNetwork` trained for this model and E.
         draft_len: "adaptive" (the default: see ``adaptive_window``), or a fixed k >= 0 drafted tokens per
             step (0: plain autoregressive decoding through the package's attention and cache).
@@ -146,7 +147,7 @@ class SelfSpeculativeDecoder:
             (``draft_time``, ``verify_time``); off by default, since a sync costs time on a GPU.
     """
 
-    def __init__(self, model: nn.Module, exit_layer: int, imitation: Optional[nn.Module] = None,
+    def __init__(self, model: nn.Module, exit_layer: Optional[int] = None, imitation: Optional[nn.Module] = None,
                  draft_len: Union[int, str] = "adaptive", tree=None, *, tree_budget: Optional[int] = None, tree_width: int = 4,
                  adaptive_window: int = 16, max_draft_len: int = 8, max_cache_len: Optional[int] = None,
                  attention_backend: str = "auto", lean_layers: bool = True, linear_backend: str = "auto",
@@ -154,6 +155,10 @@ class SelfSpeculativeDecoder:
         self.adapter: Adapter = adapter_for(model)
         self.model = model
         num_layers = self.adapter.num_layers
+        if exit_layer is None:
+            exit_layer = getattr(getattr(imitation, "config", None), "exit_layer", None)
+            if exit_layer is None:
+                raise TypeError("exit_layer is required without an imitation network (which records its own)")
         if isinstance(exit_layer, bool) or not isinstance(exit_layer, int):
             raise TypeError(f"exit_layer must be an int, got {type(exit_layer).__name__}")
         if not 1 <= exit_layer < num_layers:

@@ -81,3 +81,14 @@ def test_misspelt_options_and_inputs_the_model_cannot_use_raise_naming_them():
         decoder.generate(**case.inputs, max_new_tokens=4, pixel_values=torch.randn(1, 3, 8, 8))
     out = decoder.generate(**case.inputs, max_new_tokens=4)     # still usable
     assert out.sequences.shape[1] == case.inputs["input_ids"].shape[1] + 4
+
+
+def test_the_exit_layer_defaults_to_the_imitation_networks():
+    from fastvlm_kernels.imitation import ImitationNetwork
+    case = build("llama", seed=4, batch=1)
+    network = ImitationNetwork.from_model(case.model, exit_layer=2, kind="layers", num_layers=1)
+    assert SelfSpeculativeDecoder(case.model, imitation=network).exit_layer == 2
+    with pytest.raises(TypeError, match="exit_layer is required"):
+        SelfSpeculativeDecoder(case.model)
+    with pytest.raises(ValueError, match="exit layer 2"):
+        SelfSpeculativeDecoder(case.model, 1, imitation=network)

@@ -17,7 +17,7 @@ loads read the safetensors.
 
 The shipped imitation network (``imitation/`` beside this file, trained by ``python/train_smollm2_imitation.py``
 on the data below): ``network = smollm2.load_imitation(model)``, then
-``SelfSpeculativeDecoder(model, exit_layer=network.config.exit_layer, imitation=network)``; it drafts over its
+``SelfSpeculativeDecoder(model, imitation=network)`` (its exit layer is the network's); it drafts over its
 own vocabulary subset (``network.draft_vocab``).
 
 Prompts for self-distillation: ``python/build_smollm2_data.py`` builds them offline from templates x topics
