@@ -168,13 +168,7 @@ class KVCache:
         same values as host ints. ``layers``: only those layers (default all). The caller keeps each row's
         positions below the lengths it sets written (the decoder also sets a layer group's lengths back to
         where it lags, then appends the missing positions)."""
-        if layers is None:
-            self._set_lengths(host_lens, new_lens)
-            return
-        chosen = self.lengths[layers]
-        chosen.copy_(new_lens.to(device=self.device, dtype=torch.int32).expand_as(chosen))
-        for index in range(self.num_layers)[layers]:
-            self._host_lengths[index] = list(host_lens)
+        self._set_lengths(host_lens, new_lens, layers)
 
     def compact(self, start: Lengths, accepted: torch.Tensor, host_lens: Optional[Sequence[int]] = None, *,
                 validate: bool = True, backend: str = "auto", layers: Optional[slice] = None) -> None:
@@ -276,11 +270,14 @@ class KVCache:
             raise ValueError(f"host_lens {list(host_lens)} differs from {name} {host}")
         return host, None
 
-    def _set_lengths(self, host: List[int], device_lens: Optional[torch.Tensor]) -> None:
+    def _set_lengths(self, host: List[int], device_lens: Optional[torch.Tensor], layers: Optional[slice] = None) -> None:
+        """Every row's length in every layer (or in ``layers`` only), on the device and in the host copy."""
         if device_lens is None:
             device_lens = torch.tensor(host, dtype=torch.int32).to(self.device, non_blocking=True)
-        self.lengths.copy_(device_lens.to(device=self.device, dtype=torch.int32).expand(self.num_layers, self.batch))
-        self._host_lengths = [list(host) for _ in range(self.num_layers)]
+        chosen = self.lengths if layers is None else self.lengths[layers]
+        chosen.copy_(device_lens.to(device=self.device, dtype=torch.int32).expand_as(chosen))
+        for index in range(self.num_layers)[layers or slice(None)]:
+            self._host_lengths[index] = list(host)
 
     def _set_layer_length(self, layer: int, length: int) -> None:
         """One layer's length for all rows (the transformers layer's crop and reset)."""
