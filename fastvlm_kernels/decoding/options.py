@@ -2,6 +2,7 @@
 ``model.generate`` resolves them; options the decoder does not apply raise, naming themselves."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import FrozenSet, Optional
 
@@ -40,6 +41,7 @@ IGNORABLE_GENERATE_OPTIONS = frozenset({"return_dict_in_generate", "length_penal
 _FALLBACK_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
 
 
+@functools.lru_cache(maxsize=None)
 def _transformers_defaults() -> dict:
     try:
         from transformers import GenerationConfig
@@ -55,15 +57,21 @@ def _text_config(model):
     return text() if callable(text) else config
 
 
+def _is_inactive(value, inactive: tuple, empty_list: bool = False) -> bool:
+    """Whether an option's value leaves it inactive: one of ``inactive`` (or, with ``empty_list``, an empty list).
+    A list or tensor value is never compared element-wise."""
+    if isinstance(value, (list, tuple)):
+        return empty_list and len(value) == 0
+    if value is None or isinstance(value, torch.Tensor):
+        return value is None and None in inactive
+    return any(v is not None and value == v for v in inactive)
+
+
 def check_generate_options(options: dict) -> None:
     """Raises for a generate-only option set to a value the decoder cannot honour, naming it."""
     for name, value in options.items():
         inactive = GENERATE_ONLY_OPTIONS.get(name)
-        if inactive is None:
-            continue
-        empty = isinstance(value, (list, tuple)) and len(value) == 0
-        if not empty and not any(value is v or (v is not None and not isinstance(value, (list, tuple))
-                                                and value == v) for v in inactive):
+        if inactive is not None and not _is_inactive(value, inactive, empty_list=True):
             raise ValueError(f"{name}={value!r}: model.generate's option {name} is not supported by the "
                              f"decoder (its inactive value: {inactive[-1]!r})")
 
@@ -117,10 +125,10 @@ def resolve(model, prompt_len: int, *, max_new_tokens, do_sample, temperature, t
 
     for name, value in extra.items():
         inactive = UNSUPPORTED_GENERATION_OPTIONS.get(name)
-        if inactive is not None and value not in inactive:
+        if inactive is not None and not _is_inactive(value, inactive):
             raise ValueError(f"{name}={value!r}: this logits processor is not supported by the decoder")
     for name, inactive in UNSUPPORTED_GENERATION_OPTIONS.items():
-        if name not in extra and get(name) not in inactive:
+        if name not in extra and not _is_inactive(get(name), inactive):
             raise ValueError(f"the model's generation_config sets {name}={get(name)!r}, a logits processor "
                              f"the decoder does not apply; pass {name}={inactive[-1]!r} to override")
     if max_new_tokens is None:
