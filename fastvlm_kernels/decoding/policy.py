@@ -186,22 +186,21 @@ class AdaptiveDraftLen:
             values.append(above)
         return values
 
-    def expected_tokens(self, k: int) -> float:
-        alphas, total, chain = self.alphas(), 1.0, 1.0
-        for depth in range(1, k + 1):
+    def _expected_tokens_all(self) -> List[float]:
+        """Expected emitted tokens of a step with k drafts, for k in 0 .. max_draft_len:
+        ``1 + sum_{j<=k} prod_{i<=j} alpha[i]``."""
+        alphas, totals, chain = self.alphas(), [1.0], 1.0
+        for depth in range(1, self.max_draft_len + 1):
             chain *= alphas[depth]
-            total += chain
-        return total
+            totals.append(totals[-1] + chain)
+        return totals
+
+    def expected_tokens(self, k: int) -> float:
+        return self._expected_tokens_all()[k]
 
     def estimates(self) -> Dict[int, float]:
         """Estimated seconds per emitted token of every k in 0 .. max_draft_len."""
-        alphas, tokens, chain, out = self.alphas(), 1.0, 1.0, {}
-        for k in range(self.max_draft_len + 1):
-            if k:
-                chain *= alphas[k]
-                tokens += chain
-            out[k] = self.step_seconds(k) / tokens
-        return out
+        return {k: self.step_seconds(k) / tokens for k, tokens in enumerate(self._expected_tokens_all())}
 
     # ---- the policy interface ----------------------------------------------------------------------------------
 
