@@ -18,6 +18,7 @@ import torch
 
 from ..cache import KVCache
 from ..ops.verify_attention import VerifyAttentionPlan, verify_attention_plan
+from ..ops.verify_attention.reference import verify_attention_reference
 
 ATTENTION_NAME = "fastvlm_kernels"
 STATE_KWARG = "fastvlm_state"
@@ -39,7 +40,7 @@ class StepState:
     query_offset: int = 0
     calls: Optional[dict] = None   # layer_idx -> number of tokens attended, when counting (tests)
     plan: Optional[VerifyAttentionPlan] = None   # made at the first attention call (inputs checked once)
-    requested_backend: str = "auto"   # "auto" or a verify_attention backend name
+    requested_backend: str = "auto"   # "auto" or a verify_attention backend name; "reference": plain PyTorch
     # the decoder's plain steps not yet through the imitation layers: (layer-E states [B, 1, H], positions
     # [B, 1], lengths [B] before the step, their host copy), caught up in one pass before the next draft
     imitation_lag: list = field(default_factory=list)
@@ -67,6 +68,12 @@ def attend(state: StepState, layer: int, query, key, value, sm_scale: float) -> 
         padded = query.new_zeros((batch, num_heads, offset + num_new, head_dim))
         padded[:, :, offset:] = query
         query = padded
+    if state.requested_backend == "reference":   # a head dim the kernels do not take: the op's plain-PyTorch form
+        state.cache.append(layer, key, value)
+        keys, values = state.cache.layer(layer)
+        out = verify_attention_reference(query, keys, values, state.prefix_lens, state.tree_mask, sm_scale)[0]
+        out = out.transpose(1, 2)
+        return out[:, offset:] if offset else out
     plan = state.plan
     if plan is None or plan.sm_scale != sm_scale:
         # The first call of a generate (or a layer with another scale): the cache append and the plan check

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
@@ -26,9 +27,10 @@ from ..ops.lm_head.reference import filter_scores
 from . import lean
 from .adapters import Adapter, adapter_for
 from .attention import STATE_KWARG, StepState, attention_implementation
-from .options import (GENERATE_ONLY_OPTIONS, IGNORABLE_GENERATE_OPTIONS, UNSUPPORTED_GENERATION_OPTIONS, GenerationOptions,
-                      Sampling, check_generate_options, check_model_inputs, resolve)
+from .options import (GENERATE_KEYWORDS, REFUSED_GENERATE_KEYWORDS, GenerationOptions, Sampling, check_generate_keywords,
+                      check_model_inputs, resolve)
 from .policy import AdaptiveDraftLen, FixedDraftLen, StepCosts
+from .processing import Processing
 from .rows import Rows
 from .tree_step import TreeDrafter, check_tree_arguments
 
@@ -36,11 +38,13 @@ from .tree_step import TreeDrafter, check_tree_arguments
 @dataclass
 class GenerateStats:
     """What one ``generate`` call did. ``accepted[s]`` lists, for the s-th drafting step, the drafted tokens
-    each unfinished row kept (not counting the token the verifier adds); ``draft_lens[s]`` its draft length."""
+    each unfinished row kept (not counting the token the verifier adds; a row that ended inside the step counts
+    only the tokens before its end), ``emitted[s]`` the tokens each emitted; ``draft_lens[s]`` its draft length."""
     steps: int = 0
     plain_steps: int = 0      # steps without a draft (draft_len=0, or adaptive drafting that did not pay)
     drafted: int = 0
     accepted: List[List[int]] = field(default_factory=list)
+    emitted: List[List[int]] = field(default_factory=list)
     draft_lens: List[int] = field(default_factory=list)
     step_draft_lens: List[int] = field(default_factory=list)   # every step's draft length, 0 for plain steps
     # adaptive drafting: per step, the estimated seconds per emitted token of each draft length it weighed
@@ -53,16 +57,17 @@ class GenerateStats:
     verify_time: float = 0.0
     total_time: float = 0.0
 
-    def record(self, draft_len: int, accepted: List[int]) -> None:
-        """One step: its draft length (0: plain) and the drafted tokens each unfinished row kept."""
+    def record(self, draft_len: int, kept: List[Tuple[int, int]]) -> None:
+        """One step: its draft length (0: plain) and, per unfinished row, (drafted tokens kept, tokens emitted)."""
         self.steps += 1
         self.step_draft_lens.append(draft_len)
         if draft_len == 0:
             self.plain_steps += 1
             return
-        self.drafted += draft_len * len(accepted)
+        self.drafted += draft_len * len(kept)
         self.draft_lens.append(draft_len)
-        self.accepted.append(accepted)
+        self.accepted.append([drafts for drafts, _ in kept])
+        self.emitted.append([tokens for _, tokens in kept])
 
     @property
     def mean_accepted(self) -> float:
@@ -72,8 +77,9 @@ class GenerateStats:
 
     @property
     def mean_emitted(self) -> float:
-        """Tokens emitted per step and row: accepted drafts plus the verifier's token."""
-        return self.mean_accepted + 1.0 if self.accepted else 0.0
+        """Tokens emitted per drafting step and row: kept drafts plus the verifier's token (fewer where a row ended)."""
+        values = [e for step in self.emitted for e in step]
+        return sum(values) / len(values) if values else 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -195,6 +201,12 @@ class SelfSpeculativeDecoder:
         config = self.adapter.text_config
         self._num_kv_heads = config.num_key_value_heads
         self._head_dim = self.adapter.head_dim
+        from ..ops.verify_attention.spec import HEAD_DIMS
+        if self._head_dim not in HEAD_DIMS:
+            # small test models often have head dims of 8-32: exact through the op's plain-PyTorch reference
+            warnings.warn(f"this model's attention head dim is {self._head_dim}; verify_attention's kernels take "
+                          f"{HEAD_DIMS}: the decoder runs its PyTorch reference (exact, slower)", stacklevel=2)
+            self.attention_backend = "reference"
         self.lean_layers = bool(lean_layers)
         if linear_backend not in ("auto", "cpu", "torch"):
             raise ValueError(f"linear_backend must be one of ('auto', 'cpu', 'torch'), got {linear_backend!r}")
@@ -213,6 +225,8 @@ class SelfSpeculativeDecoder:
         self._step_positions = (self.max_draft_len + 1 if self._tree is None
                                 else self._tree.max_nodes(self.max_draft_len))
         self._plans: dict = {}
+        self._processing: Optional[Processing] = None   # per generate: its logits processors, when any is active
+        self._head_linear = None   # the LM head's full logits (with processors): skinny_linear where it runs
         self.profile = bool(profile)
         self.count_calls = False   # tests: count the tokens each layer attends (StepState.calls)
         self.last_calls: dict = {}
@@ -245,27 +259,31 @@ class SelfSpeculativeDecoder:
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                 pixel_values: Optional[torch.Tensor] = None, *, max_new_tokens: Optional[int] = None,
-                 do_sample: Optional[bool] = None, temperature: Optional[float] = None, top_k: Optional[int] = None,
-                 top_p: Optional[float] = None, eos_token_id: Union[int, List[int], None] = None,
-                 pad_token_id: Optional[int] = None, streamer=None, generator: Optional[torch.Generator] = None,
-                 max_length: Optional[int] = None, **model_inputs) -> GenerateOutput:
+                 pixel_values: Optional[torch.Tensor] = None, *, streamer=None, generator: Optional[torch.Generator] = None,
+                 **kwargs) -> GenerateOutput:
         """Generates like ``model.generate(**processor_outputs, ...)`` and returns (sequences, stats).
 
-        Other processor outputs (``image_sizes``, ``image_grid_thw``, ``mm_token_type_ids``, ...) pass through
-        ``model_inputs`` to the model's own forward for the prompt. Generation options that are not given
-        resolve from ``model.generation_config`` as ``model.generate`` resolves them; options the decoder
-        does not implement (repetition penalty and other logits processors) raise, naming themselves.
+        Every keyword ``model.generate`` takes for greedy decoding and sampling works here the same way:
+        generation options (``max_new_tokens``, ``do_sample``, ``temperature``, ``repetition_penalty``,
+        ``no_repeat_ngram_size``, ``min_new_tokens``, ``bad_words_ids``, ``stop_strings`` with ``tokenizer``,
+        ``max_time``, ...) or a ``generation_config``, resolved over ``model.generation_config`` and transformers'
+        defaults by transformers' own code; ``logits_processor`` and ``stopping_criteria`` lists merged with the
+        ones those options build, as ``generate`` merges them (:mod:`.processing`); ``prefix_allowed_tokens_fn``.
+        Other processor outputs (``image_sizes``, ``image_grid_thw``, ``mm_token_type_ids``, ...) pass to the
+        model's own forward for the prompt; a keyword the model would not use raises, naming it, as does an
+        option the decoder cannot honour (beam search and the other decoding methods, ``output_scores``, ...).
+        ``generator``: the random stream of sampling (the draft's draws and the acceptance's).
         """
         start_time = time.perf_counter()
         attention_mask = self._check_prompt(input_ids, attention_mask)
-        extra = {name: model_inputs.pop(name) for name in list(model_inputs) if name in UNSUPPORTED_GENERATION_OPTIONS}
-        check_generate_options({name: model_inputs.pop(name) for name in list(model_inputs)
-                                if name in GENERATE_ONLY_OPTIONS or name in IGNORABLE_GENERATE_OPTIONS})
+        check_generate_keywords({name: kwargs.pop(name) for name in list(kwargs) if name in REFUSED_GENERATE_KEYWORDS})
+        keywords = {name: kwargs.pop(name) for name in list(kwargs) if name in GENERATE_KEYWORDS}
+        options, model_inputs = resolve(self.model, input_ids, attention_mask, kwargs,
+                                        keywords.pop("generation_config", None))
         check_model_inputs(self.model, dict(model_inputs, pixel_values=pixel_values))
-        options = resolve(self.model, input_ids.shape[1], max_new_tokens=max_new_tokens, do_sample=do_sample,
-                          temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-                          pad_token_id=pad_token_id, extra=extra, max_length=max_length)
+        processing = Processing.build(self.model, input_ids, attention_mask, options.config, **keywords)
+        self._processing = processing if processing.active else None
+        self._head_linear = None
         if streamer is not None and input_ids.shape[0] > 1:
             raise ValueError("a streamer supports batch size 1 only (as in model.generate)")
         if pixel_values is not None:
@@ -274,7 +292,8 @@ class SelfSpeculativeDecoder:
         self._plans = {}   # the heads' and acceptance's plans, made at first use in this call
         with attention_implementation(self._attention_configs()):
             self._prepare_lean()
-            rows, state = self.prefill(input_ids, attention_mask, model_inputs, options, streamer, generator)
+            rows, state = self.prefill(input_ids, attention_mask, model_inputs, options, streamer, generator,
+                                       processing if processing.criteria is not None else None)
             stats.prefill_time = time.perf_counter() - start_time
             subset_head = self._subset_head(self.adapter.lm_head.weight.device, options.sampling)
             policy.start(rows.batch, options.sampling.do_sample)
@@ -297,7 +316,7 @@ class SelfSpeculativeDecoder:
                     accept_len, emitted = self.speculative_step(rows, state, draft_len, options.sampling, generator,
                                                                 subset_head, stats)
                 accepted = rows.advance(accept_len, emitted, paths)   # the step's one device-to-host read
-                stats.record(draft_len, accepted)
+                stats.record(draft_len, rows.last_kept)
                 policy.update(draft_len, accepted, time.perf_counter() - step_start)
             if adaptive:
                 stats.step_costs = policy.current_costs.as_dict()
@@ -336,8 +355,8 @@ class SelfSpeculativeDecoder:
 
     # ---- prefill and the two steps ------------------------------------------------------------------------------
 
-    def prefill(self, input_ids, attention_mask, model_inputs, options: GenerationOptions, streamer, generator
-                ) -> Tuple[Rows, StepState]:
+    def prefill(self, input_ids, attention_mask, model_inputs, options: GenerationOptions, streamer, generator,
+                stopping: Optional[Processing] = None) -> Tuple[Rows, StepState]:
         """The prompt through the model's own forward up to the text layers, then all N layers (and the
         imitation layers over the layer-E states) with the package's attention; each row's real tokens first
         in its cache. Returns the rows (holding the first new token x0) and the attention state."""
@@ -370,11 +389,14 @@ class SelfSpeculativeDecoder:
             self._imitate(hidden, position_embeddings, state)
         final = self._run_layers(hidden, self.exit_layer, adapter.num_layers, position_embeddings, state)
         rows = Rows(cache, lengths, adapter.position_offsets(prompt, lengths), max_new_tokens=options.max_new_tokens,
-                    eos=options.eos, streamer=streamer)
+                    eos=options.eos, streamer=streamer, stop=None if stopping is None else stopping.stops)
         if streamer is not None:
             streamer.put(input_ids.cpu())
         last = final[torch.arange(batch, device=device), lengths - 1]         # [B, H]
-        rows.start(self._target_tokens(last, None, options.sampling, generator)[0])
+        if self._processing is not None:
+            rows.start(self._processed_tokens(last[:, None], rows, None, options.sampling, generator)[:, 0])
+        else:
+            rows.start(self._target_tokens(last, None, options.sampling, generator)[0])
         return rows, state
 
     def plain_step(self, rows: Rows, state: StepState, sampling: Sampling, generator):
@@ -395,6 +417,8 @@ class SelfSpeculativeDecoder:
             hidden = self._run_layers(hidden, self.exit_layer, self.adapter.num_layers, position_embeddings, state)
         else:
             hidden = self._run_layers(hidden, 0, self.adapter.num_layers, position_embeddings, state)
+        if self._processing is not None:
+            return None, self._processed_tokens(hidden, rows, None, sampling, generator)
         tokens = self._target_tokens(hidden[:, 0], None, sampling, generator)[0]
         return None, tokens[:, None]
 
@@ -533,6 +557,8 @@ class SelfSpeculativeDecoder:
         current = rows.x0
         first_position = rows.positions(1)                      # [B, 1]: x0's; the i-th draft's is + i
         drafts, probs, layer_e = [], [], []
+        processing = self._processing
+        drafted: List[List[int]] = [[] for _ in range(rows.batch)]    # with processors: the drafts on the host
         for i in range(draft_len + 1):
             hidden = adapter.embed_tokens(current)[:, None]
             position_embeddings = self._rotary(hidden, first_position + i)
@@ -542,7 +568,17 @@ class SelfSpeculativeDecoder:
             imitated = self._imitate(hidden, position_embeddings, state)
             if i == draft_len:
                 break
-            if sampling.do_sample:
+            if processing is not None:     # the draft's scores processed with its own prefix (full vocabulary)
+                scores = self._processed_scores(imitated, rows, [[tuple(row)] for row in drafted], subset_head)[:, 0]
+                if sampling.do_sample:
+                    q = torch.softmax(scores, dim=-1)
+                    current = torch.multinomial(q, 1, generator=generator)[:, 0]
+                    probs.append(q)
+                else:
+                    current = scores.argmax(dim=-1)
+                for row, token in zip(drafted, current.tolist()):
+                    row.append(token)
+            elif sampling.do_sample:
                 q = self._warped_probs(imitated[:, 0], sampling, subset_head)   # what is drawn from is q
                 current = torch.multinomial(q, 1, generator=generator)[:, 0]
                 probs.append(q)
@@ -562,6 +598,17 @@ class SelfSpeculativeDecoder:
         position_embeddings = self._rotary(layer_e, rows.positions(num_rows))
         state.prefix_lens = rows.lengths
         final = self._run_layers(layer_e, self.exit_layer, self.adapter.num_layers, position_embeddings, state)
+        if self._processing is not None:
+            host = drafts.tolist()
+            extras = [[tuple(row[:j]) for j in range(num_rows)] for row in host]   # position j: the drafts before it
+            scores = self._processed_scores(final, rows, extras)               # [B, k+1, V]
+            if not sampling.do_sample:
+                targets = scores.argmax(dim=-1)
+                return self._plan("accept", accept_greedy_plan, drafts, targets).run(drafts, targets)
+            target_probs = torch.softmax(scores, dim=-1)
+            draft_probs = draft_probs.to(target_probs.dtype).contiguous()
+            return self._plan("accept", accept_sampling_plan, drafts, draft_probs, target_probs,
+                              generator=generator).run(drafts, draft_probs, target_probs, generator=generator)
         if sampling.do_sample:
             target_probs = self._warped_probs(final, sampling)                 # [B, k+1, V]
             draft_probs = draft_probs.to(target_probs.dtype).contiguous()
@@ -573,6 +620,42 @@ class SelfSpeculativeDecoder:
         return self._plan("accept", accept_greedy_plan, drafts, targets).run(drafts, targets)
 
     # ---- pieces -----------------------------------------------------------------------------------------------
+
+    def _processed_scores(self, hidden, rows: Rows, extras, subset_head=None) -> torch.Tensor:
+        """The model's head over ``hidden [B, n, H]`` (full logits) through the call's logits processors: row b's
+        position i with the ids of its prompt, its emitted tokens and ``extras[b][i]`` (the drafted tokens before
+        that position; None: nothing drafted before any position). ``[B, n, V]`` float32 scores. With
+        ``subset_head`` (the draft's vocabulary: ids, weight rows, bias rows) only those rows are computed and
+        every other token's logit is -inf before processing (the draft then never proposes it)."""
+        head = self.adapter.lm_head
+        normed = self.adapter.norm(hidden)
+        linear = self._head_linear
+        if linear is None:
+            linear = self._head_linear = lean.linear_for_weight(head.weight, self.linear_backend)
+        flat = normed.reshape(-1, normed.shape[-1])
+        if subset_head is None:
+            logits = linear(flat, head.weight, getattr(head, "bias", None)).view(*normed.shape[:-1], -1)
+        else:
+            ids, weight, bias = subset_head
+            logits = normed.new_full((*normed.shape[:-1], head.weight.shape[0]), float("-inf"))
+            logits.index_copy_(logits.dim() - 1, ids, linear(flat, weight, bias).view(*normed.shape[:-1], -1))
+        if extras is None:
+            extras = [[()] * hidden.shape[1]] * hidden.shape[0]
+        scores = self._processing.scores(logits, rows.tokens, extras, rows.active())
+        if subset_head is not None:        # a draft row left without a finite score: any q is exact, take uniform
+            dead = ~torch.isfinite(scores).any(dim=-1)
+            if bool(dead.any()):
+                scores[dead] = 0.0
+        return scores
+
+    def _processed_tokens(self, hidden, rows: Rows, extras, sampling: Sampling, generator) -> torch.Tensor:
+        """The tokens ``[B, n]`` the full model would emit after each position of ``hidden [B, n, H]`` under the
+        call's logits processors, as model.generate chooses them: argmax, or a draw from the softmax."""
+        scores = self._processed_scores(hidden, rows, extras)
+        if not sampling.do_sample:
+            return scores.argmax(dim=-1)
+        probs = torch.softmax(scores, dim=-1)
+        return torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(probs.shape[:2])
 
     def _target_tokens(self, hidden, draft_tokens, sampling: Sampling, generator):
         """The full model's token for each row of hidden ``[M, H]`` (greedy: fused verify head argmax)."""
@@ -650,11 +733,12 @@ class SelfSpeculativeDecoder:
 
     def _subset_head(self, device, sampling: Sampling):
         """(ids, weight rows, bias rows) of draft_vocab for one generate call: the greedy draft passes the ids
-        to early_exit_head, the sampling draft multiplies by the rows (gathered once per call)."""
+        to early_exit_head, the sampling draft (and any draft under logits processors) multiplies by the rows
+        (gathered once per call)."""
         if self.draft_vocab is None:
             return None
         ids = self.draft_vocab if self.draft_vocab.device == torch.device(device) else self.draft_vocab.to(device)
-        if not sampling.do_sample:
+        if not sampling.do_sample and self._processing is None:
             return ids, None, None
         head = self.adapter.lm_head
         bias = getattr(head, "bias", None)

@@ -138,8 +138,14 @@ def linear_for(layers: Sequence[nn.Module], backend: str = "auto") -> Callable:
     past its limit still go to F.linear) and F.linear elsewhere; "cpu" requires the kernel."""
     if backend == "torch" or not layers:
         return F.linear
+    return linear_for_weight(layers[0].self_attn.q_proj.weight, backend)
+
+
+def linear_for_weight(weight: torch.Tensor, backend: str = "auto") -> Callable:
+    """:func:`linear_for`'s choice for projections by weights like ``weight`` (its dtype and device)."""
+    if backend == "torch":
+        return F.linear
     from ..ops.linear import skinny_linear_plan
-    weight = layers[0].self_attn.q_proj.weight
     probe = weight.new_empty((1, weight.shape[1]))
     plan = skinny_linear_plan(probe, weight, backend=backend)
     return F.linear if plan.backend.name == "torch" else plan.run

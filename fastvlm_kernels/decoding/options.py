@@ -1,79 +1,62 @@
-"""Generation options of one ``generate`` call, resolved from the call and ``model.generation_config`` as
-``model.generate`` resolves them; options the decoder does not apply raise, naming themselves."""
+"""Generation options of one ``generate`` call, resolved by transformers' own code as ``model.generate`` resolves
+them: the call's keywords over ``model.generation_config`` over transformers' defaults
+(``_prepare_generation_config``), the special tokens and lengths (``_prepare_special_tokens``,
+``_prepare_generated_length``), model keywords validated (``_validate_model_kwargs``). What the decoder cannot
+honour raises, naming the option; the logits processors and stopping criteria ``generate`` would build are built
+by :mod:`.processing` from the same resolved config."""
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import FrozenSet, Optional
 
 import torch
 
-# Logits processors that model.generate would apply and this decoder does not (name -> inactive values).
-UNSUPPORTED_GENERATION_OPTIONS = {
-    "repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
-    "min_new_tokens": (None, 0), "min_length": (None, 0), "forced_bos_token_id": (None,),
-    "forced_eos_token_id": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
-    "sequence_bias": (None,), "guidance_scale": (None, 1.0), "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0),
-    "eta_cutoff": (None, 0.0), "min_p": (None,), "encoder_repetition_penalty": (None, 1.0),
-    "exponential_decay_length_penalty": (None,), "renormalize_logits": (None, False), "num_beams": (None, 1),
-    "watermarking_config": (None,), "top_h": (None,),
+# model.generate's keywords that are not GenerationConfig fields and that the decoder does not implement, with the
+# values that leave them inactive; any other value raises, naming the keyword.
+REFUSED_GENERATE_KEYWORDS = {
+    "synced_gpus": (None, False), "assistant_model": (None,), "assistant_tokenizer": (None,),
+    "negative_prompt_ids": (None,), "negative_prompt_attention_mask": (None,), "custom_generate": (None,),
+    "trust_remote_code": (None, False),
+}
+# model.generate's keywords that the decoder takes (the rest of its signature): the logits processors and
+# stopping criteria lists, prefix_allowed_tokens_fn, the tokenizer stop_strings need, a GenerationConfig.
+GENERATE_KEYWORDS = frozenset({"logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "tokenizer",
+                               "generation_config"})
+
+# GenerationConfig fields whose active values the decoder cannot honour: name -> (inactive values, what it is).
+# Beam search, contrastive search, DoLa and assisted decoding are other decoding methods; classifier-free guidance
+# runs a second model pass per token; output_* return per-step tensors the decoder does not produce; a
+# watermarking processor keeps state across calls.
+REFUSED_GENERATION_OPTIONS = {
+    "num_beams": ((None, 1), "beam search"), "num_beam_groups": ((None, 1), "group beam search"),
+    "diversity_penalty": ((None, 0.0), "group beam search"), "penalty_alpha": ((None, 0.0), "contrastive search"),
+    "dola_layers": ((None,), "DoLa decoding"), "prompt_lookup_num_tokens": ((None,), "prompt lookup decoding"),
+    "constraints": ((None,), "constrained beam search"), "force_words_ids": ((None,), "constrained beam search"),
+    "guidance_scale": ((None, 1.0), "classifier-free guidance"),
+    "watermarking_config": ((None,), "a watermarking logits processor"), "token_healing": ((None, False), "token healing"),
+    "output_scores": ((None, False), "per-step scores"), "output_logits": ((None, False), "per-step logits"),
+    "output_attentions": ((None, False), "per-step attentions"),
+    "output_hidden_states": ((None, False), "per-step hidden states"),
 }
 
 
-# model.generate's own options that this decoder does not implement, with the values that leave them inactive
-# (an empty list counts as inactive for the list-valued ones); any other value raises, naming the option.
-GENERATE_ONLY_OPTIONS = {
-    "num_return_sequences": (None, 1), "stopping_criteria": (None,), "logits_processor": (None,),
-    "stop_strings": (None,), "max_time": (None,), "prefix_allowed_tokens_fn": (None,), "assistant_model": (None,),
-    "negative_prompt_ids": (None,), "negative_prompt_attention_mask": (None,), "synced_gpus": (None, False),
-    "output_scores": (None, False), "output_logits": (None, False), "output_attentions": (None, False),
-    "output_hidden_states": (None, False), "use_cache": (None, True), "num_beam_groups": (None, 1),
-    "diversity_penalty": (None, 0.0), "constraints": (None,), "force_words_ids": (None,), "dola_layers": (None,),
-    "penalty_alpha": (None,), "cache_implementation": (None,), "generation_config": (None,),
-}
-# generate's options that change nothing here: the output is always (sequences, stats); length_penalty and
-# early_stopping only act with beam search (itself refused through num_beams); the tokenizer only serves
-# stop_strings (refused when set).
-IGNORABLE_GENERATE_OPTIONS = frozenset({"return_dict_in_generate", "length_penalty", "early_stopping", "tokenizer"})
-
-# transformers' defaults for options neither the call nor the model's generation_config sets (as in
-# GenerationConfig._get_default_generation_params, read from transformers when it has it).
-_FALLBACK_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
-
-
-@functools.lru_cache(maxsize=None)
-def _transformers_defaults() -> dict:
-    try:
-        from transformers import GenerationConfig
-        defaults = GenerationConfig._get_default_generation_params()
-    except (ImportError, AttributeError):
-        return dict(_FALLBACK_DEFAULTS)
-    return {**_FALLBACK_DEFAULTS, **defaults}
-
-
-def _text_config(model):
-    config = getattr(model, "config", None)
-    text = getattr(config, "get_text_config", None)
-    return text() if callable(text) else config
-
-
-def _is_inactive(value, inactive: tuple, empty_list: bool = False) -> bool:
-    """Whether an option's value leaves it inactive: one of ``inactive`` (or, with ``empty_list``, an empty list).
-    A list or tensor value is never compared element-wise."""
+def _is_inactive(value, inactive: tuple) -> bool:
+    """Whether an option's value is one of ``inactive``; a list, tuple or tensor is never compared element-wise
+    (an empty list counts as inactive)."""
     if isinstance(value, (list, tuple)):
-        return empty_list and len(value) == 0
+        return len(value) == 0
     if value is None or isinstance(value, torch.Tensor):
         return value is None and None in inactive
     return any(v is not None and value == v for v in inactive)
 
 
-def check_generate_options(options: dict) -> None:
-    """Raises for a generate-only option set to a value the decoder cannot honour, naming it."""
-    for name, value in options.items():
-        inactive = GENERATE_ONLY_OPTIONS.get(name)
-        if inactive is not None and not _is_inactive(value, inactive, empty_list=True):
-            raise ValueError(f"{name}={value!r}: model.generate's option {name} is not supported by the "
-                             f"decoder (its inactive value: {inactive[-1]!r})")
+def check_generate_keywords(keywords: dict) -> None:
+    """Raises for a model.generate keyword the decoder does not implement, set to an active value, naming it."""
+    for name, value in keywords.items():
+        inactive = REFUSED_GENERATE_KEYWORDS[name]
+        if not _is_inactive(value, inactive):
+            raise ValueError(f"{name}={value!r}: model.generate's option {name} is not supported by the decoder "
+                             f"(its inactive value: {inactive[-1]!r})")
 
 
 def check_model_inputs(model, model_inputs: dict) -> None:
@@ -106,65 +89,61 @@ class GenerationOptions:
     sampling: Sampling
     eos: FrozenSet[int]
     pad: int
+    config: object = None        # the resolved transformers GenerationConfig (special-token tensors set)
 
 
-def resolve(model, prompt_len: int, *, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
-            pad_token_id, extra: dict, max_length=None) -> GenerationOptions:
-    """The call's options, the model's ``generation_config`` filling what the call leaves out and
-    transformers' defaults what both leave out (max_length 20, temperature 1.0, top_k 50, top_p 1.0), as
-    ``model.generate`` resolves them. ``extra``: the logits-processor options the call passed (names of
-    :data:`UNSUPPORTED_GENERATION_OPTIONS`)."""
-    config = getattr(model, "generation_config", None)
-    defaults = _transformers_defaults()
-
-    def get(name, default=None):
-        value = getattr(config, name, None) if config is not None else None
-        if value is None:
-            value = defaults.get(name, default)
-        return default if value is None else value
-
-    for name, value in extra.items():
-        inactive = UNSUPPORTED_GENERATION_OPTIONS.get(name)
-        if inactive is not None and not _is_inactive(value, inactive):
-            raise ValueError(f"{name}={value!r}: this logits processor is not supported by the decoder")
-    for name, inactive in UNSUPPORTED_GENERATION_OPTIONS.items():
-        if name not in extra and not _is_inactive(get(name), inactive):
-            raise ValueError(f"the model's generation_config sets {name}={get(name)!r}, a logits processor "
-                             f"the decoder does not apply; pass {name}={inactive[-1]!r} to override")
-    if max_new_tokens is None:
-        max_new_tokens = getattr(config, "max_new_tokens", None)
-    if max_new_tokens is None:
-        # A max_length from the call or the config counts the prompt; with neither, transformers generates
-        # its default max_length (20) new tokens, within max_position_embeddings.
-        if max_length is None:
-            max_length = getattr(config, "max_length", None)
-        if max_length is not None:
-            max_new_tokens = max_length - prompt_len if isinstance(max_length, int) else max_length
-        else:
-            max_new_tokens = defaults["max_length"]
-            limit = getattr(_text_config(model), "max_position_embeddings", None)
-            if isinstance(limit, int):
-                max_new_tokens = min(prompt_len + max_new_tokens, limit) - prompt_len
+def resolve(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], call: dict,
+            generation_config=None):
+    """``(GenerationOptions, model_kwargs)``: the call's options (``call``: every keyword of the call that is
+    neither the prompt nor a generate keyword) resolved as ``model.generate`` resolves them; ``model_kwargs``
+    the keywords that are not generation options, validated as the model's inputs by the caller. Raises, naming
+    the option, for a decoding method or output the decoder does not implement."""
+    prompt_len = input_ids.shape[1]
+    defaults = getattr(model, "generation_config", None)
+    has_default_max_length = (call.get("max_length") is None and getattr(generation_config, "max_length", None) is None
+                              and getattr(defaults, "max_length", None) is None)
+    has_default_min_length = (call.get("min_length") is None and getattr(generation_config, "min_length", None) is None
+                              and getattr(defaults, "min_length", None) is None)
+    config, model_kwargs = model._prepare_generation_config(generation_config, **call)
+    for name, (inactive, what) in REFUSED_GENERATION_OPTIONS.items():
+        value = getattr(config, name, None)
+        if not _is_inactive(value, inactive):
+            source = name if name in call else f"the model's generation_config {name}"
+            raise ValueError(f"{name}={value!r}: {what} is not supported by the decoder ({source}; "
+                             f"its inactive value: {inactive[-1]!r})")
+    if (config.num_return_sequences or 1) > 1:
+        raise ValueError(f"num_return_sequences={config.num_return_sequences}: the decoder returns one sequence per "
+                         f"prompt row (repeat the rows of input_ids to draw several samples)")
+    config.validate(strict=False) if _validate_takes_strict(config) else config.validate()
+    model._prepare_special_tokens(config, attention_mask is not None, device=input_ids.device,
+                                  batch_size=input_ids.shape[0])
+    config = model._prepare_generated_length(generation_config=config, has_default_max_length=has_default_max_length,
+                                             has_default_min_length=has_default_min_length,
+                                             model_input_name="input_ids", inputs_tensor=input_ids,
+                                             input_ids_length=prompt_len)
+    max_new_tokens = config.max_length - prompt_len if isinstance(config.max_length, int) else config.max_length
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    do_sample = bool(get("do_sample", False)) if do_sample is None else bool(do_sample)
-    temperature = get("temperature", 1.0) if temperature is None else temperature
-    top_k = get("top_k") if top_k is None else top_k
-    top_p = get("top_p") if top_p is None else top_p
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}"
+                         + (f" (max_length={config.max_length} with a {prompt_len}-token prompt)"
+                            if config.max_new_tokens is None else ""))
+    do_sample = bool(config.do_sample)
+    temperature, top_k, top_p = config.temperature, config.top_k, config.top_p
     if do_sample:
         if temperature is None or not temperature > 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
             raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    eos = get("eos_token_id") if eos_token_id is None else eos_token_id
-    if isinstance(eos, torch.Tensor):
-        eos = [int(e) for e in eos.flatten().tolist()]
-    eos = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
-    pad = get("pad_token_id") if pad_token_id is None else pad_token_id
-    if pad is None:
-        pad = eos[0] if eos else 0
+    eos_tensor = config._eos_token_tensor
+    eos = [] if eos_tensor is None else [int(e) for e in eos_tensor.flatten().tolist()]
+    pad_tensor = config._pad_token_tensor
+    pad = int(pad_tensor) if pad_tensor is not None else 0
     sampling = Sampling(do_sample, float(temperature or 1.0), top_k or None,
                         top_p if top_p is not None and top_p < 1.0 else None)
-    return GenerationOptions(max_new_tokens, sampling, frozenset(eos), int(pad))
+    return GenerationOptions(max_new_tokens, sampling, frozenset(eos), pad, config), model_kwargs
+
+
+def _validate_takes_strict(config) -> bool:
+    import inspect
+    return "strict" in inspect.signature(config.validate).parameters

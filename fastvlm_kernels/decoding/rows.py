@@ -8,7 +8,7 @@ keeps running with the others (static shapes) but keeps nothing: its length stay
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -23,7 +23,7 @@ class Rows:
     token at position ``lengths[b]`` (emitted, not yet in any cache layer)."""
 
     def __init__(self, cache: KVCache, lengths: torch.Tensor, offsets: torch.Tensor, *, max_new_tokens: int,
-                 eos, streamer=None):
+                 eos, streamer=None, stop: Optional[Callable[[int, List[int]], bool]] = None):
         self.cache = cache
         self.batch = lengths.shape[0]
         self.lengths = lengths.to(device=cache.device, dtype=torch.int32)   # [B]
@@ -34,6 +34,11 @@ class Rows:
         self.tokens: List[List[int]] = [[] for _ in range(self.batch)]
         self.finished = [False] * self.batch
         self.max_new_tokens, self.eos, self.streamer = max_new_tokens, eos, streamer
+        self.stop = stop        # stopping criteria beyond EOS and max_new_tokens: stop(row, its tokens) -> bool
+        # Without EOS tokens, model.generate pads nothing: a row its criteria stop keeps generating until every
+        # row has stopped, and every row then ends at the length the last one stopped at. stop_at[b]: the tokens
+        # row b had when its criteria first held.
+        self.stop_at: List[Optional[int]] = [None] * self.batch
         cache.rollback_unchecked(self.lengths, self.host_lengths)
 
     @property
@@ -63,7 +68,8 @@ class Rows:
         nodes are not the first positions after each row's length: ``(layers, path [B, N])`` pairs, path being
         0 (the root, x0) then the accepted nodes' indices in those cache layers' order, -1 padded (``layers``
         None: every layer); the nodes are compacted in place (``KVCache.compact``, no read) instead of a
-        rollback. Returns the accepted lengths of the rows that were unfinished at the step's start."""
+        rollback. Returns the accepted lengths of the rows that were unfinished at the step's start (what the
+        verifier agreed on); ``last_kept`` then holds each such row's (drafted tokens kept, tokens emitted)."""
         active = self.active()
         start = self.lengths
         if accept_len is None:
@@ -84,7 +90,12 @@ class Rows:
             for layers, path in paths:
                 self.cache.compact(start, torch.where(kept, path, -1), self.host_lengths, validate=False,
                                    layers=layers)
+        before = [len(self.tokens[b]) for b in active]
         self._emit([row[1:row[0] + 2] for row in host])
+        # what each row kept: a row that ends inside the step (EOS, max_new_tokens, a stopping criterion) keeps
+        # fewer tokens than its drafts agreed on
+        self.last_kept = [(min(host[b][0], len(self.tokens[b]) - n), len(self.tokens[b]) - n)
+                          for b, n in zip(active, before)]
         return [host[b][0] for b in active]
 
     def _emit(self, rows_tokens: List[List[int]]) -> None:
@@ -99,6 +110,19 @@ class Rows:
                 if token in self.eos or len(row) >= self.max_new_tokens:
                     self.finished[b] = newly_finished = True
                     break
+                if self.stop is not None and self.stop_at[b] is None and self.stop(b, row):
+                    if self.eos:
+                        self.finished[b] = newly_finished = True
+                        break
+                    self.stop_at[b] = len(row)
+        if self.stop is not None and not self.eos and all(at is not None for at in self.stop_at) \
+                and self.max_new_tokens > max(self.stop_at):
+            # every row has stopped: all end at the last one's length (rows past it drop what they emitted since)
+            self.max_new_tokens = max(self.stop_at)
+            for b, row in enumerate(self.tokens):
+                del row[self.max_new_tokens:]
+                if len(row) >= self.max_new_tokens and not self.finished[b]:
+                    self.finished[b] = newly_finished = True
         if newly_finished:   # rare: at most once per row
             self.keep = torch.tensor([0 if done else 1 for done in self.finished], dtype=torch.int32,
                                      device=self.keep.device)

@@ -139,7 +139,7 @@ class TreeDrafter:
             parents = torch.full((batch, num_nodes), -1, dtype=torch.int64, device=device)
             masks = torch.zeros((batch, num_nodes), dtype=torch.int64, device=device)
             masks[:, 0] = 1
-            scores = torch.zeros((batch, num_nodes), dtype=torch.float32, device=device)
+            node_scores = torch.zeros((batch, num_nodes), dtype=torch.float32, device=device)
             depths_c = torch.tensor([d for d, (lo, hi) in enumerate(bounds) for _ in range(lo, hi)],
                                     dtype=torch.int64, device=device)
         tokens = torch.empty((batch, num_nodes), dtype=torch.int64, device=device)
@@ -161,30 +161,36 @@ class TreeDrafter:
             if d == len(bounds) - 1:
                 break
             nlo, nhi = bounds[d + 1]
+            if decoder._processing is not None:
+                extras = node_paths(tokens[:, :hi], parents[:, :hi], range(lo, hi))
+                scores = decoder._processed_scores(imitated, rows, extras, subset_head)    # [B, n, V]
+            else:
+                scores = None
             if self.static is not None:
                 self._static_children(decoder, imitated, tokens, levels[d], nlo, nhi, sampling, generator,
-                                      subset_head, probs)
+                                      subset_head, probs, scores)
             elif sampling.do_sample:
-                self._dynamic_sampled_children(decoder, imitated, tokens, parents, masks, scores, lo, hi, nlo,
-                                               nhi, sampling, generator, subset_head, probs)
+                self._dynamic_sampled_children(decoder, imitated, tokens, parents, masks, node_scores, lo, hi, nlo,
+                                               nhi, sampling, generator, subset_head, probs, scores)
             else:
-                self._dynamic_greedy_children(decoder, imitated, tokens, parents, masks, scores, lo, hi, nlo, nhi,
-                                              subset_head)
+                self._dynamic_greedy_children(decoder, imitated, tokens, parents, masks, node_scores, lo, hi, nlo,
+                                              nhi, subset_head, scores)
         state.tree_mask, state.query_offset = None, 0
         return {"tokens": tokens, "parents": parents, "masks": masks, "depths": depths_c, "layer_e": layer_e,
-                "probs": probs, "scores": None if self.static is not None else scores, "depth": len(bounds) - 1}
+                "probs": probs, "scores": None if self.static is not None else node_scores, "depth": len(bounds) - 1}
 
     def _static_children(self, decoder, imitated, tokens, level: _Level, nlo, nhi, sampling, generator,
-                         subset_head, probs) -> None:
+                         subset_head, probs, scores=None) -> None:
+        """``scores``: the nodes' processed draft scores [B, n, V] when logits processors are active."""
         batch, count = imitated.shape[:2]
         index = self._child_index(level, tokens.device)
         if sampling.do_sample:
-            q = decoder._warped_probs(imitated, sampling, subset_head)                  # [B, n, V]
+            q = decoder._warped_probs(imitated, sampling, subset_head) if scores is None else torch.softmax(scores, -1)
             probs.append(q)
             draws = self.draw_children(q.reshape(batch * count, -1), level.fanout, generator)
             candidates = draws.view(batch, count * level.fanout)
         else:
-            candidates = self._top_children(decoder, imitated, level.fanout, subset_head)[0]
+            candidates = self._top_children(decoder, imitated, level.fanout, subset_head, scores)[0]
         tokens[:, nlo:nhi] = candidates.index_select(1, index)
 
     def _child_index(self, level: _Level, device) -> torch.Tensor:
@@ -201,9 +207,13 @@ class TreeDrafter:
         return torch.multinomial(q, count, replacement=True, generator=generator)
 
     @staticmethod
-    def _top_children(decoder, imitated, count: int, subset_head):
-        """The draft head's top ``count`` tokens (best first) and their log-probabilities, ``[B, n * count]``."""
+    def _top_children(decoder, imitated, count: int, subset_head, scores=None):
+        """The draft head's top ``count`` tokens (best first) and their log-probabilities, ``[B, n * count]``
+        (of the processed ``scores [B, n, V]`` when given)."""
         batch, nodes, hidden_size = imitated.shape
+        if scores is not None:
+            top = torch.topk(torch.log_softmax(scores, dim=-1), count, dim=-1)
+            return top.indices.reshape(batch, nodes * count), top.values.reshape(batch, nodes * count)
         flat = imitated.reshape(batch * nodes, hidden_size).contiguous()
         adapter = decoder.adapter
         plan = decoder._plan(f"draft_top{count}", early_exit_head_plan, flat, adapter.norm.weight,
@@ -213,9 +223,9 @@ class TreeDrafter:
         return out.tokens.view(batch, nodes * count), out.logprob.view(batch, nodes * count)
 
     def _dynamic_greedy_children(self, decoder, imitated, tokens, parents, masks, scores, lo, hi, nlo, nhi,
-                                 subset_head) -> None:
+                                 subset_head, processed=None) -> None:
         width = self.width
-        candidates, logprobs = self._top_children(decoder, imitated, width, subset_head)   # [B, n * W]
+        candidates, logprobs = self._top_children(decoder, imitated, width, subset_head, processed)   # [B, n * W]
         totals = scores[:, lo:hi].repeat_interleave(width, dim=1) + logprobs
         # the best W candidates; ties to the lower candidate index (stable sort)
         order = torch.sort(totals, dim=1, descending=True, stable=True).indices[:, :nhi - nlo]
@@ -223,10 +233,11 @@ class TreeDrafter:
                            lo + order // width, nlo, nhi)
 
     def _dynamic_sampled_children(self, decoder, imitated, tokens, parents, masks, scores, lo, hi, nlo, nhi,
-                                  sampling, generator, subset_head, probs) -> None:
+                                  sampling, generator, subset_head, probs, processed=None) -> None:
         batch, count = imitated.shape[:2]
         slots = nhi - nlo
-        q = decoder._warped_probs(imitated, sampling, subset_head)                      # [B, n, V]
+        q = (decoder._warped_probs(imitated, sampling, subset_head) if processed is None
+             else torch.softmax(processed, dim=-1))                                      # [B, n, V]
         probs.append(q)
         # Each frontier node's child count from the frontier's scores alone (known before any child is drawn).
         value = scores[:, lo:hi, None] - _LN2 * torch.arange(slots, device=q.device, dtype=scores.dtype)
@@ -272,8 +283,12 @@ class TreeDrafter:
         final = decoder._run_layers(layer_e, decoder.exit_layer, decoder.adapter.num_layers, position_embeddings,
                                     state)
         state.tree_mask = None
+        processed = None
+        if decoder._processing is not None:   # each verified node's scores with its own path as the prefix
+            processed = decoder._processed_scores(final, rows, node_paths(tokens, parents, range(tokens.shape[1])))
         if sampling.do_sample:
-            target_probs = decoder._warped_probs(final, sampling)                           # [B, N, V]
+            target_probs = (decoder._warped_probs(final, sampling) if processed is None
+                            else torch.softmax(processed, dim=-1))                           # [B, N, V]
             # q of every node that drew children (all depths but the last, in node order), then zero rows for
             # the last depth's leaves, which the acceptance never reads: [B, N - 1, V]
             drawn = torch.cat(drafted["probs"], dim=1).to(target_probs.dtype)
@@ -284,8 +299,11 @@ class TreeDrafter:
             accept_len, path, emitted = plan.run(tokens, parents, draft_probs, target_probs, generator=generator)
         else:
             hidden_size = final.shape[-1]
-            targets, _ = decoder._target_tokens(final.reshape(-1, hidden_size), None, sampling, generator)
-            targets = targets.view(batch, -1)
+            if processed is not None:
+                targets = processed.argmax(dim=-1)
+            else:
+                targets = decoder._target_tokens(final.reshape(-1, hidden_size), None, sampling, generator)[0]
+                targets = targets.view(batch, -1)
             plan = decoder._plan("accept_tree", accept_greedy_tree_plan, tokens, parents, targets)
             accept_len, path, emitted = plan.run(tokens, parents, targets)
         if keep is None:
@@ -313,6 +331,20 @@ class TreeDrafter:
         for _ in range(depth):     # one more generation of ancestors per pass
             masks = bits | torch.where(kept_parents >= 0, masks.gather(1, kept_parents.clamp_min(0)), 0)
         return keep, kept_parents, masks.contiguous()
+
+
+def node_paths(tokens: torch.Tensor, parents: torch.Tensor, nodes) -> List[List[Tuple[int, ...]]]:
+    """Per row, for each node index in ``nodes``, the tokens from depth 1 down to that node (the root, node 0,
+    is the row's last emitted token and not part of a path): what logits processors see after the emitted
+    tokens at that node. ``tokens``, ``parents``: ``[B, N]`` in the same node order, parent -1 at the root."""
+    out = []
+    for row_tokens, row_parents in zip(tokens.tolist(), parents.tolist()):
+        paths: List[Tuple[int, ...]] = [()] * len(row_tokens)
+        for j in range(1, len(row_tokens)):      # a parent comes before its children
+            parent = row_parents[j]
+            paths[j] = (paths[parent] if parent > 0 else ()) + (row_tokens[j],)
+        out.append([paths[j] for j in nodes])
+    return out
 
 
 def check_tree_arguments(tree, tree_budget, tree_width, max_depth: int, draft_vocab_size: Optional[int]):

@@ -173,8 +173,9 @@ def _sampling_case():
     return model, prompt
 
 
-def _exact_marginals(model, prompt, temperature, depth=3):
-    """Exact distributions of the 1st .. depth-th sampled tokens, by enumerating every prefix."""
+def _exact_marginals(model, prompt, temperature, depth=3, processors=None):
+    """Exact distributions of the 1st .. depth-th sampled tokens, by enumerating every prefix (with
+    ``processors``: each prefix's logits through them, with its own ids, instead of the temperature)."""
     vocab = model.config.vocab_size
     prefixes = prompt
     weights = torch.ones(1, dtype=torch.float64)
@@ -182,7 +183,10 @@ def _exact_marginals(model, prompt, temperature, depth=3):
     for _ in range(depth):
         with torch.no_grad():
             logits = model(prefixes).logits[:, -1].double()
-        step = torch.softmax(logits / temperature, -1)                  # [P, V]
+        if processors is not None:
+            step = torch.softmax(processors(prefixes, logits.float()).double(), -1)
+        else:
+            step = torch.softmax(logits / temperature, -1)              # [P, V]
         joint = weights[:, None] * step
         marginals.append(joint.sum(0))
         weights = joint.reshape(-1)
@@ -278,11 +282,35 @@ def test_unsupported_models_are_named():
         num_key_value_heads=1, sliding_window=8))
     with pytest.raises(UnsupportedModelError, match="sliding window"):
         SelfSpeculativeDecoder(sliding, exit_layer=1)
-    narrow = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=50, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2))   # head dim 32: verify_attention does not take it
-    with pytest.raises(UnsupportedModelError, match="head dim is 32"):
-        SelfSpeculativeDecoder(narrow, exit_layer=1)
+
+
+@pytest.mark.parametrize("head_dim", [16, 32])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_head_dim_the_kernels_do_not_take_runs_through_the_reference(head_dim, batch):
+    """A LLaVA whose text attention has head dim 16 (32): a one-line warning at construction, then output
+    identical to model.generate, chains and trees."""
+    import warnings
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from .models import IMAGE_TOKEN, TEXT
+    case = build("llava", seed=2, batch=batch)
+    torch.manual_seed(2)
+    text = LlamaConfig(**dict(TEXT, hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=2))
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=28, patch_size=14)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
+                                                      image_token_id=IMAGE_TOKEN)).eval()
+    sharpen(model, 1, scale=0.1)
+    expected = model.generate(**case.inputs, max_new_tokens=MAX_NEW, do_sample=False)
+    for config in (dict(draft_len=3), dict(draft_len="adaptive"), dict(draft_len=3, tree="dynamic")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            decoder = SelfSpeculativeDecoder(model, exit_layer=1, **config)
+        messages = [str(w.message) for w in caught if "head dim" in str(w.message)]
+        assert len(messages) == 1 and f"head dim is {head_dim}" in messages[0] and "\n" not in messages[0]
+        out = decoder.generate(**case.inputs, max_new_tokens=MAX_NEW)
+        assert_lossless(dataclasses.replace(case, model=model), out.sequences, expected, str(config), [])
+        if config["draft_len"] != "adaptive":
+            assert out.stats.mean_accepted > 0.5, out.stats.accepted
 
 
 def test_bad_inputs_raise_and_leave_the_decoder_usable():
@@ -302,8 +330,8 @@ def test_bad_inputs_raise_and_leave_the_decoder_usable():
     right_padded = dict(inputs, attention_mask=inputs["attention_mask"].flip(1))
     with pytest.raises(ValueError, match="left-padded"):
         decoder.generate(**right_padded, max_new_tokens=4)
-    with pytest.raises(ValueError, match="repetition_penalty"):
-        decoder.generate(**inputs, max_new_tokens=4, repetition_penalty=1.2)
+    with pytest.raises(ValueError, match="num_beams=2: beam search"):
+        decoder.generate(**inputs, max_new_tokens=4, num_beams=2)
     with pytest.raises(TypeError, match="input_ids"):
         decoder.generate(inputs["input_ids"].float(), max_new_tokens=4)
     # Still usable, still exact, and the model's own attention is untouched.
@@ -364,10 +392,14 @@ def test_stats_are_consistent(profile):
     assert stats.draft_lens == [4] * stats.steps
     assert all(0 <= a <= 4 for step in stats.accepted for a in step)
     assert stats.drafted == 4 * sum(len(step) for step in stats.accepted)
-    assert math.isclose(stats.mean_emitted, stats.mean_accepted + 1)
-    # every row emits x0 from the prefill, then accepted + 1 per step while it runs (up to max_new_tokens)
+    # every row emits x0 from the prefill, then its kept drafts + 1 per step while it runs; the step in which
+    # it ends (EOS, max_new_tokens) counts only the tokens it kept
+    assert [len(step) for step in stats.emitted] == [len(step) for step in stats.accepted]
+    assert all(e in (a, a + 1) for s, step in enumerate(stats.emitted) for a, e in zip(stats.accepted[s], step))
     assert len(stats.new_tokens) == 4 and all(1 <= n <= 16 for n in stats.new_tokens)
-    assert sum(stats.new_tokens) <= 4 + sum(a + 1 for step in stats.accepted for a in step)
+    assert sum(stats.new_tokens) == 4 + sum(e for step in stats.emitted for e in step)
+    emitted = [e for step in stats.emitted for e in step]
+    assert math.isclose(stats.mean_emitted, sum(emitted) / len(emitted))
     assert 0 < stats.prefill_time < stats.total_time
     assert math.isclose(stats.tokens_per_s, sum(stats.new_tokens) / stats.total_time)
     if profile:   # the split needs a sync: only when asked for, and inside the call's own time
@@ -379,6 +411,19 @@ def test_stats_are_consistent(profile):
         assert "verify" in stats.summary()
     else:
         assert stats.draft_time == stats.verify_time == 0.0 and "verify" not in stats.summary()
+
+
+def test_stats_count_only_the_tokens_kept():
+    """A step that agrees on more drafts than the answer has room for: the stats count what was kept (the
+    report that said "8.00 drafted tokens accepted per step (9.00 emitted)" for a 7-token answer)."""
+    case = build("llama", seed=0, batch=1)
+    sharpen(case.model, 1, scale=0.1)
+    decoder = SelfSpeculativeDecoder(case.model, exit_layer=1, draft_len=8)
+    stats = decoder.generate(**case.inputs, max_new_tokens=4).stats
+    assert sum(stats.new_tokens) == 4 and stats.steps >= 1
+    assert sum(e for step in stats.emitted for e in step) == 3               # x0 came from the prefill
+    assert sum(a for step in stats.accepted for a in step) <= 3
+    assert stats.mean_emitted <= 3 and f"({stats.mean_emitted:.2f} emitted)" in stats.summary()
 
 
 # ---- the adaptive draft policy ---------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import MaxLengthCriteria, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 
 from fastvlm_kernels.decoding import SelfSpeculativeDecoder
 from fastvlm_kernels.decoding.options import resolve
@@ -13,10 +13,7 @@ from .models import build
 
 
 def _resolved(model, **call):
-    options = dict(max_new_tokens=None, do_sample=None, temperature=None, top_k=None, top_p=None, eos_token_id=None,
-                   pad_token_id=None, extra={})
-    options.update(call)
-    return resolve(model, 7, **options)
+    return resolve(model, torch.ones((1, 7), dtype=torch.long), None, call)[0]
 
 
 def test_unset_options_take_transformers_defaults():
@@ -48,19 +45,30 @@ def test_sampling_without_a_temperature_samples_at_the_default():
     assert out.sequences.shape[1] == case.inputs["input_ids"].shape[1] + 6
 
 
-@pytest.mark.parametrize("option, value", [
-    ("num_return_sequences", 2),
-    ("stopping_criteria", StoppingCriteriaList([MaxLengthCriteria(max_length=9)])),
-    ("stop_strings", "."),
-    ("max_time", 1.0),
-    ("output_scores", True),
-    ("assistant_model", object()),
+@pytest.mark.parametrize("option, value, message", [
+    ("num_return_sequences", 2, "num_return_sequences"),
+    ("num_beams", 2, "num_beams=2: beam search"),
+    ("penalty_alpha", 0.6, "contrastive search"),
+    ("guidance_scale", 1.5, "guidance"),
+    ("output_scores", True, "output_scores"),
+    ("assistant_model", object(), "assistant_model"),
+    ("synced_gpus", True, "synced_gpus"),
 ])
-def test_generate_options_the_decoder_cannot_honour_raise_naming_them(option, value):
+def test_generate_options_the_decoder_cannot_honour_raise_naming_them(option, value, message):
     case = build("llama", seed=4, batch=1)
     decoder = SelfSpeculativeDecoder(case.model, exit_layer=1, draft_len=2)
-    with pytest.raises(ValueError, match=option):
+    with pytest.raises(ValueError, match=message):
         decoder.generate(**case.inputs, max_new_tokens=4, **{option: value})
+
+
+def test_a_generation_config_the_decoder_cannot_honour_names_the_field():
+    case = build("llama", seed=4, batch=1)
+    case.model.generation_config.num_beams = 3
+    decoder = SelfSpeculativeDecoder(case.model, exit_layer=1, draft_len=2)
+    with pytest.raises(ValueError, match="generation_config num_beams"):
+        decoder.generate(**case.inputs, max_new_tokens=4)
+    out = decoder.generate(**case.inputs, max_new_tokens=4, num_beams=1)      # overridden by the call
+    assert out.sequences.shape[1] == case.inputs["input_ids"].shape[1] + 4
 
 
 def test_inactive_generate_options_are_accepted():
@@ -68,7 +76,8 @@ def test_inactive_generate_options_are_accepted():
     expected = case.model.generate(**case.inputs, max_new_tokens=5, do_sample=False)
     out = SelfSpeculativeDecoder(case.model, exit_layer=1, draft_len=2).generate(
         **case.inputs, max_new_tokens=5, num_return_sequences=1, stopping_criteria=StoppingCriteriaList(),
-        logits_processor=[], use_cache=True, return_dict_in_generate=True, output_scores=False)
+        logits_processor=[], use_cache=True, return_dict_in_generate=True, output_scores=False, num_beams=1,
+        repetition_penalty=1.0, synced_gpus=False)
     assert torch.equal(out.sequences, expected)
 
 

@@ -133,6 +133,26 @@ def test_deep_exits_draft_better_than_shallow_ones_on_real_weights(decoded):
 
 
 @needs_wheel
+def test_logits_processors_and_stop_strings_on_real_weights(smollm2):
+    """The shipped network (with its draft vocabulary) under a repetition penalty, n-gram blocking and
+    stop_strings (with the tokenizer), ragged batch 2: identical to model.generate, which each option changes."""
+    from fastvlm_kernels import SelfSpeculativeDecoder
+    from fastvlm_kernels.models.smollm2 import chat_inputs, load_imitation
+
+    model, tokenizer = smollm2
+    inputs = chat_inputs(tokenizer, ["Give me three tips for a job interview.", "Write a haiku about the sea."])
+    decoder = SelfSpeculativeDecoder(model, imitation=load_imitation(model), draft_len=3)
+    plain = model.generate(**inputs, max_new_tokens=32, do_sample=False)
+    for options in (dict(repetition_penalty=1.3, no_repeat_ngram_size=3),
+                    dict(stop_strings=["\n", "."], tokenizer=tokenizer)):
+        expected = model.generate(**inputs, max_new_tokens=32, do_sample=False, **options)
+        assert not torch.equal(expected, plain), options
+        out = decoder.generate(**inputs, max_new_tokens=32, do_sample=False, **options)
+        assert torch.equal(out.sequences, expected), options
+        assert out.stats.mean_accepted > 0.25, options
+
+
+@needs_wheel
 def test_decoder_with_a_draft_vocab_is_token_identical_on_real_weights(smollm2):
     """The draft head over 4,096 tokens (the 4,096 lowest ids, with half the tokens the model emits removed
     and the other half added): output identical to model.generate; every draft from the subset."""

@@ -13,7 +13,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ...ops.verify_attention.spec import HEAD_DIMS
 
 
 class UnsupportedModelError(ValueError):
@@ -85,9 +84,6 @@ class Adapter:
                                                   text_type == "mistral"):
             raise UnsupportedModelError(f"this {text_type} model has an active sliding window "
                                         f"(sliding_window={sliding}); the decoder attends to the whole cache")
-        if self.head_dim not in HEAD_DIMS:   # found here, not at the first attention call in the middle of a generate
-            raise UnsupportedModelError(f"this {text_type} model's attention head dim is {self.head_dim}; the "
-                                        f"decoder's attention (verify_attention) takes head dims {HEAD_DIMS}")
         if not isinstance(self.norm.weight, torch.Tensor) or self.norm.weight.dim() != 1:
             raise UnsupportedModelError("the final norm has no [H] weight")
 
