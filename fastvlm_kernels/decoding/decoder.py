@@ -281,6 +281,10 @@ class SelfSpeculativeDecoder:
         options, model_inputs = resolve(self.model, input_ids, attention_mask, kwargs,
                                         keywords.pop("generation_config", None))
         check_model_inputs(self.model, dict(model_inputs, pixel_values=pixel_values))
+        copies = options.config.num_return_sequences or 1
+        prompt_ids, prompt_mask = input_ids, attention_mask
+        if copies > 1:   # sampling several answers per prompt: each row's copies together, as in model.generate
+            input_ids, attention_mask = input_ids.repeat_interleave(copies, 0), attention_mask.repeat_interleave(copies, 0)
         processing = Processing.build(self.model, input_ids, attention_mask, options.config, **keywords)
         self._processing = processing if processing.active else None
         self._head_linear = None
@@ -292,8 +296,8 @@ class SelfSpeculativeDecoder:
         self._plans = {}   # the heads' and acceptance's plans, made at first use in this call
         with attention_implementation(self._attention_configs()):
             self._prepare_lean()
-            rows, state = self.prefill(input_ids, attention_mask, model_inputs, options, streamer, generator,
-                                       processing if processing.criteria is not None else None)
+            rows, state = self.prefill(prompt_ids, prompt_mask, model_inputs, options, streamer, generator,
+                                       processing if processing.criteria is not None else None, copies)
             stats.prefill_time = time.perf_counter() - start_time
             subset_head = self._subset_head(self.adapter.lm_head.weight.device, options.sampling)
             policy.start(rows.batch, options.sampling.do_sample)
@@ -356,12 +360,13 @@ class SelfSpeculativeDecoder:
     # ---- prefill and the two steps ------------------------------------------------------------------------------
 
     def prefill(self, input_ids, attention_mask, model_inputs, options: GenerationOptions, streamer, generator,
-                stopping: Optional[Processing] = None) -> Tuple[Rows, StepState]:
+                stopping: Optional[Processing] = None, copies: int = 1) -> Tuple[Rows, StepState]:
         """The prompt through the model's own forward up to the text layers, then all N layers (and the
         imitation layers over the layer-E states) with the package's attention; each row's real tokens first
-        in its cache. Returns the rows (holding the first new token x0) and the attention state."""
+        in its cache. ``copies`` > 1: each prompt row runs ``copies`` times (its embeddings repeated after the
+        model's forward). Returns the rows (holding the first new token x0) and the attention state."""
         adapter, device = self.adapter, input_ids.device
-        batch, prompt_len = input_ids.shape
+        batch, prompt_len = input_ids.shape[0] * copies, input_ids.shape[1]
         # A row that finishes mid-step keeps up to k tokens past max_new_tokens in its cache, and a finished
         # row still runs (and rolls back) a step's positions (k + 1, or the tree's nodes) while other rows go on.
         max_len = prompt_len + options.max_new_tokens + self.max_draft_len + self._step_positions
@@ -370,7 +375,9 @@ class SelfSpeculativeDecoder:
                              f"the draft length ({self.max_draft_len}) + one step's positions "
                              f"({self._step_positions}) need {max_len} cache positions > "
                              f"max_cache_len={self.max_cache_len}")
-        prompt = adapter.prompt_inputs(input_ids, attention_mask, **model_inputs)
+        prompt = adapter.prompt_inputs(input_ids, attention_mask, **model_inputs).repeat_rows(copies)
+        if copies > 1:
+            input_ids, attention_mask = input_ids.repeat_interleave(copies, 0), attention_mask.repeat_interleave(copies, 0)
         mask = attention_mask.bool()
         lengths = mask.sum(1)                                                # [B] real prompt lengths
         order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)   # real tokens first, in order

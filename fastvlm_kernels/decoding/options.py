@@ -111,10 +111,9 @@ def resolve(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tenso
             source = name if name in call else f"the model's generation_config {name}"
             raise ValueError(f"{name}={value!r}: {what} is not supported by the decoder ({source}; "
                              f"its inactive value: {inactive[-1]!r})")
-    if (config.num_return_sequences or 1) > 1:
-        raise ValueError(f"num_return_sequences={config.num_return_sequences}: the decoder returns one sequence per "
-                         f"prompt row (repeat the rows of input_ids to draw several samples)")
-    config.validate(strict=False) if _validate_takes_strict(config) else config.validate()
+    if (config.num_return_sequences or 1) > 1 and not config.do_sample:
+        raise ValueError(f"num_return_sequences={config.num_return_sequences}: greedy decoding returns one sequence "
+                         f"per prompt row (as in model.generate, which raises too); sample (do_sample=True) for several")
     model._prepare_special_tokens(config, attention_mask is not None, device=input_ids.device,
                                   batch_size=input_ids.shape[0])
     config = model._prepare_generated_length(generation_config=config, has_default_max_length=has_default_max_length,
@@ -143,7 +142,3 @@ def resolve(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tenso
                         top_p if top_p is not None and top_p < 1.0 else None)
     return GenerationOptions(max_new_tokens, sampling, frozenset(eos), pad, config), model_kwargs
 
-
-def _validate_takes_strict(config) -> bool:
-    import inspect
-    return "strict" in inspect.signature(config.validate).parameters

@@ -101,3 +101,20 @@ def test_the_exit_layer_defaults_to_the_imitation_networks():
         SelfSpeculativeDecoder(case.model)
     with pytest.raises(ValueError, match="exit layer 2"):
         SelfSpeculativeDecoder(case.model, 1, imitation=network)
+
+
+@pytest.mark.parametrize("family", ["llama", "llava", "qwen2_vl"])
+def test_several_samples_per_prompt_expand_the_rows_as_generate_does(family):
+    """num_return_sequences=3 with sampling: 3 rows per prompt row, in generate's order (each prompt's copies
+    together), each copy its own sample; with top_k=1 every copy is the greedy answer, as in generate."""
+    case = build(family, seed=4, batch=2)
+    decoder = SelfSpeculativeDecoder(case.model, exit_layer=1, draft_len=2)
+    prompt = case.inputs["input_ids"].repeat_interleave(3, 0)
+    expected = case.model.generate(**case.inputs, max_new_tokens=6, do_sample=True, top_k=1, num_return_sequences=3)
+    out = decoder.generate(**case.inputs, max_new_tokens=6, do_sample=True, top_k=1, num_return_sequences=3,
+                           generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out.sequences, expected) and torch.equal(out.sequences[:, :prompt.shape[1]], prompt)
+    out = decoder.generate(**case.inputs, max_new_tokens=6, do_sample=True, top_k=0, num_return_sequences=3,
+                           generator=torch.Generator().manual_seed(0))
+    new = out.sequences[:, prompt.shape[1]:]
+    assert out.sequences.shape[0] == 6 and not torch.equal(new[0], new[1])

@@ -31,6 +31,16 @@ class PromptInputs:
     positions: torch.Tensor          # [B, L] (1-D rotary) or [3, B, L] (M-RoPE), as the model computed them
     attention_mask: torch.Tensor     # [B, L] 1 for real tokens
 
+    def repeat_rows(self, copies: int) -> "PromptInputs":
+        """Each row ``copies`` times in a row (``num_return_sequences``: a prompt's copies together, as
+        model.generate orders them), the images' embeddings included."""
+        if copies == 1:
+            return self
+        batch_dim = 1 if self.positions.dim() == 3 else 0
+        return PromptInputs(self.embeds.repeat_interleave(copies, 0),
+                            self.positions.repeat_interleave(copies, batch_dim),
+                            self.attention_mask.repeat_interleave(copies, 0))
+
 
 class Adapter:
     """Base adapter: a decoder-only text model (``model.model`` holds the layers, ``model.lm_head`` the head)."""
