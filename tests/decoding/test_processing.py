@@ -7,8 +7,9 @@ import functools
 
 import pytest
 import torch
-from transformers import (LogitsProcessor, LogitsProcessorList, RepetitionPenaltyLogitsProcessor, StoppingCriteria,
-                          StoppingCriteriaList, TopPLogitsWarper)
+from transformers import (EpsilonLogitsWarper, EtaLogitsWarper, LogitsProcessor, LogitsProcessorList,
+                          MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, StoppingCriteria, StoppingCriteriaList,
+                          TopPLogitsWarper, TypicalLogitsWarper)
 
 from fastvlm_kernels.decoding import SelfSpeculativeDecoder
 from fastvlm_kernels.decoding.processing import Processing
@@ -212,3 +213,40 @@ def test_sampling_with_a_repetition_penalty_and_top_p_preserves_the_distribution
     else:
         assert min(p_values[1:]) > 1e-4, p_values
         assert out.stats.mean_accepted > 0.3, out.stats.accepted
+
+
+@pytest.mark.parametrize("option, warper", [
+    ("min_p", lambda: MinPLogitsWarper(0.15)), ("typical_p", lambda: TypicalLogitsWarper(0.6)),
+    ("epsilon_cutoff", lambda: EpsilonLogitsWarper(0.03)), ("eta_cutoff", lambda: EtaLogitsWarper(0.03)),
+], ids=["min_p", "typical_p", "epsilon_cutoff", "eta_cutoff"])
+def test_sampling_warpers_keep_every_token_in_their_support(option, warper):
+    """Sampling with min_p / typical_p / epsilon / eta: every sampled token (speculative steps included) is
+    one the warper allows after that token's own prefix, and the warper allows more than one somewhere (so
+    the test samples, not the argmax)."""
+    model, prompt = _sampling_case()
+    value = {"min_p": 0.15, "typical_p": 0.6, "epsilon_cutoff": 0.03, "eta_cutoff": 0.03}[option]
+    decoder = SelfSpeculativeDecoder(model, exit_layer=1, draft_len=3)
+    out = decoder.generate(prompt.repeat(64, 1), max_new_tokens=6, do_sample=True, top_k=0,
+                           generator=torch.Generator().manual_seed(0), **{option: value})
+    sequences = out.sequences
+    with torch.no_grad():
+        logits = model(sequences).logits[:, prompt.shape[1] - 1:-1].float()
+    allowed_counts = []
+    for position in range(logits.shape[1]):
+        prefix = sequences[:, :prompt.shape[1] + position]
+        scores = warper()(prefix, logits[:, position].clone())
+        allowed = torch.isfinite(scores)
+        token = sequences[:, prompt.shape[1] + position]
+        assert allowed.gather(1, token[:, None]).all(), f"{option}: a token outside the support at {position}"
+        allowed_counts.append(int(allowed.sum(-1).max()))
+    assert max(allowed_counts) > 1, allowed_counts
+    assert len(set(sequences[:, prompt.shape[1]:].flatten().tolist())) > 1
+
+
+def test_a_generation_config_object_is_honoured():
+    from transformers import GenerationConfig
+    case, _ = _case("llama", 2)
+    config = GenerationConfig(max_new_tokens=9, repetition_penalty=1.6, no_repeat_ngram_size=2, do_sample=False)
+    expected = case.model.generate(**case.inputs, generation_config=config)
+    out = SelfSpeculativeDecoder(case.model, exit_layer=1, draft_len=3).generate(**case.inputs, generation_config=config)
+    assert torch.equal(out.sequences, expected) and expected.shape[1] == case.inputs["input_ids"].shape[1] + 9
