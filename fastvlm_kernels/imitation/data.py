@@ -71,12 +71,15 @@ def data_fingerprint(folder: Path) -> dict:
     return {"folder": str(Path(folder).resolve()), "jsonl_sha256": digest.hexdigest()}
 
 
-def _parse_line(text: str, image_token: Optional[str]):
-    """-> (prompt, image name, response) or raises ValueError with the reason."""
+def _parse_line(text: str, image_token: Optional[str], chat_template: bool = False):
+    """-> (prompt, image name, response) or raises ValueError with the reason. ``chat_template``: the prompt is
+    a user message the chat template wraps (and places the image placeholder in), so it must hold none."""
     try:
         record = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f"not valid JSON ({error.msg} at column {error.colno})") from None
+        # json's own messages may end in "at" ("Unterminated string starting at"): one "at" either way
+        where = "column" if error.msg.endswith(" at") else "at column"
+        raise ValueError(f"not valid JSON ({error.msg} {where} {error.colno})") from None
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     prompt = record.get("prompt")
