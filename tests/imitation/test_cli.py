@@ -69,8 +69,9 @@ def test_pick_exit_layer_command(checkpoint, capsys):
         assert r["speedup_imitation"] == pytest.approx(r["seconds_generate"] / r["seconds_imitation"])
         assert (f"| {r['exit_layer']} | {r['accepted_early_exit']:.2f} | {r['accepted_imitation']:.2f} | "
                 f"{r['speedup_early_exit']:.2f}x | {r['speedup_imitation']:.2f}x | yes |") in rows
-    fastest = max(report["reports"], key=lambda r: r["speedup_imitation"])
-    assert f"Fastest: exit layer {fastest['exit_layer']} ({fastest['speedup_imitation']:.2f}x" in table
+    speedup, layer = max((r[f"speedup_{drafter}"], r["exit_layer"]) for r in report["reports"]
+                         for drafter in ("early_exit", "imitation"))   # the fastest of every configuration
+    assert f"Fastest: exit layer {layer} ({speedup:.2f}x with" in table
     assert (checkpoint / "pick" / "exit_layer_1" / "imitation" / "config.json").is_file()
     # one cache of the model's answers for every candidate
     assert len((checkpoint / "pick" / "responses.jsonl").read_text().splitlines()) == 1 + 8
