@@ -254,7 +254,12 @@ class Encoder:
         opening = chat_text(self.processor, marker).split(marker)[0].strip()
         if not opening:
             return []
-        return [example for example in examples if example.prompt.lstrip().startswith(opening)]
+
+        def opens(prompt: str) -> bool:   # at a word's end: "w34" does not open with "w3"
+            prompt = prompt.lstrip()
+            return prompt.startswith(opening) and not prompt[len(opening):len(opening) + 1].isalnum()
+
+        return [example for example in examples if opens(example.prompt)]
 
     @property
     def takes_images(self) -> bool:

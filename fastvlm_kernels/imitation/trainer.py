@@ -54,6 +54,9 @@ RUN_FORMAT = "fastvlm-imitation-run/1"
 RUN_FILES = ("run.json", "checkpoint.pt", "responses.jsonl", "history.json", "training_curves.png", "imitation")
 # Settings that change only what is measured or saved, not the trained weights: a resumed run may change them.
 RESUMABLE_CHANGES = ("eval_every", "checkpoint_every", "eval_max_new_tokens", "draft_len", "progress")
+# Settings added after runs were recorded without them: the value that matches what such a run did (prompts
+# were always sent as written before raw_prompts existed).
+RECORDED_BEFORE = {"raw_prompts": True}
 
 
 DEFAULT_WARMUP_STEPS = 50       # the warm-up of a run of 500 steps or more, when none is given
@@ -219,6 +222,8 @@ def _differences(old: dict, new: dict) -> List[str]:
     found = []
     for section in ("config", "model", "data"):
         before, after = old.get(section, {}), new.get(section, {})
+        if section == "config":
+            before = dict(RECORDED_BEFORE, **before)
         for key in sorted(set(before) | set(after)):
             if section == "config" and key in RESUMABLE_CHANGES:
                 continue

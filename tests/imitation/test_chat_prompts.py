@@ -112,3 +112,21 @@ def test_empty_answers_are_counted_and_reported(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("generated answers are empty") == 1 and "6 of 6 generated answers are empty" in err
     assert "drop --raw-prompts" in err
+
+
+def test_a_run_recorded_before_raw_prompts_existed_resumes_as_raw(tmp_path):
+    """A run.json without raw_prompts was written by a trainer that sent prompts as written: it resumes with
+    raw_prompts=True, and is a different run for templated prompts."""
+    case = build("llama", seed=2)
+    write_prompts(tmp_path / "data", 6, seed=1, responses=True)
+    config = replace(SHORT, steps=1, raw_prompts=True)
+    train_imitation(case.model, chat_tokenizer(), tmp_path / "data", tmp_path / "out", config, progress=False)
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    del record["config"]["raw_prompts"]
+    (tmp_path / "out" / "run.json").write_text(json.dumps(record))
+    train_imitation(case.model, chat_tokenizer(), tmp_path / "data", tmp_path / "out", config, progress=False,
+                    resume=True)
+    (tmp_path / "out" / "run.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="config.raw_prompts: True there, False here"):
+        train_imitation(case.model, chat_tokenizer(), tmp_path / "data", tmp_path / "out", SHORT, progress=False,
+                        resume=True)
