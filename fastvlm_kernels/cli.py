@@ -55,22 +55,27 @@ def _as_flags(message: str, flags: Dict[str, str]) -> str:
 class _ArgumentErrors:
     """``with _ArgumentErrors(args):`` around library calls: a ``ValueError`` / ``TypeError`` raised by one of
     the library's checks ends the command with its message on one line (names mapped to flags); anything else,
-    and everything with ``--debug``, propagates with its traceback."""
+    and everything with ``--debug``, propagates with its traceback. ``loading``: around loading ``--model``,
+    where an ``OSError`` a check raises (a file the checkpoint lacks) is the user's mistake too, and the
+    message names the folder."""
 
-    def __init__(self, args):
-        self.args = args
+    def __init__(self, args, loading: bool = False):
+        self.args, self.loading = args, loading
 
     def __enter__(self):
         return self
 
     def __exit__(self, kind, error, traceback) -> bool:
-        if error is None or not isinstance(error, (ValueError, TypeError)):
+        kinds = (ValueError, TypeError, OSError) if self.loading else (ValueError, TypeError)
+        if error is None or not isinstance(error, kinds):
             return False
         if _debug(self.args) or not _raised_by_a_check(error):
             return False
         message = str(error).strip()
         if not _is_listing(error):
             message = " ".join(part.strip() for part in message.splitlines())
+        if self.loading:
+            message = f"--model {self.args.model} cannot be loaded: {message}"
         _fail(_as_flags(message, getattr(self.args, "flags", {})))
 
 
@@ -217,7 +222,7 @@ def cmd_generate(args) -> int:
     from .imitation import ImitationNetwork
     from .imitation.data import chat_template_of, prompt_inputs
 
-    with _ArgumentErrors(args):
+    with _ArgumentErrors(args, loading=True):
         model, processor = load_local(args.model, args.dtype)
     if image is not None and not hasattr(processor, "image_processor"):
         _fail(f"--image given but {args.model} is a text-only model (its processor takes no images)")
@@ -373,7 +378,7 @@ def _check_training_arguments(args, exit_layers: Optional[Sequence[int]]) -> Non
 
 def _load_for_training(args):
     import torch
-    with _ArgumentErrors(args):
+    with _ArgumentErrors(args, loading=True):
         model, processor = load_local(args.model, args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device), processor

@@ -237,6 +237,15 @@ def test_generate_mistakes_that_need_no_model(text_checkpoint, monkeypatch, chan
         assert options[flag] in message      # the file or folder is named
 
 
+def test_a_checkpoint_folder_without_weights_is_one_line(text_checkpoint, tmp_path):
+    (tmp_path / "model").mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "model" / name).write_bytes((text_checkpoint / "model" / name).read_bytes())
+    message = _one_line_error(["generate", "--model", str(tmp_path / "model"), "--prompt", "w5", "--exit-layer", "2"],
+                              "--model")
+    assert message.startswith(f"fastvlm: --model {tmp_path / 'model'} cannot be loaded: ")
+
+
 @pytest.mark.parametrize("extra, expected", [
     (["--exit-layer", "40"], "fastvlm: --exit-layer must be in [1, 3] for this 4-layer model, got 40"),
     (["--imitation", "{root}/foreign"], "fastvlm: the imitation network in {root}/foreign was trained for another"),
