@@ -4,8 +4,11 @@ Every ``*.jsonl`` file at the top of the folder is read, in name order; each lin
 
     {"prompt": "USER: <image>\\nWhat is in the picture? ASSISTANT:", "image": "cats/1.jpg", "response": "Two cats."}
 
-``prompt`` (required) is given to the model's processor as it is, formatted the way the model expects (as
-for ``fastvlm generate --prompt``); a line with an image needs the processor's image placeholder in it.
+``prompt`` (required) is the user's message: the trainer formats it with the model's chat template (the
+processor's or the tokenizer's), as ``fastvlm generate`` does, with the image in the message when the line has
+one (the template places the image placeholder, so the prompt holds none). With ``raw_prompts``
+(``--raw-prompts``), or for a model without a chat template, the prompt goes to the processor as written,
+formatted the way the model expects, and a line with an image needs the processor's image placeholder in it.
 ``image`` (optional) is a path relative to the folder; a line without one is text-only data, which is all a
 plain language model (SmolLM2) gets. ``response`` (optional) is the answer to imitate; lines without one
 get the full model's own greedy answer (:func:`generate_responses`, cached on disk and resumable), because
@@ -71,12 +74,15 @@ def data_fingerprint(folder: Path) -> dict:
     return {"folder": str(Path(folder).resolve()), "jsonl_sha256": digest.hexdigest()}
 
 
-def _parse_line(text: str, image_token: Optional[str]):
-    """-> (prompt, image name, response) or raises ValueError with the reason."""
+def _parse_line(text: str, image_token: Optional[str], chat_template: bool = False):
+    """-> (prompt, image name, response) or raises ValueError with the reason. ``chat_template``: the prompt is
+    a user message the chat template wraps (and places the image placeholder in), so it must hold none."""
     try:
         record = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f"not valid JSON ({error.msg} at column {error.colno})") from None
+        # json's own messages may end in "at" ("Unterminated string starting at"): one "at" either way
+        where = "column" if error.msg.endswith(" at") else "at column"
+        raise ValueError(f"not valid JSON ({error.msg} {where} {error.colno})") from None
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     prompt = record.get("prompt")
@@ -88,17 +94,23 @@ def _parse_line(text: str, image_token: Optional[str]):
     response = record.get("response")
     if response is not None and not isinstance(response, str):
         raise ValueError(f"'response' must be a string or null, got {type(response).__name__}")
-    if image is not None and image_token is not None and image_token not in prompt:
-        raise ValueError(f"the line has an image but its prompt lacks the image placeholder {image_token!r}")
+    if image is not None and image_token is not None:
+        if chat_template and image_token in prompt:
+            raise ValueError(f"the prompt holds the image placeholder {image_token!r}, which the chat template "
+                             "places itself; remove it, or pass --raw-prompts for prompts formatted by hand")
+        if not chat_template and image_token not in prompt:
+            raise ValueError(f"the line has an image but its prompt lacks the image placeholder {image_token!r}")
     return prompt, image, response
 
 
 def load_examples(folder: Path, *, skip_malformed: bool = False, image_token: Optional[str] = None,
-                  allow_images: bool = True, warn: Optional[Callable[[str], None]] = None) -> List[Example]:
+                  allow_images: bool = True, warn: Optional[Callable[[str], None]] = None,
+                  chat_template: bool = False) -> List[Example]:
     """Reads every JSONL file of ``folder``.
 
     Malformed lines (bad JSON, a missing prompt, wrong types, an image without the processor's
-    ``image_token`` in the prompt) raise one :class:`DataError` listing each as ``file:line: reason``, or
+    ``image_token`` in the prompt, or with ``chat_template`` (the prompts are user messages the template
+    wraps, :attr:`Encoder.uses_chat_template`) an image line whose prompt holds that placeholder) raise one :class:`DataError` listing each as ``file:line: reason``, or
     with ``skip_malformed`` are reported through ``warn`` and skipped. A missing image file is always an
     error naming the file; so is an image line when the model takes no images (``allow_images=False``).
     Blank lines are ignored.
@@ -115,7 +127,7 @@ def load_examples(folder: Path, *, skip_malformed: bool = False, image_token: Op
                     continue
                 source = f"{path}:{number}"
                 try:
-                    prompt, image, response = _parse_line(text, image_token)
+                    prompt, image, response = _parse_line(text, image_token, chat_template)
                 except ValueError as error:
                     malformed.append(f"{source}: {error}")
                     continue
@@ -155,16 +167,99 @@ class TrainBatch:
                           self.loss_mask.to(device))
 
 
+def chat_template_of(processor) -> Optional[str]:
+    """The chat template of a processor (its own, else its tokenizer's) or a tokenizer; None when it has none."""
+    for holder in (processor, getattr(processor, "tokenizer", None)):
+        template = getattr(holder, "chat_template", None) if holder is not None else None
+        if isinstance(template, str) and template:
+            return template
+        if isinstance(template, dict) and template.get("default"):
+            return template["default"]
+    return None
+
+
+def chat_text(processor, prompt: str, with_image: bool = False) -> str:
+    """``prompt`` as the user's message of a one-turn chat (an image before it when ``with_image``) in the
+    model's chat template, with the generation prompt added: the text the processor then tokenizes. A
+    processor that takes images gets the message content as a list of typed parts (``{"type": "image"}``,
+    ``{"type": "text", ...}``), a tokenizer gets it as a string, the form each kind of template reads."""
+    if hasattr(processor, "image_processor"):
+        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
+    else:
+        if with_image:
+            raise ValueError("an image was given but the model's processor is a tokenizer (a text-only model)")
+        content = prompt
+    return processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def prompt_inputs(processor, prompt: str, image=None, *, chat_template: bool = False) -> Dict[str, torch.Tensor]:
+    """The processor's tensors for one prompt (batch 1), as ``model.generate`` and the decoder take them.
+
+    ``image``: a PIL image or None. ``chat_template``: ``prompt`` is the user's message, formatted first with
+    :func:`chat_text` (the caller checks that the model has a template, :func:`chat_template_of`); the text is
+    then tokenized with special tokens added only where transformers' own ``apply_chat_template(tokenize=True)``
+    adds them (a tokenizer: never; a processor: unless the text starts with the BOS token), so no BOS is doubled.
+    Without it the prompt goes to the processor as written."""
+    takes_images = hasattr(processor, "image_processor")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    options = {}
+    if chat_template:
+        prompt = chat_text(processor, prompt, with_image=image is not None)
+        bos = getattr(tokenizer, "bos_token", None)
+        if not takes_images or (bos is not None and prompt.startswith(bos)):
+            options["add_special_tokens"] = False
+    if image is not None:
+        inputs = processor(images=image, text=prompt, return_tensors="pt", **options)
+    elif takes_images:
+        inputs = processor(text=prompt, return_tensors="pt", **options)
+    else:
+        inputs = processor(prompt, return_tensors="pt", **options)
+    return {name: value for name, value in inputs.items() if isinstance(value, torch.Tensor)}
+
+
 @dataclass
 class Encoder:
     """Builds model inputs with the model's processor (images and text) or, for a plain language model, its
-    tokenizer. ``max_response_tokens`` truncates long responses."""
+    tokenizer. ``max_response_tokens`` truncates long responses. ``chat_template``: prompts are user messages,
+    formatted with the model's chat template where it has one (:attr:`uses_chat_template`); else, and for a
+    model without a template, they go to the processor as written."""
     processor: object
     max_response_tokens: Optional[int] = None
+    chat_template: bool = False
     _tokenizer: object = field(init=False, repr=False)
 
     def __post_init__(self):
         self._tokenizer = getattr(self.processor, "tokenizer", self.processor)
+
+    @property
+    def uses_chat_template(self) -> bool:
+        """True when prompts are formatted with the chat template (asked for, and the model has one)."""
+        return self.chat_template and chat_template_of(self.processor) is not None
+
+    def prompts_settings(self) -> dict:
+        """What the prompts' formatting adds to the fingerprint of generated answers: nothing for prompts as
+        written (so caches written before templates were applied stay valid), else a hash of the template."""
+        if not self.uses_chat_template:
+            return {}
+        return {"chat_template": hashlib.sha256(chat_template_of(self.processor).encode()).hexdigest()[:16]}
+
+    def preformatted(self, examples: Sequence[Example]) -> List[Example]:
+        """The examples whose prompt already starts with the chat template's own opening (the text it puts
+        before the user's message, e.g. ``<|im_start|>system ... <|im_start|>user``): prompts formatted by
+        hand, which the template would wrap a second time. Empty when the template is not used."""
+        if not self.uses_chat_template:
+            return []
+        marker = "FASTVLM-USER-MESSAGE"
+        opening = chat_text(self.processor, marker).split(marker)[0].strip()
+        if not opening:
+            return []
+
+        def opens(prompt: str) -> bool:   # at a word's end: "w34" does not open with "w3"
+            prompt = prompt.lstrip()
+            return prompt.startswith(opening) and not prompt[len(opening):len(opening) + 1].isalnum()
+
+        return [example for example in examples if opens(example.prompt)]
 
     @property
     def takes_images(self) -> bool:
@@ -186,17 +281,14 @@ class Encoder:
         return int(pad) if pad is not None else 0
 
     def prompt_inputs(self, example: Example) -> Dict[str, torch.Tensor]:
-        """The processor's outputs for one prompt (batch 1), as ``model.generate`` and the decoder take them."""
+        """The processor's outputs for one prompt (batch 1), as ``model.generate`` and the decoder take them
+        (:func:`prompt_inputs`, with the chat template when :attr:`uses_chat_template`)."""
+        image = None
         if example.image is not None:
             from PIL import Image
             with Image.open(example.image) as handle:
                 image = handle.convert("RGB")
-            inputs = self.processor(images=image, text=example.prompt, return_tensors="pt")
-        elif self.takes_images:
-            inputs = self.processor(text=example.prompt, return_tensors="pt")
-        else:
-            inputs = self._tokenizer(example.prompt, return_tensors="pt")
-        return {name: value for name, value in inputs.items() if isinstance(value, torch.Tensor)}
+        return prompt_inputs(self.processor, example.prompt, image, chat_template=self.uses_chat_template)
 
     def response_ids(self, example: Example) -> List[int]:
         """The response's token ids: the generated ones, or the given text tokenized without special tokens
@@ -336,21 +428,41 @@ def _read_cache(path: Path, fingerprint: dict) -> Dict[str, List[int]]:
     return done
 
 
+def empty_answers_note(empty: int, total: int, encoder: Encoder) -> str:
+    """One line saying that ``empty`` of ``total`` generated answers are empty, with what to check."""
+    if encoder.uses_chat_template:
+        hint = "the prompts were formatted with the model's chat template; check that they are questions it answers"
+    elif chat_template_of(encoder.processor) is not None:
+        hint = ("the prompts went to the model as written (--raw-prompts) although it has a chat template: a chat "
+                "model needs its template; drop --raw-prompts, or format the prompts as the model expects")
+    else:
+        hint = "the model has no chat template: the prompts went to it as written; format them as the model expects"
+    return (f"{empty} of {total} generated answers are empty (the model ended them at once, training on them "
+            f"teaches little): {hint}")
+
+
 @torch.no_grad()
 def generate_responses(model, encoder: Encoder, examples: Sequence[Example], cache_path: Path, *,
-                       max_new_tokens: int, fingerprint: dict, progress: bool = True, batch_size: int = 1) -> None:
+                       max_new_tokens: int, fingerprint: dict, progress: bool = True, batch_size: int = 1,
+                       warn: Optional[Callable[[str], None]] = None) -> int:
     """Fills ``response_ids`` of the examples that have no response with the model's greedy answer
     (``model.generate``). ``batch_size`` 1: one prompt at a time, what the model says alone, no padding
     effects; larger: prompts of similar length left-padded together (many times faster on a small model; a
     row's answer can then differ from its batch-1 answer where padding changes a near tie). Each answer is
-    appended to ``cache_path`` as it is made, so an interrupted run picks up where it stopped."""
+    appended to ``cache_path`` as it is made, so an interrupted run picks up where it stopped. The cache's
+    fingerprint records how the prompts were formatted (:meth:`Encoder.prompts_settings`), so answers to
+    prompts as written are never reused for templated ones.
+
+    Returns how many of the generated (or cached) answers are empty (EOS alone, or nothing but special
+    tokens); when any are, says so through ``warn`` (default: a line on stderr) with :func:`empty_answers_note`."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     pending = [example for example in examples if example.response is None and example.response_ids is None]
     if not pending:
-        return
+        return 0
+    warn = warn or (lambda message: print(message, file=sys.stderr))
     cache_path = Path(cache_path)
-    fingerprint = dict(fingerprint, max_new_tokens=max_new_tokens)
+    fingerprint = dict(fingerprint, max_new_tokens=max_new_tokens, **encoder.prompts_settings())
     if batch_size > 1:
         fingerprint["batch_size"] = batch_size
     done = _read_cache(cache_path, fingerprint)
@@ -363,8 +475,19 @@ def generate_responses(model, encoder: Encoder, examples: Sequence[Example], cac
             example.response_ids = done[key]
         else:
             todo.append((key, example))
-    if not todo:
-        return
+    if todo:
+        _generate_into_cache(model, encoder, todo, cache_path, eos, device, max_new_tokens=max_new_tokens,
+                             fingerprint=fingerprint, progress=progress, batch_size=batch_size)
+    empty = sum(1 for example in pending
+                if not encoder.tokenizer.decode(example.response_ids, skip_special_tokens=True).strip())
+    if empty:
+        warn(empty_answers_note(empty, len(pending), encoder))
+    return empty
+
+
+def _generate_into_cache(model, encoder: Encoder, todo, cache_path: Path, eos: List[int], device, *,
+                         max_new_tokens: int, fingerprint: dict, progress: bool, batch_size: int) -> None:
+    """Answers ``todo`` ((key, example) pairs) with ``model.generate``, appending each answer to the cache."""
     from tqdm.auto import tqdm
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     new_file = not cache_path.exists()

@@ -54,11 +54,28 @@ RUN_FORMAT = "fastvlm-imitation-run/1"
 RUN_FILES = ("run.json", "checkpoint.pt", "responses.jsonl", "history.json", "training_curves.png", "imitation")
 # Settings that change only what is measured or saved, not the trained weights: a resumed run may change them.
 RESUMABLE_CHANGES = ("eval_every", "checkpoint_every", "eval_max_new_tokens", "draft_len", "progress")
+# Settings added after runs were recorded without them: the value that matches what such a run did (prompts
+# were always sent as written before raw_prompts existed).
+RECORDED_BEFORE = {"raw_prompts": True}
+
+
+DEFAULT_WARMUP_STEPS = 50       # the warm-up of a run of 500 steps or more, when none is given
+WARMUP_FRACTION = 10            # ... and of a shorter run: a tenth of it (steps // 10), at least 1 step
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run. CLI flags map to the fields of the same name (``--exit-layer`` -> ``exit_layer``)."""
+    """One training run. CLI flags map to the fields of the same name (``--exit-layer`` -> ``exit_layer``).
+
+    ``warmup_steps``: the linear warm-up of the learning rate. Left unset (None) it is
+    ``min(50, max(1, steps // 10))``: 50 steps for a run of 500 steps or more, a tenth of a shorter run, so that
+    a short run reaches its learning rate and spends most of its steps there; :meth:`check` fills it in (the
+    run's record holds the value used). A value given is honoured as it is, with a warning from the trainer
+    when it is not shorter than the run (the learning rate then never reaches ``lr``).
+
+    ``raw_prompts``: the data lines' prompts go to the model as written (formatted by hand the way the model
+    expects). False (the default): each prompt is the user's message of a one-turn chat, formatted with the
+    model's chat template (its image in the message when the line has one), where the model has a template."""
     exit_layer: int
     target_layer: Optional[int] = None      # None: the last layer (N)
     layers: int = 1                         # decoder layers of the network (kind "layers")
@@ -70,7 +87,7 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 2e-4
     weight_decay: float = 0.01
-    warmup_steps: int = 50
+    warmup_steps: Optional[int] = None      # None: min(50, max(1, steps // 10)), see above
     min_lr_ratio: float = 0.1               # the cosine decay ends at lr * min_lr_ratio
     grad_clip: float = 1.0
     cosine_weight: float = 1.0
@@ -88,6 +105,13 @@ class TrainConfig:
     response_batch_size: int = 1            # prompts answered together by generate_responses (1: each alone)
     draft_vocab: int = 0                    # > 0: draft (and distil) over the S most frequent answer tokens
     skip_malformed: bool = False
+    raw_prompts: bool = False               # True: data prompts as written, no chat template
+
+    def resolved_warmup(self) -> int:
+        """The warm-up used: ``warmup_steps`` when given, else ``min(50, max(1, steps // 10))``."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return min(DEFAULT_WARMUP_STEPS, max(1, self.steps // WARMUP_FRACTION))
 
     def loss_weights(self) -> LossWeights:
         return LossWeights(self.cosine_weight, self.kd_weight, self.temperature)
@@ -120,7 +144,7 @@ class TrainConfig:
         if isinstance(self.draft_vocab, bool) or not isinstance(self.draft_vocab, int) or self.draft_vocab < 0:
             raise ValueError(f"draft_vocab must be an int >= 0 (0: the whole vocabulary), got {self.draft_vocab!r}")
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "grad_clip", "weight_decay"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
@@ -131,7 +155,7 @@ class TrainConfig:
         if self.draft_len < 1 or self.eval_max_new_tokens < 1 or self.max_new_tokens < 1:
             raise ValueError("draft_len, eval_max_new_tokens and max_new_tokens must be >= 1")
         self.loss_weights()
-        return replace(self, target_layer=target)
+        return replace(self, target_layer=target, warmup_steps=self.resolved_warmup())
 
 
 @dataclass
@@ -198,6 +222,8 @@ def _differences(old: dict, new: dict) -> List[str]:
     found = []
     for section in ("config", "model", "data"):
         before, after = old.get(section, {}), new.get(section, {})
+        if section == "config":
+            before = dict(RECORDED_BEFORE, **before)
         for key in sorted(set(before) | set(after)):
             if section == "config" and key in RESUMABLE_CHANGES:
                 continue
@@ -306,12 +332,33 @@ def train_imitation(model: nn.Module, processor, data_dir: Path, out_dir: Path, 
         if progress:
             tqdm.write(message, file=sys.stderr)
 
+    def warn(message: str) -> None:   # what the user should know even without a progress display
+        if progress:
+            tqdm.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr)
+
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     adapter = adapter_for(model)
+    given_warmup = config.warmup_steps
     config = config.check(adapter.num_layers)
-    encoder = Encoder(processor, max_response_tokens=config.max_response_tokens)
+    if given_warmup is not None and given_warmup >= config.steps:
+        warn(f"warning: the warm-up ({given_warmup} steps) is not shorter than the run ({config.steps} steps): the "
+             f"learning rate never reaches lr={config.lr:g}; leave --warmup-steps unset for a tenth of the run")
+    elif given_warmup is None and config.warmup_steps < DEFAULT_WARMUP_STEPS:
+        say(f"warm-up: {config.warmup_steps} step(s), a tenth of this {config.steps}-step run")
+    encoder = Encoder(processor, max_response_tokens=config.max_response_tokens, chat_template=not config.raw_prompts)
+    if not config.raw_prompts and not encoder.uses_chat_template:
+        warn("note: the model has no chat template: the data prompts go to it as written")
     examples = load_examples(data_dir, skip_malformed=config.skip_malformed, image_token=encoder.image_token,
-                             allow_images=encoder.takes_images, warn=say if progress else (lambda message: None))
+                             allow_images=encoder.takes_images, warn=say if progress else (lambda message: None),
+                             chat_template=encoder.uses_chat_template)
+    preformatted = encoder.preformatted(examples)
+    if preformatted:
+        raise DataError(f"{len(preformatted)} of {len(examples)} prompts already start with the model's chat "
+                        f"template ({preformatted[0].source}: {preformatted[0].prompt[:40]!r}...), which would "
+                        "wrap them again; pass --raw-prompts (TrainConfig.raw_prompts=True) to send them as "
+                        "written, or give the user's messages alone")
     train_examples, eval_examples = _split(examples, config)
     record = _run_record(config, model, data_dir)
     resuming = prepare_out_dir(out_dir, record, resume=resume, overwrite=overwrite, say=say)
@@ -319,7 +366,7 @@ def train_imitation(model: nn.Module, processor, data_dir: Path, out_dir: Path, 
     with frozen(model):
         generate_responses(model, encoder, train_examples, responses_cache or out_dir / "responses.jsonl",
                            max_new_tokens=config.max_new_tokens, fingerprint=record["model"], progress=progress,
-                           batch_size=config.response_batch_size)
+                           batch_size=config.response_batch_size, warn=warn)
         cache = None
         if teacher_cache is not None:
             # holds exactly train_examples afterwards (a build continues only a build of these, in this order)
@@ -444,11 +491,12 @@ def _train(model, adapter, encoder: Encoder, config: TrainConfig, train_examples
     weights = config.loss_weights()
     use_autocast = device.type == "cuda"
     last_step = config.steps if stop_after is None else min(config.steps, step + stop_after)
+    if step == 0 and not evals:
+        run_eval()
+    # made after the initial evaluation, so that its rate (and the time left it shows) counts training alone
     bar = tqdm(total=config.steps, initial=step, disable=not progress, desc="imitation", file=sys.stderr,
                dynamic_ncols=True)
     try:
-        if step == 0 and not evals:
-            run_eval()
         while step < last_step:
             if cache is None:
                 batch = encoder.collate([train_examples[i] for i in batch_order(step)]).to(device)
@@ -479,6 +527,7 @@ def _train(model, adapter, encoder: Encoder, config: TrainConfig, train_examples
                 callback(step, logs)
             if config.eval_every and step % config.eval_every == 0 and step < config.steps:
                 run_eval()
+                bar.unpause()   # the evaluation's time is not training time: left out of the rate
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < last_step:
                 checkpoint()
         if step == config.steps and (not evals or evals[-1].step != step):

