@@ -31,7 +31,8 @@ Output, under ``--out`` (default build/smollm2_data/, git-ignored), per split::
 appended one batch at a time with fsync, so a killed run loses at most the batch in flight, and a rerun skips
 the prompts already answered. To train on it, point the trainer at the split's folder and its cache with the
 same length: ``train_imitation(model, tokenizer, "build/smollm2_data/train", out_dir,
-TrainConfig(..., max_new_tokens=160), responses_cache="build/smollm2_data/responses/train.jsonl")``, and
+TrainConfig(..., max_new_tokens=160, raw_prompts=True), responses_cache="build/smollm2_data/responses/train.jsonl")``
+(its prompts are already in the chat template), and
 measure on ``build/smollm2_data/heldout`` (topics never trained on).
 """
 from __future__ import annotations

@@ -190,7 +190,7 @@ def imitation_phase(out: Path, work_dir: Path, spec: ImitationSpec, exit_layer: 
     config = TrainConfig(exit_layer=exit_layer, kind=spec.kind, steps=steps, batch_size=16, lr=spec.lr,
                          warmup_steps=50, eval_fraction=0.05, max_eval_examples=40, eval_every=spec.eval_every,
                          eval_max_new_tokens=64, draft_len=spec.draft_len, checkpoint_every=100, max_new_tokens=80,
-                         response_batch_size=32)
+                         response_batch_size=32, raw_prompts=True)   # the data lines are formatted prompts
     run_dir = work_dir / f"imitation_run{suffix}"
     result = train_imitation(model, processor, data, run_dir, config, resume=True,
                              responses_cache=work_dir / f"imitation_responses{data_name}.jsonl")

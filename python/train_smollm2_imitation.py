@@ -207,7 +207,8 @@ def main(argv=None) -> None:
                              cosine_weight=args.cosine_weight, kd_weight=args.kd_weight,
                              temperature=args.temperature, draft_vocab=args.draft_vocab,
                              max_new_tokens=MAX_NEW_TOKENS, eval_every=args.eval_every, eval_fraction=0.02,
-                             max_eval_examples=8, eval_max_new_tokens=48, checkpoint_every=50)
+                             max_eval_examples=8, eval_max_new_tokens=48, checkpoint_every=50,
+                             raw_prompts=True)   # the snapshot's prompts are already in the chat template
         result = train_imitation(model, tokenizer, snapshot, out, config, resume=args.resume,
                                  overwrite=args.overwrite, responses_cache=args.data / "responses" / "train.jsonl",
                                  teacher_cache=args.teacher_cache)
