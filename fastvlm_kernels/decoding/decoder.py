@@ -88,8 +88,10 @@ class GenerateStats:
     def summary(self) -> str:
         per_k = {k: self.step_draft_lens.count(k) for k in sorted(set(self.step_draft_lens))}
         return (f"{sum(self.new_tokens)} new tokens in {self.total_time:.3f} s ({self.tokens_per_s:.1f} tokens/s); "
-                f"{self.steps} steps ({self.plain_steps} without a draft), {self.mean_accepted:.2f} drafted tokens accepted per step "
-                f"({self.mean_emitted:.2f} emitted); prefill {self.prefill_time:.3f} s"
+                f"{self.steps} steps ({self.plain_steps} without a draft), "
+                + (f"{self.mean_accepted:.2f} drafted tokens kept per drafting step ({self.mean_emitted:.2f} emitted)"
+                   if self.accepted else "no drafting step")
+                + f"; prefill {self.prefill_time:.3f} s"
                 + (f", draft {self.draft_time:.3f} s, verify {self.verify_time:.3f} s" if self.draft_time else "")
                 + (f"; steps per draft length {per_k}" if len(per_k) > 1 else "")
                 + (f"; step costs timed in {self.measure_time:.3f} s" if self.measure_time else ""))

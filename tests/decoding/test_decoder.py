@@ -424,6 +424,8 @@ def test_stats_count_only_the_tokens_kept():
     assert sum(e for step in stats.emitted for e in step) == 3               # x0 came from the prefill
     assert sum(a for step in stats.accepted for a in step) <= 3
     assert stats.mean_emitted <= 3 and f"({stats.mean_emitted:.2f} emitted)" in stats.summary()
+    plain = SelfSpeculativeDecoder(case.model, exit_layer=1, draft_len=0).generate(**case.inputs, max_new_tokens=4)
+    assert "no drafting step" in plain.stats.summary() and plain.stats.mean_emitted == 0.0
 
 
 # ---- the adaptive draft policy ---------------------------------------------------------------------------
