@@ -37,7 +37,7 @@ def test_generate_command_streams_what_model_generate_says(tmp_path, capsys):
                  "--max-new-tokens", "10", "--draft-len", "3"]) == 0
     captured = capsys.readouterr()
     assert captured.out.strip() == expected_text.strip()
-    assert "tokens/s" in captured.err and "accepted per step" in captured.err
+    assert "tokens/s" in captured.err and "kept per drafting step" in captured.err
     # the word-level tokenizer has no chat template: the prompt went as written, and a note said so
     assert "fastvlm: note:" in captured.err and "has no chat template" in captured.err
 
