@@ -49,11 +49,13 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fastvlm_kernels.imitation.data import CACHE_FORMAT, Example, _eos_ids, _read_cache  # noqa: E402
+from smollm2_prompt_sources import SOURCES  # noqa: E402
 
-SPLITS = ("heldout", "train", "train_more", "train_topics")
+SPLITS = ("heldout", "train", "train_more", "train_topics", "wild", "forms", "docstrings")
 # Splits whose answers go to another split's responses cache (the trainer reads one cache for its prompts).
-CACHE_OF = {"train_more": "train", "train_topics": "train"}
+CACHE_OF = {"train_more": "train", "train_topics": "train", "forms": "train", "docstrings": "train"}
 TEMPLATES_PER_NEW_TOPIC = 16        # train_topics: templates per topic of NEW_TOPICS
 
 # Templates take any noun phrase as {topic}.
@@ -221,19 +223,26 @@ def make_prompts(seed: int, templates_per_topic: int, held_out_per_category: int
                 splits["train_topics"].append(
                     {"question": TEMPLATES[template].format(topic=topic), "topic": topic, "template": template})
     fresh.shuffle(splits["train_topics"])
+    # Other forms of request (smollm2_prompt_sources: each source its own generator, so the splits above stay
+    # what they were); "wild" is held out, written by a method no training split uses.
+    for name, make in SOURCES.items():
+        splits[name] = make(seed)
     return splits
 
 
-def chat_text(tokenizer, question: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                        add_generation_prompt=True)
+def chat_text(tokenizer, item) -> str:
+    """The chat-formatted prompt of a question (one user message) or of an item's ``messages`` (a chat)."""
+    if isinstance(item, str):
+        item = {"question": item}
+    messages = item.get("messages") or [{"role": "user", "content": item["question"]}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def write_prompts(folder: Path, items: Sequence[dict], tokenizer) -> List[Example]:
     """Writes (or checks) ``folder/prompts.jsonl``; returns the examples with their trainer sources."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "prompts.jsonl"
-    lines = [json.dumps({"prompt": chat_text(tokenizer, item["question"]), "topic": item["topic"],
+    lines = [json.dumps({"prompt": chat_text(tokenizer, item), "topic": item["topic"],
                          "template": item["template"]}) + "\n" for item in items]
     text = "".join(lines)
     if path.exists():
@@ -316,7 +325,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--templates-per-topic", type=int, default=30)
     parser.add_argument("--held-out-per-category", type=int, default=1)
-    parser.add_argument("--splits", default="heldout,train,train_more,train_topics",
+    parser.add_argument("--splits", default="heldout,wild,train,train_more,train_topics,forms,docstrings",
                         help="comma-separated, in order")
     parser.add_argument("--limit", type=int, default=None, help="only the first N prompts of each split")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -335,7 +344,7 @@ def main(argv=None) -> None:
             topics = sorted({item["topic"] for item in splits[split]})
             print(f"# {split}: {len(splits[split])} prompts, {len(topics)} topics: {', '.join(topics)}")
             for item in splits[split][:args.limit]:
-                print(item["question"])
+                print(item.get("question") or " / ".join(m["content"] for m in item["messages"]))
         return
 
     torch.set_num_threads(args.threads)

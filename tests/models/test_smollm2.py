@@ -199,7 +199,7 @@ def test_data_prompts_are_deterministic_with_disjoint_held_out_topics():
     assert len(held_out_topics) == len(program.TOPICS)    # one topic of every category
     for category, topics in program.TOPICS.items():
         assert len(set(topics) & held_out_topics) == 1, category
-    questions = [item["question"] for items in splits.values() for item in items]
+    questions = [_text(item) for items in splits.values() for item in items]
     assert len(set(questions)) == len(questions)
     assert program.make_prompts(0, 30, 1) == splits
     assert program.make_prompts(1, 30, 1) != splits
@@ -217,6 +217,37 @@ def test_data_prompts_are_deterministic_with_disjoint_held_out_topics():
     held_out_words = {word for topic in held_out_topics for word in topic.lower().split() if word != "the"}
     for topic in fresh_topics:
         assert not set(topic.lower().split()) & held_out_words, topic
+
+
+def _text(item) -> str:
+    return item.get("question") or " / ".join(message["content"] for message in item["messages"])
+
+
+def test_other_prompt_sources_vary_the_form_and_the_wild_split_shares_nothing_with_training():
+    """forms (code, arithmetic, rewriting, translation, lists, letters, creative writing, chats), docstrings
+    (the standard library's), and the held-out wild split: a persona x goal x constraint grammar whose frames,
+    personas and goals appear in no training prompt; each deterministic from its seed, each its own generator."""
+    program = _data_program()
+    sources = program.SOURCES
+    splits = program.make_prompts(seed=0, templates_per_topic=30, held_out_per_category=1)
+    kinds = {item["topic"] for item in splits["forms"]}
+    assert {"forms/code-fix", "forms/code-explain", "forms/arithmetic", "forms/rewrite", "forms/translate",
+            "forms/list", "forms/letter", "forms/creative", "forms/chat"} <= kinds
+    chats = [item for item in splits["forms"] if "messages" in item]
+    assert chats and all([m["role"] for m in item["messages"]] == ["user", "assistant", "user"] for item in chats)
+    assert len(splits["docstrings"]) >= 100
+    assert all(item["topic"].startswith("docstrings/") for item in splits["docstrings"])
+    wild = splits["wild"]
+    assert len(wild) == 96 and len({item["question"] for item in wild}) == 96
+    training = "\n".join(_text(item) for split in ("train", "train_more", "train_topics", "forms", "docstrings")
+                          for item in splits[split]).lower()
+    import smollm2_prompt_sources as module
+    for phrase in module._PERSONAS + module._GOALS + ("can you help?", "quick question"):
+        assert phrase.lower() not in training, phrase
+    assert sources["wild"](0) == wild and sources["wild"](1) != wild
+    assert sources["forms"](0) == splits["forms"] and sources["forms"](1) != splits["forms"]
+    for name in ("train", "heldout", "train_more", "train_topics"):      # the older splits did not move
+        assert splits[name] == program.make_prompts(0, 30, 1)[name]
 
 
 EXPECTED_QUESTIONS = {

@@ -1,0 +1,243 @@
+"""Prompt sources for SmolLM2's imitation data beyond the topic templates (issue 22): real prompts vary in form
+far more than in topic, so these vary the form. All offline and deterministic from their seed.
+
+- ``forms``: everyday request forms, each from its own small generator: code to explain, fix or extend (short
+  Python functions written here, some with a planted bug), arithmetic word problems (numbers drawn per
+  prompt), rewriting (a sentence to make formal, simpler, shorter, ...), translation (phrases into French,
+  Spanish, German, Italian), lists, letters and emails (who, to whom, about what), creative writing with a
+  constraint, and short multi-turn chats (a first question, a short canned assistant reply, a follow-up).
+- ``docstrings``: "summarise / explain this" over the documentation strings of the Python standard library's
+  public functions on this machine (text the machine already has), cut to a paragraph or two.
+- ``wild`` (held out, never trained on and never used to choose the exit layer): a different method, a
+  persona x goal x constraint grammar ("I'm a nurse and I need to ..."), with its own word lists and seed, so
+  that neither its sentence frames nor its requests appear in any training split.
+
+Each generator returns items ``{"question" or "messages", "topic", "template"}``: ``topic`` names the source
+and kind (``forms/code-fix``), ``template`` the generator's frame index, for the split's statistics.
+"""
+from __future__ import annotations
+
+import inspect
+import random
+import textwrap
+from typing import Dict, List
+
+# ---- forms -----------------------------------------------------------------------------------------------
+
+_FUNCTIONS = (
+    ("average", "numbers", "    total = 0\n    for n in numbers:\n        total += n\n    return total / len(numbers)",
+     "    total = 0\n    for n in numbers:\n        total += n\n    return total / (len(numbers) - 1)"),
+    ("is_even", "n", "    return n % 2 == 0", "    return n % 2 == 1"),
+    ("reverse_words", "text", "    return ' '.join(reversed(text.split()))", "    return ' '.join(text.split())"),
+    ("count_vowels", "text", "    return sum(1 for c in text.lower() if c in 'aeiou')",
+     "    return sum(1 for c in text if c in 'aeiou')"),
+    ("largest", "items", "    best = items[0]\n    for x in items:\n        if x > best:\n            best = x\n    return best",
+     "    best = 0\n    for x in items:\n        if x > best:\n            best = x\n    return best"),
+    ("factorial", "n", "    result = 1\n    for i in range(2, n + 1):\n        result *= i\n    return result",
+     "    result = 1\n    for i in range(2, n):\n        result *= i\n    return result"),
+    ("is_palindrome", "word", "    w = word.lower()\n    return w == w[::-1]", "    return word == word[::-1]"),
+    ("celsius_to_fahrenheit", "c", "    return c * 9 / 5 + 32", "    return c * 5 / 9 + 32"),
+    ("unique", "items", "    seen = []\n    for x in items:\n        if x not in seen:\n            seen.append(x)\n    return seen",
+     "    seen = []\n    for x in items:\n        if x in seen:\n            seen.append(x)\n    return seen"),
+    ("word_count", "text", "    counts = {}\n    for w in text.split():\n        counts[w] = counts.get(w, 0) + 1\n    return counts",
+     "    counts = {}\n    for w in text.split():\n        counts[w] = 1\n    return counts"),
+    ("fizzbuzz", "n", "    if n % 15 == 0:\n        return 'FizzBuzz'\n    if n % 3 == 0:\n        return 'Fizz'\n"
+     "    if n % 5 == 0:\n        return 'Buzz'\n    return str(n)",
+     "    if n % 3 == 0:\n        return 'Fizz'\n    if n % 5 == 0:\n        return 'Buzz'\n"
+     "    if n % 15 == 0:\n        return 'FizzBuzz'\n    return str(n)"),
+    ("first_letter_upper", "name", "    return name[:1].upper() + name[1:]", "    return name.upper()"),
+)
+_CODE_FRAMES = (
+    ("code-explain", "Explain what this Python function does:\n\n{code}"),
+    ("code-fix", "This Python function has a bug. Find it and fix it:\n\n{buggy}"),
+    ("code-test", "Write two simple test cases for this function:\n\n{code}"),
+    ("code-rename", "Suggest a better name for this function and explain why:\n\n{code}"),
+    ("code-comment", "Add short comments to this code:\n\n{code}"),
+    ("code-write", "Write a Python function called {name} that takes {arg}."),
+)
+_WORD_PROBLEMS = (
+    "A shop sells pencils for {a} cents each. How much do {b} pencils cost?",
+    "Tom has {a} apples and gives {b} to his friend. How many apples does he have left?",
+    "A train travels {a} kilometers in {b} hours. What is its average speed?",
+    "There are {a} students and each bus holds {b}. How many buses are needed?",
+    "A recipe needs {b} eggs for {a} cookies. How many eggs for {c} cookies?",
+    "What is {a} times {b}? Show your steps.",
+    "What is {a} plus {b} minus {c}?",
+    "If a book has {a} pages and I read {b} pages a day, how many days will it take?",
+    "A rectangle is {a} meters long and {b} meters wide. What is its area?",
+    "What is {b} percent of {a}?",
+)
+_SENTENCES = (
+    "hey can u send me the report by tomorrow thx", "The meeting has been moved to Thursday at three.",
+    "I think maybe we should probably consider going to the park if it does not rain.",
+    "our product is the best and everyone should buy it now", "The cat sat on the warm windowsill all afternoon.",
+    "Due to unforeseen circumstances, the event is cancelled.", "i dont like this restaurant the food was cold",
+    "Please remember to bring your own lunch on Friday.", "The results of the experiment were very surprising.",
+    "We are happy to announce that our new store opens next week.",
+)
+_REWRITES = ("Rewrite this sentence to sound more formal: \"{s}\"", "Make this sentence simpler: \"{s}\"",
+             "Fix the grammar and spelling: \"{s}\"", "Rewrite this sentence in a friendly tone: \"{s}\"",
+             "Shorten this sentence: \"{s}\"", "Turn this into a question: \"{s}\"")
+_PHRASES = ("Where is the train station?", "I would like a cup of coffee, please.", "What time is it?",
+            "Thank you for your help.", "The weather is beautiful today.", "How much does this cost?",
+            "I am learning to cook.", "See you tomorrow morning.", "My brother lives in a small town.",
+            "Can you recommend a good book?")
+_LANGUAGES = ("French", "Spanish", "German", "Italian")
+_LIST_FRAMES = ("List {n} things to pack for a {trip}.", "Give me {n} ideas for a {event}.",
+                "Name {n} healthy snacks for {who}.", "List {n} ways to save energy at {where}.",
+                "Give me {n} questions to ask at a {event}.")
+_LIST_FILLERS = {"trip": ("beach holiday", "camping weekend", "business trip", "ski trip", "city break"),
+                 "event": ("birthday party", "team meeting", "job interview", "school fair", "family reunion"),
+                 "who": ("children", "office workers", "runners", "students", "older adults"),
+                 "where": ("home", "the office", "school", "a small shop", "a hotel")}
+_LETTERS = ("Write a short email to {to} asking {about}.", "Write a polite letter to {to} about {about2}.",
+            "Write a text message to {to} to say {say}.")
+_LETTER_FILLERS = {
+    "to": ("my landlord", "a teacher", "a new colleague", "my neighbor", "a customer", "the city council"),
+    "about": ("for a day off", "to reschedule our meeting", "for feedback on my work", "about a late delivery",
+              "for a recommendation"),
+    "about2": ("a noise problem", "a broken heater", "a missed payment", "a lost package", "a thank-you"),
+    "say": ("I will be late", "congratulations on the new job", "thanks for dinner", "the party is cancelled"),
+}
+_CREATIVE = ("Write a four-line poem about {x} that rhymes.", "Write a story in exactly five sentences about {x}.",
+             "Describe {x} without using the letter 'e'.", "Write a short fable about {x} with a moral.",
+             "Write a funny product review of {x}.", "Write a diary entry from the point of view of {x}.")
+_CREATIVE_FILLERS = ("a lost umbrella", "an old clock", "a brave mouse", "the last day of summer", "a talking tree",
+                     "a robot learning to paint", "a city at night", "a grumpy cloud")
+_CHATS = (
+    ("What is a good houseplant for beginners?", "A snake plant is a good choice: it needs little water and light.",
+     "How often should I water it?"),
+    ("Can you help me plan a picnic?", "Of course! Where and when would you like to have it?",
+     "In a park on Saturday, for four people. What food should I bring?"),
+    ("I want to start running.", "Great idea! Start slowly, with short runs two or three times a week.",
+     "What shoes should I buy?"),
+    ("What is the capital of Canada?", "The capital of Canada is Ottawa.", "What is it known for?"),
+    ("Recommend a movie for tonight.", "How about a comedy? 'Paddington 2' is fun for everyone.",
+     "Something more serious, please."),
+    ("How do I boil an egg?", "Put the egg in boiling water for about 9 minutes for a hard-boiled egg.",
+     "And for a soft one?"),
+    ("I feel tired every afternoon.", "That is common. Short walks, water and a light lunch can help.",
+     "What should a light lunch look like?"),
+    ("Can you explain what a budget is?", "A budget is a plan for how you will spend and save your money.",
+     "How do I make one?"),
+)
+
+
+def _code_block(name: str, arg: str, body: str) -> str:
+    return f"```python\ndef {name}({arg}):\n{body}\n```"
+
+
+def form_items(seed: int) -> List[dict]:
+    """The ``forms`` split: every generator's prompts, shuffled by a generator of their own."""
+    rng = random.Random(f"{seed}:forms")
+    items: List[dict] = []
+    for name, arg, body, buggy in _FUNCTIONS:
+        for frame_index, (kind, frame) in enumerate(_CODE_FRAMES):
+            question = frame.format(code=_code_block(name, arg, body), buggy=_code_block(name, arg, buggy),
+                                    name=name, arg=arg)
+            items.append({"question": question, "topic": f"forms/{kind}", "template": frame_index})
+    for frame_index, frame in enumerate(_WORD_PROBLEMS):
+        for _ in range(8):
+            a, b = rng.randint(12, 480), rng.randint(2, 24)
+            items.append({"question": frame.format(a=a, b=b, c=rng.randint(2, 90)), "topic": "forms/arithmetic",
+                          "template": frame_index})
+    for frame_index, frame in enumerate(_REWRITES):
+        for sentence in _SENTENCES:
+            items.append({"question": frame.format(s=sentence), "topic": "forms/rewrite", "template": frame_index})
+    for phrase in _PHRASES:
+        for language in _LANGUAGES:
+            items.append({"question": f"Translate into {language}: \"{phrase}\"", "topic": "forms/translate",
+                          "template": _LANGUAGES.index(language)})
+    for frame_index, frame in enumerate(_LIST_FRAMES):
+        key = next(k for k in _LIST_FILLERS if "{" + k + "}" in frame)
+        for filler in _LIST_FILLERS[key]:
+            items.append({"question": frame.format(n=rng.choice((3, 4, 5, 7)), **{key: filler}),
+                          "topic": "forms/list", "template": frame_index})
+    for frame_index, frame in enumerate(_LETTERS):
+        for to in _LETTER_FILLERS["to"]:
+            fill = {key: rng.choice(values) for key, values in _LETTER_FILLERS.items() if key != "to"}
+            items.append({"question": frame.format(to=to, **fill), "topic": "forms/letter", "template": frame_index})
+    for frame_index, frame in enumerate(_CREATIVE):
+        for filler in _CREATIVE_FILLERS:
+            items.append({"question": frame.format(x=filler), "topic": "forms/creative", "template": frame_index})
+    for chat_index, (first, reply, follow_up) in enumerate(_CHATS):
+        items.append({"messages": [{"role": "user", "content": first}, {"role": "assistant", "content": reply},
+                                   {"role": "user", "content": follow_up}],
+                      "topic": "forms/chat", "template": chat_index})
+    rng.shuffle(items)
+    return items
+
+
+# ---- docstrings --------------------------------------------------------------------------------------------
+
+_DOC_MODULES = ("json", "os.path", "collections", "itertools", "functools", "string", "textwrap", "random",
+                "statistics", "datetime", "shutil", "heapq", "bisect", "math", "re", "csv", "pathlib", "fractions")
+_DOC_FRAMES = ("Summarise this documentation in two sentences:\n\n{doc}",
+               "Explain this to a beginner programmer:\n\n{doc}",
+               "What does this function do? Give a short example of using it.\n\n{doc}",
+               "Rewrite this documentation in plain English:\n\n{doc}")
+
+
+def docstring_items(seed: int, limit: int = 400) -> List[dict]:
+    """The ``docstrings`` split: public functions' and classes' documentation strings of the standard
+    library modules above (what this machine's Python has), 80-700 characters, one frame each."""
+    import importlib
+    rng = random.Random(f"{seed}:docstrings")
+    items: List[dict] = []
+    for module_name in _DOC_MODULES:
+        module = importlib.import_module(module_name)
+        for name in sorted(dir(module)):
+            if name.startswith("_"):
+                continue
+            obj = getattr(module, name)
+            if not (inspect.isfunction(obj) or inspect.isbuiltin(obj) or inspect.isclass(obj)):
+                continue
+            doc = inspect.getdoc(obj) or ""
+            doc = doc.split("\n\n")[0] if len(doc) > 700 else doc
+            if not 80 <= len(doc) <= 700:
+                continue
+            frame_index = rng.randrange(len(_DOC_FRAMES))
+            text = f"{module_name}.{name}: " + textwrap.dedent(doc).strip()
+            items.append({"question": _DOC_FRAMES[frame_index].format(doc=text), "topic": f"docstrings/{module_name}",
+                          "template": frame_index})
+    rng.shuffle(items)
+    return items[:limit]
+
+
+# ---- wild (held out) ---------------------------------------------------------------------------------------
+
+_PERSONAS = ("I'm a nurse", "I'm a high school student", "I run a small bakery", "I'm retired", "I'm a new parent",
+             "I work in IT support", "I'm a gardener", "I teach piano", "I'm training for a 10k",
+             "I'm moving abroad next month", "I just adopted a dog", "I'm a freelance designer")
+_GOALS = ("write a message to my team about a schedule change", "plan a cheap dinner for six people",
+          "understand why my bread did not rise", "explain compound interest to my nephew",
+          "choose between two job offers", "write a short speech for a friend's wedding",
+          "organise my week so I have time to exercise", "describe my skills in a cover letter",
+          "fix a Python loop that never ends", "make a packing list for a rainy weekend away",
+          "answer a customer who is angry about a late order", "learn ten useful words in Portuguese",
+          "figure out how many tiles I need for a 3 by 4 meter floor", "start a vegetable garden on my balcony",
+          "summarise a long article for my manager", "come up with a name for a podcast about cooking")
+_CONSTRAINTS = ("", " Keep it under 80 words.", " Use bullet points.", " Please be brief.",
+                " Explain it step by step.", " Give me two options.")
+_WILD_FRAMES = ("{persona} and I need to {goal}. Can you help?{constraint}",
+                "{persona}. How do I {goal}?{constraint}",
+                "Quick question: {persona} and want to {goal}.{constraint}")
+
+
+def wild_items(seed: int, count: int = 96) -> List[dict]:
+    """The held-out ``wild`` split: ``count`` distinct persona x goal x constraint requests, its own seed."""
+    rng = random.Random(f"{seed}:wild")
+    seen, items = set(), []
+    while len(items) < count:
+        persona, goal = rng.randrange(len(_PERSONAS)), rng.randrange(len(_GOALS))
+        if (persona, goal) in seen:
+            continue
+        seen.add((persona, goal))
+        frame = rng.randrange(len(_WILD_FRAMES))
+        question = _WILD_FRAMES[frame].format(persona=_PERSONAS[persona], goal=_GOALS[goal],
+                                              constraint=rng.choice(_CONSTRAINTS))
+        items.append({"question": question, "topic": f"wild/{_GOALS[goal]}", "template": frame})
+    return items
+
+
+SOURCES: Dict[str, object] = {"forms": form_items, "docstrings": docstring_items, "wild": wild_items}
