@@ -1,7 +1,7 @@
 """Self-distillation data for SmolLM2-135M-Instruct's imitation network: prompts, and the model's own greedy
 answers, cached on disk and resumable.
 
-    python python/build_smollm2_data.py         # held-out, train, train_more, then train_topics (~10,300 prompts)
+    python python/build_smollm2_data.py         # every split below, in order (held-out ones first)
     nohup nice -n 19 python python/build_smollm2_data.py >> build/smollm2_data/log.txt 2>&1 &   # rerun to resume
     python python/build_smollm2_data.py --list            # print the prompts and the split, generate nothing
 
@@ -13,7 +13,12 @@ prompts; its answers go to the train split's cache): the imitation network was s
 training prompts. ``train_topics`` holds 16 templates of each of 192 further topics (NEW_TOPICS: 3,072 prompts;
 answers to the train cache), none a held-out topic or sharing a word with one: after 6,864 training prompts
 the network still kept fewer drafted tokens on the held-out topics than on unseen prompts of its training
-topics. Everything is deterministic from ``--seed``.
+topics. Real prompts vary in form more than in topic (issue 22), so ``forms``, ``docstrings`` and
+``self_instruct`` (answers to the train cache) and the held-out ``wild`` split come from other sources
+(``smollm2_prompt_sources.py``): request forms from their own small generators, the standard library's
+documentation strings, requests the model itself writes (sampled, seeded, cached in
+``self_instruct/written.jsonl``), and for ``wild`` a persona x goal x constraint grammar no training split
+uses. Everything is deterministic from ``--seed`` (``docstrings`` also from the Python version's library).
 
 Answers: the model's greedy answer through its chat template (``smollm2.chat_inputs``'s formatting), made with
 ``model.generate`` in batches of ``--batch-size`` left-padded prompts, sorted by prompt length to cut
@@ -51,11 +56,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fastvlm_kernels.imitation.data import CACHE_FORMAT, Example, _eos_ids, _read_cache  # noqa: E402
-from smollm2_prompt_sources import SOURCES  # noqa: E402
+from smollm2_prompt_sources import SOURCES, self_instruct_items, self_instruct_requests  # noqa: E402
 
-SPLITS = ("heldout", "train", "train_more", "train_topics", "wild", "forms", "docstrings")
+SPLITS = ("heldout", "train", "train_more", "train_topics", "wild", "forms", "docstrings", "self_instruct")
 # Splits whose answers go to another split's responses cache (the trainer reads one cache for its prompts).
-CACHE_OF = {"train_more": "train", "train_topics": "train", "forms": "train", "docstrings": "train"}
+CACHE_OF = {"train_more": "train", "train_topics": "train", "forms": "train", "docstrings": "train",
+            "self_instruct": "train"}
 TEMPLATES_PER_NEW_TOPIC = 16        # train_topics: templates per topic of NEW_TOPICS
 
 # Templates take any noun phrase as {topic}.
@@ -314,6 +320,43 @@ def run_split(split: str, model, tokenizer, examples: List[Example], cache_path:
                 f"{rate:.1f} answer tokens/s overall, {tokens} tokens this run | ETA {eta / 60:.0f} min")
 
 
+SELF_INSTRUCT_BATCH = 12
+
+
+@torch.no_grad()
+def write_self_instruct(model, tokenizer, path: Path, seed: int, *, progress: bool = True) -> Dict[str, str]:
+    """The model writes the self_instruct split's requests (``smollm2_prompt_sources.self_instruct_requests``, a
+    list the model continues, no chat template): sampled at temperature 0.8, top-p 0.95, up to 40 tokens, in fixed batches of SELF_INSTRUCT_BATCH, each batch
+    seeded by its first request's seed, so a resumed run writes what an uninterrupted one would. Appended to
+    ``path`` one batch at a time with fsync; returns ``key -> text`` of every request written so far."""
+    requests = self_instruct_requests(seed)
+    written: Dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            entry = json.loads(line)
+            written[entry["key"]] = entry["text"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    batches_todo = [requests[i:i + SELF_INSTRUCT_BATCH] for i in range(0, len(requests), SELF_INSTRUCT_BATCH)]
+    batches_todo = [batch for batch in batches_todo if any(r["key"] not in written for r in batch)]
+    if batches_todo:
+        say(f"[self_instruct] the model writes {sum(len(b) for b in batches_todo)} requests ({len(written)} written)")
+    with open(path, "a", encoding="utf-8") as handle:
+        for number, batch in enumerate(batches_todo, start=1):
+            inputs = tokenizer([r["text"] for r in batch], return_tensors="pt", padding=True)
+            torch.manual_seed(batch[0]["seed"])
+            out = model.generate(**inputs, max_new_tokens=40, do_sample=True, temperature=0.8, top_p=0.95, top_k=0,
+                                 pad_token_id=tokenizer.pad_token_id)
+            for request, row in zip(batch, out[:, inputs["input_ids"].shape[1]:]):
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                written[request["key"]] = text
+                handle.write(json.dumps({"key": request["key"], "text": text}) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+            if progress:
+                say(f"[self_instruct] batch {number}/{len(batches_todo)} written")
+    return written
+
+
 def say(message: str) -> None:
     print(time.strftime("%H:%M:%S ") + message, flush=True)
 
@@ -325,7 +368,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--templates-per-topic", type=int, default=30)
     parser.add_argument("--held-out-per-category", type=int, default=1)
-    parser.add_argument("--splits", default="heldout,wild,train,train_more,train_topics,forms,docstrings",
+    parser.add_argument("--splits", default="heldout,wild,train,train_more,train_topics,forms,docstrings,self_instruct",
                         help="comma-separated, in order")
     parser.add_argument("--limit", type=int, default=None, help="only the first N prompts of each split")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -337,8 +380,15 @@ def main(argv=None) -> None:
     splits = make_prompts(args.seed, args.templates_per_topic, args.held_out_per_category)
     wanted = [split.strip() for split in args.splits.split(",") if split.strip()]
     for split in wanted:
-        if split not in splits:
+        if split not in SPLITS:
             raise SystemExit(f"--splits: unknown split {split!r} (known: {', '.join(SPLITS)})")
+    written_path = args.out / "self_instruct" / "written.jsonl"
+    if "self_instruct" in wanted and args.list:
+        if not written_path.exists():
+            raise SystemExit("--list: the self_instruct split's requests are written by the model: run without --list")
+        written = {json.loads(line)["key"]: json.loads(line)["text"]
+                   for line in written_path.read_text(encoding="utf-8").splitlines()}
+        splits["self_instruct"] = self_instruct_items(written)
     if args.list:
         for split in wanted:
             topics = sorted({item["topic"] for item in splits[split]})
@@ -355,6 +405,9 @@ def main(argv=None) -> None:
     fingerprint = dict(model_fingerprint(model), max_new_tokens=args.max_new_tokens)
     say(f"SmolLM2-135M-Instruct loaded; {torch.get_num_threads()} thread(s); splits "
         + ", ".join(f"{split} {len(splits[split])}" for split in wanted))
+    if "self_instruct" in wanted:
+        splits["self_instruct"] = self_instruct_items(write_self_instruct(model, tokenizer, written_path, args.seed))
+        say(f"[self_instruct] {len(splits['self_instruct'])} usable distinct requests")
     for split in wanted:
         folder = args.out / split
         examples = write_prompts(folder, splits[split][:args.limit] if args.limit else splits[split], tokenizer)

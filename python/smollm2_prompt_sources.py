@@ -241,3 +241,69 @@ def wild_items(seed: int, count: int = 96) -> List[dict]:
 
 
 SOURCES: Dict[str, object] = {"forms": form_items, "docstrings": docstring_items, "wild": wild_items}
+
+
+# ---- self_instruct: the model writes the requests ----------------------------------------------------------
+
+_SELF_CATEGORIES = ("cooking", "travel", "work and careers", "health and fitness", "money and budgeting",
+                    "friends and family", "computers and phones", "school and studying", "hobbies", "home repair",
+                    "pets", "shopping", "science", "history", "writing", "the weather", "music", "sports",
+                    "gardening", "cars and driving")
+_SELF_FORMS = ("a short question", "a request to write something short", "a request for advice",
+               "a request to explain a concept simply", "a request for a list", "a how-to question")
+SELF_INSTRUCT_PER_PAIR = 3
+
+
+_SELF_EXAMPLES = ("How do I get a red wine stain out of a carpet?", "Write a short birthday message for my aunt.",
+                  "What should I pack for a two-day hiking trip?", "Explain what inflation is in simple words.",
+                  "Give me three ideas for a rainy Sunday with kids.", "Can you check this sentence for mistakes: "
+                  "'Me and him goes to school every days.'", "Why does bread go stale?",
+                  "Help me write a polite email to cancel a dentist appointment.")
+
+
+def self_instruct_requests(seed: int) -> List[dict]:
+    """What the model continues, one request per (category, form, copy), each with its own sampling seed:
+    ``{"key", "seed", "category", "form", "text"}``. Self-instruct's form: a numbered list of three example
+    user messages (drawn per request from a fixed pool, none about the category), then the next number with
+    the category and form asked for; the model's first line is the new request."""
+    rng = random.Random(f"{seed}:self_instruct")
+    requests = []
+    for category in _SELF_CATEGORIES:
+        for form in _SELF_FORMS:
+            for copy in range(SELF_INSTRUCT_PER_PAIR):
+                examples = rng.sample(_SELF_EXAMPLES, 3)
+                text = ("Messages that people sent to a helpful assistant, one per line:\n"
+                        + "".join(f"{i + 1}. {example}\n" for i, example in enumerate(examples))
+                        + f"4. ({category}, {form})")
+                requests.append({"key": f"{category}|{form}|{copy}", "seed": rng.randrange(2 ** 31),
+                                 "category": category, "form": form, "text": text})
+    return requests
+
+
+_META = ("sure", "here", "i'm here", "i am here", "i can", "as an", "as a", "a person", "you could", "you can",
+         "i would", "i'd be happy", "i'm an ai", "a request", "dear", "certainly", "of course", "messages", "(")
+
+
+def clean_instruction(text: str) -> str:
+    """The first line of what the model wrote, unquoted; "" when it is not a usable request (too short or
+    long, or it talks about the task instead of doing it)."""
+    line = next((part.strip() for part in text.strip().splitlines() if part.strip()), "")
+    line = line.strip().strip('"').strip("'").strip()
+    lowered = line.lower()
+    if not 15 <= len(line) <= 200 or lowered.startswith(_META) or "assistant" in lowered or "ai" in lowered.split():
+        return ""
+    return line
+
+
+def self_instruct_items(written: Dict[str, str]) -> List[dict]:
+    """The ``self_instruct`` split from the model's written requests (``key -> text``): cleaned, distinct,
+    in the requests' order."""
+    items, seen = [], set()
+    for key in sorted(written):
+        line = clean_instruction(written[key])
+        if line and line.lower() not in seen:
+            seen.add(line.lower())
+            category, form, _ = key.split("|")
+            items.append({"question": line, "topic": f"self_instruct/{category}",
+                          "template": _SELF_FORMS.index(form)})
+    return items

@@ -10,8 +10,9 @@ Training data: the training prompts answered so far (the data program may still 
 copied into a snapshot folder (``--snapshot``, written once, so a resumed run sees the same data) whose
 answers come from the data program's responses cache. The network drafts over the ``--draft-vocab`` most
 frequent tokens of those answers (``TrainConfig.draft_vocab``); verification always reads the full vocabulary.
-With ``--teacher-cache FOLDER`` the model's outputs over the snapshot are stored once (a resumable build; for
-one exit layer) and every step reads them instead of running the 30 layers, which is most of a step's time.
+With ``--teacher-cache FOLDER`` the model's outputs over the snapshot are stored once (a resumable build;
+``--teacher-exit-layers 4,6,8,12`` stores several exit layers' states, so an exit-layer sweep builds it once)
+and every step reads them instead of running the 30 layers, which is most of a step's time.
 
 Measurement (``heldout_acceptance.json`` in the run folder, and printed): on the held-out split (topics never
 trained on), the per-token agreement with the full model and the mean accepted tokens per step for draft
@@ -178,6 +179,9 @@ def main(argv=None) -> None:
     parser.add_argument("--teacher-cache", type=Path, default=None,
                         help="store the model's outputs over the training prompts here once (GBs: ~4.6 KB a "
                              "token) and train from them: each step then costs the network's own pass only")
+    parser.add_argument("--teacher-exit-layers", type=lambda text: [int(v) for v in text.split(",") if v.strip()],
+                        default=None, help="comma-separated: the exit layers a new teacher cache stores (include "
+                                           "--exit-layer; each costs ~2.3 KB a token)")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--eval-only", action="store_true", help="measure the run's saved network only")
@@ -211,7 +215,7 @@ def main(argv=None) -> None:
                              raw_prompts=True)   # the snapshot's prompts are already in the chat template
         result = train_imitation(model, tokenizer, snapshot, out, config, resume=args.resume,
                                  overwrite=args.overwrite, responses_cache=args.data / "responses" / "train.jsonl",
-                                 teacher_cache=args.teacher_cache)
+                                 teacher_cache=args.teacher_cache, teacher_exit_layers=args.teacher_exit_layers)
         network = result.network
     else:
         network = ImitationNetwork.from_pretrained(out / "imitation", model)

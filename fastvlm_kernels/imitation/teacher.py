@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -39,10 +39,13 @@ def model_fingerprint(model: nn.Module) -> dict:
 
 class Taps:
     """Hooks on the frozen backbone for one forward: the layer-E states, the target-layer states, the last
-    layer's output, and the keyword arguments (mask, rotary embeddings) layer E is called with."""
+    layer's output, and the keyword arguments (mask, rotary embeddings) layer E is called with. ``exit_layer``
+    may be several layers (a teacher cache for an exit-layer sweep): each one's states as ``exit_<E>``, the
+    first's also as ``exit``; every layer gets the same rotary embeddings, taken at the first."""
 
-    def __init__(self, layers: nn.ModuleList, exit_layer: int, target_layer: int):
-        self.layers, self.exit_layer, self.target_layer = layers, exit_layer, target_layer
+    def __init__(self, layers: nn.ModuleList, exit_layer: Union[int, Sequence[int]], target_layer: int):
+        self.exit_layers = [exit_layer] if isinstance(exit_layer, int) else list(exit_layer)
+        self.layers, self.exit_layer, self.target_layer = layers, self.exit_layers[0], target_layer
         self.values: Dict[str, object] = {}
 
     def _store(self, name):
@@ -58,6 +61,7 @@ class Taps:
         self.values = {}
         layers = self.layers
         handles = [layers[self.exit_layer - 1].register_forward_hook(self._store("exit")),
+                   *(layers[e - 1].register_forward_hook(self._store(f"exit_{e}")) for e in self.exit_layers),
                    layers[self.target_layer - 1].register_forward_hook(self._store("target")),
                    layers[len(layers) - 1].register_forward_hook(self._store("last")),
                    layers[self.exit_layer].register_forward_pre_hook(self._store_kwargs, with_kwargs=True)]
@@ -105,11 +109,11 @@ def teacher_forward(adapter, taps: Taps, batch: TrainBatch, vocab: Optional[torc
 
 @torch.no_grad()
 def cached_teacher(adapter, cache, indices: Sequence[int], vocab: Optional[torch.Tensor], dtype: torch.dtype,
-                   device) -> tuple:
+                   device, exit_layer: Optional[int] = None) -> tuple:
     """(Teacher, loss mask) of the training examples ``indices`` read from a TeacherCache: the logits come from
     the stored last-layer states through the model's final norm and LM head, as :func:`teacher_forward` makes
     them. Rows are right-padded, so the causal mask alone keeps pads out (no attention mask)."""
-    stored = cache.batch(indices, dtype=dtype, device=device)
+    stored = cache.batch(indices, dtype=dtype, device=device, exit_layer=exit_layer)
     logits = draft_logits(stored.last.to(dtype), adapter.norm, adapter.lm_head, vocab).float()
     return Teacher(exit_states=stored.exit_states, targets=stored.targets.to(dtype), logits=logits,
                    attention_mask=None, position_embeddings=stored.position_embeddings), stored.loss_mask

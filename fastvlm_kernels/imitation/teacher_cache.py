@@ -10,9 +10,12 @@ the last layer's states with the model's own final norm and LM head, as the onli
 compute the same loss up to the batch composition (rows are right-padded and the attention causal, so a
 row's values do not depend on the other rows of its batch).
 
-Folder layout: ``index.json`` (format, exit and target layer, the model's fingerprint, the examples'
+One build can store several exit layers' states (``exit_layer=(4, 6, 8, 12)``): an exit-layer sweep then
+runs the teacher once, and each run reads its own layer's states (``batch(..., exit_layer=E)``).
+
+Folder layout: ``index.json`` (format, exit layers and target layer, the model's fingerprint, the examples'
 identities (prompt and response) and where each one's rows start) and raw little-endian float32 arrays
-``exit.f32`` ``[tokens, H]``, ``target.f32`` and ``last.f32`` ``[loss positions, H]`` (``last.f32`` empty when
+``exit_<E>.f32`` ``[tokens, H]`` per exit layer E (``exit.f32`` in a format-1 cache: one exit layer), ``target.f32`` and ``last.f32`` ``[loss positions, H]`` (``last.f32`` empty when
 the target is the last layer), ``cos.f32`` and ``sin.f32`` ``[tokens, R]`` (R: the rotary table's size per
 token, with leading dims such as three position kinds). Building is resumable: examples are appended a batch
 at a time and the index records how many are complete.
@@ -27,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -36,8 +39,9 @@ from .checkpoint import write_json
 from .data import DataError, Encoder, Example
 from .teacher import Taps, tapped_forward
 
-CACHE_FORMAT = "fastvlm-teacher-cache/1"
-_ARRAYS = ("exit", "target", "last", "cos", "sin")
+CACHE_FORMAT = "fastvlm-teacher-cache/2"
+_READABLE_FORMATS = ("fastvlm-teacher-cache/1", CACHE_FORMAT)
+_ARRAYS = ("target", "last", "cos", "sin")      # and one exit array per exit layer
 GROUP_BATCHES = 8    # a build sorts this many batches' worth of examples by length before batching them
 
 
@@ -63,9 +67,10 @@ class TeacherCache:
             self.index = json.loads(index_path.read_text())
         except ValueError:
             raise ValueError(f"teacher cache {self.folder}: index.json is unreadable") from None
-        if self.index.get("format") != CACHE_FORMAT:
+        if self.index.get("format") not in _READABLE_FORMATS:
             raise ValueError(f"teacher cache {self.folder}: format {self.index.get('format')!r}, "
                              f"expected {CACHE_FORMAT!r}")
+        self.exit_layers = list(self.index.get("exit_layers") or [self.index["exit_layer"]])
         self.hidden_size = int(self.index["hidden_size"])
         self.rotary_width = int(self.index["rotary_width"])
         self.rotary_lead = tuple(self.index["rotary_lead"])     # dims of cos/sin before [B, T, ...]
@@ -79,8 +84,11 @@ class TeacherCache:
     def keys(self) -> List[str]:
         return [entry[0] for entry in self.index["examples"]]
 
+    def exit_array_name(self, exit_layer: int) -> str:
+        return exit_array_name(self.index, exit_layer)
+
     def _array(self, name: str) -> np.ndarray:
-        rows = self.index["tokens"] if name in ("exit", "cos", "sin") else self.index["loss_positions"]
+        rows = self.index["tokens"] if name.startswith("exit") or name in ("cos", "sin") else self.index["loss_positions"]
         width = self.rotary_width if name in ("cos", "sin") else self.hidden_size
         cached = self._arrays.get(name)
         if cached is None or cached.shape[0] != rows:
@@ -96,10 +104,12 @@ class TeacherCache:
               examples: Sequence[Example]) -> None:
         """Raises ValueError naming what differs, unless this cache was built from this model, these layers and
         these examples in this order (all of them: a partial cache must be built further first)."""
-        for name, value in (("exit_layer", exit_layer), ("target_layer", target_layer)):
-            if self.index[name] != value:
-                raise ValueError(f"teacher cache {self.folder}: built for {name}={self.index[name]}, this run uses "
-                                 f"{value}")
+        if exit_layer not in self.exit_layers:
+            raise ValueError(f"teacher cache {self.folder}: built for exit layers {self.exit_layers}, this run uses "
+                             f"exit_layer={exit_layer}")
+        if self.index["target_layer"] != target_layer:
+            raise ValueError(f"teacher cache {self.folder}: built for target_layer={self.index['target_layer']}, "
+                             f"this run uses {target_layer}")
         if self.index["model"] != model_fingerprint:
             raise ValueError(f"teacher cache {self.folder}: built from another model ({self.index['model']})")
         keys = [identity(encoder, example) for example in examples]
@@ -112,12 +122,19 @@ class TeacherCache:
                 raise ValueError(f"teacher cache {self.folder}: example {i} differs from the run's ({have} there, "
                                  f"{want} here): built from other data")
 
-    def batch(self, indices: Sequence[int], dtype: torch.dtype = torch.float32, device=None) -> CachedBatch:
-        """The examples ``indices`` as one right-padded batch."""
+    def batch(self, indices: Sequence[int], dtype: torch.dtype = torch.float32, device=None,
+              exit_layer: Optional[int] = None) -> CachedBatch:
+        """The examples ``indices`` as one right-padded batch, with exit layer ``exit_layer``'s states (default:
+        the cache's first)."""
         entries = [self.index["examples"][i] for i in indices]
         width = max(entry[2] for entry in entries)
         batch = len(entries)
-        exit_array, cos_array, sin_array = self._array("exit"), self._array("cos"), self._array("sin")
+        if exit_layer is None:
+            exit_layer = self.exit_layers[0]
+        elif exit_layer not in self.exit_layers:
+            raise ValueError(f"teacher cache {self.folder}: holds exit layers {self.exit_layers}, not {exit_layer}")
+        exit_array = self._array(self.exit_array_name(exit_layer))
+        cos_array, sin_array = self._array("cos"), self._array("sin")
         target_array = self._array("target")
         last_array = target_array if self.index["last_is_target"] else self._array("last")
         exit_states = torch.zeros(batch, width, self.hidden_size, dtype=torch.float32)
@@ -143,13 +160,15 @@ class TeacherCache:
     # ---- building ----------------------------------------------------------------------------------------------
 
     @classmethod
-    def build(cls, model, encoder: Encoder, examples: Sequence[Example], folder: Path, *, exit_layer: int,
-              target_layer: int, model_fingerprint: dict, batch_size: int = 8,
+    def build(cls, model, encoder: Encoder, examples: Sequence[Example], folder: Path, *,
+              exit_layer: Union[int, Sequence[int]], target_layer: int, model_fingerprint: dict, batch_size: int = 8,
               say: Callable[[str], None] = lambda message: None, progress: bool = True) -> "TeacherCache":
         """Runs the frozen ``model`` over ``examples`` (in their order, ``batch_size`` at a time) and stores the
-        teacher's outputs in ``folder``; continues a build of the same model, layers and examples that stopped
-        part way, and refuses a folder that holds anything else. The cache returned holds exactly ``examples``
-        (no :meth:`check` needed)."""
+        teacher's outputs in ``folder``: the states of ``exit_layer`` (one layer, or several for an exit-layer
+        sweep); continues a build of the same model, target layer and examples that stopped part way (or a
+        finished one) whose exit layers include the ones asked for, and refuses a folder that holds anything
+        else. The cache returned holds exactly ``examples`` (no :meth:`check` needed)."""
+        exit_layers = sorted({exit_layer} if isinstance(exit_layer, int) else set(exit_layer))
         from tqdm.auto import tqdm
         from ..decoding.adapters import adapter_for
         folder = Path(folder)
@@ -157,11 +176,15 @@ class TeacherCache:
         keys = [identity(encoder, example) for example in examples]
         if (folder / "index.json").is_file():
             cache = cls(folder)
-            for name, value in (("exit_layer", exit_layer), ("target_layer", target_layer),
-                                ("model", model_fingerprint)):
+            for name, value in (("target_layer", target_layer), ("model", model_fingerprint)):
                 if cache.index[name] != value:
                     raise ValueError(f"teacher cache {folder}: holds another build ({name} {cache.index[name]!r}, "
                                      f"this one {value!r}); remove the folder or choose another")
+            missing = [e for e in exit_layers if e not in cache.exit_layers]
+            if missing:
+                raise ValueError(f"teacher cache {folder}: holds exit layers {cache.exit_layers}, not {missing}; "
+                                 "remove the folder or choose another")
+            exit_layers = cache.exit_layers
             done = len(cache)
             if cache.keys != keys[:done]:
                 raise ValueError(f"teacher cache {folder}: built from other examples; remove the folder or choose "
@@ -173,25 +196,27 @@ class TeacherCache:
             if folder.exists() and any(folder.iterdir()):
                 raise ValueError(f"teacher cache {folder}: the folder is not empty and holds no cache")
             folder.mkdir(parents=True, exist_ok=True)
-            index = {"format": CACHE_FORMAT, "exit_layer": exit_layer, "target_layer": target_layer,
+            index = {"format": CACHE_FORMAT, "exit_layer": exit_layers[0], "exit_layers": exit_layers,
+                     "target_layer": target_layer,
                      "model": model_fingerprint, "hidden_size": adapter.text_config.hidden_size,
                      "last_is_target": target_layer == adapter.num_layers, "rotary_width": None,
                      "rotary_lead": None, "rotary_tail": None, "tokens": 0, "loss_positions": 0, "examples": []}
             done = 0
         # Files are cut back to what the index says is complete (a build killed mid-batch leaves a tail).
         per_loss = index["loss_positions"] * index["hidden_size"]
-        sizes = {"exit": index["tokens"] * index["hidden_size"], "target": per_loss,
-                 "last": 0 if index["last_is_target"] else per_loss}
+        exit_names = {e: exit_array_name(index, e) for e in exit_layers}
+        sizes = {name: index["tokens"] * index["hidden_size"] for name in exit_names.values()}
+        sizes.update(target=per_loss, last=0 if index["last_is_target"] else per_loss)
         if index["rotary_width"] is not None:
             sizes.update(cos=index["tokens"] * index["rotary_width"], sin=index["tokens"] * index["rotary_width"])
         handles = {}
-        for name in _ARRAYS:
+        for name in (*exit_names.values(), *_ARRAYS):
             path = folder / f"{name}.f32"
             handle = open(path, "r+b" if path.exists() else "w+b")
             handle.truncate(sizes.get(name, 0) * 4)
             handle.seek(0, os.SEEK_END)
             handles[name] = handle
-        taps = Taps(adapter.layers, exit_layer, target_layer)
+        taps = Taps(adapter.layers, exit_layers, target_layer)
         bar = tqdm(total=len(keys), initial=done, disable=not progress, desc="teacher cache", file=sys.stderr,
                    dynamic_ncols=True)
         started, tokens_this_run = time.perf_counter(), 0
@@ -212,7 +237,9 @@ class TeacherCache:
                         rows[i] = row
                 for i in range(len(chunk)):
                     row = rows.pop(i)
-                    for name in ("exit", "cos", "sin", "target"):
+                    for e, name in exit_names.items():
+                        _write(handles[name], row[f"exit_{e}"])
+                    for name in ("cos", "sin", "target"):
                         _write(handles[name], row[name])
                     if not index["last_is_target"]:     # the target is the last layer's output: stored once
                         _write(handles["last"], row["last"])
@@ -257,11 +284,17 @@ def _teacher_rows(adapter, taps, encoder: Encoder, examples: Sequence[Example], 
     rows = []
     for b in range(count):
         length, row_mask = int(lengths[b]), batch.loss_mask[b]
-        rows.append({"exit": values["exit"][b, :length].float().cpu(), "cos": cos[b, :length].cpu(),
+        rows.append({**{name: value[b, :length].float().cpu() for name, value in values.items()
+                        if name.startswith("exit")}, "cos": cos[b, :length].cpu(),
                      "sin": sin[b, :length].cpu(), "target": values["target"][b][row_mask].float().cpu(),
                      "last": values["last"][b][row_mask].float().cpu(),
                      "prompt_len": int(row_mask.nonzero()[0, 0]) + 1})
     return rows
+
+
+def exit_array_name(index: dict, exit_layer: int) -> str:
+    """The array holding exit layer ``exit_layer``'s states: ``exit_<E>`` (format 2), ``exit`` (format 1)."""
+    return f"exit_{exit_layer}" if "exit_layers" in index else "exit"
 
 
 def identity(encoder: Encoder, example: Example) -> str:

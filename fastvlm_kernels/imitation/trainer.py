@@ -312,6 +312,7 @@ class _BatchOrder:
 def train_imitation(model: nn.Module, processor, data_dir: Path, out_dir: Path, config: TrainConfig, *,
                     resume: bool = False, overwrite: bool = False, progress: bool = True,
                     responses_cache: Optional[Path] = None, teacher_cache: Optional[Path] = None,
+                    teacher_exit_layers: Optional[Sequence[int]] = None,
                     callback: Optional[Callable[[int, dict], None]] = None,
                     stop_after: Optional[int] = None) -> TrainResult:
     """Trains an imitation network for ``model`` (frozen) on the prompts in ``data_dir``, writing to ``out_dir``.
@@ -320,8 +321,10 @@ def train_imitation(model: nn.Module, processor, data_dir: Path, out_dir: Path, 
     model's generated answers are kept (default ``out_dir/responses.jsonl``; runs on the same model and data
     may share one). ``teacher_cache``: a folder where the frozen model's outputs over the training examples
     are stored once (:class:`~fastvlm_kernels.imitation.teacher_cache.TeacherCache`, built or completed first)
-    and read by every step instead of running the model (runs with the same model, layers and data may share
-    one). ``callback(step, logs)`` is called after every optimizer step. ``stop_after``: stop (with
+    and read by every step instead of running the model (runs with the same model, target layer and data may
+    share one; a cache holding several exit layers serves a run at any of them). ``teacher_exit_layers``: the
+    exit layers a new teacher cache stores (an exit-layer sweep builds it once; default: the run's own; it must
+    include it). ``callback(step, logs)`` is called after every optimizer step. ``stop_after``: stop (with
     a checkpoint) after this many steps of this call, as an interruption would; the schedule stays that of
     ``config.steps``.
     """
@@ -370,7 +373,11 @@ def train_imitation(model: nn.Module, processor, data_dir: Path, out_dir: Path, 
         cache = None
         if teacher_cache is not None:
             # holds exactly train_examples afterwards (a build continues only a build of these, in this order)
-            cache = TeacherCache.build(model, encoder, train_examples, teacher_cache, exit_layer=config.exit_layer,
+            exit_layers = [config.exit_layer] if not teacher_exit_layers else list(teacher_exit_layers)
+            if config.exit_layer not in exit_layers:
+                raise ValueError(f"teacher_exit_layers {exit_layers} must include the run's exit_layer "
+                                 f"{config.exit_layer}")
+            cache = TeacherCache.build(model, encoder, train_examples, teacher_cache, exit_layer=exit_layers,
                                        target_layer=config.target_layer, model_fingerprint=record["model"],
                                        batch_size=config.batch_size, say=say, progress=progress)
         return _train(model, adapter, encoder, config, train_examples, eval_examples, out_dir, resuming,
@@ -503,7 +510,8 @@ def _train(model, adapter, encoder: Encoder, config: TrainConfig, train_examples
                 teacher = teacher_forward(adapter, taps, batch, vocab)
                 loss_mask = batch.loss_mask
             else:
-                teacher, loss_mask = cached_teacher(adapter, cache, batch_order(step), vocab, model_dtype, device)
+                teacher, loss_mask = cached_teacher(adapter, cache, batch_order(step), vocab, model_dtype, device,
+                                                    exit_layer=config.exit_layer)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_autocast):
                 hidden = teacher.exit_states if use_autocast else teacher.exit_states.float()
                 output = network(hidden, teacher.position_embeddings, attention_mask=teacher.attention_mask)

@@ -2,6 +2,7 @@
 training from the cache follows online training."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -117,19 +118,22 @@ def test_a_build_continues_where_it_stopped_and_refuses_other_builds(tmp_path):
     with pytest.raises(ValueError, match="unfinished build"):
         part.check(exit_layer=1, target_layer=NUM_LAYERS, model_fingerprint=model_fingerprint(model), encoder=encoder,
                    examples=examples)
-    with open(tmp_path / "parts" / "exit.f32", "ab") as handle:   # a build killed half way through a batch
+    with open(tmp_path / "parts" / "exit_1.f32", "ab") as handle:   # a build killed half way through a batch
         handle.write(torch.randn(100, generator=torch.Generator().manual_seed(2)).numpy().tobytes())
     continued = _build(model, encoder, examples, tmp_path / "parts")
     assert continued.index == whole.index
     assert (tmp_path / "whole" / "last.f32").stat().st_size == 0     # the target is the last layer's output
-    for name in ("exit", "target", "cos", "sin"):   # batched differently: equal up to rounding
+    for name in ("exit_1", "target", "cos", "sin"):   # batched differently: equal up to rounding
         got, want = ((tmp_path / folder / f"{name}.f32").read_bytes() for folder in ("parts", "whole"))
         assert len(got) == len(want)
         torch.testing.assert_close(torch.frombuffer(bytearray(got), dtype=torch.float32),
                                    torch.frombuffer(bytearray(want), dtype=torch.float32))
     fingerprint = model_fingerprint(model)
-    with pytest.raises(ValueError, match="exit_layer"):
+    with pytest.raises(ValueError, match=r"holds exit layers \[1\], not \[2\]"):
         _build(model, encoder, examples, tmp_path / "whole", exit_layer=2)
+    with pytest.raises(ValueError, match="exit_layer=2"):
+        whole.check(exit_layer=2, target_layer=NUM_LAYERS, model_fingerprint=model_fingerprint(model),
+                    encoder=encoder, examples=examples)
     with pytest.raises(ValueError, match="other examples"):
         _build(model, encoder, examples[::-1], tmp_path / "whole")
     with pytest.raises(ValueError, match="built from other data"):
@@ -152,6 +156,35 @@ def test_a_build_continues_where_it_stopped_and_refuses_other_builds(tmp_path):
         TeacherCache(tmp_path / "whole").batch([0])
 
 
+def test_one_build_serves_several_exit_layers(tmp_path, monkeypatch):
+    """An exit-layer sweep's cache (exit layers 1, 2 and 3 in one build): each layer's batches equal those of
+    a cache built for that layer alone; a later build asking for one of its layers reuses it (no new forward),
+    one asking for another layer is refused."""
+    model, encoder, examples = _setup("llava", tmp_path, count=6)
+    sweep = _build(model, encoder, examples, tmp_path / "sweep", exit_layer=(3, 1, 2))
+    assert sweep.exit_layers == [1, 2, 3] and sweep.index["format"] == "fastvlm-teacher-cache/2"
+    indices = [4, 0, 2]
+    for exit_layer in (1, 2, 3):
+        alone = _build(model, encoder, examples, tmp_path / f"alone{exit_layer}", exit_layer=exit_layer)
+        got, want = sweep.batch(indices, exit_layer=exit_layer), alone.batch(indices)
+        torch.testing.assert_close(got.exit_states, want.exit_states)
+        torch.testing.assert_close(got.targets, want.targets)
+        assert torch.equal(got.loss_mask, want.loss_mask)
+        sweep.check(exit_layer=exit_layer, target_layer=NUM_LAYERS, model_fingerprint=model_fingerprint(model),
+                    encoder=encoder, examples=examples)
+    assert not torch.allclose(sweep.batch(indices, exit_layer=1).exit_states, sweep.batch(indices, exit_layer=3).exit_states)
+    before = (tmp_path / "sweep" / "exit_2.f32").read_bytes()
+    import fastvlm_kernels.imitation.teacher_cache as module
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the teacher ran again")
+    monkeypatch.setattr(module, "_teacher_rows", no_forward)
+    again = _build(model, encoder, examples, tmp_path / "sweep", exit_layer=2)
+    assert again.exit_layers == [1, 2, 3] and (tmp_path / "sweep" / "exit_2.f32").read_bytes() == before
+    with pytest.raises(ValueError, match="not 4"):
+        sweep.batch(indices, exit_layer=4)
+
+
 def test_training_from_the_cache_follows_online_training(tmp_path):
     """The same run with and without a teacher cache: the same batches, losses and weights up to rounding."""
     case = build("llama", seed=3)
@@ -168,3 +201,18 @@ def test_training_from_the_cache_follows_online_training(tmp_path):
     for (name, a), (_, b) in zip(online.network.state_dict().items(), cached.network.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     assert cached.history[-1]["loss"] < cached.history[0]["loss"]
+    # a sweep's cache: built for exit layers 1 and 2 by the first run, read at layer 2 by the second; the run
+    # at layer 2 follows its own online run as well
+    sweep = train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "sweep1", config, progress=False,
+                            teacher_cache=tmp_path / "sweep", teacher_exit_layers=[1, 2])
+    assert TeacherCache(tmp_path / "sweep").exit_layers == [1, 2] and sweep.history[-1]["loss"] == pytest.approx(
+        cached.history[-1]["loss"], rel=1e-4)
+    config2 = dataclasses.replace(config, exit_layer=2)
+    online2 = train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "online2", config2, progress=False)
+    cached2 = train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "sweep2", config2, progress=False,
+                              teacher_cache=tmp_path / "sweep")
+    for a, b in zip(online2.history, cached2.history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6), (a, b)
+    with pytest.raises(ValueError, match="must include the run's exit_layer 2"):
+        train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "bad", config2, progress=False,
+                        teacher_cache=tmp_path / "other", teacher_exit_layers=[1, 3])
