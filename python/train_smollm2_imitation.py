@@ -4,6 +4,8 @@
     python python/train_smollm2_imitation.py --exit-layer 8 --kind layers --steps 600
     python python/train_smollm2_imitation.py --exit-layer 8 --kind layers --steps 600 --resume   # after a stop
     python python/train_smollm2_imitation.py --exit-layer 8 --kind layers --eval-only            # measure again
+    python python/train_smollm2_imitation.py --eval-only --network fastvlm_kernels/models/smollm2/imitation \
+        --eval-split wild --out build/smollm2_imitation/shipped    # any network, on the held-out wild split
     python python/train_smollm2_imitation.py --summary bench/results/cpu-DATE-smollm2-acceptance   # table + plot
 
 Training data: the training prompts answered so far (the data program may still be running): they are
@@ -68,16 +70,16 @@ def write_snapshot(data: Path, snapshot: Path, model, tokenizer) -> int:
     return len(kept)
 
 
-def held_out_examples(data: Path, model, tokenizer, limit):
+def held_out_examples(data: Path, model, tokenizer, limit, split: str = "heldout"):
     fingerprint = dict(model_fingerprint(model), max_new_tokens=MAX_NEW_TOKENS)
-    done = _read_cache(data / "responses" / "heldout.jsonl", fingerprint)
-    examples = [example for example in load_examples(data / "heldout") if example.key in done]
+    done = _read_cache(data / "responses" / f"{split}.jsonl", fingerprint)
+    examples = [example for example in load_examples(data / split) if example.key in done]
     for example in examples:
         example.response_ids = done[example.key]
     return examples[:limit] if limit else examples
 
 
-def measure(model, tokenizer, network: ImitationNetwork, examples, out: Path) -> dict:
+def measure(model, tokenizer, network: ImitationNetwork, examples, out: Path, split: str = "heldout") -> dict:
     exit_layer = network.config.exit_layer
     drafters = {"imitation": (network, network.draft_vocab), "early_exit": (None, None)}
     if network.draft_vocab is not None:
@@ -86,13 +88,15 @@ def measure(model, tokenizer, network: ImitationNetwork, examples, out: Path) ->
     profiles = compare_drafters(model, Encoder(tokenizer), examples, exit_layer, drafters,
                                 draft_lens=(1, 2, 3, 4, 5, 6, 8), progress=True)
     record = {"exit_layer": exit_layer, "kind": network.config.kind, "num_layers": network.config.num_layers,
-              "draft_vocab": network.config.draft_vocab_size, "held_out_prompts": len(examples),
+              "draft_vocab": network.config.draft_vocab_size, "split": split, "held_out_prompts": len(examples),
               "seconds": round(time.perf_counter() - start, 1),
               "drafters": {name: profile.to_dict() for name, profile in profiles.items()}}
-    (out / "heldout_acceptance.json").write_text(json.dumps(record, indent=2) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ("heldout_acceptance.json" if split == "heldout" else f"{split}_acceptance.json")).write_text(
+        json.dumps(record, indent=2) + "\n")
     for name, profile in profiles.items():
         accepted = " ".join(f"k={k}: {v:.3f}" for k, v in profile.mean_accepted.items())
-        say(f"held-out {name:>24}: agreement {profile.agreement:.3f} over {profile.positions} positions | "
+        say(f"{split} {name:>24}: agreement {profile.agreement:.3f} over {profile.positions} positions | "
             f"accepted per step {accepted}")
     gain = profiles["imitation"].mean_accepted[4] - profiles["early_exit"].mean_accepted[4]
     say(f"k=4: imitation - plain early exit = {gain:+.3f} accepted tokens per step")
@@ -185,13 +189,17 @@ def main(argv=None) -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--eval-only", action="store_true", help="measure the run's saved network only")
+    parser.add_argument("--eval-split", default="heldout", choices=("heldout", "wild"),
+                        help="the held-out split measured on (wild: the persona x goal grammar no training uses)")
+    parser.add_argument("--network", type=Path, default=None,
+                        help="--eval-only: measure this saved network (its own exit layer) instead of the run's")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.summary:
         summarise(args.runs, args.summary)
         return
-    if args.exit_layer is None:
-        parser.error("--exit-layer is required (or --summary)")
+    if args.exit_layer is None and args.network is None:
+        parser.error("--exit-layer is required (or --summary, or --eval-only --network)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -199,6 +207,8 @@ def main(argv=None) -> None:
     model, tokenizer = smollm2.load()
     model.eval()
     out = args.out or Path("build/smollm2_imitation") / f"E{args.exit_layer}-{args.kind}"
+    if args.network is not None and not args.eval_only:
+        parser.error("--network is for --eval-only")
     if not args.eval_only:
         snapshot = args.snapshot or args.data / "train_snapshot"
         if args.refresh_snapshot or not (snapshot / "prompts.jsonl").exists():
@@ -218,8 +228,9 @@ def main(argv=None) -> None:
                                  teacher_cache=args.teacher_cache, teacher_exit_layers=args.teacher_exit_layers)
         network = result.network
     else:
-        network = ImitationNetwork.from_pretrained(out / "imitation", model)
-    measure(model, tokenizer, network, held_out_examples(args.data, model, tokenizer, args.heldout_prompts), out)
+        network = ImitationNetwork.from_pretrained(args.network or out / "imitation", model)
+    measure(model, tokenizer, network, held_out_examples(args.data, model, tokenizer, args.heldout_prompts,
+                                                         args.eval_split), out, args.eval_split)
 
 
 if __name__ == "__main__":
