@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import random
+import re
 import textwrap
 from typing import Dict, List
 
@@ -281,14 +282,17 @@ def self_instruct_requests(seed: int) -> List[dict]:
 
 
 _META = ("sure", "here", "i'm here", "i am here", "i can", "as an", "as a", "a person", "you could", "you can",
-         "i would", "i'd be happy", "i'm an ai", "a request", "dear", "certainly", "of course", "messages", "(")
+         "i would", "i'd be happy", "i'm an ai", "a request", "dear", "certainly", "of course", "messages", "(",
+         "note", "example", "however", "you're looking", "you are looking", "these are", "the above",
+         "you're given", "you are given", "*", "#")
 
 
 def clean_instruction(text: str) -> str:
-    """The first line of what the model wrote, unquoted; "" when it is not a usable request (too short or
-    long, or it talks about the task instead of doing it)."""
+    """The first line of what the model wrote (its list number, if it numbered the line, and quotes taken
+    off); "" when it is not a usable request: too short or long, or it talks about the task instead of doing
+    it (meta openings, the category-and-form parenthesis copied, a mention of the assistant)."""
     line = next((part.strip() for part in text.strip().splitlines() if part.strip()), "")
-    line = line.strip().strip('"').strip("'").strip()
+    line = re.sub(r"^(\d+\.\s*)+", "", line).strip().strip('"').strip("'").strip()
     lowered = line.lower()
     if not 15 <= len(line) <= 200 or lowered.startswith(_META) or "assistant" in lowered or "ai" in lowered.split():
         return ""
