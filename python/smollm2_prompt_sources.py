@@ -172,14 +172,18 @@ def form_items(seed: int) -> List[dict]:
 # ---- docstrings --------------------------------------------------------------------------------------------
 
 _DOC_MODULES = ("json", "os.path", "collections", "itertools", "functools", "string", "textwrap", "random",
-                "statistics", "datetime", "shutil", "heapq", "bisect", "math", "re", "csv", "pathlib", "fractions")
+                "statistics", "datetime", "shutil", "heapq", "bisect", "math", "re", "csv", "pathlib", "fractions",
+                "difflib", "operator", "copy", "pprint", "calendar", "glob", "fnmatch", "tempfile", "hashlib",
+                "base64", "uuid", "decimal", "secrets", "urllib.parse", "html", "zipfile", "gzip", "logging",
+                "argparse", "dataclasses", "enum", "inspect", "typing", "contextlib", "queue", "threading", "time",
+                "locale", "unicodedata", "colorsys", "sched", "shlex", "struct", "weakref", "abc", "numbers")
 _DOC_FRAMES = ("Summarise this documentation in two sentences:\n\n{doc}",
                "Explain this to a beginner programmer:\n\n{doc}",
                "What does this function do? Give a short example of using it.\n\n{doc}",
                "Rewrite this documentation in plain English:\n\n{doc}")
 
 
-def docstring_items(seed: int, limit: int = 400) -> List[dict]:
+def docstring_items(seed: int, limit: int = 600) -> List[dict]:
     """The ``docstrings`` split: public functions' and classes' documentation strings of the standard
     library modules above (what this machine's Python has), 80-700 characters, one frame each."""
     import importlib
