@@ -153,13 +153,23 @@ class SelfSpeculativeDecoder:
             :func:`~fastvlm_kernels.imitation.data.vocab_subset_from_responses`.
         profile: synchronise the device between draft and verify to split their times in the stats
             (``draft_time``, ``verify_time``); off by default, since a sync costs time on a GPU.
+        cuda_graphs: "auto" (the default): on a CUDA device the step's pieces (the draft pass, the verify pass,
+            a tree's, the plain step's) are compiled whole with ``torch.compile(mode="reduce-overhead")``, which
+            captures each draft length's (and batch shape's) graph once and replays it; elsewhere, or where a
+            call cannot be captured, they run eagerly and ``cuda_graphs_reason`` says why (not a CUDA device;
+            sampling with a ``generator``, which a traced step cannot take; active logits processors, which read
+            the host; ``profile=True``). True: the same, but a call that cannot be captured raises. False:
+            eager. The output is the same either way.
+        compile_steps: torch.compile options for the step's pieces on any device (e.g. ``{"backend":
+            "inductor"}``), instead of what ``cuda_graphs`` chooses; the same conditions apply.
     """
 
     def __init__(self, model: nn.Module, exit_layer: Optional[int] = None, imitation: Optional[nn.Module] = None,
                  draft_len: Union[int, str] = "adaptive", tree=None, *, tree_budget: Optional[int] = None, tree_width: int = 4,
                  adaptive_window: int = 16, max_draft_len: int = 8, max_cache_len: Optional[int] = None,
                  attention_backend: str = "auto", lean_layers: bool = True, linear_backend: str = "auto",
-                 draft_vocab: Optional[torch.Tensor] = None, profile: bool = False):
+                 draft_vocab: Optional[torch.Tensor] = None, profile: bool = False,
+                 cuda_graphs: Union[bool, str] = "auto", compile_steps: Optional[dict] = None):
         self.adapter: Adapter = adapter_for(model)
         self.model = model
         num_layers = self.adapter.num_layers
@@ -227,6 +237,14 @@ class SelfSpeculativeDecoder:
         self._step_positions = (self.max_draft_len + 1 if self._tree is None
                                 else self._tree.max_nodes(self.max_draft_len))
         self._plans: dict = {}
+        if cuda_graphs not in ("auto", True, False):
+            raise ValueError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
+        if compile_steps is not None and not isinstance(compile_steps, dict):
+            raise TypeError(f"compile_steps must be a dict of torch.compile options or None, got "
+                            f"{type(compile_steps).__name__}")
+        self.cuda_graphs, self.compile_steps = cuda_graphs, compile_steps
+        self.cuda_graphs_reason: Optional[str] = None   # why the last call ran its steps eagerly (None: compiled)
+        self._compile_now, self._compile_options, self._compiled = False, {}, {}
         self._processing: Optional[Processing] = None   # per generate: its logits processors, when any is active
         self._head_linear = None   # the LM head's full logits (with processors): skinny_linear where it runs
         self.profile = bool(profile)
@@ -292,6 +310,7 @@ class SelfSpeculativeDecoder:
         self._head_linear = None
         if streamer is not None and input_ids.shape[0] > 1:
             raise ValueError("a streamer supports batch size 1 only (as in model.generate)")
+        self._choose_compilation(options.sampling, generator)
         if pixel_values is not None:
             model_inputs["pixel_values"] = pixel_values
         stats, policy = GenerateStats(), self.policy
@@ -332,6 +351,30 @@ class SelfSpeculativeDecoder:
         stats.new_tokens = [len(tokens) for tokens in rows.tokens]
         stats.total_time = time.perf_counter() - start_time
         return GenerateOutput(rows.sequences(input_ids, options.pad), stats)
+
+    def _choose_compilation(self, sampling: Sampling, generator) -> None:
+        """Whether this call runs compiled (captured) steps: sets ``_compile_now``, its options and
+        :attr:`cuda_graphs_reason`."""
+        device = self.adapter.lm_head.weight.device
+        wanted = self.compile_steps is not None or (self.cuda_graphs is not False and device.type == "cuda")
+        reason = None
+        if self.compile_steps is None and self.cuda_graphs is False:
+            reason = "cuda_graphs=False"
+        elif not wanted:
+            reason = f"the model is on {device.type}, not a CUDA device"
+        elif sampling.do_sample and generator is not None:
+            reason = "sampling with a torch.Generator, which a compiled step cannot take (sample without one)"
+        elif self._processing is not None:
+            reason = "logits processors are active (they run on the host, per row and position)"
+        elif self.profile:
+            reason = "profile=True synchronises inside the step"
+        if reason is not None and self.cuda_graphs is True and self.compile_steps is None:
+            raise ValueError(f"cuda_graphs=True: this call cannot be captured: {reason}")
+        self.cuda_graphs_reason = reason
+        self._compile_now = reason is None
+        options = self.compile_steps if self.compile_steps is not None else {"mode": "reduce-overhead"}
+        if self._compile_now and options != self._compile_options:
+            self._compiled, self._compile_options = {}, dict(options)
 
     @staticmethod
     def _check_prompt(input_ids, attention_mask) -> torch.Tensor:
@@ -410,26 +453,67 @@ class SelfSpeculativeDecoder:
 
     def plain_step(self, rows: Rows, state: StepState, sampling: Sampling, generator):
         """x0 through all N layers and the head: ``(None, emitted [B, 1])`` (None: nothing was drafted)."""
-        hidden = self.adapter.embed_tokens(rows.x0)[:, None]
-        position_embeddings = self._rotary(hidden, rows.positions(1))
-        state.prefix_lens = rows.lengths
         if self._drafts:
             # Adaptive drafting may draft again later: the imitation layers will need this token's KV. Its
             # layer-E state waits in state.imitation_lag, and the imitation layers take the waiting tokens
             # in one pass before the next draft (or once as many wait as a step may append), not one pass
             # per plain step.
-            hidden = self._run_layers(hidden, 0, self.exit_layer, position_embeddings, state)
+            hidden = self._step_fn("plain_low", self._plain_low)(rows, state)
             state.imitation_lag.append((hidden, rows.positions(1), rows.lengths, rows.host_lengths))
             if len(state.imitation_lag) >= self._step_positions:
                 self._catch_up_imitation(rows, state)
-                state.prefix_lens = rows.lengths
-            hidden = self._run_layers(hidden, self.exit_layer, self.adapter.num_layers, position_embeddings, state)
-        else:
-            hidden = self._run_layers(hidden, 0, self.adapter.num_layers, position_embeddings, state)
+            if self._processing is not None:
+                hidden = self._plain_high(rows, state, hidden)
+                return None, self._processed_tokens(hidden, rows, None, sampling, generator)
+            return None, self._step_fn("plain_high", self._plain_high_tokens)(rows, state, hidden, sampling, generator)
         if self._processing is not None:
+            hidden = self._plain_low(rows, state, self.adapter.num_layers)
             return None, self._processed_tokens(hidden, rows, None, sampling, generator)
-        tokens = self._target_tokens(hidden[:, 0], None, sampling, generator)[0]
-        return None, tokens[:, None]
+        return None, self._step_fn("plain", self._plain_tokens)(rows, state, sampling, generator)
+
+    # The plain step's pieces, each a function of the rows' and state's tensors (what _step_fn compiles).
+    def _plain_low(self, rows: Rows, state: StepState, stop: Optional[int] = None):
+        """x0 embedded and through layers [0, stop) (default E): ``[B, 1, H]``."""
+        hidden = self.adapter.embed_tokens(rows.x0)[:, None]
+        state.prefix_lens = rows.lengths
+        return self._run_layers(hidden, 0, self.exit_layer if stop is None else stop,
+                                self._rotary(hidden, rows.positions(1)), state)
+
+    def _plain_high(self, rows: Rows, state: StepState, hidden):
+        """Layer-E states ``[B, 1, H]`` through layers [E, N)."""
+        state.prefix_lens = rows.lengths
+        return self._run_layers(hidden, self.exit_layer, self.adapter.num_layers,
+                                self._rotary(hidden, rows.positions(1)), state)
+
+    def _plain_high_tokens(self, rows: Rows, state: StepState, hidden, sampling: Sampling, generator):
+        hidden = self._plain_high(rows, state, hidden)
+        return self._target_tokens(hidden[:, 0], None, sampling, generator)[0][:, None]
+
+    def _plain_tokens(self, rows: Rows, state: StepState, sampling: Sampling, generator):
+        hidden = self._plain_low(rows, state, self.adapter.num_layers)
+        return self._target_tokens(hidden[:, 0], None, sampling, generator)[0][:, None]
+
+    def _step_fn(self, name: str, fn):
+        """``fn``, or its torch.compile'd form when this call compiles its steps (:attr:`cuda_graphs_reason`
+        None): one compiled function per piece, kept across calls (a new draft length or batch shape adds a
+        graph; on a CUDA device ``mode="reduce-overhead"`` captures each in a CUDA graph and replays it). The
+        draft and verify pieces are compiled per draft length (``name`` carries it), so that adaptive drafting's
+        lengths do not share one function's recompilation budget."""
+        if not self._compile_now:
+            return fn
+        compiled = self._compiled.get(name)
+        if compiled is None:
+            # Dynamo's recompilation budget is per function: every draft length, batch shape and first-use of
+            # a plan adds a graph of _draft / _verify (gpt-fast raises the same limit)
+            import torch._dynamo
+            for option in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                           "accumulated_cache_size_limit"):
+                if hasattr(torch._dynamo.config, option):
+                    setattr(torch._dynamo.config, option, max(getattr(torch._dynamo.config, option), 256))
+            # static shapes: every batch and draft length its own graph (what a CUDA graph captures anyway)
+            options = dict({"dynamic": False}, **self._compile_options)
+            compiled = self._compiled[name] = torch.compile(fn, fullgraph=True, **options)
+        return compiled
 
     def _catch_up_imitation(self, rows: Rows, state: StepState) -> None:
         """The plain steps' tokens waiting for the imitation layers (``state.imitation_lag``) through them in
@@ -456,12 +540,13 @@ class SelfSpeculativeDecoder:
         if self.profile:
             self._sync(rows.lengths.device)
             draft_start = time.perf_counter()
-        drafts, draft_probs, layer_e = self._draft(rows, state, draft_len, sampling, generator, subset_head)
+        drafts, draft_probs, layer_e = self._step_fn(f"draft{draft_len}", self._draft)(rows, state, draft_len, sampling, generator,
+                                                                           subset_head)
         if self.profile:
             self._sync(rows.lengths.device)
             verify_start = time.perf_counter()
             stats.draft_time += verify_start - draft_start
-        result = self._verify(rows, state, layer_e, drafts, draft_probs, sampling, generator)
+        result = self._step_fn(f"verify{draft_len}", self._verify)(rows, state, layer_e, drafts, draft_probs, sampling, generator)
         if self.profile:
             self._sync(rows.lengths.device)
             stats.verify_time += time.perf_counter() - verify_start
@@ -475,12 +560,13 @@ class SelfSpeculativeDecoder:
         if self.profile:
             self._sync(rows.lengths.device)
             draft_start = time.perf_counter()
-        drafted = self._tree.draft(self, rows, state, depth, sampling, generator, subset_head)
+        drafted = self._step_fn(f"tree_draft{depth}", self._tree.draft)(self, rows, state, depth, sampling, generator,
+                                                                 subset_head)
         if self.profile:
             self._sync(rows.lengths.device)
             verify_start = time.perf_counter()
             stats.draft_time += verify_start - draft_start
-        result = self._tree.verify(self, rows, state, drafted, sampling, generator)
+        result = self._step_fn(f"tree_verify{depth}", self._tree.verify)(self, rows, state, drafted, sampling, generator)
         if self.profile:
             self._sync(rows.lengths.device)
             stats.verify_time += time.perf_counter() - verify_start

@@ -53,3 +53,45 @@ def test_every_step_compiles_whole(family, kind, sampling):
             assert int(accept_len.max()) > 0       # the sharpened model keeps drafts: acceptance was exercised
     kept = emitted if accept_len is None else emitted.gather(1, accept_len.long()[:, None])
     assert ((kept >= 0) & (kept < case.model.get_output_embeddings().weight.shape[0])).all()
+
+
+COMPILED = {"backend": "aot_eager"}      # compile_steps on the CPU: the same tracing as a CUDA capture, no graphs
+
+
+@pytest.mark.parametrize("config", [dict(draft_len=3), dict(draft_len="adaptive"), dict(draft_len=0),
+                                    dict(draft_len=3, tree="dynamic"), dict(draft_len=2, imitation=True)],
+                         ids=["k3", "adaptive", "plain", "tree", "imitation"])
+def test_generate_with_compiled_steps_is_identical(config):
+    from fastvlm_kernels.imitation import ImitationNetwork
+    case = build("qwen2_vl", seed=0, batch=2)
+    sharpen(case.model, 1, scale=0.1)
+    expected = case.model.generate(**case.inputs, max_new_tokens=16, do_sample=False)
+    config = dict(config)
+    if config.pop("imitation", False):
+        torch.manual_seed(3)
+        config["imitation"] = ImitationNetwork.from_model(case.model, exit_layer=1, kind="layers", num_layers=1)
+    decoder = SelfSpeculativeDecoder(case.model, exit_layer=1, compile_steps=COMPILED, **config)
+    for _ in range(2):                                  # the second call replays what the first compiled
+        out = decoder.generate(**case.inputs, max_new_tokens=16)
+        assert decoder.cuda_graphs_reason is None and torch.equal(out.sequences, expected)
+    assert decoder._compiled, "nothing was compiled"
+
+
+def test_calls_that_cannot_be_compiled_run_eagerly_and_say_why():
+    case = build("llama", seed=0, batch=1)
+    decoder = SelfSpeculativeDecoder(case.model, exit_layer=1, draft_len=2, compile_steps=COMPILED)
+    decoder.generate(**case.inputs, max_new_tokens=4, do_sample=True, generator=torch.Generator().manual_seed(0))
+    assert "torch.Generator" in decoder.cuda_graphs_reason
+    decoder.generate(**case.inputs, max_new_tokens=4, repetition_penalty=1.3)
+    assert "logits processors" in decoder.cuda_graphs_reason
+    decoder.generate(**case.inputs, max_new_tokens=4, do_sample=True)                 # the default generator
+    assert decoder.cuda_graphs_reason is None
+    plain = SelfSpeculativeDecoder(case.model, exit_layer=1, draft_len=2)               # cuda_graphs="auto"
+    plain.generate(**case.inputs, max_new_tokens=4)
+    assert "not a CUDA device" in plain.cuda_graphs_reason and not plain._compiled
+    with pytest.raises(ValueError, match="cuda_graphs=True: this call cannot be captured: the model is on cpu"):
+        SelfSpeculativeDecoder(case.model, exit_layer=1, cuda_graphs=True).generate(**case.inputs, max_new_tokens=4)
+    with pytest.raises(ValueError, match="cuda_graphs must be"):
+        SelfSpeculativeDecoder(case.model, exit_layer=1, cuda_graphs="yes")
+    with pytest.raises(TypeError, match="compile_steps must be a dict"):
+        SelfSpeculativeDecoder(case.model, exit_layer=1, compile_steps="inductor")
