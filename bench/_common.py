@@ -204,3 +204,43 @@ def alternate(functions: dict, repeats: int, min_time: float = 0.0, max_calls: i
                 progress(f"timing turn {calls + 1}/{repeats}: {name} {times[name][-1]:.2f} s")
         calls += 1
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def seconds_over_prompts(inputs, configs, run: Callable, turns: int, repetition: int = 0) -> dict:
+    """Per configuration, its seconds over all ``inputs``: each input runs under every configuration back to
+    back ``turns`` times (:func:`alternate`: the order reversed every turn; rotated from input to input and from
+    repetition to repetition, so that no configuration always follows the same one), and a configuration's time
+    on an input is the median of its turns. ``run(config, input)`` makes one timed call."""
+    configs = list(configs)
+    seconds = dict.fromkeys(configs, 0.0)
+    for p, item in enumerate(inputs):
+        shift = (p + repetition) % len(configs)
+        order = configs[shift:] + configs[:shift]
+        medians = alternate({config: (lambda config=config: run(config, item)) for config in order}, turns,
+                            max_calls=turns, warmup=False)
+        for config in configs:
+            seconds[config] += medians[config]
+    return seconds
+
+
+def repetition_bars(path, groups, values_per_repetition, *, ylabel: str, title: str, lines=(), fontsize=None) -> None:
+    """A bar chart of one value per group and repetition (``values_per_repetition[r][g]``), grouped bars side by
+    side, with horizontal reference ``lines`` ((y, color, linestyle, label), ...); written to ``path``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axis = plt.subplots(figsize=(7, 4))
+    repetitions = len(values_per_repetition)
+    width = 0.8 / repetitions
+    for r, values in enumerate(values_per_repetition):
+        axis.bar([x + r * width for x in range(len(groups))], values, width, label=f"repetition {r + 1}")
+    for y, color, linestyle, label in lines:
+        axis.axhline(y, color=color, linestyle=linestyle, linewidth=1, label=label)
+    axis.set_xticks([x + width * (repetitions - 1) / 2 for x in range(len(groups))], groups, fontsize=fontsize)
+    axis.set_ylabel(ylabel)
+    axis.set_ylim(0.8, max(max(values) for values in values_per_repetition) * 1.05)
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    print(f"plot: {path}")

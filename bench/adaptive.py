@@ -17,9 +17,7 @@ adaptive decoder's choices (steps per k, over all turns).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -27,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, markdown, write_results  # noqa: E402
+from _common import environment, markdown, repetition_bars, seconds_over_prompts, write_results  # noqa: E402
 from fastvlm_kernels.decoding import SelfSpeculativeDecoder  # noqa: E402
 from fastvlm_kernels.imitation import ImitationNetwork  # noqa: E402
 from fastvlm_kernels.ops.linear import cpu_isa  # noqa: E402
@@ -81,21 +79,14 @@ def main():
     names = list(decoders)
     rows = []
     for repetition in range(args.repetitions):
-        seconds = dict.fromkeys(names, 0.0)
         choices = Counter()
-        for p, i in enumerate(inputs):
-            shift = (p + repetition) % len(names)
-            order = names[shift:] + names[:shift]
-            turns = {name: [] for name in names}
-            for turn in range(args.turns):
-                for name in (order if turn % 2 == 0 else order[::-1]):
-                    start = time.perf_counter()
-                    out = decoders[name].generate(**i, max_new_tokens=max_new)
-                    turns[name].append(time.perf_counter() - start)
-                    if name == "adaptive":
-                        choices.update(out.stats.step_draft_lens)
-            for name in names:
-                seconds[name] += statistics.median(turns[name])
+
+        def run(name, i):
+            out = decoders[name].generate(**i, max_new_tokens=max_new)
+            if name == "adaptive":
+                choices.update(out.stats.step_draft_lens)
+
+        seconds = seconds_over_prompts(inputs, names, run, args.turns, repetition)
         best_name = min((name for name in names if name != "adaptive"), key=seconds.get)
         best = seconds[best_name]
         for name in names:
@@ -126,25 +117,13 @@ def main():
                                       f"thread(s), {len(inputs)} prompts x {max_new} new tokens, median of "
                                       f"{args.turns} turns per prompt; seconds for all prompts per repetition"))
     if args.plot:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        figure, axis = plt.subplots(figsize=(7, 4))
-        width = 0.8 / args.repetitions
-        for r in range(args.repetitions):
-            values = [row["relative_to_best_fixed"] for row in rows if row["repetition"] == r + 1]
-            axis.bar([x + r * width for x in range(len(names))], values, width, label=f"repetition {r + 1}")
-        axis.axhline(1.05, color="red", linestyle="--", linewidth=1, label="best fixed + 5%")
+        lines = [(1.05, "red", "--", "best fixed + 5%")]
         if all(row["best_fixed"] == "k0" for row in rows):     # drafting does not pay: the plain bar
-            axis.axhline(1.03, color="purple", linestyle=":", linewidth=1, label="plain + 3%")
-        axis.set_xticks([x + width * (args.repetitions - 1) / 2 for x in range(len(names))], names)
-        axis.set_ylabel("time / best fixed k")
-        axis.set_ylim(0.8, max(row["relative_to_best_fixed"] for row in rows) * 1.05)
-        axis.set_title(f"{model_name}: adaptive vs fixed draft lengths ({env['date']})")
-        axis.legend(fontsize=8)
-        figure.tight_layout()
-        figure.savefig(args.plot, dpi=120)
-        print(f"plot: {args.plot}")
+            lines.append((1.03, "purple", ":", "plain + 3%"))
+        repetition_bars(args.plot, names, [[row["relative_to_best_fixed"] for row in rows if row["repetition"] == r + 1]
+                                           for r in range(args.repetitions)],
+                        ylabel="time / best fixed k", lines=lines,
+                        title=f"{model_name}: adaptive vs fixed draft lengths ({env['date']})")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, markdown, write_results  # noqa: E402
+from _common import environment, markdown, repetition_bars, seconds_over_prompts, write_results  # noqa: E402
 from adaptive import CHAT  # noqa: E402
 from fastvlm_kernels.decoding import SelfSpeculativeDecoder  # noqa: E402
 from fastvlm_kernels.decoding.options import resolve  # noqa: E402
@@ -84,19 +84,8 @@ def main():
     print(f"options + processors set up per call (no processor active): {setup_ms:.2f} ms")
     rows = []
     for repetition in range(args.repetitions):
-        seconds = {config: 0.0 for config in configs}
-        for p, i in enumerate(inputs):
-            shift = (p + repetition) % len(configs)
-            order = configs[shift:] + configs[:shift]
-            turns = {config: [] for config in configs}
-            for turn in range(args.turns):
-                for config in (order if turn % 2 == 0 else order[::-1]):
-                    runner, setting = config
-                    start = time.perf_counter()
-                    runners[runner](i, settings[setting])
-                    turns[config].append(time.perf_counter() - start)
-            for config in configs:
-                seconds[config] += statistics.median(turns[config])
+        seconds = seconds_over_prompts(inputs, configs, lambda config, i: runners[config[0]](i, settings[config[1]]),
+                                       args.turns, repetition)
         for runner, setting in configs:
             value = seconds[runner, setting]
             rows.append(dict(repetition=repetition + 1, config=runner, processors=setting, seconds=value,
@@ -124,25 +113,12 @@ def main():
                                       f"same configuration's seconds without processors; options and processors "
                                       f"set up in {setup_ms:.2f} ms per call"))
     if args.plot:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        figure, axis = plt.subplots(figsize=(7, 4))
-        shown = [c for c in configs if c[1] != "none"]
-        width = 0.8 / args.repetitions
-        for r in range(args.repetitions):
-            values = [row["overhead"] for row in rows if row["repetition"] == r + 1 and row["processors"] != "none"]
-            axis.bar([x + r * width for x in range(len(shown))], values, width, label=f"repetition {r + 1}")
-        axis.axhline(1.10, color="red", linestyle="--", linewidth=1, label="+10%")
-        axis.set_xticks([x + width * (args.repetitions - 1) / 2 for x in range(len(shown))],
-                        [f"{r}\n{s}" for r, s in shown], fontsize=8)
-        axis.set_ylabel("time / same configuration without processors")
-        axis.set_ylim(0.8, max(row["overhead"] for row in rows) * 1.05)
-        axis.set_title(f"SmolLM2: cost of a repetition penalty ({env['date']})")
-        axis.legend(fontsize=8)
-        figure.tight_layout()
-        figure.savefig(args.plot, dpi=120)
-        print(f"plot: {args.plot}")
+        shown = [f"{r}\n{s}" for r, s in configs if s != "none"]
+        repetition_bars(args.plot, shown, [[row["overhead"] for row in rows if row["repetition"] == r + 1
+                                            and row["processors"] != "none"] for r in range(args.repetitions)],
+                        ylabel="time / same configuration without processors", fontsize=8,
+                        lines=[(1.10, "red", "--", "+10%")],
+                        title=f"SmolLM2: cost of a repetition penalty ({env['date']})")
 
 
 if __name__ == "__main__":
