@@ -445,10 +445,7 @@ class SelfSpeculativeDecoder:
         if streamer is not None:
             streamer.put(input_ids.cpu())
         last = final[torch.arange(batch, device=device), lengths - 1]         # [B, H]
-        if self._processing is not None:
-            rows.start(self._processed_tokens(last[:, None], rows, None, options.sampling, generator)[:, 0])
-        else:
-            rows.start(self._target_tokens(last, None, options.sampling, generator)[0])
+        rows.start(self._next_tokens(last[:, None], rows, options.sampling, generator)[:, 0])
         return rows, state
 
     def plain_step(self, rows: Rows, state: StepState, sampling: Sampling, generator):
@@ -462,13 +459,7 @@ class SelfSpeculativeDecoder:
             state.imitation_lag.append((hidden, rows.positions(1), rows.lengths, rows.host_lengths))
             if len(state.imitation_lag) >= self._step_positions:
                 self._catch_up_imitation(rows, state)
-            if self._processing is not None:
-                hidden = self._plain_high(rows, state, hidden)
-                return None, self._processed_tokens(hidden, rows, None, sampling, generator)
             return None, self._step_fn("plain_high", self._plain_high_tokens)(rows, state, hidden, sampling, generator)
-        if self._processing is not None:
-            hidden = self._plain_low(rows, state, self.adapter.num_layers)
-            return None, self._processed_tokens(hidden, rows, None, sampling, generator)
         return None, self._step_fn("plain", self._plain_tokens)(rows, state, sampling, generator)
 
     # The plain step's pieces, each a function of the rows' and state's tensors (what _step_fn compiles).
@@ -479,18 +470,21 @@ class SelfSpeculativeDecoder:
         return self._run_layers(hidden, 0, self.exit_layer if stop is None else stop,
                                 self._rotary(hidden, rows.positions(1)), state)
 
-    def _plain_high(self, rows: Rows, state: StepState, hidden):
-        """Layer-E states ``[B, 1, H]`` through layers [E, N)."""
-        state.prefix_lens = rows.lengths
-        return self._run_layers(hidden, self.exit_layer, self.adapter.num_layers,
-                                self._rotary(hidden, rows.positions(1)), state)
-
     def _plain_high_tokens(self, rows: Rows, state: StepState, hidden, sampling: Sampling, generator):
-        hidden = self._plain_high(rows, state, hidden)
-        return self._target_tokens(hidden[:, 0], None, sampling, generator)[0][:, None]
+        """Layer-E states ``[B, 1, H]`` through layers [E, N), then the next tokens ``[B, 1]``."""
+        state.prefix_lens = rows.lengths
+        hidden = self._run_layers(hidden, self.exit_layer, self.adapter.num_layers,
+                                  self._rotary(hidden, rows.positions(1)), state)
+        return self._next_tokens(hidden, rows, sampling, generator)
 
     def _plain_tokens(self, rows: Rows, state: StepState, sampling: Sampling, generator):
-        hidden = self._plain_low(rows, state, self.adapter.num_layers)
+        return self._next_tokens(self._plain_low(rows, state, self.adapter.num_layers), rows, sampling, generator)
+
+    def _next_tokens(self, hidden, rows: Rows, sampling: Sampling, generator) -> torch.Tensor:
+        """The full model's next token ``[B, 1]`` after the last layer's states ``[B, 1, H]``: through the call's
+        logits processors when any is active (then no step is compiled), else the fused head."""
+        if self._processing is not None:
+            return self._processed_tokens(hidden, rows, None, sampling, generator)
         return self._target_tokens(hidden[:, 0], None, sampling, generator)[0][:, None]
 
     def _step_fn(self, name: str, fn):
@@ -663,25 +657,24 @@ class SelfSpeculativeDecoder:
             imitated = self._imitate(hidden, position_embeddings, state)
             if i == draft_len:
                 break
-            if processing is not None:     # the draft's scores processed with its own prefix (full vocabulary)
+            # sampling: the draft distribution q (what is drawn from); greedy: the draft token
+            if processing is not None:     # the draft's scores processed with its own prefix
                 scores = self._processed_scores(imitated, rows, [[tuple(row)] for row in drafted], subset_head)[:, 0]
-                if sampling.do_sample:
-                    q = torch.softmax(scores, dim=-1)
-                    current = torch.multinomial(q, 1, generator=generator)[:, 0]
-                    probs.append(q)
-                else:
-                    current = scores.argmax(dim=-1)
-                for row, token in zip(drafted, current.tolist()):
-                    row.append(token)
+                q = torch.softmax(scores, dim=-1) if sampling.do_sample else None
+                current = None if sampling.do_sample else scores.argmax(dim=-1)
             elif sampling.do_sample:
-                q = self._warped_probs(imitated[:, 0], sampling, subset_head)   # what is drawn from is q
-                current = torch.multinomial(q, 1, generator=generator)[:, 0]
-                probs.append(q)
+                q = self._warped_probs(imitated[:, 0], sampling, subset_head)
             else:
                 hidden = imitated[:, 0].contiguous()
                 current = self._plan("draft_head", early_exit_head_plan, hidden, adapter.norm.weight,
                                      adapter.lm_head.weight, mode="argmax", eps=adapter.norm_eps,
                                      vocab_subset=subset_head[0] if subset_head else None).run(hidden).tokens
+            if sampling.do_sample:
+                current = torch.multinomial(q, 1, generator=generator)[:, 0]
+                probs.append(q)
+            if processing is not None:
+                for row, token in zip(drafted, current.tolist()):
+                    row.append(token)
             drafts.append(current)
         draft_probs = torch.stack(probs, dim=1) if probs else None
         drafts = torch.stack(drafts, dim=1) if drafts else current.new_empty((rows.batch, 0))
@@ -693,25 +686,23 @@ class SelfSpeculativeDecoder:
         position_embeddings = self._rotary(layer_e, rows.positions(num_rows))
         state.prefix_lens = rows.lengths
         final = self._run_layers(layer_e, self.exit_layer, self.adapter.num_layers, position_embeddings, state)
+        # sampling: the target distributions [B, k+1, V]; greedy: the full model's tokens [B, k+1]
         if self._processing is not None:
             host = drafts.tolist()
             extras = [[tuple(row[:j]) for j in range(num_rows)] for row in host]   # position j: the drafts before it
-            scores = self._processed_scores(final, rows, extras)               # [B, k+1, V]
-            if not sampling.do_sample:
-                targets = scores.argmax(dim=-1)
-                return self._plan("accept", accept_greedy_plan, drafts, targets).run(drafts, targets)
-            target_probs = torch.softmax(scores, dim=-1)
-            draft_probs = draft_probs.to(target_probs.dtype).contiguous()
-            return self._plan("accept", accept_sampling_plan, drafts, draft_probs, target_probs,
-                              generator=generator).run(drafts, draft_probs, target_probs, generator=generator)
+            scores = self._processed_scores(final, rows, extras)
+            target_probs = torch.softmax(scores, dim=-1) if sampling.do_sample else None
+            targets = None if sampling.do_sample else scores.argmax(dim=-1)
+        elif sampling.do_sample:
+            target_probs = self._warped_probs(final, sampling)
+        else:
+            draft_rows = torch.cat([drafts, drafts.new_full((batch, 1), -1)], dim=1)
+            targets = self._target_tokens(final.reshape(-1, hidden_size), draft_rows.reshape(-1), sampling,
+                                          generator)[0].view(batch, num_rows)
         if sampling.do_sample:
-            target_probs = self._warped_probs(final, sampling)                 # [B, k+1, V]
             draft_probs = draft_probs.to(target_probs.dtype).contiguous()
             return self._plan("accept", accept_sampling_plan, drafts, draft_probs, target_probs,
                               generator=generator).run(drafts, draft_probs, target_probs, generator=generator)
-        draft_rows = torch.cat([drafts, drafts.new_full((batch, 1), -1)], dim=1)
-        targets, _ = self._target_tokens(final.reshape(-1, hidden_size), draft_rows.reshape(-1), sampling, generator)
-        targets = targets.view(batch, num_rows)
         return self._plan("accept", accept_greedy_plan, drafts, targets).run(drafts, targets)
 
     # ---- pieces -----------------------------------------------------------------------------------------------
