@@ -61,16 +61,9 @@ def check_generate_keywords(keywords: dict) -> None:
 
 def check_model_inputs(model, model_inputs: dict) -> None:
     """Keywords the model's forward would not use raise, naming them, as model.generate validates them (a
-    misspelt option lands here: ``max_new_tokenz``)."""
-    validate = getattr(model, "_validate_model_kwargs", None)
-    if validate is not None:
-        validate(dict(model_inputs))
-        return
-    import inspect
-    accepted = set(inspect.signature(model.forward).parameters)
-    unused = [name for name, value in model_inputs.items() if value is not None and name not in accepted]
-    if unused and "kwargs" not in accepted:
-        raise ValueError(f"The following `model_kwargs` are not used by the model: {unused}")
+    misspelt option lands here: ``max_new_tokenz``): transformers' own check (:func:`resolve` needs the model's
+    generation methods too)."""
+    model._validate_model_kwargs(dict(model_inputs))
 
 
 @dataclass(frozen=True)

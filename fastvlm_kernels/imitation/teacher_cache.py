@@ -243,7 +243,7 @@ class TeacherCache:
                         _write(handles[name], row[name])
                     if not index["last_is_target"]:     # the target is the last layer's output: stored once
                         _write(handles["last"], row["last"])
-                    length, loss_len = row["exit"].shape[0], row["target"].shape[0]
+                    length, loss_len = row["cos"].shape[0], row["target"].shape[0]
                     index["examples"].append([keys[first + i], index["tokens"], length, row["prompt_len"],
                                               index["loss_positions"], loss_len])
                     index["tokens"] += length
@@ -285,7 +285,7 @@ def _teacher_rows(adapter, taps, encoder: Encoder, examples: Sequence[Example], 
     for b in range(count):
         length, row_mask = int(lengths[b]), batch.loss_mask[b]
         rows.append({**{name: value[b, :length].float().cpu() for name, value in values.items()
-                        if name.startswith("exit")}, "cos": cos[b, :length].cpu(),
+                        if name.startswith("exit_")}, "cos": cos[b, :length].cpu(),
                      "sin": sin[b, :length].cpu(), "target": values["target"][b][row_mask].float().cpu(),
                      "last": values["last"][b][row_mask].float().cpu(),
                      "prompt_len": int(row_mask.nonzero()[0, 0]) + 1})
