@@ -17,7 +17,8 @@ topics. Real prompts vary in form more than in topic (issue 22), so ``forms``, `
 ``self_instruct`` (answers to the train cache) and the held-out ``wild`` split come from other sources
 (``smollm2_prompt_sources.py``): request forms from their own small generators, the standard library's
 documentation strings, requests the model itself writes (sampled, seeded, cached in
-``self_instruct/written.jsonl``), and for ``wild`` a persona x goal x constraint grammar no training split
+``self_instruct_requests.jsonl`` beside the split folders, never inside one: every JSONL file of a split folder
+is read as prompts), and for ``wild`` a persona x goal x constraint grammar no training split
 uses. Everything is deterministic from ``--seed`` (``docstrings`` also from the Python version's library).
 
 Answers: the model's greedy answer through its chat template (``smollm2.chat_inputs``'s formatting), made with
@@ -382,7 +383,10 @@ def main(argv=None) -> None:
     for split in wanted:
         if split not in SPLITS:
             raise SystemExit(f"--splits: unknown split {split!r} (known: {', '.join(SPLITS)})")
-    written_path = args.out / "self_instruct" / "written.jsonl"
+    written_path = args.out / "self_instruct_requests.jsonl"
+    old_path = args.out / "self_instruct" / "written.jsonl"   # where the first runs kept it
+    if old_path.exists() and not written_path.exists():
+        old_path.replace(written_path)
     if "self_instruct" in wanted and args.list:
         if not written_path.exists():
             raise SystemExit("--list: the self_instruct split's requests are written by the model: run without --list")

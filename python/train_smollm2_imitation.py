@@ -45,8 +45,9 @@ def say(message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
 
-# the data program's training splits (answers in responses/train.jsonl)
-TRAIN_SPLITS = ("train", "train_more", "train_topics")
+# the data program's training splits (answers in responses/train.jsonl): the topic templates and the other
+# sources; never "heldout" or "wild"
+TRAIN_SPLITS = ("train", "train_more", "train_topics", "forms", "docstrings", "self_instruct")
 
 
 def write_snapshot(data: Path, snapshot: Path, model, tokenizer) -> int:
