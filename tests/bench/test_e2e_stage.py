@@ -12,23 +12,33 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _e2e(tmp_path, model: str, agreement: str) -> Path:
+def _e2e(tmp_path, model: str, agreement: str, *extra: str) -> Path:
     out = tmp_path / f"{model}-{agreement}.json"
     subprocess.run([sys.executable, str(ROOT / "bench" / "e2e.py"), "--model", model, "--synthetic-size", "small",
                     "--agreement", agreement, "--exit-layer", "2", "--batches", "1", "--prompts", "1",
                     "--prompt-len", "16", "--draft-lens", "0", "3", "--max-new-tokens", "12", "--repeats", "1",
-                    "--no-assisted", "--cost-model", "--threads", "1", "--json", str(out)],
+                    "--no-assisted", "--cost-model", "--threads", "1", "--json", str(out), *extra],
                    check=True, cwd=ROOT, capture_output=True, text=True, timeout=600)
     return out
 
 
 @pytest.mark.parametrize("agreement", ["1.0", "0.7"])
 def test_synthetic_rows_carry_what_the_gpu_stage_reports(tmp_path, agreement):
-    run = json.loads(_e2e(tmp_path, "synthetic-qwen2", agreement).read_text())
+    # the high-agreement run also has the stage's second baseline and the eager row beside the compiled one
+    extra = ("--static-baseline", "--eager-lens", "3") if agreement == "1.0" else ()
+    run = json.loads(_e2e(tmp_path, "synthetic-qwen2", agreement, *extra).read_text())
     assert run["environment"]["model"].startswith("7B-shaped Qwen2-VL")
     assert f"agreeing on {1.0 if agreement == '1.0' else ''}" in run["environment"]["model"]
     rows = {row["config"]: row for row in run["rows"]}
-    assert set(rows) == {"generate", "decoder_k0", "decoder_k3"}
+    if extra:
+        assert set(rows) == {"generate", "generate_static", "decoder_k0", "decoder_k3", "decoder_k3@eager"}
+        assert rows["generate_static"]["identical"] is True
+        eager = rows["decoder_k3@eager"]
+        assert eager["identical"] is True and eager["compiled"] is False
+        assert eager["mean_accepted"] == rows["decoder_k3"]["mean_accepted"]
+        assert rows["decoder_k3"]["compiled"] is False     # the CPU: cuda_graphs="auto" runs eagerly here
+    else:
+        assert set(rows) == {"generate", "decoder_k0", "decoder_k3"}
     k3 = rows["decoder_k3"]
     assert k3["identical"] is True and k3["batch"] == 1 and k3["ideal_speedup"] > 0 and k3["speedup_vs_generate"] > 0
     if agreement == "1.0":
