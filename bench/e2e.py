@@ -424,13 +424,17 @@ def main():
     drafters = [] if args.imitation_only and imitations else [("", args.exit_layer, None, None)]
     if draft_vocab is not None:
         drafters.append((f"+vocab{args.draft_vocab}", args.exit_layer, None, draft_vocab))
-    for network in imitations:
+    labels = set()
+    for network, path in zip(imitations, args.imitation or []):
         exit_layer, kind = network.config.exit_layer, network.config.kind
         if not args.imitation_only and not any(d[1] == exit_layer and d[2] is None for d in drafters):
             drafters.append((f"+E{exit_layer}-plain", exit_layer, None, None))
         label = "+imitation" if len(imitations) == 1 and exit_layer == args.exit_layer else f"+E{exit_layer}-{kind}"
         if network.draft_vocab is not None:
             label += f"-vocab{network.draft_vocab.numel()}"
+        if label in labels:     # two networks of the same kind: told apart by their folders
+            label += "-" + (path.parent.name if path.name == "imitation" else path.name)
+        labels.add(label)
         drafters.append((label, exit_layer, network, None))     # None: the network's own draft vocabulary
     print(f"e2e: {description} on {args.device}, exit layer {args.exit_layer}, {args.max_new_tokens} new tokens",
           flush=True)
