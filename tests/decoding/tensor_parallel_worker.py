@@ -9,6 +9,7 @@ sharded here, or the ``ValueError`` the decoder's construction raised.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import sys
 
@@ -52,7 +53,7 @@ def _run(run: dict, model, plain_model, rank: int) -> dict:
     return {"tokens": out.sequences.tolist(), "step_collectives": out.stats.step_collectives,
             "step_draft_lens": out.stats.step_draft_lens, "lean": decoder.lean_reason is None,
             "mean_accepted": out.stats.mean_accepted,
-            "cache_kv_heads": decoder._cache.num_kv_heads,
+            "cache_kv_heads": decoder._cache.num_kv_heads, "embedding_sharded": decoder._parallel.embedding_sharded,
             "local_kv_rows": attention.k_proj.weight.to_local().shape[0],
             "local_head_rows": decoder.adapter.lm_head.weight.to_local().shape[0]
             if hasattr(decoder.adapter.lm_head.weight, "to_local") else None}
@@ -61,7 +62,8 @@ def _run(run: dict, model, plain_model, rank: int) -> dict:
 def main(spec_path: str, out_path: str) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
-    dist.init_process_group("gloo")
+    # ranks that diverge (a bug) wait on each other's collectives: fail in a minute instead of hanging
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank = dist.get_rank()
     with open(spec_path) as f:
         runs = json.load(f)
