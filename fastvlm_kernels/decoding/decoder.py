@@ -762,8 +762,8 @@ class SelfSpeculativeDecoder:
         if linear is None:
             linear = self._head_linear = lean.linear_for_weight(tensor_parallel.local(head.weight), self.linear_backend)
         flat = normed.reshape(-1, normed.shape[-1])
-        if subset_head is None and self._parallel is not None:   # the head module's logits (gathered if sharded)
-            logits = head(normed)
+        if subset_head is None and self._parallel is not None:
+            logits = self._gathered_logits(normed)
         elif subset_head is None:
             logits = linear(flat, head.weight, getattr(head, "bias", None)).view(*normed.shape[:-1], -1)
         else:
@@ -860,6 +860,13 @@ class SelfSpeculativeDecoder:
             return lean.run(self._lean[1], hidden, position_embeddings, state)
         return self.imitation(hidden, position_embeddings, **{STATE_KWARG: state})
 
+    def _gathered_logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """Tensor parallel: the full logits over ``normed [..., H]`` from the LM head module (a sharded head's
+        hook all-gathers them), the same on every rank."""
+        if self._parallel.vocab_parallel:
+            self._parallel.count("all_gather")
+        return self.adapter.lm_head(normed)
+
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """The token embeddings of ``tokens`` (a sharded embedding all-reduces them over the ranks)."""
         if self._parallel is not None and self._parallel.embedding_sharded:
@@ -875,7 +882,8 @@ class SelfSpeculativeDecoder:
         only, written into a full-vocabulary distribution that is zero elsewhere."""
         normed = self.adapter.norm(hidden)
         if subset_head is None:
-            logits = self.adapter.lm_head(normed).float()
+            head = self.adapter.lm_head if self._parallel is None else self._gathered_logits
+            logits = head(normed).float()
             scores = filter_scores(logits / sampling.temperature, sampling.top_k, sampling.top_p)
             return torch.softmax(scores, dim=-1)
         ids, weight, bias = subset_head
@@ -898,7 +906,9 @@ class SelfSpeculativeDecoder:
         bias = getattr(head, "bias", None)
         if self._parallel is not None and self._parallel.vocab_parallel:   # the rows from the ranks holding them
             rows = self._parallel.gather_rows(head.weight, ids)
-            return ids, rows, self._parallel.gather_rows(bias[:, None], ids)[:, 0] if bias is not None else None
+            if bias is not None:
+                bias = self._parallel.gather_rows(tensor_parallel.local(bias)[:, None], ids)[:, 0]
+            return ids, rows, bias
         bias = tensor_parallel.local(bias)
         return ids, tensor_parallel.local(head.weight).index_select(0, ids), \
             bias.index_select(0, ids) if bias is not None else None

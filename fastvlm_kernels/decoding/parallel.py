@@ -159,7 +159,7 @@ class TensorParallel:
         """``[S, H]`` rows ``ids`` of the vocabulary-sharded LM-head ``weight`` on every rank: each rank writes
         the rows it holds into a zero buffer and one all-reduce sums them (exact: the others add zeros)."""
         first, end = self.vocab_range
-        rows = local(weight)
+        rows = local(weight)                                   # [V / R, H] (a bias: [V / R, 1])
         out = rows.new_zeros((ids.numel(), rows.shape[1]))
         mine = (ids >= first) & (ids < end)
         out[mine] = rows.index_select(0, ids[mine] - first)

@@ -22,6 +22,16 @@ def _load(folder: str, model_class: str, tp_plan):
     return model.eval()
 
 
+def decoder_arguments(spec: dict) -> dict:
+    """The decoder's keyword arguments from their JSON form (a tree's paths as tuples, draft_vocab a tensor)."""
+    arguments = dict(spec)
+    if isinstance(arguments.get("tree"), list):
+        arguments["tree"] = [tuple(path) for path in arguments["tree"]]
+    if "draft_vocab" in arguments:
+        arguments["draft_vocab"] = torch.tensor(arguments["draft_vocab"])
+    return arguments
+
+
 def _run(run: dict, model, plain_model, rank: int) -> dict:
     from fastvlm_kernels import SelfSpeculativeDecoder
     from fastvlm_kernels.imitation import ImitationNetwork
@@ -36,13 +46,9 @@ def _run(run: dict, model, plain_model, rank: int) -> dict:
         inputs = torch.load(f"{run['folder']}/inputs.pt")
     if run.get("imitation") and imitation is None:
         imitation = ImitationNetwork.from_model(plain_model, run["exit_layer"], num_layers=1, init_layer=-1).eval()
-    decoder_args = dict(run.get("decoder", {}))
-    if "tree" in decoder_args and isinstance(decoder_args["tree"], list):
-        decoder_args["tree"] = [tuple(path) for path in decoder_args["tree"]]
-    if "draft_vocab" in decoder_args:
-        decoder_args["draft_vocab"] = torch.tensor(decoder_args["draft_vocab"])
     try:
-        decoder = SelfSpeculativeDecoder(model, run["exit_layer"], imitation, **decoder_args)
+        decoder = SelfSpeculativeDecoder(model, run["exit_layer"], imitation,
+                                         **decoder_arguments(run.get("decoder", {})))
     except ValueError as error:
         return {"error": str(error)}
     keywords = dict(run.get("generate", {}))

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from . import models
+from .tensor_parallel_worker import decoder_arguments
 
 pytestmark = pytest.mark.distributed
 
@@ -73,6 +74,9 @@ RUNS_2 = [
     Run("llama-E2-k3-modules", "llama", 2, _greedy(3, lean_layers=False)),
     Run("llama-E2-k3-repetition-penalty", "llama", 2, _greedy(3), generate=dict(repetition_penalty=1.5)),
     Run("llama-E2-k3-sampling", "llama", 2, _greedy(3), generate=dict(do_sample=True, temperature=1.5), seed=7),
+    Run("llama-E2-k3-sampling-draft-vocab", "llama", 2, _greedy(3, draft_vocab=list(range(1, 120, 2))),
+        generate=dict(do_sample=True, top_k=20), seed=8),
+    Run("llama-E1-static-tree-sampling", "llama", 1, _greedy(2, tree=TREE), generate=dict(do_sample=True), seed=9),
     Run("qwen2-E2-k3-batch2", "qwen2", 2, _greedy(3), batch=2),
     Run("qwen2-E1-k2", "qwen2", 1, _greedy(2)),
     Run("llava-E2-k3", "llava", 2, _greedy(3)),
@@ -161,7 +165,7 @@ def _reference(root: Path, run: Run) -> torch.Tensor:
         if run.seed is None:
             return model.generate(**inputs, **keywords, do_sample=False)
         from fastvlm_kernels import SelfSpeculativeDecoder
-        decoder = SelfSpeculativeDecoder(model, run.exit_layer, **run.decoder)
+        decoder = SelfSpeculativeDecoder(model, run.exit_layer, **decoder_arguments(run.decoder))
         torch.manual_seed(run.seed)
         return decoder.generate(**inputs, **keywords).sequences
 
