@@ -116,7 +116,10 @@ class SelfSpeculativeDecoder:
 
     Args:
         model: a transformers model of a supported family (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, or a
-            Llama / Mistral / Qwen2 causal LM), in eval mode.
+            Llama / Mistral / Qwen2 causal LM), in eval mode; or one loaded with ``from_pretrained(...,
+            tp_plan="auto")`` in every process of a ``torchrun`` launch, sharded by transformers' tensor-parallel
+            plan (:mod:`.parallel`: each rank decodes its share of the heads; every rank emits the same tokens; a
+            sharding the decoder cannot run is a ``ValueError`` here).
         exit_layer: E in [1, N-1]: the draft runs layers [0, E) and the early-exit head. None (the default):
             the imitation network's own exit layer (required without a network).
         imitation: an :class:`~fastvlm_kernels.imitation.ImitationNetwork` trained for this model and E.

@@ -220,9 +220,9 @@ def tensor_parallel_for(adapter, imitation=None) -> Optional[TensorParallel]:
     head_placement = _placement(adapter.lm_head.weight)
     if head_placement == ("shard", 0):
         import torch.distributed as dist
-        rows = torch.tensor([local(adapter.lm_head.weight).shape[0]])
+        rows = torch.tensor([local(adapter.lm_head.weight).shape[0]], device=mesh.device_type)   # NCCL: on the GPU
         sizes = [torch.zeros_like(rows) for _ in range(world_size)]
-        dist.all_gather(sizes, rows.to(mesh.device_type), group=mesh.get_group())
+        dist.all_gather(sizes, rows, group=mesh.get_group())
         sizes = [int(size) for size in sizes]
         vocab_range = (sum(sizes[:rank]), sum(sizes[:rank + 1]))
     elif head_placement not in (None, ("replicate", None)):
