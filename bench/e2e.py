@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import time
@@ -308,6 +309,26 @@ def measure_drafter_parts(model, parts: dict, decoder, repeats: int = 30) -> tup
     return timed.get("mlp", imitation_s), timed.get("head", parts["draft_head"])
 
 
+def check_tensor_parallel(args):
+    """``--tp N``: the tp_plan to load with ("auto"), after checking the launch (None for one process). Ranks
+    other than 0 print nothing and write no files: every rank runs the same calls, rank 0 reports them."""
+    if args.tp == 1:
+        return None
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.tp < 1 or world_size != args.tp:
+        raise SystemExit(f"--tp {args.tp}: run under `torchrun --nproc_per_node {args.tp} bench/e2e.py ...` "
+                         f"(WORLD_SIZE is {world_size})")
+    if args.model not in ("smollm2", "tiny"):
+        raise SystemExit(f"--tp: --model smollm2 or tiny (loaded with tp_plan='auto'), got {args.model}")
+    if args.cost_model:
+        raise SystemExit("--tp: --cost-model times one process's parts; leave it out")
+    args.no_assisted = True      # assisted generation's assistant is not sharded
+    if int(os.environ.get("RANK", "0")) != 0:
+        args.json = args.md = args.plot = None
+        sys.stdout = open(os.devnull, "w")
+    return "auto"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("random-llava", "tiny", "smollm2", "synthetic-llava", "synthetic-qwen2"),
@@ -366,6 +387,10 @@ def main():
     parser.add_argument("--json", type=Path)
     parser.add_argument("--md", type=Path)
     parser.add_argument("--plot", type=Path, help="a PNG of tokens/s per configuration")
+    parser.add_argument("--tp", type=int, default=1,
+                        help="tensor parallel over this many ranks: run under `torchrun --nproc_per_node N`; the model "
+                             "(smollm2 or tiny) is loaded with tp_plan='auto', model.generate and the decoder run "
+                             "on the same ranks, rank 0 prints and writes the results")
     parser.add_argument("--cost-model", action="store_true",
                         help="time a step's parts and put docs/design.md's cost model, with the measured acceptance, "
                              "beside each measured batch-1 speedup")
@@ -374,13 +399,14 @@ def main():
     short = None     # a short name of the model for plots
     if args.threads:
         torch.set_num_threads(args.threads)
+    tp_plan = check_tensor_parallel(args)
     if args.model == "smollm2":
         from fastvlm_kernels.models import smollm2
-        model, tokenizer = smollm2.load(dtype)
+        model, tokenizer = smollm2.load(dtype, tp_plan=tp_plan)
         description = f"SmolLM2-135M-Instruct (real weights), {args.dtype}"
     elif args.model == "tiny":
         from fastvlm_kernels.models import tiny
-        model, processor = tiny.load(dtype=dtype)
+        model, processor = tiny.load(dtype=dtype, tp_plan=tp_plan)
         description = f"embedded tiny VLM ({model.config.text_config.num_hidden_layers} layers), {args.dtype}"
         if args.imitation is None and (tiny.FOLDER / "imitation" / "config.json").is_file():
             args.imitation = [tiny.FOLDER / "imitation"]
@@ -405,7 +431,10 @@ def main():
         description = f"random LLaVA, {args.layers} layers x {args.hidden}, vocab {args.vocab}, {args.dtype}"
     if args.exit_layer is None:
         args.exit_layer = 4
-    model = model.to(args.device)
+    if tp_plan is None:
+        model = model.to(args.device)
+    else:
+        description += f", tensor parallel over {args.tp} ranks"
     imitations = [ImitationNetwork.from_pretrained(path, model) for path in (args.imitation or [])]
     draft_vocab = None
     if args.draft_vocab:
@@ -558,6 +587,8 @@ def main():
                 row.update(mean_accepted=sum(values) / len(values) if values else 0.0,
                            steps=sum(s.steps for s in stats), identical=identical,
                            compiled=decoders[name][0].cuda_graphs_reason is None)
+                if tp_plan is not None:
+                    row.update(collectives_per_step=statistics.mean(s.collectives_per_step for s in stats))
             elif name in baselines:
                 row.update(identical=baselines[name])
             rows.append(row)
@@ -606,6 +637,8 @@ def main():
                   f"{speedup:.2f}x, measured {row['speedup_vs_generate']:.2f}x (draft pass of the network "
                   f"{imitation_s * 1e3:.3f} ms, draft head {head_s * 1e3:.3f} ms)", flush=True)
     env = environment(args.device)
+    if tp_plan is not None:
+        env.update(tensor_parallel=args.tp)
     env.update(model=description, model_short=short or args.model, exit_layer=args.exit_layer, prompts=args.prompts,
                imitation=[str(path) for path in args.imitation] if args.imitation else None,
                max_new_tokens=args.max_new_tokens, prompt_len=args.prompt_len)

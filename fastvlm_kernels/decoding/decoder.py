@@ -24,7 +24,7 @@ from ..cache import KVCache
 from ..ops.acceptance import accept_greedy_plan, accept_sampling_plan
 from ..ops.lm_head import early_exit_head_plan, verify_head_plan
 from ..ops.lm_head.reference import filter_scores
-from . import lean
+from . import lean, parallel as tensor_parallel
 from .adapters import Adapter, adapter_for
 from .attention import STATE_KWARG, StepState, attention_implementation
 from .options import (GENERATE_KEYWORDS, REFUSED_GENERATE_KEYWORDS, GenerationOptions, Sampling, check_generate_keywords,
@@ -56,6 +56,9 @@ class GenerateStats:
     draft_time: float = 0.0       # draft and verify times: only with profile=True (they need a sync)
     verify_time: float = 0.0
     total_time: float = 0.0
+    # tensor parallel: the collectives each step ran (all-reduces of the row-wise projections and the embedding,
+    # the heads' all-gathers), in step order; empty on one process
+    step_collectives: List[int] = field(default_factory=list)
 
     def record(self, draft_len: int, kept: List[Tuple[int, int]]) -> None:
         """One step: its draft length (0: plain) and, per unfinished row, (drafted tokens kept, tokens emitted)."""
@@ -82,6 +85,11 @@ class GenerateStats:
         return sum(values) / len(values) if values else 0.0
 
     @property
+    def collectives_per_step(self) -> float:
+        """Tensor parallel: the collectives a decoding step ran, on average (0.0 on one process)."""
+        return sum(self.step_collectives) / len(self.step_collectives) if self.step_collectives else 0.0
+
+    @property
     def tokens_per_s(self) -> float:
         return sum(self.new_tokens) / self.total_time if self.total_time > 0 else 0.0
 
@@ -94,7 +102,8 @@ class GenerateStats:
                 + f"; prefill {self.prefill_time:.3f} s"
                 + (f", draft {self.draft_time:.3f} s, verify {self.verify_time:.3f} s" if self.draft_time else "")
                 + (f"; steps per draft length {per_k}" if len(per_k) > 1 else "")
-                + (f"; step costs timed in {self.measure_time:.3f} s" if self.measure_time else ""))
+                + (f"; step costs timed in {self.measure_time:.3f} s" if self.measure_time else "")
+                + (f"; {self.collectives_per_step:.1f} collectives per step" if self.step_collectives else ""))
 
 
 class GenerateOutput(NamedTuple):
@@ -107,7 +116,10 @@ class SelfSpeculativeDecoder:
 
     Args:
         model: a transformers model of a supported family (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, or a
-            Llama / Mistral / Qwen2 causal LM), in eval mode.
+            Llama / Mistral / Qwen2 causal LM), in eval mode; or one loaded with ``from_pretrained(...,
+            tp_plan="auto")`` in every process of a ``torchrun`` launch, sharded by transformers' tensor-parallel
+            plan (:mod:`.parallel`: each rank decodes its share of the heads; every rank emits the same tokens; a
+            sharding the decoder cannot run is a ``ValueError`` here).
         exit_layer: E in [1, N-1]: the draft runs layers [0, E) and the early-exit head. None (the default):
             the imitation network's own exit layer (required without a network).
         imitation: an :class:`~fastvlm_kernels.imitation.ImitationNetwork` trained for this model and E.
@@ -212,6 +224,12 @@ class SelfSpeculativeDecoder:
         self._cache: Optional[KVCache] = None
         config = self.adapter.text_config
         self._num_kv_heads = config.num_key_value_heads
+        # a model sharded by transformers' tensor-parallel plan: this rank's heads and vocabulary rows (None: one
+        # process, or a model that is not sharded); a sharding the decoder cannot run raises here
+        self._parallel = tensor_parallel.tensor_parallel_for(self.adapter, imitation)
+        if self._parallel is not None:
+            self._num_kv_heads = self._parallel.num_kv_heads
+            self._check_parallel_imitation(imitation, lean_layers)
         self._head_dim = self.adapter.head_dim
         from ..ops.verify_attention.spec import HEAD_DIMS
         if self._head_dim not in HEAD_DIMS:
@@ -250,6 +268,21 @@ class SelfSpeculativeDecoder:
         self.profile = bool(profile)
         self.count_calls = False   # tests: count the tokens each layer attends (StepState.calls)
         self.last_calls: dict = {}
+
+    def _check_parallel_imitation(self, imitation, lean_layers: bool) -> None:
+        """Tensor parallel: the imitation network's decoder layers run on the lean path, cut by this rank's
+        share of the heads like the backbone's (their KV heads share the rank's cache), so they must be lean."""
+        layers = list(getattr(imitation, "layers", ()) or ())
+        if not layers:
+            return
+        if not lean_layers:
+            raise ValueError("lean_layers=False: under tensor parallel an imitation network's decoder layers run "
+                             "on the lean path only (cut to this rank's heads); pass lean_layers=True")
+        for layer in layers:
+            reason = lean.unsupported_reason(layer, self._parallel)
+            if reason is not None:
+                raise ValueError(f"tensor parallel: the imitation network's layers cannot run on the lean path "
+                                 f"({reason}); under tensor parallel they must")
 
     def _check_draft_vocab(self, draft_vocab: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """draft_vocab as sorted distinct int64 ids on the LM head's device, or None."""
@@ -311,6 +344,12 @@ class SelfSpeculativeDecoder:
         if streamer is not None and input_ids.shape[0] > 1:
             raise ValueError("a streamer supports batch size 1 only (as in model.generate)")
         self._choose_compilation(options.sampling, generator)
+        parallel = self._parallel
+        if parallel is not None and options.config.max_time is not None:
+            raise ValueError(f"max_time={options.config.max_time}: under tensor parallel each rank would stop on its "
+                             f"own clock, at different tokens; use max_new_tokens")
+        if parallel is not None and options.sampling.do_sample:   # every rank draws rank 0's random stream
+            parallel.share_random_state(generator, input_ids.device)
         if pixel_values is not None:
             model_inputs["pixel_values"] = pixel_values
         stats, policy = GenerateStats(), self.policy
@@ -328,7 +367,11 @@ class SelfSpeculativeDecoder:
             adaptive = isinstance(policy, AdaptiveDraftLen)
             while not rows.done:
                 step_start = time.perf_counter()
+                if parallel is not None:
+                    parallel.reset_counts()
                 draft_len = policy.draft_len()
+                if parallel is not None and adaptive:   # each rank times its own steps: rank 0's choice for all
+                    draft_len = parallel.broadcast_int(draft_len)
                 if adaptive:
                     stats.step_estimates.append(policy.last_estimates)
                 paths = None
@@ -342,6 +385,8 @@ class SelfSpeculativeDecoder:
                                                                 subset_head, stats)
                 accepted = rows.advance(accept_len, emitted, paths)   # the step's one device-to-host read
                 stats.record(draft_len, rows.last_kept)
+                if parallel is not None:
+                    stats.step_collectives.append(sum(parallel.collectives.values()))
                 policy.update(draft_len, accepted, time.perf_counter() - step_start)
             if adaptive:
                 stats.step_costs = policy.current_costs.as_dict()
@@ -368,6 +413,8 @@ class SelfSpeculativeDecoder:
             reason = "logits processors are active (they run on the host, per row and position)"
         elif self.profile:
             reason = "profile=True synchronises inside the step"
+        elif self._parallel is not None:
+            reason = "tensor parallel: the steps' collectives run eagerly"
         if reason is not None and self.cuda_graphs is True and self.compile_steps is None:
             raise ValueError(f"cuda_graphs=True: this call cannot be captured: {reason}")
         self.cuda_graphs_reason = reason
@@ -465,7 +512,7 @@ class SelfSpeculativeDecoder:
     # The plain step's pieces, each a function of the rows' and state's tensors (what _step_fn compiles).
     def _plain_low(self, rows: Rows, state: StepState, stop: Optional[int] = None):
         """x0 embedded and through layers [0, stop) (default E): ``[B, 1, H]``."""
-        hidden = self.adapter.embed_tokens(rows.x0)[:, None]
+        hidden = self._embed(rows.x0)[:, None]
         state.prefix_lens = rows.lengths
         return self._run_layers(hidden, 0, self.exit_layer if stop is None else stop,
                                 self._rotary(hidden, rows.positions(1)), state)
@@ -649,7 +696,7 @@ class SelfSpeculativeDecoder:
         processing = self._processing
         drafted: List[List[int]] = [[] for _ in range(rows.batch)]    # with processors: the drafts on the host
         for i in range(draft_len + 1):
-            hidden = adapter.embed_tokens(current)[:, None]
+            hidden = self._embed(current)[:, None]
             position_embeddings = self._rotary(hidden, first_position + i)
             state.prefix_lens = rows.lengths + i
             hidden = self._run_layers(hidden, 0, self.exit_layer, position_embeddings, state)
@@ -666,9 +713,8 @@ class SelfSpeculativeDecoder:
                 q = self._warped_probs(imitated[:, 0], sampling, subset_head)
             else:
                 hidden = imitated[:, 0].contiguous()
-                current = self._plan("draft_head", early_exit_head_plan, hidden, adapter.norm.weight,
-                                     adapter.lm_head.weight, mode="argmax", eps=adapter.norm_eps,
-                                     vocab_subset=subset_head[0] if subset_head else None).run(hidden).tokens
+                current = self._head_plan("draft_head", early_exit_head_plan, hidden, mode="argmax",
+                                          vocab_subset=subset_head[0] if subset_head else None).run(hidden).tokens
             if sampling.do_sample:
                 current = torch.multinomial(q, 1, generator=generator)[:, 0]
                 probs.append(q)
@@ -717,9 +763,11 @@ class SelfSpeculativeDecoder:
         normed = self.adapter.norm(hidden)
         linear = self._head_linear
         if linear is None:
-            linear = self._head_linear = lean.linear_for_weight(head.weight, self.linear_backend)
+            linear = self._head_linear = lean.linear_for_weight(tensor_parallel.local(head.weight), self.linear_backend)
         flat = normed.reshape(-1, normed.shape[-1])
-        if subset_head is None:
+        if subset_head is None and self._parallel is not None:
+            logits = self._gathered_logits(normed)
+        elif subset_head is None:
             logits = linear(flat, head.weight, getattr(head, "bias", None)).view(*normed.shape[:-1], -1)
         else:
             ids, weight, bias = subset_head
@@ -751,8 +799,7 @@ class SelfSpeculativeDecoder:
         if draft_tokens is None:
             draft_tokens = torch.full((hidden.shape[0],), -1, dtype=torch.long, device=hidden.device)
         hidden = hidden.contiguous()
-        plan = self._plan("verify_head", verify_head_plan, hidden, self.adapter.norm.weight,
-                          self.adapter.lm_head.weight, draft_tokens, eps=self.adapter.norm_eps)
+        plan = self._head_plan("verify_head", verify_head_plan, hidden, draft_tokens, verify=True)
         return plan.run(hidden, draft_tokens).tokens, None
 
     def _plan(self, name: str, make, *args, **kwargs):
@@ -760,6 +807,22 @@ class SelfSpeculativeDecoder:
         plan = self._plans.get(name)
         if plan is None:
             plan = self._plans[name] = make(*args, validate=False, **kwargs)
+        return plan
+
+    def _head_plan(self, name: str, make, hidden, *args, verify: bool = False, **kwargs):
+        """The fused head's plan ``name`` (``make``: early_exit_head_plan or verify_head_plan) over the model's
+        final norm and LM head; tensor-parallel with a vocabulary-sharded head, over this rank's rows, merged
+        over the ranks (:class:`~.parallel.VocabParallelHeadPlan`)."""
+        plan = self._plans.get(name)
+        if plan is not None:
+            return plan
+        adapter, parallel = self.adapter, self._parallel
+        if parallel is None or not parallel.vocab_parallel:
+            return self._plan(name, make, hidden, adapter.norm.weight, tensor_parallel.local(adapter.lm_head.weight),
+                              *args, eps=adapter.norm_eps, **kwargs)
+        plan = self._plans[name] = tensor_parallel.head_plan(parallel, make, hidden, adapter.norm.weight,
+                                                             adapter.lm_head.weight, *args, eps=adapter.norm_eps,
+                                                             verify=verify, **kwargs)
         return plan
 
     def _prepare_lean(self) -> None:
@@ -770,11 +833,11 @@ class SelfSpeculativeDecoder:
             self.lean_reason = "lean_layers=False"
             return
         linear = lean.linear_for(self.adapter.layers, self.linear_backend)
-        backbone, reason = lean.lean_layers(self.adapter.layers, linear)
+        backbone, reason = lean.lean_layers(self.adapter.layers, linear, self._parallel)
         imitation = None
         if backbone is not None and self._drafts and getattr(self.imitation, "layers", None) \
                 is not None and self.imitation.config.kind == "layers":
-            imitation, reason = lean.lean_layers(self.imitation.layers, linear)
+            imitation, reason = lean.lean_layers(self.imitation.layers, linear, self._parallel)
             if imitation is None:
                 backbone = None
         if backbone is None:
@@ -786,6 +849,8 @@ class SelfSpeculativeDecoder:
         if self._lean is not None:
             return lean.run(self._lean[0][start:stop], hidden, position_embeddings, state)
         kwargs = {STATE_KWARG: state}
+        if self._parallel is not None:   # each layer's row-wise attention output and down projections all-reduce
+            self._parallel.count("all_reduce", 2 * (stop - start))
         for layer in self.adapter.layers[start:stop]:
             out = layer(hidden, attention_mask=None, position_embeddings=position_embeddings, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
@@ -798,6 +863,19 @@ class SelfSpeculativeDecoder:
             return lean.run(self._lean[1], hidden, position_embeddings, state)
         return self.imitation(hidden, position_embeddings, **{STATE_KWARG: state})
 
+    def _gathered_logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """Tensor parallel: the full logits over ``normed [..., H]`` from the LM head module (a sharded head's
+        hook all-gathers them), the same on every rank."""
+        if self._parallel.vocab_parallel:
+            self._parallel.count("all_gather")
+        return self.adapter.lm_head(normed)
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The token embeddings of ``tokens`` (a sharded embedding all-reduces them over the ranks)."""
+        if self._parallel is not None and self._parallel.embedding_sharded:
+            self._parallel.count("all_reduce")
+        return self.adapter.embed_tokens(tokens)
+
     def _rotary(self, hidden, positions):
         return self.adapter.rotary_emb(hidden, self.adapter.step_positions(positions))
 
@@ -807,7 +885,8 @@ class SelfSpeculativeDecoder:
         only, written into a full-vocabulary distribution that is zero elsewhere."""
         normed = self.adapter.norm(hidden)
         if subset_head is None:
-            logits = self.adapter.lm_head(normed).float()
+            head = self.adapter.lm_head if self._parallel is None else self._gathered_logits
+            logits = head(normed).float()
             scores = filter_scores(logits / sampling.temperature, sampling.top_k, sampling.top_p)
             return torch.softmax(scores, dim=-1)
         ids, weight, bias = subset_head
@@ -828,7 +907,14 @@ class SelfSpeculativeDecoder:
             return ids, None, None
         head = self.adapter.lm_head
         bias = getattr(head, "bias", None)
-        return ids, head.weight.index_select(0, ids), bias.index_select(0, ids) if bias is not None else None
+        if self._parallel is not None and self._parallel.vocab_parallel:   # the rows from the ranks holding them
+            rows = self._parallel.gather_rows(head.weight, ids)
+            if bias is not None:
+                bias = self._parallel.gather_rows(tensor_parallel.local(bias)[:, None], ids)[:, 0]
+            return ids, rows, bias
+        bias = tensor_parallel.local(bias)
+        return ids, tensor_parallel.local(head.weight).index_select(0, ids), \
+            bias.index_select(0, ids) if bias is not None else None
 
     def _get_cache(self, batch, max_len, dtype, device) -> KVCache:
         num_layers = self.adapter.num_layers + (self.imitation.num_cache_layers if self._drafts else 0)

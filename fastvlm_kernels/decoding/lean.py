@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import StepState, attend
+from .parallel import TensorParallel, is_sharded, local
 
 SUPPORTED_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
 
@@ -30,17 +31,19 @@ def _rms_norm(norm: nn.Module):
     return norm.weight, float(norm.variance_epsilon)
 
 
-def _has_hooks(module: nn.Module) -> bool:
+def _has_hooks(module: nn.Module, parallel: Optional[TensorParallel] = None) -> bool:
     for sub in module.modules():
-        # accelerate's hooks (offloading, device maps) replace the instance's forward
+        # accelerate's hooks (offloading, device maps) replace the instance's forward; so does transformers'
+        # tensor-parallel plan, whose row-wise all-reduce the lean layer does itself (with ``parallel``)
+        tensor_parallel = parallel is not None and is_sharded(getattr(sub, "weight", None))
         if (sub._forward_hooks or sub._forward_pre_hooks or getattr(sub, "_hf_hook", None) is not None
-                or "forward" in sub.__dict__):
+                or ("forward" in sub.__dict__ and not tensor_parallel)):
             return True
     return bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
 
 
-def unsupported_reason(layer: nn.Module) -> Optional[str]:
-    """Why ``layer`` cannot run on the lean path (None: it can)."""
+def unsupported_reason(layer: nn.Module, parallel: Optional[TensorParallel] = None) -> Optional[str]:
+    """Why ``layer`` cannot run on the lean path (None: it can); ``parallel``: the model is tensor-parallel."""
     name = type(layer).__name__
     if name not in SUPPORTED_LAYERS:
         return f"{name} is not one of {', '.join(SUPPORTED_LAYERS)}"
@@ -59,7 +62,7 @@ def unsupported_reason(layer: nn.Module) -> Optional[str]:
             return f"{name}: {type(norm).__name__} is not transformers' RMSNorm"
     if getattr(mlp.act_fn, "__class__", None).__name__ not in ("SiLUActivation", "SiLU"):
         return f"{name}: activation {type(mlp.act_fn).__name__} (SiLU only)"
-    if _has_hooks(layer):
+    if _has_hooks(layer, parallel):
         return f"{name}: the layer has forward hooks"
     return None
 
@@ -68,23 +71,26 @@ class LeanLayer:
     """``layer``'s forward with the decoder's attention, as plain tensor ops (bit-identical output)."""
 
     __slots__ = ("layer_idx", "norm1", "eps1", "norm2", "eps2", "q", "q_b", "k", "k_b", "v", "v_b", "o", "o_b",
-                 "gate", "gate_b", "up", "up_b", "down", "down_b", "head_dim", "scaling", "linear")
+                 "gate", "gate_b", "up", "up_b", "down", "down_b", "head_dim", "scaling", "linear", "row_linear")
 
-    def __init__(self, layer: nn.Module, linear: Callable = F.linear):
+    def __init__(self, layer: nn.Module, linear: Callable = F.linear, parallel: Optional[TensorParallel] = None):
         attention, mlp = layer.self_attn, layer.mlp
         self.layer_idx = attention.layer_idx
         self.norm1, self.eps1 = _rms_norm(layer.input_layernorm)
         self.norm2, self.eps2 = _rms_norm(layer.post_attention_layernorm)
-        self.q, self.q_b = attention.q_proj.weight, attention.q_proj.bias
-        self.k, self.k_b = attention.k_proj.weight, attention.k_proj.bias
-        self.v, self.v_b = attention.v_proj.weight, attention.v_proj.bias
-        self.o, self.o_b = attention.o_proj.weight, attention.o_proj.bias
-        self.gate, self.gate_b = mlp.gate_proj.weight, mlp.gate_proj.bias
-        self.up, self.up_b = mlp.up_proj.weight, mlp.up_proj.bias
-        self.down, self.down_b = mlp.down_proj.weight, mlp.down_proj.bias
+        self.q, self.q_b = _projection(attention.q_proj, parallel, row_wise=False)
+        self.k, self.k_b = _projection(attention.k_proj, parallel, row_wise=False)
+        self.v, self.v_b = _projection(attention.v_proj, parallel, row_wise=False)
+        self.o, self.o_b = _projection(attention.o_proj, parallel, row_wise=True)
+        self.gate, self.gate_b = _projection(mlp.gate_proj, parallel, row_wise=False)
+        self.up, self.up_b = _projection(mlp.up_proj, parallel, row_wise=False)
+        self.down, self.down_b = _projection(mlp.down_proj, parallel, row_wise=True)
         self.head_dim = attention.head_dim
         self.scaling = float(attention.scaling)
         self.linear = linear      # F.linear, or skinny_linear's plan.run (few rows, the weight read once)
+        # the attention output and down projections: on one rank ``linear``; tensor-parallel, the rank's partial
+        # product summed over the ranks, then the (replicated) bias, as transformers' row-wise hook does
+        self.row_linear = linear if parallel is None else _row_wise(linear, parallel)
 
     def __call__(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, state: StepState) -> torch.Tensor:
         """``hidden [B, T, H]``; ``cos``/``sin [B, 1, T, D]`` (already unsqueezed for the heads)."""
@@ -99,11 +105,32 @@ class LeanLayer:
         query = (query * cos) + (_rotate_half(query) * sin)
         key = (key * cos) + (_rotate_half(key) * sin)
         out = attend(state, self.layer_idx, query, key, value, self.scaling)
-        hidden = residual + linear(out.reshape(batch, tokens, -1).contiguous(), self.o, self.o_b)
+        hidden = residual + self.row_linear(out.reshape(batch, tokens, -1).contiguous(), self.o, self.o_b)
         residual = hidden
         normed = _rms(hidden, self.norm2, self.eps2)
         gated = F.silu(linear(normed, self.gate, self.gate_b)) * linear(normed, self.up, self.up_b)
-        return residual + linear(gated, self.down, self.down_b)
+        return residual + self.row_linear(gated, self.down, self.down_b)
+
+
+def _projection(module: nn.Linear, parallel: Optional[TensorParallel], row_wise: bool):
+    """(weight, bias) of a projection as this rank computes it: the module's own on one rank; tensor-parallel,
+    the local tensors of the plan's DTensors, or this rank's block of a replicated layer's weights (an
+    imitation network loaded beside the sharded model), cut the way the plan cuts the backbone's."""
+    weight, bias = module.weight, module.bias
+    if parallel is None:
+        return weight, bias
+    if is_sharded(weight):
+        return local(weight), local(bias)
+    if row_wise:
+        return parallel.shard_columns(weight), bias
+    return parallel.shard_rows(weight), parallel.shard_rows(bias)
+
+
+def _row_wise(linear: Callable, parallel: TensorParallel) -> Callable:
+    def row_wise(hidden, weight, bias):
+        out = parallel.all_reduce(linear(hidden, weight, None))
+        return out if bias is None else out + bias
+    return row_wise
 
 
 def _rms(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -120,15 +147,16 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def lean_layers(layers: Sequence[nn.Module], linear: Callable = F.linear
+def lean_layers(layers: Sequence[nn.Module], linear: Callable = F.linear, parallel: Optional[TensorParallel] = None
                 ) -> Tuple[Optional[List[LeanLayer]], Optional[str]]:
     """(lean versions of ``layers``, None), or (None, why not) when any layer is unsupported. ``linear``: the
-    projections' function (F.linear: bit-identical to the modules; or skinny_linear's, see :func:`linear_for`)."""
+    projections' function (F.linear: bit-identical to the modules; or skinny_linear's, see :func:`linear_for`).
+    ``parallel``: the model is tensor-parallel (:mod:`.parallel`): each layer runs this rank's shards."""
     for layer in layers:
-        reason = unsupported_reason(layer)
+        reason = unsupported_reason(layer, parallel)
         if reason is not None:
             return None, reason
-    return [LeanLayer(layer, linear) for layer in layers], None
+    return [LeanLayer(layer, linear, parallel) for layer in layers], None
 
 
 def linear_for(layers: Sequence[nn.Module], backend: str = "auto") -> Callable:
@@ -138,7 +166,7 @@ def linear_for(layers: Sequence[nn.Module], backend: str = "auto") -> Callable:
     past its limit still go to F.linear) and F.linear elsewhere; "cpu" requires the kernel."""
     if backend == "torch" or not layers:
         return F.linear
-    return linear_for_weight(layers[0].self_attn.q_proj.weight, backend)
+    return linear_for_weight(local(layers[0].self_attn.q_proj.weight), backend)
 
 
 def linear_for_weight(weight: torch.Tensor, backend: str = "auto") -> Callable:

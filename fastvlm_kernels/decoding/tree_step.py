@@ -150,7 +150,7 @@ class TreeDrafter:
         first_position = rows.positions(1)                # [B, 1]
         state.prefix_lens = rows.lengths
         for d, (lo, hi) in enumerate(bounds):
-            hidden = adapter.embed_tokens(tokens[:, lo:hi])
+            hidden = decoder._embed(tokens[:, lo:hi])
             position_embeddings = decoder._rotary(hidden, (first_position + d).expand(-1, hi - lo))
             state.tree_mask, state.query_offset = masks[:, :hi].contiguous(), lo
             hidden = decoder._run_layers(hidden, 0, decoder.exit_layer, position_embeddings, state)
@@ -215,10 +215,8 @@ class TreeDrafter:
             top = torch.topk(torch.log_softmax(scores, dim=-1), count, dim=-1)
             return top.indices.reshape(batch, nodes * count), top.values.reshape(batch, nodes * count)
         flat = imitated.reshape(batch * nodes, hidden_size).contiguous()
-        adapter = decoder.adapter
-        plan = decoder._plan(f"draft_top{count}", early_exit_head_plan, flat, adapter.norm.weight,
-                             adapter.lm_head.weight, mode="topk", top_k=count, eps=adapter.norm_eps,
-                             vocab_subset=subset_head[0] if subset_head else None)
+        plan = decoder._head_plan(f"draft_top{count}", early_exit_head_plan, flat, mode="topk", top_k=count,
+                                  vocab_subset=subset_head[0] if subset_head else None)
         out = plan.run(flat)
         return out.tokens.view(batch, nodes * count), out.logprob.view(batch, nodes * count)
 

@@ -84,7 +84,9 @@ class ImitationNetwork(nn.Module):
             return cls(config, mlp=mlp.to(adapter.norm.weight.device, dtype))
         layers = nn.ModuleList()
         for i in range(num_layers):
-            if init_layer is not None:
+            if init_layer is not None and _tensor_parallel(adapter.layers[init_layer]):
+                layer = _replicated_copy(adapter.layers[init_layer], adapter.text_config, num_backbone - 1)
+            elif init_layer is not None:
                 layer = copy.deepcopy(adapter.layers[init_layer])
             else:
                 template = adapter.layers[0]
@@ -194,6 +196,22 @@ class ImitationNetwork(nn.Module):
             del state["_draft_vocab"]
         network.load_state_dict(state)
         return network
+
+
+def _tensor_parallel(layer: nn.Module) -> bool:
+    """Whether ``layer`` was sharded by transformers' tensor-parallel plan (DTensor weights)."""
+    return any(type(parameter).__name__ == "DTensor" for parameter in layer.parameters())
+
+
+def _replicated_copy(layer: nn.Module, config, layer_idx: int) -> nn.Module:
+    """A plain (unsharded) copy of a tensor-parallel ``layer``: a new layer of its class holding the full
+    weights, gathered from the ranks (every rank calls this; the decoder cuts the copy by rank again)."""
+    state = {name: tensor.full_tensor() if type(tensor).__name__ == "DTensor" else tensor
+             for name, tensor in layer.state_dict().items()}
+    reference = next(iter(state.values()))
+    copy_ = type(layer)(config, layer_idx).to(reference.device, reference.dtype)
+    copy_.load_state_dict(state)
+    return copy_
 
 
 def _describe(model: nn.Module) -> dict:

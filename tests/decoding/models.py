@@ -96,8 +96,10 @@ def _text_ids(generator, batch, length, pad_rows):
     return ids, mask
 
 
-def build(family: str, seed: int = 0, batch: int = 1, dtype=torch.float32) -> Case:
+def build(family: str, seed: int = 0, batch: int = 1, dtype=torch.float32, text: dict = None) -> Case:
+    """``text``: overrides of the text model's configuration (:data:`TEXT`), e.g. head counts."""
     torch.manual_seed(seed)
+    text_config = dict(TEXT, **(text or {}))
     generator = torch.Generator().manual_seed(seed + 100)
     pad_rows = {1: 3, 2: 1, 3: 5}
     if family in ("llama", "mistral", "qwen2"):
@@ -108,14 +110,14 @@ def build(family: str, seed: int = 0, batch: int = 1, dtype=torch.float32) -> Ca
             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         }[family]
         extra = dict(sliding_window=None) if family in ("mistral", "qwen2") else {}
-        model = model_class(config_class(**TEXT, **extra))
+        model = model_class(config_class(**text_config, **extra))
         ids, mask = _text_ids(generator, batch, 11, pad_rows)
         return Case(model.to(dtype).eval(), dict(input_ids=ids, attention_mask=mask))
     if family in ("llava", "llava-qwen2"):
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
         vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                   image_size=28, patch_size=14)
-        text = LlamaConfig(**TEXT) if family == "llava" else Qwen2Config(**TEXT, sliding_window=None)
+        text = LlamaConfig(**text_config) if family == "llava" else Qwen2Config(**text_config, sliding_window=None)
         model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
                                                           image_token_id=IMAGE_TOKEN))
         ids, mask = _text_ids(generator, batch, 14, pad_rows)
@@ -127,7 +129,7 @@ def build(family: str, seed: int = 0, batch: int = 1, dtype=torch.float32) -> Ca
         vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                   image_size=28, patch_size=14)
         model = LlavaNextForConditionalGeneration(LlavaNextConfig(
-            vision_config=vision, text_config=LlamaConfig(**TEXT), image_token_id=IMAGE_TOKEN,
+            vision_config=vision, text_config=LlamaConfig(**text_config), image_token_id=IMAGE_TOKEN,
             image_grid_pinpoints=[[28, 56], [56, 28]]))
         image_sizes = torch.tensor([[28, 56]] * batch)
         pixels = torch.randn(batch, 3, 3, 28, 28, generator=generator)   # base image + 2 tiles
@@ -142,18 +144,18 @@ def build(family: str, seed: int = 0, batch: int = 1, dtype=torch.float32) -> Ca
                                                   image_sizes=image_sizes))
     if family in ("qwen2_vl", "qwen2_5_vl"):
         import transformers
-        text = dict(TEXT, vocab_size=160, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+        text = dict(text_config, vocab_size=160, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                            "mrope_section": [8, 12, 12]})
         tokens = dict(image_token_id=151, video_token_id=152, vision_start_token_id=150, vision_end_token_id=153)
         if family == "qwen2_vl":
-            vision = dict(depth=1, embed_dim=32, num_heads=2, hidden_size=128, patch_size=14, spatial_merge_size=2,
-                          temporal_patch_size=2, in_chans=3, mlp_ratio=2)
+            vision = dict(depth=1, embed_dim=32, num_heads=2, hidden_size=text["hidden_size"], patch_size=14,
+                          spatial_merge_size=2, temporal_patch_size=2, in_chans=3, mlp_ratio=2)
             model = transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(
                 text_config=text, vision_config=vision, **tokens))
         else:
-            vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=128, patch_size=14,
-                          spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=56,
-                          fullatt_block_indexes=[0])
+            vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                          out_hidden_size=text["hidden_size"], patch_size=14, spatial_merge_size=2,
+                          temporal_patch_size=2, in_channels=3, window_size=56, fullatt_block_indexes=[0])
             model = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(
                 text_config=text, vision_config=vision, **tokens))
         ids, mask = _text_ids(generator, batch, 16, pad_rows)

@@ -125,20 +125,28 @@ def _write_converted(model, tokenizer, target: Path) -> None:
             shutil.rmtree(other, ignore_errors=True)
 
 
-def load(dtype=None, *, cache_dir: Optional[Union[str, Path]] = None, use_cache: bool = True
+def load(dtype=None, *, cache_dir: Optional[Union[str, Path]] = None, use_cache: bool = True, tp_plan=None
          ) -> Tuple[object, object]:
     """(model, tokenizer): the model in eval mode (fp32 unless ``dtype``), the tokenizer left-padding with a
     pad token set, ready for batched ``generate`` and ``SelfSpeculativeDecoder``.
 
     The first call converts the GGUF file to safetensors in the cache folder (``cache_dir``, default
     :func:`cache_root`); later calls read that folder. ``use_cache=False`` always dequantises the GGUF file
-    and writes nothing."""
+    and writes nothing. ``tp_plan``: passed to ``from_pretrained`` ("auto": sharded by transformers'
+    tensor-parallel plan in every process of a ``torchrun`` launch; SmolLM2's 3 KV heads take 1 or 3 ranks),
+    always from the converted folder (each rank converts it if missing; the first rename wins)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if tp_plan is not None and not use_cache:
+        raise ValueError("use_cache=False loads the GGUF file, which transformers cannot shard: tp_plan needs the "
+                         "converted folder (use_cache=True)")
     if not use_cache:
         return load_gguf(dtype)
     folder = converted_folder(cache_dir)
+    if not (folder / "config.json").is_file() and tp_plan is not None:
+        model, tokenizer = load_gguf(torch.float32)
+        _write_converted(model, tokenizer, folder)
     if not (folder / "config.json").is_file():
         model, tokenizer = load_gguf(torch.float32)
         _write_converted(model, tokenizer, folder)
@@ -146,7 +154,7 @@ def load(dtype=None, *, cache_dir: Optional[Union[str, Path]] = None, use_cache:
             model = model.to(dtype)
         return model, tokenizer
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, tp_plan=tp_plan)
     return model.eval(), _prepare_tokenizer(tokenizer)
 
 

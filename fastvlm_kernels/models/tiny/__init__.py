@@ -36,9 +36,11 @@ def is_built(folder: Union[str, Path, None] = None) -> bool:
         (folder / "tokenizer.json").is_file()
 
 
-def load(folder: Union[str, Path, None] = None, *, dtype=None):
+def load(folder: Union[str, Path, None] = None, *, dtype=None, tp_plan=None):
     """``(model, processor)`` from the shipped files (or ``folder``), offline; the model in eval mode, fp32
-    unless ``dtype`` says otherwise (the files are fp16)."""
+    unless ``dtype`` says otherwise (the files are fp16). ``tp_plan``: passed to ``from_pretrained`` ("auto":
+    sharded by transformers' tensor-parallel plan, in every process of a ``torchrun`` launch; the tiny VLM's
+    2 KV heads take 1 or 2 ranks)."""
     import torch
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
@@ -47,8 +49,8 @@ def load(folder: Union[str, Path, None] = None, *, dtype=None):
         raise FileNotFoundError(f"the tiny VLM is not built: {folder} lacks config.json, model.safetensors or "
                                 f"tokenizer.json. Build it with `{BUILD_COMMAND}` from the repository root "
                                 f"(about 90 minutes on a 2-core CPU; `--out DIR` to write elsewhere)")
-    model = LlavaForConditionalGeneration.from_pretrained(folder, local_files_only=True,
-                                                          dtype=dtype or torch.float32).eval()
+    model = LlavaForConditionalGeneration.from_pretrained(folder, local_files_only=True, dtype=dtype or torch.float32,
+                                                          tp_plan=tp_plan).eval()
     processor = LlavaProcessor.from_pretrained(folder, local_files_only=True)
     return model, processor
 
