@@ -505,38 +505,33 @@ def main():
 
         functions = {"generate": lambda: run_all(lambda inputs: model.generate(**inputs, **options))}
         baselines = {}   # other baselines: name -> output identical to generate's
+
+        def add_baseline(name, fn, what):
+            """Times ``fn`` (a generate-like call on one input) beside generate when it runs, its output
+            checked against generate's (fp32: must be identical); reported and left out when it cannot run."""
+            try:
+                identical = all(torch.equal(a, b) for a, b in zip(run_all(fn), expected))
+            except Exception as error:  # noqa: BLE001 - reported, the baseline is optional
+                print(f"  {what}: unavailable ({type(error).__name__}: {str(error).splitlines()[0][:100]})",
+                      flush=True)
+                return
+            if not identical and args.dtype == "fp32":
+                raise SystemExit(f"{what}: output differs from model.generate")
+            functions[name] = lambda: run_all(fn)
+            baselines[name] = identical
+
         if batch == 1 and not args.no_assisted:
             def assisted(inputs):
                 with early_exit_config(model):
                     return model.generate(**inputs, **options, assistant_early_exit=args.exit_layer)
-            try:
-                outputs = run_all(assisted)
-                if not all(torch.equal(a, b) for a, b in zip(outputs, expected)) and args.dtype == "fp32":
-                    raise SystemExit("assisted generation's output differs from model.generate")
-                functions["assisted_early_exit"] = lambda: run_all(assisted)
-            except SystemExit:
-                raise
-            except Exception as error:  # noqa: BLE001 - reported, the baseline is optional
-                print(f"  assisted generation with assistant_early_exit: unavailable "
-                      f"({type(error).__name__}: {str(error).splitlines()[0][:100]})", flush=True)
+            add_baseline("assisted_early_exit", assisted, "assisted generation with assistant_early_exit")
         if batch == 1 and args.static_baseline:
             def static_generate(inputs):
                 return model.generate(**inputs, **options, cache_implementation="static")
             # transformers compiles the forward for a static cache on an accelerator (its auto-compile
             # criteria), not on the CPU
-            static_name = "generate_static_compiled" if args.device.startswith("cuda") else "generate_static"
-            try:
-                outputs = run_all(static_generate)
-                static_identical = all(torch.equal(a, b) for a, b in zip(outputs, expected))
-                if not static_identical and args.dtype == "fp32":
-                    raise SystemExit("model.generate with a static cache differs from model.generate")
-                functions[static_name] = lambda: run_all(static_generate)
-                baselines[static_name] = static_identical
-            except SystemExit:
-                raise
-            except Exception as error:  # noqa: BLE001 - reported, the baseline is optional
-                print(f"  model.generate with a static cache: unavailable "
-                      f"({type(error).__name__}: {str(error).splitlines()[0][:100]})", flush=True)
+            add_baseline("generate_static_compiled" if args.device.startswith("cuda") else "generate_static",
+                         static_generate, "model.generate with a static cache")
         decoders = {}
 
         def add_decoder(name, decoder):

@@ -249,13 +249,10 @@ class VocabParallelHeadPlan:
     the log-sum-exp and the chosen token's log-probability; "topk": ``[M, 2k + 1]``). Ties go to the lowest
     id, as in one process (the ranks hold ascending blocks of rows).
 
-    ``local_subset`` (a draft vocabulary): this rank's ids of it as local rows; None with ``subset`` set
-    means this rank holds none of them and contributes nothing (-inf)."""
+    ``plan`` None: this rank holds none of a draft vocabulary's ids and contributes nothing (-inf)."""
 
-    def __init__(self, parallel: TensorParallel, plan, *, mode: str, top_k: int = 1, verify: bool = False,
-                 local_subset: Optional[torch.Tensor] = None, subset: bool = False):
+    def __init__(self, parallel: TensorParallel, plan, *, mode: str, top_k: int = 1, verify: bool = False):
         self.parallel, self.plan, self.mode, self.top_k, self.verify = parallel, plan, mode, top_k, verify
-        self.local_subset, self.subset = local_subset, subset
         self.first = parallel.vocab_range[0]
 
     def run(self, hidden: torch.Tensor, draft_tokens: Optional[torch.Tensor] = None, **_):
@@ -321,7 +318,7 @@ def head_plan(parallel: TensorParallel, make, hidden: torch.Tensor, norm_weight:
     if vocab_subset is not None:
         local_subset = parallel.local_vocab_subset(vocab_subset)
         if local_subset is None:
-            return VocabParallelHeadPlan(parallel, None, mode=mode, top_k=top_k, verify=verify, subset=True)
+            return VocabParallelHeadPlan(parallel, None, mode=mode, top_k=top_k, verify=verify)
     columns = weight.shape[0] if local_subset is None else local_subset.numel()
     if mode == "topk":
         kwargs["top_k"] = min(top_k, columns)
@@ -329,5 +326,4 @@ def head_plan(parallel: TensorParallel, make, hidden: torch.Tensor, norm_weight:
         args = (torch.full_like(args[0], -1),) + args[1:]
     plan = make(hidden, norm_weight, weight, *args, vocab_subset=local_subset, validate=False, **kwargs) \
         if not verify else make(hidden, norm_weight, weight, *args, validate=False, **kwargs)
-    return VocabParallelHeadPlan(parallel, plan, mode=mode, top_k=top_k, verify=verify, local_subset=local_subset,
-                                 subset=vocab_subset is not None)
+    return VocabParallelHeadPlan(parallel, plan, mode=mode, top_k=top_k, verify=verify)

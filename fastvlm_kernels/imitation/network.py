@@ -200,13 +200,15 @@ class ImitationNetwork(nn.Module):
 
 def _tensor_parallel(layer: nn.Module) -> bool:
     """Whether ``layer`` was sharded by transformers' tensor-parallel plan (DTensor weights)."""
-    return any(type(parameter).__name__ == "DTensor" for parameter in layer.parameters())
+    from ..decoding.parallel import is_sharded
+    return any(is_sharded(parameter) for parameter in layer.parameters())
 
 
 def _replicated_copy(layer: nn.Module, config, layer_idx: int) -> nn.Module:
     """A plain (unsharded) copy of a tensor-parallel ``layer``: a new layer of its class holding the full
     weights, gathered from the ranks (every rank calls this; the decoder cuts the copy by rank again)."""
-    state = {name: tensor.full_tensor() if type(tensor).__name__ == "DTensor" else tensor
+    from ..decoding.parallel import is_sharded
+    state = {name: tensor.full_tensor() if is_sharded(tensor) else tensor
              for name, tensor in layer.state_dict().items()}
     reference = next(iter(state.values()))
     copy_ = type(layer)(config, layer_idx).to(reference.device, reference.dtype)

@@ -144,15 +144,13 @@ def load(dtype=None, *, cache_dir: Optional[Union[str, Path]] = None, use_cache:
     if not use_cache:
         return load_gguf(dtype)
     folder = converted_folder(cache_dir)
-    if not (folder / "config.json").is_file() and tp_plan is not None:
-        model, tokenizer = load_gguf(torch.float32)
-        _write_converted(model, tokenizer, folder)
     if not (folder / "config.json").is_file():
         model, tokenizer = load_gguf(torch.float32)
         _write_converted(model, tokenizer, folder)
-        if dtype is not None and dtype != torch.float32:
-            model = model.to(dtype)
-        return model, tokenizer
+        if tp_plan is None:    # the converted model as it is; a sharded one is loaded from the folder below
+            if dtype is not None and dtype != torch.float32:
+                model = model.to(dtype)
+            return model, tokenizer
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, tp_plan=tp_plan)
     return model.eval(), _prepare_tokenizer(tokenizer)
