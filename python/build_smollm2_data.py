@@ -245,14 +245,16 @@ def chat_text(tokenizer, item) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def write_prompts(folder: Path, items: Sequence[dict], tokenizer) -> List[Example]:
-    """Writes (or checks) ``folder/prompts.jsonl``; returns the examples with their trainer sources."""
+def write_prompts(folder: Path, items: Sequence[dict], tokenizer, *, replace: bool = False) -> List[Example]:
+    """Writes (or checks) ``folder/prompts.jsonl``; returns the examples with their trainer sources. ``replace``
+    rewrites a file that holds other prompts (the self_instruct split, which grows when the program asks the
+    model for more requests; answers are cached by prompt, so none is lost)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "prompts.jsonl"
     lines = [json.dumps({"prompt": chat_text(tokenizer, item), "topic": item["topic"],
                          "template": item["template"]}) + "\n" for item in items]
     text = "".join(lines)
-    if path.exists():
+    if path.exists() and not replace:
         if path.read_text(encoding="utf-8") != text:
             raise SystemExit(f"{path} holds other prompts (another --seed or version of this program): "
                              "delete the split's folder to start again")
@@ -414,7 +416,8 @@ def main(argv=None) -> None:
         say(f"[self_instruct] {len(splits['self_instruct'])} usable distinct requests")
     for split in wanted:
         folder = args.out / split
-        examples = write_prompts(folder, splits[split][:args.limit] if args.limit else splits[split], tokenizer)
+        examples = write_prompts(folder, splits[split][:args.limit] if args.limit else splits[split], tokenizer,
+                                 replace=split == "self_instruct")
         cache_path = args.out / "responses" / f"{CACHE_OF.get(split, split)}.jsonl"
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         run_split(split, model, tokenizer, examples, cache_path, fingerprint, args)

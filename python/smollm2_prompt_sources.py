@@ -257,6 +257,16 @@ _SELF_CATEGORIES = ("cooking", "travel", "work and careers", "health and fitness
 _SELF_FORMS = ("a short question", "a request to write something short", "a request for advice",
                "a request to explain a concept simply", "a request for a list", "a how-to question")
 SELF_INSTRUCT_PER_PAIR = 3
+_SELF_CATEGORIES_2 = ("parenting", "weddings and parties", "moving house", "job interviews", "small business",
+                      "language learning", "cleaning and laundry", "sleep", "mental wellbeing", "photography",
+                      "board games", "reading and books", "films and TV", "camping and hiking", "cycling",
+                      "public speaking", "email and messages", "taxes and paperwork", "neighbours",
+                      "volunteering", "baking", "coffee and tea", "art and drawing", "first aid",
+                      "time management", "spreadsheets", "programming", "math homework", "the environment",
+                      "road trips")
+_SELF_FORMS_2 = ("a request that says who the writer is and what they need", "a request to write a message or email",
+                 "a request to compare two options", "a request to plan something step by step")
+SELF_INSTRUCT_PER_PAIR_2 = 2
 
 
 _SELF_EXAMPLES = ("How do I get a red wine stain out of a carpet?", "Write a short birthday message for my aunt.",
@@ -264,6 +274,14 @@ _SELF_EXAMPLES = ("How do I get a red wine stain out of a carpet?", "Write a sho
                   "Give me three ideas for a rainy Sunday with kids.", "Can you check this sentence for mistakes: "
                   "'Me and him goes to school every days.'", "Why does bread go stale?",
                   "Help me write a polite email to cancel a dentist appointment.")
+_SELF_EXAMPLES_2 = ("My daughter starts school next week. How can I help her feel less nervous?",
+                    "I have a job interview on Friday. What questions should I prepare for?",
+                    "Compare renting and buying a flat for someone who moves every few years.",
+                    "Write a short note to my neighbour asking them to water my plants while I'm away.",
+                    "Plan a simple three-day workout routine for a beginner.",
+                    "Our team missed a deadline. How do I tell the client without losing them?",
+                    "What is the difference between baking soda and baking powder?",
+                    "Turn these notes into a friendly reminder: meeting Tuesday 10am, bring laptops.")
 
 
 def self_instruct_requests(seed: int) -> List[dict]:
@@ -281,6 +299,20 @@ def self_instruct_requests(seed: int) -> List[dict]:
                         + "".join(f"{i + 1}. {example}\n" for i, example in enumerate(examples))
                         + f"4. ({category}, {form})")
                 requests.append({"key": f"{category}|{form}|{copy}", "seed": rng.randrange(2 ** 31),
+                                 "category": category, "form": form, "text": text})
+    # Round 2: more categories and forms (the first round's 360 requests gave 225 usable ones, too few to move
+    # the drafter off the topic templates), its own example pool, which also shows requests that carry some
+    # context about the sender, as people write them; its own random stream, so round 1 is unchanged.
+    rng = random.Random(f"{seed}:self_instruct:2")
+    categories = _SELF_CATEGORIES + _SELF_CATEGORIES_2
+    for category in categories:
+        for form in _SELF_FORMS + _SELF_FORMS_2:
+            for copy in range(SELF_INSTRUCT_PER_PAIR_2):
+                examples = rng.sample(_SELF_EXAMPLES + _SELF_EXAMPLES_2, 3)
+                text = ("Messages that people sent to a helpful assistant, one per line:\n"
+                        + "".join(f"{i + 1}. {example}\n" for i, example in enumerate(examples))
+                        + f"4. ({category}, {form})")
+                requests.append({"key": f"{category}|{form}|r2.{copy}", "seed": rng.randrange(2 ** 31),
                                  "category": category, "form": form, "text": text})
     return requests
 
@@ -313,5 +345,5 @@ def self_instruct_items(written: Dict[str, str]) -> List[dict]:
             seen.add(line.lower())
             category, form, _ = key.split("|")
             items.append({"question": line, "topic": f"self_instruct/{category}",
-                          "template": _SELF_FORMS.index(form)})
+                          "template": (_SELF_FORMS + _SELF_FORMS_2).index(form)})
     return items

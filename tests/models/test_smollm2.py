@@ -268,6 +268,26 @@ def test_data_prompts_of_the_answered_splits_never_change():
             assert splits[split][index]["question"] == EXPECTED_QUESTIONS[split][index]
 
 
+def test_self_instruct_requests_grow_in_rounds_without_moving_the_first():
+    """The second round of model-written requests (more categories, forms and examples) comes after the first
+    round's 360, whose keys, seeds and texts do not move (their written requests and answers are cached); every
+    key is distinct and every usable request maps to its form."""
+    _data_program()                                   # puts python/ on the path
+    import smollm2_prompt_sources as module
+    requests = module.self_instruct_requests(0)
+    first = [r for r in requests if not r["key"].split("|")[2].startswith("r2.")]
+    assert requests[:len(first)] == first and len(first) == 360
+    assert first[0] == {"key": "cooking|a short question|0", "seed": first[0]["seed"], "category": "cooking",
+                        "form": "a short question", "text": first[0]["text"]}
+    assert len({r["key"] for r in requests}) == len(requests) == 360 + 50 * 10 * module.SELF_INSTRUCT_PER_PAIR_2
+    assert module.self_instruct_requests(0) == requests and module.self_instruct_requests(1) != requests
+    forms = module._SELF_FORMS + module._SELF_FORMS_2
+    written = {r["key"]: f"1. How do I start with {r['category']}, question {i}?" for i, r in enumerate(requests)}
+    items = module.self_instruct_items(written)
+    assert len(items) == len(requests)
+    assert all(forms[item["template"]] == key.split("|")[1] for item, key in zip(items, sorted(written)))
+
+
 @needs_wheel
 def test_data_answers_resume_and_feed_the_trainer(smollm2, tmp_path):
     from argparse import Namespace
@@ -309,6 +329,10 @@ def test_data_answers_resume_and_feed_the_trainer(smollm2, tmp_path):
     # a rerun with other prompts in the folder is refused rather than mixed
     with pytest.raises(SystemExit, match="other prompts"):
         program.write_prompts(folder, items[:4], tokenizer)
+    # ... unless the split grows by design (self_instruct): rewritten, and its answers still found by prompt
+    grown = program.write_prompts(folder, items[:4], tokenizer, replace=True)
+    assert [example.key for example in grown] == [example.key for example in examples[:4]]
+    assert set(_read_cache(cache, fingerprint)) >= {example.key for example in grown}
 
 
 # ---- the shipped imitation network ---------------------------------------------------------------------------------
