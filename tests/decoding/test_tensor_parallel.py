@@ -232,7 +232,7 @@ SAMPLING_TEXT = dict(vocab_size=12, hidden_size=128, intermediate_size=256, num_
                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1,
                      eos_token_id=None, pad_token_id=0)
 SAMPLING_PROMPT = [[1, 5, 7, 3]]
-SAMPLES = dict(rounds=12, rows=256)          # 3072 samples of the first 3 new tokens per run
+ROWS = 256                  # copies of the prompt per call
 
 
 @dataclass
@@ -243,6 +243,7 @@ class SamplingRun:
     top_k: int = 0
     imitation: bool = False
     broken: Optional[str] = None      # the worker's wrong acceptance rule: the test must reject its samples
+    rounds: int = 12                  # calls of ROWS copies: 3072 samples of the first 3 new tokens
 
 
 DRAFT_VOCAB = [0, 3, 4, 8, 10]
@@ -250,9 +251,11 @@ SAMPLING_RUNS = [
     SamplingRun("chain-k3", dict(draft_len=3)),
     SamplingRun("imitation-draft-vocab-k2-top-k", dict(draft_len=2, draft_vocab=DRAFT_VOCAB), temperature=0.8,
                 top_k=6, imitation=True),
-    SamplingRun("chain-k3-accept-everything", dict(draft_len=3), broken="accept_everything"),
+    SamplingRun("static-tree", dict(draft_len=2, tree=TREE)),
+    # wrong rules fail with a third of the samples already (p < 1e-11 at 1024)
+    SamplingRun("chain-k3-accept-everything", dict(draft_len=3), broken="accept_everything", rounds=4),
     SamplingRun("imitation-draft-vocab-k2-no-residual", dict(draft_len=2, draft_vocab=DRAFT_VOCAB), temperature=0.8,
-                top_k=6, imitation=True, broken="no_residual"),
+                top_k=6, imitation=True, broken="no_residual", rounds=4),
 ]
 
 
@@ -280,7 +283,8 @@ def sampled(tmp_path_factory):
     spec = [dict(folder=str(folder), model_class="LlamaForCausalLM", exit_layer=1, decoder=run.decoder,
                  generate=dict(max_new_tokens=3, do_sample=True, temperature=run.temperature, top_k=run.top_k,
                                top_p=1.0),
-                 imitation=run.imitation, seed=2024, samples=SAMPLES, **({"broken": run.broken} if run.broken else {}))
+                 imitation=run.imitation, seed=2024, samples=dict(rounds=run.rounds, rows=ROWS),
+                 **({"broken": run.broken} if run.broken else {}))
             for run in SAMPLING_RUNS]
     return dict(zip([run.id for run in SAMPLING_RUNS], _launch_spec(root, spec, 2))), folder
 
@@ -290,9 +294,10 @@ def test_sampling_follows_generates_distribution(sampled, run):
     """Two ranks sampling 3 new tokens of 3072 copies of a prompt (through a generator seeded differently on
     each rank): every rank emits the same samples, and each position's counts pass Pearson's chi-square test
     against model.generate's exact distribution there (every prefix enumerated in one process, through
-    generate's own temperature and top-k warpers). The 2nd and 3rd tokens come from a speculative step
-    (drafts kept and rejected, the residual drawn); a rule that keeps every draft, and one that draws the
-    token after a rejection from the target instead of the residual, fail the same test."""
+    generate's own temperature and top-k warpers). The 2nd and 3rd tokens come from a speculative step (a
+    chain, a chain drafted by an imitation network over a draft vocabulary, a static tree; drafts kept and
+    rejected, the residual drawn); a rule that keeps every draft, and one that draws the token after a
+    rejection from the target instead of the residual, fail the same test."""
     import transformers
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper
 
@@ -304,7 +309,7 @@ def test_sampling_follows_generates_distribution(sampled, run):
         assert "error" not in result, f"rank {rank}: {result['error']}"
         assert result["samples"] == ranks[0]["samples"], f"rank {rank} sampled other tokens than rank 0"
     samples = torch.tensor(ranks[0]["samples"])                                    # [rounds * rows, 3]
-    assert samples.shape == (SAMPLES["rounds"] * SAMPLES["rows"], 3)
+    assert samples.shape == (run.rounds * ROWS, 3)
     model = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
     warpers = [TemperatureLogitsWarper(run.temperature)] + ([TopKLogitsWarper(run.top_k)] if run.top_k else [])
     marginals = _exact_marginals(model, torch.tensor(SAMPLING_PROMPT), run.temperature,
