@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import statistics
 import subprocess
 import sys
@@ -81,17 +80,14 @@ class Variant:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         index = layer.self_attn.layer_idx
         self.cache = KVCache(index + 1, batch, heads, head_dim, prefix + 8, torch.float32)
-        if parallel is not None:   # the rank's share of the same keys and values a replicated cache holds
-            full = torch.randn((index + 1, 2, batch, config.num_key_value_heads, prefix + 8, head_dim),
-                               generator=torch.Generator().manual_seed(1))
-            self.cache.buffer.copy_(full.chunk(parallel.world_size, dim=3)[parallel.rank])
-        else:
-            self.cache.buffer.copy_(torch.randn(self.cache.buffer.shape, generator=torch.Generator().manual_seed(1)))
+        # the same keys and values in both variants' caches: split holds the rank's block of the KV heads
+        full = torch.randn((index + 1, 2, batch, config.num_key_value_heads, prefix + 8, head_dim),
+                           generator=torch.Generator().manual_seed(1))
+        self.cache.buffer.copy_(full if parallel is None else full.chunk(parallel.world_size, dim=3)[parallel.rank])
         self.lengths = torch.full((batch,), prefix, dtype=torch.int32)
         self.host = [prefix] * batch
         self.cache.rollback_unchecked(self.lengths, self.host)
         self.state = StepState(self.cache, self.lengths.clone())
-        self.batch = batch
 
     def __call__(self, hidden, cos, sin):
         out = self.lean(hidden, cos, sin, self.state)
