@@ -2,6 +2,7 @@
 
     fastvlm generate --model DIR [--image FILE] --prompt TEXT [--exit-layer E] [--imitation DIR]
                      [--draft-len K|adaptive] [--max-new-tokens N] [--sample --temperature T --top-k K --top-p P]
+                     [--tp-plan auto]     (tensor parallel, under torchrun --nproc_per_node R -m fastvlm_kernels.cli)
     fastvlm train-imitation --model DIR --data DIR --exit-layer E --out DIR [--target-layer T] [--layers n]
                      [--kind layers|mlp] [--steps N] [--resume | --overwrite] [...]
     fastvlm pick-exit-layer --model DIR --data DIR --out DIR [--candidates 2,4,6] [--steps N] [...]
@@ -150,8 +151,23 @@ def _check_network_folder(flag: str, folder: Optional[Path]) -> None:
         _fail(f"{flag} {folder} holds no saved imitation network (no config.json)")
 
 
+def _check_launch(args) -> None:
+    """``--tp-plan`` against the launch: it needs torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE), and
+    a launch of several processes needs it (each would otherwise load and run the whole model)."""
+    launched = [name for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE") if name in os.environ]
+    if args.tp_plan is not None and len(launched) < 3:
+        _fail(f"--tp-plan {args.tp_plan} shards the model over the processes of a torchrun launch: run "
+              f"`torchrun --nproc_per_node R -m fastvlm_kernels.cli generate ... --tp-plan {args.tp_plan}` "
+              f"(RANK, LOCAL_RANK and WORLD_SIZE are not all set)")
+    world_size = os.environ.get("WORLD_SIZE", "1")
+    if args.tp_plan is None and world_size.isdigit() and int(world_size) > 1:
+        _fail(f"this is one of {world_size} processes (WORLD_SIZE={world_size}) but --tp-plan is not given: each "
+              f"would load and run the whole model; pass --tp-plan auto to shard it over them")
+
+
 def _check_generate_arguments(args):
     """Everything ``generate`` can check without the model; returns ``--image`` opened (or None)."""
+    _check_launch(args)
     if not args.prompt.strip():
         _fail("--prompt is empty")
     if args.max_new_tokens < 1:
@@ -189,8 +205,10 @@ def _draft_len(value: str):
     return number
 
 
-def load_local(model_dir: Path, dtype: str = "auto"):
-    """(model, processor or tokenizer) from a local transformers checkpoint, offline."""
+def load_local(model_dir: Path, dtype: str = "auto", tp_plan: Optional[str] = None):
+    """(model, processor or tokenizer) from a local transformers checkpoint, offline. ``tp_plan``: passed to
+    ``from_pretrained`` ("auto": sharded by the model's tensor-parallel plan over the processes of a torchrun
+    launch; transformers starts the process group, NCCL where there is a GPU, gloo on CPUs)."""
     import torch
     import transformers
 
@@ -200,7 +218,8 @@ def load_local(model_dir: Path, dtype: str = "auto"):
     torch_dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     is_vlm = hasattr(config, "vision_config")
     loader = transformers.AutoModelForImageTextToText if is_vlm else transformers.AutoModelForCausalLM
-    model = loader.from_pretrained(model_dir, local_files_only=True, dtype=torch_dtype).eval()
+    sharding = {} if tp_plan is None else {"tp_plan": tp_plan}
+    model = loader.from_pretrained(model_dir, local_files_only=True, dtype=torch_dtype, **sharding).eval()
     if is_vlm:
         processor = transformers.AutoProcessor.from_pretrained(model_dir, local_files_only=True)
     else:
@@ -216,14 +235,27 @@ def cmd_generate(args) -> int:
     image = _check_generate_arguments(args)
 
     import torch
+
+    with _ArgumentErrors(args, loading=True):
+        model, processor = load_local(args.model, args.dtype, args.tp_plan)
+    try:
+        return _generate(args, model, processor, image)
+    finally:
+        if args.tp_plan is not None and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _generate(args, model, processor, image) -> int:
+    """``generate`` on the loaded model. Tensor parallel: every rank runs the same calls and emits the same
+    tokens; rank 0 alone prints them (and the notes and the summary)."""
+    import torch
     from transformers import TextStreamer
 
     from .decoding import SelfSpeculativeDecoder
     from .imitation import ImitationNetwork
     from .imitation.data import chat_template_of, prompt_inputs
 
-    with _ArgumentErrors(args, loading=True):
-        model, processor = load_local(args.model, args.dtype)
+    speaks = args.tp_plan is None or torch.distributed.get_rank() == 0
     if image is not None and not hasattr(processor, "image_processor"):
         _fail(f"--image given but {args.model} is a text-only model (its processor takes no images)")
     templated = not args.raw and chat_template_of(processor) is not None
@@ -233,23 +265,26 @@ def cmd_generate(args) -> int:
               "remove it, or pass --raw to send the prompt as written")
     with _ArgumentErrors(args):
         inputs = prompt_inputs(processor, args.prompt, image, chat_template=templated)
+        inputs = {name: value.to(model.device) for name, value in inputs.items()}   # sharded on GPUs: this rank's
         imitation = ImitationNetwork.from_pretrained(args.imitation, model) if args.imitation else None
         exit_layer = args.exit_layer if args.exit_layer is not None else imitation.config.exit_layer
         decoder = SelfSpeculativeDecoder(model, exit_layer=exit_layer, imitation=imitation,
                                          draft_len=args.draft_len)
-        if not args.raw and not templated:
+        if not args.raw and not templated and speaks:
             print(f"fastvlm: note: {args.model} has no chat template: the prompt goes to the model as written",
                   file=sys.stderr)
-        streamer = TextStreamer(_tokenizer_of(processor), skip_prompt=True, skip_special_tokens=True)
+        streamer = TextStreamer(_tokenizer_of(processor), skip_prompt=True, skip_special_tokens=True) \
+            if speaks else None
         options = dict(max_new_tokens=args.max_new_tokens, streamer=streamer)
-        if args.sample:
-            generator = torch.Generator().manual_seed(args.seed)
+        if args.sample:   # tensor parallel: rank 0's stream on every rank (the decoder shares it)
+            generator = torch.Generator(device=model.device).manual_seed(args.seed)
             options.update(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            generator=generator)
         else:
             options.update(do_sample=False)
         out = decoder.generate(**inputs, **options)
-    print(out.stats.summary(), file=sys.stderr)
+    if speaks:
+        print(out.stats.summary(), file=sys.stderr)
     return 0
 
 
@@ -528,6 +563,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int, default=None)
     generate.add_argument("--top-p", type=float, default=None)
     generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--tp-plan", choices=("auto",), default=None,
+                          help="tensor parallel: 'auto' loads the model sharded by its tensor-parallel plan over "
+                               "the processes of `torchrun --nproc_per_node R -m fastvlm_kernels.cli generate ...` "
+                               "(NCCL on GPUs, gloo on CPUs); every rank decodes, rank 0 prints")
     generate.set_defaults(handler=cmd_generate, flags=_flags_of(generate))
 
     demo = commands.add_parser("demo", help="the embedded tiny VLM: model.generate against the decoder on new scenes")

@@ -65,6 +65,50 @@ def test_generate_command_with_an_imitation_network_and_sampling(tmp_path, capsy
         main(["generate", "--model", str(tmp_path / "model"), "--prompt", prompt])
 
 
+@pytest.fixture(scope="module")
+def two_rank_checkpoint(tmp_path_factory):
+    """A tiny Llama whose heads two ranks divide (4 query, 2 KV heads), the word-level tokenizer, and an
+    (untrained) imitation network for exit layer 2, saved."""
+    root = tmp_path_factory.mktemp("cli_tensor_parallel")
+    case = build("llama", seed=2, text=dict(num_attention_heads=4, num_key_value_heads=2))
+    sharpen(case.model, 1, scale=0.2)
+    case.model.save_pretrained(root / "model")
+    _tokenizer().save_pretrained(root / "model")
+    ImitationNetwork.from_model(case.model, exit_layer=2, num_layers=1).save_pretrained(root / "imitation",
+                                                                                        base_model=case.model)
+    return root
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("options", [["--imitation", "{root}/imitation", "--draft-len", "3"],
+                                     ["--exit-layer", "1", "--draft-len", "2", "--sample", "--temperature", "0.9",
+                                      "--top-k", "20", "--seed", "5"]], ids=["greedy-imitation", "sampling"])
+def test_generate_command_under_torchrun_prints_what_one_process_prints(two_rank_checkpoint, capsys, options):
+    """`torchrun --nproc_per_node 2 -m fastvlm_kernels.cli generate ... --tp-plan auto` (gloo, one thread a
+    rank): the model and the network sharded over the two ranks, rank 0 alone printing; the text is the
+    single-process command's (greedy: model.generate's; sampling: the same seed's draws)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = two_rank_checkpoint
+    options = [word.format(root=root) for word in options]
+    command = ["generate", "--model", str(root / "model"), "--prompt", "w5 w17 w9 w44 w3", "--max-new-tokens",
+               "10", *options]
+    assert main(command) == 0
+    expected = capsys.readouterr().out
+    assert expected.split() and all(word.startswith("w") for word in expected.split())
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "fastvlm_kernels.cli", *command, "--tp-plan", "auto"],
+                          capture_output=True, text=True, timeout=300, cwd=repo,
+                          env=dict(os.environ, OMP_NUM_THREADS="1",
+                                   PYTHONPATH=os.pathsep.join([str(repo)] + [p for p in sys.path if p])))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.strip() == expected.strip(), (done.stdout, expected)
+    assert done.stderr.count("collectives per step") == 1, done.stderr[-4000:]   # rank 0's summary only
+
+
 def test_imitation_network_round_trip_and_mismatch(tmp_path):
     case = build("llava", seed=4)
     imitation = ImitationNetwork.from_model(case.model, exit_layer=2, num_layers=1)
@@ -235,6 +279,20 @@ def test_generate_mistakes_that_need_no_model(text_checkpoint, monkeypatch, chan
     assert words in message
     if flag in ("--image", "--model", "--imitation") and "text-only" not in words:
         assert options[flag] in message      # the file or folder is named
+
+
+def test_tp_plan_needs_a_torchrun_launch_and_a_launch_needs_it(text_checkpoint, monkeypatch):
+    """--tp-plan auto outside torchrun, and a torchrun launch of several processes without --tp-plan (each would
+    run the whole model): one line naming --tp-plan, before the model is loaded."""
+    _refuse_loading(monkeypatch)
+    argv = ["generate", "--model", str(text_checkpoint / "model"), "--prompt", "w5 w6", "--exit-layer", "2"]
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert "torchrun --nproc_per_node" in _one_line_error([*argv, "--tp-plan", "auto"], "--tp-plan")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert "pass --tp-plan auto" in _one_line_error(argv, "--tp-plan")
 
 
 def test_a_checkpoint_folder_without_weights_is_one_line(text_checkpoint, tmp_path):

