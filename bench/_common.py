@@ -40,7 +40,7 @@ def markdown(rows, header: str) -> str:
 def environment(device: str) -> dict:
     info = dict(date=datetime.date.today().isoformat(), python=platform.python_version(), torch=torch.__version__,
                 machine=platform.machine(), threads=torch.get_num_threads())
-    info["device"] = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
+    info["device"] = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else _cpu_name()
     try:
         import triton
         info["triton"] = triton.__version__

