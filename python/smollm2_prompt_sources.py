@@ -282,6 +282,28 @@ _SELF_EXAMPLES_2 = ("My daughter starts school next week. How can I help her fee
                     "Our team missed a deadline. How do I tell the client without losing them?",
                     "What is the difference between baking soda and baking powder?",
                     "Turn these notes into a friendly reminder: meeting Tuesday 10am, bring laptops.")
+_SELF_CATEGORIES_3 = ("grandparents", "roommates", "weddings speeches", "customer service", "online shopping",
+                      "renting a flat", "car repairs", "bicycles", "recipes for kids", "vegetarian food",
+                      "birthday gifts", "job applications", "team meetings", "small talk", "saving for a holiday",
+                      "a new puppy", "houseplants", "knitting and sewing", "video games", "learning guitar",
+                      "running a club", "school projects", "science fairs", "writing poems", "choosing a laptop",
+                      "smartphone settings", "passwords and safety", "recycling", "allergies", "staying motivated")
+_SELF_EXAMPLES_3 = ("I just started a new job in a warehouse. How do I avoid back pain?",
+                    "Write a two-line caption for a photo of my grandmother's garden.",
+                    "My landlord wants to raise the rent. What should I say to him?",
+                    "Explain how a refrigerator keeps food cold, for a ten-year-old.",
+                    "Give me five questions to ask when buying a used car.",
+                    "I'm organising a quiz night for our club. Suggest six categories.")
+# (tag, categories, forms, copies per pair, few-shot pool): round 1 (no tag), then r2 (more categories and
+# forms: the first round's 360 requests gave 225 usable ones, too few to move the drafter off the topic
+# templates; its pool also shows requests that say who the sender is, as people write them), then r3.
+_SELF_ROUNDS = (
+    ("", _SELF_CATEGORIES, _SELF_FORMS, SELF_INSTRUCT_PER_PAIR, _SELF_EXAMPLES),
+    ("r2", _SELF_CATEGORIES + _SELF_CATEGORIES_2, _SELF_FORMS + _SELF_FORMS_2, SELF_INSTRUCT_PER_PAIR_2,
+     _SELF_EXAMPLES + _SELF_EXAMPLES_2),
+    ("r3", _SELF_CATEGORIES_3 + _SELF_CATEGORIES_2 + _SELF_CATEGORIES, _SELF_FORMS_2 + _SELF_FORMS, 1,
+     _SELF_EXAMPLES_2 + _SELF_EXAMPLES_3),
+)
 
 
 def self_instruct_requests(seed: int) -> List[dict]:
@@ -289,31 +311,20 @@ def self_instruct_requests(seed: int) -> List[dict]:
     ``{"key", "seed", "category", "form", "text"}``. Self-instruct's form: a numbered list of three example
     user messages (drawn per request from a fixed pool, none about the category), then the next number with
     the category and form asked for; the model's first line is the new request."""
-    rng = random.Random(f"{seed}:self_instruct")
     requests = []
-    for category in _SELF_CATEGORIES:
-        for form in _SELF_FORMS:
-            for copy in range(SELF_INSTRUCT_PER_PAIR):
-                examples = rng.sample(_SELF_EXAMPLES, 3)
-                text = ("Messages that people sent to a helpful assistant, one per line:\n"
-                        + "".join(f"{i + 1}. {example}\n" for i, example in enumerate(examples))
-                        + f"4. ({category}, {form})")
-                requests.append({"key": f"{category}|{form}|{copy}", "seed": rng.randrange(2 ** 31),
-                                 "category": category, "form": form, "text": text})
-    # Round 2: more categories and forms (the first round's 360 requests gave 225 usable ones, too few to move
-    # the drafter off the topic templates), its own example pool, which also shows requests that carry some
-    # context about the sender, as people write them; its own random stream, so round 1 is unchanged.
-    rng = random.Random(f"{seed}:self_instruct:2")
-    categories = _SELF_CATEGORIES + _SELF_CATEGORIES_2
-    for category in categories:
-        for form in _SELF_FORMS + _SELF_FORMS_2:
-            for copy in range(SELF_INSTRUCT_PER_PAIR_2):
-                examples = rng.sample(_SELF_EXAMPLES + _SELF_EXAMPLES_2, 3)
-                text = ("Messages that people sent to a helpful assistant, one per line:\n"
-                        + "".join(f"{i + 1}. {example}\n" for i, example in enumerate(examples))
-                        + f"4. ({category}, {form})")
-                requests.append({"key": f"{category}|{form}|r2.{copy}", "seed": rng.randrange(2 ** 31),
-                                 "category": category, "form": form, "text": text})
+    for tag, categories, forms, copies, pool in _SELF_ROUNDS:
+        # each round its own random stream: a later round never moves an earlier one's requests (cached)
+        rng = random.Random(f"{seed}:self_instruct" + (f":{tag[1:]}" if tag else ""))
+        for category in categories:
+            for form in forms:
+                for copy in range(copies):
+                    examples = rng.sample(pool, 3)
+                    text = ("Messages that people sent to a helpful assistant, one per line:\n"
+                            + "".join(f"{i + 1}. {example}\n" for i, example in enumerate(examples))
+                            + f"4. ({category}, {form})")
+                    requests.append({"key": f"{category}|{form}|{tag + '.' if tag else ''}{copy}",
+                                     "seed": rng.randrange(2 ** 31), "category": category, "form": form,
+                                     "text": text})
     return requests
 
 

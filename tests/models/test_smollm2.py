@@ -269,17 +269,29 @@ def test_data_prompts_of_the_answered_splits_never_change():
 
 
 def test_self_instruct_requests_grow_in_rounds_without_moving_the_first():
-    """The second round of model-written requests (more categories, forms and examples) comes after the first
-    round's 360, whose keys, seeds and texts do not move (their written requests and answers are cached); every
-    key is distinct and every usable request maps to its form."""
+    """Each round of model-written requests (more categories, forms and examples) comes after the earlier ones,
+    whose keys, seeds and texts do not move (their written requests and answers are cached): a later round's
+    requests are left out and the rest is unchanged. Every key is distinct and every usable request maps to its
+    form."""
     _data_program()                                   # puts python/ on the path
     import smollm2_prompt_sources as module
     requests = module.self_instruct_requests(0)
-    first = [r for r in requests if not r["key"].split("|")[2].startswith("r2.")]
-    assert requests[:len(first)] == first and len(first) == 360
+    assert len({r["key"] for r in requests}) == len(requests) == sum(
+        len(categories) * len(forms) * copies for _, categories, forms, copies, _ in module._SELF_ROUNDS)
+    rounds = module._SELF_ROUNDS
+    for last in range(1, len(rounds)):
+        module._SELF_ROUNDS = rounds[:last]
+        try:
+            earlier = module.self_instruct_requests(0)
+        finally:
+            module._SELF_ROUNDS = rounds
+        assert requests[:len(earlier)] == earlier
+    first = requests[:360]
     assert first[0] == {"key": "cooking|a short question|0", "seed": first[0]["seed"], "category": "cooking",
                         "form": "a short question", "text": first[0]["text"]}
-    assert len({r["key"] for r in requests}) == len(requests) == 360 + 50 * 10 * module.SELF_INSTRUCT_PER_PAIR_2
+    assert all(r["key"].split("|")[2] in "012" for r in first) and requests[360]["key"].endswith("|r2.0")
+    # the seeds the cached requests were written with (build/smollm2_data, 2026-12-07): rounds 1 and 2
+    assert (first[0]["seed"], requests[360]["seed"]) == (149254955, 709917134)
     assert module.self_instruct_requests(0) == requests and module.self_instruct_requests(1) != requests
     forms = module._SELF_FORMS + module._SELF_FORMS_2
     written = {r["key"]: f"1. How do I start with {r['category']}, question {i}?" for i, r in enumerate(requests)}
