@@ -146,9 +146,14 @@ class ImitationNetwork(nn.Module):
 
     # ---- persistence ------------------------------------------------------------------------------------------
 
-    def save_pretrained(self, folder: Union[str, Path], base_model: Optional[nn.Module] = None) -> None:
+    def save_pretrained(self, folder: Union[str, Path], base_model: Optional[nn.Module] = None, *,
+                        dtype: Optional[torch.dtype] = None) -> None:
         """Writes ``config.json`` (this config plus the base model's architecture and size) and
-        ``model.safetensors`` (the network's own weights only)."""
+        ``model.safetensors`` (the network's own weights only; with ``dtype``, its floating-point weights stored
+        in that type, e.g. ``torch.bfloat16`` to halve a shipped file: :meth:`from_pretrained` loads them into
+        the model's dtype, so the network then computes with the rounded weights)."""
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
         from safetensors.torch import save_file
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -157,6 +162,8 @@ class ImitationNetwork(nn.Module):
             record["base_model"] = _describe(base_model)
         (folder / "config.json").write_text(json.dumps(record, indent=2) + "\n")
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        if dtype is not None:
+            state = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in state.items()}
         save_file(state, str(folder / "model.safetensors"))
 
     @classmethod

@@ -13,6 +13,11 @@ row's values do not depend on the other rows of its batch).
 One build can store several exit layers' states (``exit_layer=(4, 6, 8, 12)``): an exit-layer sweep then
 runs the teacher once, and each run reads its own layer's states (``batch(..., exit_layer=E)``).
 
+Examples are stored under their identity (prompt, image and response: :func:`identity`), so a cache grows with
+the data: a build over a larger or reordered training set runs the model over the examples it lacks only and
+serves the rest from what is stored (a run holds out a few examples at random, so a larger data set moves every
+position); the cache a build returns reads the rows in the order of the examples it was given.
+
 Folder layout: ``index.json`` (format, exit layers and target layer, the model's fingerprint, the examples'
 identities (prompt and response) and where each one's rows start) and raw little-endian float32 arrays
 ``exit_<E>.f32`` ``[tokens, H]`` per exit layer E (``exit.f32`` in a format-1 cache: one exit layer), ``target.f32`` and ``last.f32`` ``[loss positions, H]`` (``last.f32`` empty when
@@ -56,7 +61,8 @@ class CachedBatch:
 
 
 class TeacherCache:
-    """A built (or partly built) cache folder. ``len(cache)`` is the number of complete examples."""
+    """A built (or partly built) cache folder. ``len(cache)`` is the number of complete examples stored;
+    :meth:`select` gives a cache whose ``batch(indices)`` index a run's own examples instead."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -76,6 +82,7 @@ class TeacherCache:
         self.rotary_lead = tuple(self.index["rotary_lead"])     # dims of cos/sin before [B, T, ...]
         self.rotary_tail = tuple(self.index["rotary_tail"])     # dims after [B, T]
         self._arrays = {}
+        self._rows: Optional[List[int]] = None      # a selection: run example i is stored example _rows[i]
 
     def __len__(self) -> int:
         return len(self.index["examples"])
@@ -83,6 +90,21 @@ class TeacherCache:
     @property
     def keys(self) -> List[str]:
         return [entry[0] for entry in self.index["examples"]]
+
+    def select(self, encoder: Encoder, examples: Sequence[Example]) -> "TeacherCache":
+        """This cache read in the order of ``examples`` (``batch([i])`` is ``examples[i]``'s rows), found by
+        identity; ValueError when one of them is not stored (an unfinished build, or other data)."""
+        position = {key: i for i, key in enumerate(self.keys)}
+        rows = []
+        for i, example in enumerate(examples):
+            key = identity(encoder, example)
+            if key not in position:
+                raise ValueError(f"teacher cache {self.folder}: example {i} of the run ({key}) is not stored: "
+                                 "an unfinished build (build it again to complete it) or other data")
+            rows.append(position[key])
+        view = TeacherCache(self.folder)
+        view._rows = rows
+        return view
 
     def exit_array_name(self, exit_layer: int) -> str:
         return exit_array_name(self.index, exit_layer)
@@ -102,8 +124,9 @@ class TeacherCache:
 
     def check(self, *, exit_layer: int, target_layer: int, model_fingerprint: dict, encoder: Encoder,
               examples: Sequence[Example]) -> None:
-        """Raises ValueError naming what differs, unless this cache was built from this model, these layers and
-        these examples in this order (all of them: a partial cache must be built further first)."""
+        """Raises ValueError naming what differs, unless this cache was built from this model and these layers
+        and stores every one of ``examples`` (a partial cache must be built further first; other stored examples
+        and another order are fine: :meth:`select` reads them in the run's order)."""
         if exit_layer not in self.exit_layers:
             raise ValueError(f"teacher cache {self.folder}: built for exit layers {self.exit_layers}, this run uses "
                              f"exit_layer={exit_layer}")
@@ -112,20 +135,14 @@ class TeacherCache:
                              f"this run uses {target_layer}")
         if self.index["model"] != model_fingerprint:
             raise ValueError(f"teacher cache {self.folder}: built from another model ({self.index['model']})")
-        keys = [identity(encoder, example) for example in examples]
-        if len(self) != len(keys):
-            raise ValueError(f"teacher cache {self.folder}: holds {len(self)} examples, the run trains on {len(keys)}"
-                             + (" (an unfinished build: build it again to complete it)" if len(self) < len(keys)
-                                else ""))
-        for i, (have, want) in enumerate(zip(self.keys, keys)):
-            if have != want:
-                raise ValueError(f"teacher cache {self.folder}: example {i} differs from the run's ({have} there, "
-                                 f"{want} here): built from other data")
+        self.select(encoder, examples)
 
     def batch(self, indices: Sequence[int], dtype: torch.dtype = torch.float32, device=None,
               exit_layer: Optional[int] = None) -> CachedBatch:
         """The examples ``indices`` as one right-padded batch, with exit layer ``exit_layer``'s states (default:
         the cache's first)."""
+        if self._rows is not None:
+            indices = [self._rows[i] for i in indices]
         entries = [self.index["examples"][i] for i in indices]
         width = max(entry[2] for entry in entries)
         batch = len(entries)
@@ -165,9 +182,10 @@ class TeacherCache:
               say: Callable[[str], None] = lambda message: None, progress: bool = True) -> "TeacherCache":
         """Runs the frozen ``model`` over ``examples`` (in their order, ``batch_size`` at a time) and stores the
         teacher's outputs in ``folder``: the states of ``exit_layer`` (one layer, or several for an exit-layer
-        sweep); continues a build of the same model, target layer and examples that stopped part way (or a
-        finished one) whose exit layers include the ones asked for, and refuses a folder that holds anything
-        else. The cache returned holds exactly ``examples`` (no :meth:`check` needed)."""
+        sweep). A folder holding a build of the same model and target layer whose exit layers include the ones
+        asked for is continued: the examples it stores (by identity: a build that stopped part way, or one over
+        other or fewer examples) are not run again, the others are appended. Any other folder is refused. The
+        cache returned reads ``examples`` in their order (:meth:`select`; no :meth:`check` needed)."""
         exit_layers = sorted({exit_layer} if isinstance(exit_layer, int) else set(exit_layer))
         from tqdm.auto import tqdm
         from ..decoding.adapters import adapter_for
@@ -185,13 +203,12 @@ class TeacherCache:
                 raise ValueError(f"teacher cache {folder}: holds exit layers {cache.exit_layers}, not {missing}; "
                                  "remove the folder or choose another")
             exit_layers = cache.exit_layers
-            done = len(cache)
-            if cache.keys != keys[:done]:
-                raise ValueError(f"teacher cache {folder}: built from other examples; remove the folder or choose "
-                                 "another")
+            stored = set(cache.keys)
             index = cache.index
-            if done:
-                say(f"teacher cache {folder}: continuing at example {done} of {len(keys)}")
+            if stored:
+                have = sum(key in stored for key in keys)
+                say(f"teacher cache {folder}: {have} of the {len(keys)} examples stored already "
+                    f"({len(stored)} in all): building the other {len(keys) - have}")
         else:
             if folder.exists() and any(folder.iterdir()):
                 raise ValueError(f"teacher cache {folder}: the folder is not empty and holds no cache")
@@ -201,7 +218,13 @@ class TeacherCache:
                      "model": model_fingerprint, "hidden_size": adapter.text_config.hidden_size,
                      "last_is_target": target_layer == adapter.num_layers, "rotary_width": None,
                      "rotary_lead": None, "rotary_tail": None, "tokens": 0, "loss_positions": 0, "examples": []}
-            done = 0
+            stored = set()
+        # Each example not stored yet, once, in the given order.
+        todo = []
+        for i, key in enumerate(keys):
+            if key not in stored:
+                stored.add(key)
+                todo.append(i)
         # Files are cut back to what the index says is complete (a build killed mid-batch leaves a tail).
         per_loss = index["loss_positions"] * index["hidden_size"]
         exit_names = {e: exit_array_name(index, e) for e in exit_layers}
@@ -217,14 +240,14 @@ class TeacherCache:
             handle.seek(0, os.SEEK_END)
             handles[name] = handle
         taps = Taps(adapter.layers, exit_layers, target_layer)
-        bar = tqdm(total=len(keys), initial=done, disable=not progress, desc="teacher cache", file=sys.stderr,
-                   dynamic_ncols=True)
+        bar = tqdm(total=len(todo), disable=not progress, desc="teacher cache", file=sys.stderr, dynamic_ncols=True)
         started, tokens_this_run = time.perf_counter(), 0
         group = batch_size * GROUP_BATCHES
         device = next(model.parameters()).device
         try:
-            for first in range(done, len(keys), group):
-                chunk = list(examples[first:first + group])
+            for first in range(0, len(todo), group):
+                members_of_chunk = todo[first:first + group]
+                chunk = [examples[i] for i in members_of_chunk]
                 # Batches of similar lengths (less padding to run through the model); stored in the given order.
                 lengths = [encoder.prompt_inputs(example)["input_ids"].shape[1] + len(encoder.response_ids(example))
                            for example in chunk]
@@ -244,7 +267,7 @@ class TeacherCache:
                     if not index["last_is_target"]:     # the target is the last layer's output: stored once
                         _write(handles["last"], row["last"])
                     length, loss_len = row["cos"].shape[0], row["target"].shape[0]
-                    index["examples"].append([keys[first + i], index["tokens"], length, row["prompt_len"],
+                    index["examples"].append([keys[members_of_chunk[i]], index["tokens"], length, row["prompt_len"],
                                               index["loss_positions"], loss_len])
                     index["tokens"] += length
                     index["loss_positions"] += loss_len
@@ -261,7 +284,7 @@ class TeacherCache:
             for handle in handles.values():
                 handle.close()
         write_json(folder / "index.json", index)
-        return cls(folder)
+        return cls(folder).select(encoder, examples)
 
 
 @torch.no_grad()

@@ -372,7 +372,7 @@ def train_imitation(model: nn.Module, processor, data_dir: Path, out_dir: Path, 
                            batch_size=config.response_batch_size, warn=warn)
         cache = None
         if teacher_cache is not None:
-            # holds exactly train_examples afterwards (a build continues only a build of these, in this order)
+            # reads train_examples in their order afterwards (stored ones are found by identity, the rest built)
             exit_layers = [config.exit_layer] if not teacher_exit_layers else list(teacher_exit_layers)
             if config.exit_layer not in exit_layers:
                 raise ValueError(f"teacher_exit_layers {exit_layers} must include the run's exit_layer "
@@ -416,14 +416,33 @@ def draft_vocab_for(model, adapter, train_examples: Sequence[Example], encoder: 
 
 def _start_from(network: ImitationNetwork, saved: ImitationNetwork, folder) -> None:
     """Copies a saved network's weights into a freshly built one of the same shape (its draft vocabulary is
-    not copied: the run chooses its own from its data)."""
+    not copied: the run chooses its own from its data). A saved network of fewer decoder layers *grows*: its
+    layers become the first ones and each added layer starts as the identity (its attention output and MLP down
+    projections zeroed), so the grown network drafts exactly as the saved one before its first step."""
     mine, theirs = network.config, saved.config
-    for key in ("exit_layer", "target_layer", "num_layers", "kind"):
+    for key in ("exit_layer", "target_layer", "kind"):
         if getattr(mine, key) != getattr(theirs, key):
             raise ValueError(f"init_from={str(folder)!r} holds a network with {key}={getattr(theirs, key)!r}, "
                              f"this run builds {key}={getattr(mine, key)!r}")
+    grows = mine.kind == "layers" and theirs.num_layers < mine.num_layers
+    if mine.num_layers != theirs.num_layers and not grows:
+        raise ValueError(f"init_from={str(folder)!r} holds a network with num_layers={theirs.num_layers}, this run "
+                         f"builds num_layers={mine.num_layers} (a network can grow from fewer layers, not shrink)")
     state = {name: tensor for name, tensor in saved.state_dict().items() if name != "_draft_vocab"}
-    network.load_state_dict(state)
+    if not grows:
+        network.load_state_dict(state)
+        return
+    missing, unexpected = network.load_state_dict(state, strict=False)
+    added = tuple(f"layers.{i}." for i in range(theirs.num_layers, mine.num_layers))
+    if unexpected or any(not name.startswith(added) and name != "_draft_vocab" for name in missing):
+        raise ValueError(f"init_from={str(folder)!r}: its weights do not fit this run's first "
+                         f"{theirs.num_layers} layer(s) (missing {missing}, unexpected {unexpected})")
+    with torch.no_grad():
+        for layer in network.layers[theirs.num_layers:]:
+            for projection in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                projection.weight.zero_()
+                if projection.bias is not None:
+                    projection.bias.zero_()
 
 
 def _train(model, adapter, encoder: Encoder, config: TrainConfig, train_examples: List[Example],

@@ -1,4 +1,5 @@
-"""The teacher cache: stored outputs equal the live teacher's, builds continue and refuse other builds, and
+"""The teacher cache: stored outputs equal the live teacher's, builds continue, grow with the data (stored
+examples found by identity) and refuse other builds, and
 training from the cache follows online training."""
 from __future__ import annotations
 
@@ -110,7 +111,12 @@ def test_rotary_tables_go_to_rows_and_back(family):
         rotary_layout(torch.randn(4, 6, 8), 3, 5)
 
 
-def test_a_build_continues_where_it_stopped_and_refuses_other_builds(tmp_path):
+def _other_example(tmp_path):
+    write_prompts(tmp_path / "other", 1, seed=23, responses=True)
+    return load_examples(tmp_path / "other")[0]
+
+
+def test_a_build_continues_where_it_stopped_grows_and_refuses_other_builds(tmp_path):
     model, encoder, examples = _setup("llama", tmp_path, count=8)
     whole = _build(model, encoder, examples, tmp_path / "whole")
     part = _build(model, encoder, examples[:3], tmp_path / "parts")
@@ -134,11 +140,42 @@ def test_a_build_continues_where_it_stopped_and_refuses_other_builds(tmp_path):
     with pytest.raises(ValueError, match="exit_layer=2"):
         whole.check(exit_layer=2, target_layer=NUM_LAYERS, model_fingerprint=model_fingerprint(model),
                     encoder=encoder, examples=examples)
-    with pytest.raises(ValueError, match="other examples"):
-        _build(model, encoder, examples[::-1], tmp_path / "whole")
-    with pytest.raises(ValueError, match="built from other data"):
+    # other examples, or these in another order: the stored ones are read by identity, never run again
+    stored = whole.index
+    reordered = _build(model, encoder, examples[::-1], tmp_path / "whole")
+    assert reordered.index == stored
+    whole.check(exit_layer=1, target_layer=NUM_LAYERS, model_fingerprint=fingerprint, encoder=encoder,
+                examples=examples[::-1])
+    for i in range(len(examples)):
+        a, b = reordered.batch([i]), whole.batch([len(examples) - 1 - i])
+        assert torch.equal(a.exit_states, b.exit_states) and torch.equal(a.targets, b.targets)
+    # a larger data set with the stored examples among the new ones (a run's random hold-out moves every
+    # position): only the new ones are run, appended; each is served as a build from scratch would serve it
+    write_prompts(tmp_path / "more", 5, seed=11, responses=True)
+    more = load_examples(tmp_path / "more")
+    mixed = [more[0], examples[4], more[1], *examples[:4], *more[2:], *examples[5:]]
+    calls = []
+    import fastvlm_kernels.imitation.teacher_cache as module
+    real = module._teacher_rows
+    def counting(adapter, taps, encoder_, batch_examples, *args):
+        calls.append(len(batch_examples))
+        return real(adapter, taps, encoder_, batch_examples, *args)
+    module._teacher_rows = counting
+    try:
+        grown = _build(model, encoder, mixed, tmp_path / "whole")
+    finally:
+        module._teacher_rows = real
+    assert sum(calls) == len(more) and len(grown) == len(examples) + len(more)
+    assert grown.index["examples"][:len(examples)] == stored["examples"]
+    fresh = _build(model, encoder, mixed, tmp_path / "fresh")
+    for i in range(len(mixed)):
+        a, b = grown.batch([i]), fresh.batch([i])
+        assert a.loss_mask.tolist() == b.loss_mask.tolist()
+        torch.testing.assert_close(a.exit_states, b.exit_states)
+        torch.testing.assert_close(a.targets, b.targets)
+    with pytest.raises(ValueError, match="example 0 of the run .* is not stored"):
         whole.check(exit_layer=1, target_layer=NUM_LAYERS, model_fingerprint=fingerprint, encoder=encoder,
-                    examples=examples[::-1])
+                    examples=load_examples(tmp_path / "data")[:0] + [_other_example(tmp_path)])
     with pytest.raises(ValueError, match="target_layer"):
         whole.check(exit_layer=1, target_layer=2, model_fingerprint=fingerprint, encoder=encoder, examples=examples)
     other = build("llama", seed=9).model

@@ -263,6 +263,63 @@ def test_init_from_starts_at_a_saved_networks_weights(tmp_path):
                         replace(config, init_from=str(tmp_path / "data")), progress=False)
 
 
+def test_init_from_grows_a_network_by_identity_layers(tmp_path):
+    """init_from with fewer layers than the run builds: the saved layers come first, each added layer starts as
+    the identity (so the first step's loss is the saved network's), and only the added layers' output
+    projections start at zero; a saved network of more layers than the run builds is refused, naming init_from."""
+    case = build("llama", seed=3)
+    write_prompts(tmp_path / "data", 12, seed=4, responses=True)
+    config = TrainConfig(exit_layer=1, steps=3, batch_size=4, lr=1e-3, warmup_steps=1, eval_fraction=0.0,
+                         checkpoint_every=0, seed=5, draft_vocab=24)
+    train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "first", config, progress=False)
+    saved = tmp_path / "first" / "imitation"
+    again = replace(config, steps=1, lr=1e-12, weight_decay=0.0, init_from=str(saved))
+    same = train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "same", again, progress=False)
+    grown = train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "grown", replace(again, layers=3),
+                            progress=False)
+    assert grown.network.config.num_layers == 3
+    assert grown.history[0]["loss"] == pytest.approx(same.history[0]["loss"], rel=1e-5)
+    kept = {name: tensor for name, tensor in same.network.state_dict().items() if name.startswith("layers.0.")}
+    for name, tensor in kept.items():
+        assert torch.allclose(grown.network.state_dict()[name], tensor, atol=1e-8), name
+    for layer in grown.network.layers[1:]:
+        assert layer.self_attn.o_proj.weight.abs().max() < 1e-6 and layer.mlp.down_proj.weight.abs().max() < 1e-6
+        assert layer.self_attn.q_proj.weight.abs().max() > 0       # the rest is a real layer, not zeros
+    with pytest.raises(ValueError, match="init_from=.* num_layers=3, this run builds num_layers=1"):
+        train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "shrunk",
+                        replace(again, init_from=str(tmp_path / "grown" / "imitation")), progress=False)
+
+
+def test_a_network_saved_in_bfloat16_loads_rounded_into_the_models_dtype(tmp_path):
+    """save_pretrained(dtype=torch.bfloat16): the file holds bf16 weights (and the int64 draft vocabulary as it
+    was), from_pretrained loads them as the model's fp32 equal to the rounded weights, and the decoder with the
+    loaded network stays lossless; a dtype that is not a floating-point torch.dtype is refused, naming dtype."""
+    from safetensors.torch import load_file
+    case = build("llama", seed=3)
+    write_prompts(tmp_path / "data", 12, seed=4, responses=True)
+    config = TrainConfig(exit_layer=1, layers=2, steps=2, batch_size=4, lr=1e-3, warmup_steps=1, eval_fraction=0.0,
+                         checkpoint_every=0, seed=5, draft_vocab=24)
+    network = train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "out", config,
+                              progress=False).network
+    network.save_pretrained(tmp_path / "bf16", case.model, dtype=torch.bfloat16)
+    stored = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert stored["_draft_vocab"].dtype == torch.int64 and torch.equal(stored["_draft_vocab"], network.draft_vocab)
+    assert {t.dtype for name, t in stored.items() if name != "_draft_vocab"} == {torch.bfloat16}
+    loaded = ImitationNetwork.from_pretrained(tmp_path / "bf16", case.model)
+    for name, tensor in network.state_dict().items():
+        got = loaded.state_dict()[name]
+        want = tensor if name == "_draft_vocab" else tensor.to(torch.bfloat16).to(tensor.dtype)
+        assert got.dtype == tensor.dtype and torch.equal(got, want), name
+    encoder = Encoder(tokenizer())
+    from fastvlm_kernels.imitation.data import load_examples
+    inputs = encoder.prompt_inputs(load_examples(tmp_path / "data")[0])
+    decoder = SelfSpeculativeDecoder(case.model, exit_layer=1, imitation=loaded, draft_len=3)
+    assert torch.equal(decoder.generate(**inputs, max_new_tokens=10).sequences,
+                       case.model.generate(**inputs, max_new_tokens=10, do_sample=False))
+    with pytest.raises(TypeError, match="dtype"):
+        network.save_pretrained(tmp_path / "bad", case.model, dtype=torch.int8)
+
+
 @pytest.mark.parametrize("steps, given, used", [(20, None, 2), (5, None, 1), (499, None, 49), (500, None, 50),
                                                 (3000, None, 50), (20, 7, 7), (20, 0, 0)],
                          ids=lambda value: str(value))
