@@ -294,15 +294,30 @@ _SELF_EXAMPLES_3 = ("I just started a new job in a warehouse. How do I avoid bac
                     "Explain how a refrigerator keeps food cold, for a ten-year-old.",
                     "Give me five questions to ask when buying a used car.",
                     "I'm organising a quiz night for our club. Suggest six categories.")
+_SELF_FORMS_4 = ("a request that says how long or in what shape the answer should be",
+                 "a request to rewrite, shorten or correct a short text it quotes",
+                 "a request for help with a problem the writer describes", "a request for a few ideas or suggestions")
+_SELF_EXAMPLES_4 = ("In two sentences, what is a credit score?",
+                    "Make this sound friendlier: 'Send me the report by noon.'",
+                    "My tomato plants have yellow leaves at the bottom. What is wrong and what can I do?",
+                    "Give me a few ideas for a cheap team lunch, as a short list.",
+                    "I work night shifts. How can I sleep better during the day? Keep it short.",
+                    "Shorten this for a text message: 'I will be a little late to dinner tonight because of traffic.'",
+                    "Suggest three names for a book club that meets in a cafe.",
+                    "Explain what a mortgage is in one paragraph, without jargon.")
 # (tag, categories, forms, copies per pair, few-shot pool): round 1 (no tag), then r2 (more categories and
 # forms: the first round's 360 requests gave 225 usable ones, too few to move the drafter off the topic
-# templates; its pool also shows requests that say who the sender is, as people write them), then r3.
+# templates; its pool also shows requests that say who the sender is, as people write them), then r3 (30
+# more categories), then r4 (four more forms: the answer's length or shape asked for, a quoted text to rewrite, a
+# described problem, ideas; its own pool).
 _SELF_ROUNDS = (
     ("", _SELF_CATEGORIES, _SELF_FORMS, SELF_INSTRUCT_PER_PAIR, _SELF_EXAMPLES),
     ("r2", _SELF_CATEGORIES + _SELF_CATEGORIES_2, _SELF_FORMS + _SELF_FORMS_2, SELF_INSTRUCT_PER_PAIR_2,
      _SELF_EXAMPLES + _SELF_EXAMPLES_2),
     ("r3", _SELF_CATEGORIES_3 + _SELF_CATEGORIES_2 + _SELF_CATEGORIES, _SELF_FORMS_2 + _SELF_FORMS, 1,
      _SELF_EXAMPLES_2 + _SELF_EXAMPLES_3),
+    ("r4", _SELF_CATEGORIES + _SELF_CATEGORIES_2 + _SELF_CATEGORIES_3, _SELF_FORMS_4, 2,
+     _SELF_EXAMPLES_4 + _SELF_EXAMPLES_3),
 )
 
 
@@ -356,5 +371,5 @@ def self_instruct_items(written: Dict[str, str]) -> List[dict]:
             seen.add(line.lower())
             category, form, _ = key.split("|")
             items.append({"question": line, "topic": f"self_instruct/{category}",
-                          "template": (_SELF_FORMS + _SELF_FORMS_2).index(form)})
+                          "template": (_SELF_FORMS + _SELF_FORMS_2 + _SELF_FORMS_4).index(form)})
     return items
