@@ -7,6 +7,8 @@
     python python/train_smollm2_imitation.py --eval-only --network fastvlm_kernels/models/smollm2/imitation \
         --eval-split wild --out build/smollm2_imitation/shipped    # any network, on the held-out wild split
     python python/train_smollm2_imitation.py --summary bench/results/cpu-DATE-smollm2-acceptance   # table + plot
+    python python/train_smollm2_imitation.py --export build/smollm2_imitation/ship --network RUN/imitation \
+        --export-vocab 16384 --export-dtype bfloat16 --snapshot SNAPSHOT   # another draft vocabulary, bf16 file
 
 Training data: the training prompts answered so far (the data program may still be running): they are
 copied into a snapshot folder (``--snapshot``, written once, so a resumed run sees the same data) whose
@@ -154,6 +156,29 @@ def summarise(runs: Path, prefix: Path) -> None:
     print(f"wrote {prefix}.md/.json/.png")
 
 
+def export(model, tokenizer, network: ImitationNetwork, data: Path, snapshot: Path, out: Path, vocab_size: int,
+           dtype: str) -> None:
+    """Writes ``network`` to ``out`` with the ``vocab_size`` most frequent answer tokens of ``snapshot``'s
+    prompts as its draft vocabulary (0: its own) and its weights stored as ``dtype``: the draft vocabulary the
+    network is trained over need not be the one it drafts over (its states do not depend on it; a larger one
+    covers more of the answers, at a larger draft head)."""
+    from fastvlm_kernels.decoding.adapters import adapter_for
+    from fastvlm_kernels.imitation.trainer import draft_vocab_for
+    if vocab_size:
+        fingerprint = dict(model_fingerprint(model), max_new_tokens=MAX_NEW_TOKENS)
+        done = _read_cache(data / "responses" / "train.jsonl", fingerprint)
+        examples = [example for example in load_examples(snapshot) if example.key in done]
+        for example in examples:
+            example.response_ids = done[example.key]
+        if not examples:
+            raise SystemExit(f"{snapshot}: no answered prompts in {data / 'responses' / 'train.jsonl'}")
+        network.set_draft_vocab(draft_vocab_for(model, adapter_for(model), examples, Encoder(tokenizer), vocab_size))
+        say(f"draft vocabulary: the {vocab_size} most frequent tokens of {len(examples)} answers in {snapshot}")
+    network.save_pretrained(out, model, dtype=getattr(torch, dtype) if dtype else None)
+    size = (out / "model.safetensors").stat().st_size
+    say(f"wrote {out} ({size / 1e6:.1f} MB, draft vocabulary {network.config.draft_vocab_size or 'the whole vocabulary'})")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -194,8 +219,16 @@ def main(argv=None) -> None:
                         help="the held-out split measured on (wild: the persona x goal grammar no training uses)")
     parser.add_argument("--network", type=Path, default=None,
                         help="--eval-only: measure this saved network (its own exit layer) instead of the run's")
+    parser.add_argument("--export", type=Path, default=None,
+                        help="write --network to this folder (with --export-vocab, --export-dtype) and stop")
+    parser.add_argument("--export-vocab", type=int, default=0,
+                        help="--export: draft over the N most frequent answer tokens of --snapshot (0: keep its own)")
+    parser.add_argument("--export-dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="--export: store the weights in this type (default: as they are)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.export is not None and (args.network is None or (args.export_vocab and args.snapshot is None)):
+        parser.error("--export needs --network (and --snapshot with --export-vocab)")
     if args.summary:
         summarise(args.runs, args.summary)
         return
@@ -207,9 +240,14 @@ def main(argv=None) -> None:
     from fastvlm_kernels.models import smollm2
     model, tokenizer = smollm2.load()
     model.eval()
+    if args.export is not None:
+        export(model, tokenizer, ImitationNetwork.from_pretrained(args.network, model), args.data, args.snapshot,
+               args.export,
+               args.export_vocab, args.export_dtype)
+        return
     out = args.out or Path("build/smollm2_imitation") / f"E{args.exit_layer}-{args.kind}"
     if args.network is not None and not args.eval_only:
-        parser.error("--network is for --eval-only")
+        parser.error("--network is for --eval-only and --export")
     if not args.eval_only:
         snapshot = args.snapshot or args.data / "train_snapshot"
         if args.refresh_snapshot or not (snapshot / "prompts.jsonl").exists():

@@ -1,6 +1,7 @@
 """SmolLM2-135M-Instruct's real weights: the safetensors cache of the GGUF file, and the decoder's output
 identical to model.generate."""
 import importlib.util
+import json
 import os
 from types import SimpleNamespace
 
@@ -383,3 +384,37 @@ def test_lossless_over_twenty_held_out_prompts_with_the_shipped_network(smollm2)
     # the trained network drafts better than plain early exit from a shallower or similar layer
     mean = {name: sum(values) / max(1, len(values)) for name, values in accepted.items()}
     assert mean[f"imitation E={exit_layer} k=4"] > mean["plain E=4 k=3"] + 0.3, mean
+
+
+@needs_wheel
+def test_export_gives_the_shipped_network_another_draft_vocabulary_and_dtype(smollm2, tmp_path, monkeypatch):
+    """train_smollm2_imitation.py --export: the network drafts over the N most frequent answer tokens of the
+    snapshot's answered prompts (plus EOS), its weights stored as bf16 and loaded back as the rounded fp32."""
+    from argparse import Namespace
+    from safetensors.torch import load_file
+    from fastvlm_kernels.imitation import ImitationNetwork
+    from fastvlm_kernels.imitation.trainer import model_fingerprint
+    from fastvlm_kernels.models.smollm2 import load_imitation
+    data_program, train_program = _data_program(), load_program("train_smollm2_imitation")
+    monkeypatch.setattr(train_program, "MAX_NEW_TOKENS", 12)
+    model, tokenizer = smollm2
+    items = data_program.make_prompts(seed=3, templates_per_topic=2, held_out_per_category=1)["heldout"][:3]
+    examples = data_program.write_prompts(tmp_path / "snap", items, tokenizer)
+    (tmp_path / "responses").mkdir()
+    data_program.run_split("train", model, tokenizer, examples, tmp_path / "responses" / "train.jsonl",
+                          dict(model_fingerprint(model), max_new_tokens=12), Namespace(batch_size=3, max_new_tokens=12))
+    network = load_imitation(model)
+    train_program.export(model, tokenizer, network, tmp_path, tmp_path / "snap", tmp_path / "out", 16, "bfloat16")
+    answers = [t for line in (tmp_path / "responses" / "train.jsonl").read_text().splitlines()[1:]
+               for t in json.loads(line)["response_ids"]]
+    counts = torch.bincount(torch.tensor(answers), minlength=model.config.vocab_size)
+    expected = torch.unique(torch.cat([torch.sort(-counts, stable=True).indices[:16],
+                                       torch.tensor([model.generation_config.eos_token_id]).flatten()]))
+    stored = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert torch.equal(stored["_draft_vocab"], expected)
+    assert {t.dtype for name, t in stored.items() if name != "_draft_vocab"} == {torch.bfloat16}
+    loaded = ImitationNetwork.from_pretrained(tmp_path / "out", model)
+    assert loaded.config.draft_vocab_size == expected.numel()
+    for name, tensor in load_imitation(model).state_dict().items():
+        if name != "_draft_vocab":
+            assert torch.equal(loaded.state_dict()[name], tensor.to(torch.bfloat16).float()), name
