@@ -6,6 +6,7 @@
     python python/train_smollm2_imitation.py --exit-layer 8 --kind layers --eval-only            # measure again
     python python/train_smollm2_imitation.py --eval-only --network fastvlm_kernels/models/smollm2/imitation \
         --eval-split wild --out build/smollm2_imitation/shipped    # any network, on the held-out wild split
+        # (add --eval-vocabs 16384,32768 --snapshot SNAPSHOT: the same network over larger draft vocabularies)
     python python/train_smollm2_imitation.py --summary bench/results/cpu-DATE-smollm2-acceptance   # table + plot
     python python/train_smollm2_imitation.py --export build/smollm2_imitation/ship --network RUN/imitation \
         --export-vocab 16384 --export-dtype bfloat16 --snapshot SNAPSHOT   # another draft vocabulary, bf16 file
@@ -31,6 +32,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -82,11 +84,16 @@ def held_out_examples(data: Path, model, tokenizer, limit, split: str = "heldout
     return examples[:limit] if limit else examples
 
 
-def measure(model, tokenizer, network: ImitationNetwork, examples, out: Path, split: str = "heldout") -> dict:
+def measure(model, tokenizer, network: ImitationNetwork, examples, out: Path, split: str = "heldout",
+            other_vocabs: Optional[dict] = None) -> dict:
+    """``other_vocabs``: ``{size: ids}``, the same network drafting over other draft vocabularies as well
+    (``imitation_vocab_<size>``), measured in the same pass."""
     exit_layer = network.config.exit_layer
     drafters = {"imitation": (network, network.draft_vocab), "early_exit": (None, None)}
     if network.draft_vocab is not None:
         drafters["early_exit_draft_vocab"] = (None, network.draft_vocab)
+    for size, ids in (other_vocabs or {}).items():
+        drafters[f"imitation_vocab_{size}"] = (network, ids)
     start = time.perf_counter()
     profiles = compare_drafters(model, Encoder(tokenizer), examples, exit_layer, drafters,
                                 draft_lens=(1, 2, 3, 4, 5, 6, 8), progress=True)
@@ -99,7 +106,7 @@ def measure(model, tokenizer, network: ImitationNetwork, examples, out: Path, sp
         json.dumps(record, indent=2) + "\n")
     for name, profile in profiles.items():
         accepted = " ".join(f"k={k}: {v:.3f}" for k, v in profile.mean_accepted.items())
-        say(f"{split} {name:>24}: agreement {profile.agreement:.3f} over {profile.positions} positions | "
+        say(f"{split} {name:>28}: agreement {profile.agreement:.3f} over {profile.positions} positions | "
             f"accepted per step {accepted}")
     gain = profiles["imitation"].mean_accepted[4] - profiles["early_exit"].mean_accepted[4]
     say(f"k=4: imitation - plain early exit = {gain:+.3f} accepted tokens per step")
@@ -156,24 +163,30 @@ def summarise(runs: Path, prefix: Path) -> None:
     print(f"wrote {prefix}.md/.json/.png")
 
 
+def snapshot_vocab(model, tokenizer, data: Path, snapshot: Path, size: int) -> torch.Tensor:
+    """The ``size`` most frequent tokens of the answers to ``snapshot``'s prompts, plus EOS (as the trainer
+    chooses a run's draft vocabulary)."""
+    from fastvlm_kernels.decoding.adapters import adapter_for
+    from fastvlm_kernels.imitation.trainer import draft_vocab_for
+    fingerprint = dict(model_fingerprint(model), max_new_tokens=MAX_NEW_TOKENS)
+    done = _read_cache(data / "responses" / "train.jsonl", fingerprint)
+    examples = [example for example in load_examples(snapshot) if example.key in done]
+    for example in examples:
+        example.response_ids = done[example.key]
+    if not examples:
+        raise SystemExit(f"{snapshot}: no answered prompts in {data / 'responses' / 'train.jsonl'}")
+    say(f"draft vocabulary: the {size} most frequent tokens of {len(examples)} answers in {snapshot}")
+    return draft_vocab_for(model, adapter_for(model), examples, Encoder(tokenizer), size)
+
+
 def export(model, tokenizer, network: ImitationNetwork, data: Path, snapshot: Path, out: Path, vocab_size: int,
            dtype: str) -> None:
     """Writes ``network`` to ``out`` with the ``vocab_size`` most frequent answer tokens of ``snapshot``'s
     prompts as its draft vocabulary (0: its own) and its weights stored as ``dtype``: the draft vocabulary the
     network is trained over need not be the one it drafts over (its states do not depend on it; a larger one
     covers more of the answers, at a larger draft head)."""
-    from fastvlm_kernels.decoding.adapters import adapter_for
-    from fastvlm_kernels.imitation.trainer import draft_vocab_for
     if vocab_size:
-        fingerprint = dict(model_fingerprint(model), max_new_tokens=MAX_NEW_TOKENS)
-        done = _read_cache(data / "responses" / "train.jsonl", fingerprint)
-        examples = [example for example in load_examples(snapshot) if example.key in done]
-        for example in examples:
-            example.response_ids = done[example.key]
-        if not examples:
-            raise SystemExit(f"{snapshot}: no answered prompts in {data / 'responses' / 'train.jsonl'}")
-        network.set_draft_vocab(draft_vocab_for(model, adapter_for(model), examples, Encoder(tokenizer), vocab_size))
-        say(f"draft vocabulary: the {vocab_size} most frequent tokens of {len(examples)} answers in {snapshot}")
+        network.set_draft_vocab(snapshot_vocab(model, tokenizer, data, snapshot, vocab_size))
     network.save_pretrained(out, model, dtype=getattr(torch, dtype) if dtype else None)
     size = (out / "model.safetensors").stat().st_size
     say(f"wrote {out} ({size / 1e6:.1f} MB, draft vocabulary {network.config.draft_vocab_size or 'the whole vocabulary'})")
@@ -225,8 +238,13 @@ def main(argv=None) -> None:
                         help="--export: draft over the N most frequent answer tokens of --snapshot (0: keep its own)")
     parser.add_argument("--export-dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="--export: store the weights in this type (default: as they are)")
+    parser.add_argument("--eval-vocabs", type=lambda text: [int(v) for v in text.split(",") if v.strip()],
+                        default=[], help="comma-separated sizes: also measure the network drafting over the N most "
+                                         "frequent answer tokens of --snapshot (its states do not depend on it)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.eval_vocabs and args.snapshot is None:
+        parser.error("--eval-vocabs needs --snapshot (whose answers give the token counts)")
     if args.export is not None and (args.network is None or (args.export_vocab and args.snapshot is None)):
         parser.error("--export needs --network (and --snapshot with --export-vocab)")
     if args.summary:
@@ -268,8 +286,9 @@ def main(argv=None) -> None:
         network = result.network
     else:
         network = ImitationNetwork.from_pretrained(args.network or out / "imitation", model)
+    other_vocabs = {size: snapshot_vocab(model, tokenizer, args.data, args.snapshot, size) for size in args.eval_vocabs}
     measure(model, tokenizer, network, held_out_examples(args.data, model, tokenizer, args.heldout_prompts,
-                                                         args.eval_split), out, args.eval_split)
+                                                         args.eval_split), out, args.eval_split, other_vocabs)
 
 
 if __name__ == "__main__":
