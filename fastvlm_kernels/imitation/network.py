@@ -96,11 +96,7 @@ class ImitationNetwork(nn.Module):
                 layer.to(template.input_layernorm.weight.device, template.input_layernorm.weight.dtype)
             layer.self_attn.layer_idx = num_backbone + i
             if config.identity_init:
-                with torch.no_grad():
-                    for projection in (layer.self_attn.o_proj, layer.mlp.down_proj):
-                        projection.weight.zero_()
-                        if projection.bias is not None:
-                            projection.bias.zero_()
+                zero_output_projections(layer)
             layers.append(layer)
         return cls(config, layers=layers)
 
@@ -203,6 +199,16 @@ class ImitationNetwork(nn.Module):
             del state["_draft_vocab"]
         network.load_state_dict(state)
         return network
+
+
+@torch.no_grad()
+def zero_output_projections(layer: nn.Module) -> None:
+    """Zeroes a decoder layer's attention output and MLP down projections (weights and biases): both residual
+    branches then add nothing, so the layer passes its input through unchanged until it is trained."""
+    for projection in (layer.self_attn.o_proj, layer.mlp.down_proj):
+        projection.weight.zero_()
+        if projection.bias is not None:
+            projection.bias.zero_()
 
 
 def _tensor_parallel(layer: nn.Module) -> bool:

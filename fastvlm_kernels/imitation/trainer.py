@@ -44,7 +44,7 @@ from torch import nn
 from .checkpoint import load_checkpoint, save_checkpoint, write_json
 from .data import DataError, Encoder, Example, data_fingerprint, generate_responses, load_examples
 from .losses import LossWeights, draft_logits, imitation_loss
-from .network import ImitationNetwork
+from .network import ImitationNetwork, zero_output_projections
 from .schedule import WarmupCosine
 from .teacher import Taps, cached_teacher, model_fingerprint, teacher_forward
 from .teacher_cache import TeacherCache
@@ -437,12 +437,8 @@ def _start_from(network: ImitationNetwork, saved: ImitationNetwork, folder) -> N
     if unexpected or any(not name.startswith(added) and name != "_draft_vocab" for name in missing):
         raise ValueError(f"init_from={str(folder)!r}: its weights do not fit this run's first "
                          f"{theirs.num_layers} layer(s) (missing {missing}, unexpected {unexpected})")
-    with torch.no_grad():
-        for layer in network.layers[theirs.num_layers:]:
-            for projection in (layer.self_attn.o_proj, layer.mlp.down_proj):
-                projection.weight.zero_()
-                if projection.bias is not None:
-                    projection.bias.zero_()
+    for layer in network.layers[theirs.num_layers:]:
+        zero_output_projections(layer)
 
 
 def _train(model, adapter, encoder: Encoder, config: TrainConfig, train_examples: List[Example],
