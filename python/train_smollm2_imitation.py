@@ -75,12 +75,17 @@ def write_snapshot(data: Path, snapshot: Path, model, tokenizer) -> int:
     return len(kept)
 
 
-def held_out_examples(data: Path, model, tokenizer, limit, split: str = "heldout"):
-    fingerprint = dict(model_fingerprint(model), max_new_tokens=MAX_NEW_TOKENS)
-    done = _read_cache(data / "responses" / f"{split}.jsonl", fingerprint)
-    examples = [example for example in load_examples(data / split) if example.key in done]
+def answered_examples(folder: Path, responses: Path, model) -> list:
+    """The examples of ``folder`` that have an answer in the responses cache ``responses``, with it."""
+    done = _read_cache(responses, dict(model_fingerprint(model), max_new_tokens=MAX_NEW_TOKENS))
+    examples = [example for example in load_examples(folder) if example.key in done]
     for example in examples:
         example.response_ids = done[example.key]
+    return examples
+
+
+def held_out_examples(data: Path, model, tokenizer, limit, split: str = "heldout"):
+    examples = answered_examples(data / split, data / "responses" / f"{split}.jsonl", model)
     return examples[:limit] if limit else examples
 
 
@@ -163,20 +168,19 @@ def summarise(runs: Path, prefix: Path) -> None:
     print(f"wrote {prefix}.md/.json/.png")
 
 
-def snapshot_vocab(model, tokenizer, data: Path, snapshot: Path, size: int) -> torch.Tensor:
-    """The ``size`` most frequent tokens of the answers to ``snapshot``'s prompts, plus EOS (as the trainer
-    chooses a run's draft vocabulary)."""
+def snapshot_vocabs(model, tokenizer, data: Path, snapshot: Path, sizes) -> dict:
+    """``{size: ids}``: the ``size`` most frequent tokens of the answers to ``snapshot``'s prompts, plus EOS (as
+    the trainer chooses a run's draft vocabulary), for each of ``sizes`` (the answers read once)."""
     from fastvlm_kernels.decoding.adapters import adapter_for
     from fastvlm_kernels.imitation.trainer import draft_vocab_for
-    fingerprint = dict(model_fingerprint(model), max_new_tokens=MAX_NEW_TOKENS)
-    done = _read_cache(data / "responses" / "train.jsonl", fingerprint)
-    examples = [example for example in load_examples(snapshot) if example.key in done]
-    for example in examples:
-        example.response_ids = done[example.key]
+    if not sizes:
+        return {}
+    examples = answered_examples(snapshot, data / "responses" / "train.jsonl", model)
     if not examples:
         raise SystemExit(f"{snapshot}: no answered prompts in {data / 'responses' / 'train.jsonl'}")
-    say(f"draft vocabulary: the {size} most frequent tokens of {len(examples)} answers in {snapshot}")
-    return draft_vocab_for(model, adapter_for(model), examples, Encoder(tokenizer), size)
+    say(f"draft vocabularies of {', '.join(map(str, sizes))} tokens: the most frequent of {len(examples)} answers "
+        f"in {snapshot}")
+    return {size: draft_vocab_for(model, adapter_for(model), examples, Encoder(tokenizer), size) for size in sizes}
 
 
 def export(model, tokenizer, network: ImitationNetwork, data: Path, snapshot: Path, out: Path, vocab_size: int,
@@ -186,7 +190,7 @@ def export(model, tokenizer, network: ImitationNetwork, data: Path, snapshot: Pa
     network is trained over need not be the one it drafts over (its states do not depend on it; a larger one
     covers more of the answers, at a larger draft head)."""
     if vocab_size:
-        network.set_draft_vocab(snapshot_vocab(model, tokenizer, data, snapshot, vocab_size))
+        network.set_draft_vocab(snapshot_vocabs(model, tokenizer, data, snapshot, [vocab_size])[vocab_size])
     network.save_pretrained(out, model, dtype=getattr(torch, dtype) if dtype else None)
     size = (out / "model.safetensors").stat().st_size
     say(f"wrote {out} ({size / 1e6:.1f} MB, draft vocabulary {network.config.draft_vocab_size or 'the whole vocabulary'})")
@@ -260,8 +264,7 @@ def main(argv=None) -> None:
     model.eval()
     if args.export is not None:
         export(model, tokenizer, ImitationNetwork.from_pretrained(args.network, model), args.data, args.snapshot,
-               args.export,
-               args.export_vocab, args.export_dtype)
+               args.export, args.export_vocab, args.export_dtype)
         return
     out = args.out or Path("build/smollm2_imitation") / f"E{args.exit_layer}-{args.kind}"
     if args.network is not None and not args.eval_only:
@@ -286,7 +289,7 @@ def main(argv=None) -> None:
         network = result.network
     else:
         network = ImitationNetwork.from_pretrained(args.network or out / "imitation", model)
-    other_vocabs = {size: snapshot_vocab(model, tokenizer, args.data, args.snapshot, size) for size in args.eval_vocabs}
+    other_vocabs = snapshot_vocabs(model, tokenizer, args.data, args.snapshot, args.eval_vocabs)
     measure(model, tokenizer, network, held_out_examples(args.data, model, tokenizer, args.heldout_prompts,
                                                          args.eval_split), out, args.eval_split, other_vocabs)
 
