@@ -305,11 +305,24 @@ _SELF_EXAMPLES_4 = ("In two sentences, what is a credit score?",
                     "Shorten this for a text message: 'I will be a little late to dinner tonight because of traffic.'",
                     "Suggest three names for a book club that meets in a cafe.",
                     "Explain what a mortgage is in one paragraph, without jargon.")
+_SELF_FORMS_5 = ("a request where the writer says what their job or situation is and asks for help with a task",
+                 "a request that ends with an instruction about the answer: its length, bullet points, steps or options",
+                 "a quick question about something the writer wants to do or make")
+_SELF_EXAMPLES_5 = ("I drive a bus on early shifts. How can I eat better when I'm always in a hurry?",
+                    "I coach a children's football team. Write a short message telling the parents that "
+                    "Saturday's match is cancelled.",
+                    "I'm a chef and my kitchen is too hot in summer. What can I change? Use bullet points.",
+                    "I manage a small shoe shop and a customer left a bad review. How should I reply? Keep it short.",
+                    "I'm learning JavaScript. Explain what a function is, step by step.",
+                    "I volunteer at the library. Can you help me write a poster for our reading club?",
+                    "How do I make a simple budget in a spreadsheet? Give me two ways.",
+                    "I'm a carpenter. How much paint do I need for a 20 square meter wall? Please be brief.")
 # (tag, categories, forms, copies per pair, few-shot pool): round 1 (no tag), then r2 (more categories and
 # forms: the first round's 360 requests gave 225 usable ones, too few to move the drafter off the topic
 # templates; its pool also shows requests that say who the sender is, as people write them), then r3 (30
 # more categories), then r4 (four more forms: the answer's length or shape asked for, a quoted text to rewrite, a
-# described problem, ideas; its own pool).
+# described problem, ideas; its own pool), then r5 (three forms in which the writer says who they are or
+# how the answer should look, as chat users write; its own pool, none of whose people or tasks is a wild one).
 _SELF_ROUNDS = (
     ("", _SELF_CATEGORIES, _SELF_FORMS, SELF_INSTRUCT_PER_PAIR, _SELF_EXAMPLES),
     ("r2", _SELF_CATEGORIES + _SELF_CATEGORIES_2, _SELF_FORMS + _SELF_FORMS_2, SELF_INSTRUCT_PER_PAIR_2,
@@ -318,6 +331,8 @@ _SELF_ROUNDS = (
      _SELF_EXAMPLES_2 + _SELF_EXAMPLES_3),
     ("r4", _SELF_CATEGORIES + _SELF_CATEGORIES_2 + _SELF_CATEGORIES_3, _SELF_FORMS_4, 2,
      _SELF_EXAMPLES_4 + _SELF_EXAMPLES_3),
+    ("r5", _SELF_CATEGORIES_2 + _SELF_CATEGORIES_3 + _SELF_CATEGORIES, _SELF_FORMS_5, 2,
+     _SELF_EXAMPLES_5 + _SELF_EXAMPLES_2),
 )
 
 
@@ -371,5 +386,5 @@ def self_instruct_items(written: Dict[str, str]) -> List[dict]:
             seen.add(line.lower())
             category, form, _ = key.split("|")
             items.append({"question": line, "topic": f"self_instruct/{category}",
-                          "template": (_SELF_FORMS + _SELF_FORMS_2 + _SELF_FORMS_4).index(form)})
+                          "template": (_SELF_FORMS + _SELF_FORMS_2 + _SELF_FORMS_4 + _SELF_FORMS_5).index(form)})
     return items
