@@ -9,11 +9,15 @@ Two terms, over the M positions whose next token is a response token:
   ``q = softmax(draft logits / T)``; the draft logits are the model's own final norm and LM head applied to
   the network's output (the early-exit head of the decoder). The ``T^2`` factor keeps the gradient's scale
   independent of the temperature (Hinton et al., 2015).
+* **agreement** (optional, off by default): ``mean_m CE(draft_m, argmax teacher_m)``, the cross-entropy of the
+  draft logits against the full model's greedy token. Greedy acceptance depends on the argmax alone; this term
+  spends the network's capacity on the top token where the distillation term spreads it over the whole
+  distribution.
 
 With a draft vocabulary (``TrainConfig.draft_vocab``) both distributions are softmaxes over its S token ids
 only: the draft head can propose nothing else, and its argmax over them is what must match the full model's.
 
-``total = cosine_weight * cosine + kd_weight * distillation``. Everything is computed in fp32.
+``total = cosine_weight * cosine + kd_weight * distillation + agreement_weight * agreement``. Everything is computed in fp32.
 """
 from __future__ import annotations
 
@@ -47,6 +51,15 @@ def distillation_loss(draft_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return kl.mean() * temperature ** 2
 
 
+def agreement_loss(draft_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """``draft_logits``, ``teacher_logits`` ``[M, V]`` -> scalar ``mean_m CE(draft_m, argmax_v teacher_m)``: the
+    draft's cross-entropy against the full model's greedy token (the teacher gets no gradient)."""
+    if draft_logits.shape != teacher_logits.shape or draft_logits.dim() != 2:
+        raise ValueError(f"draft_logits and teacher_logits must both be [M, V], got {tuple(draft_logits.shape)} "
+                         f"and {tuple(teacher_logits.shape)}")
+    return F.cross_entropy(draft_logits.float(), teacher_logits.detach().argmax(dim=-1))
+
+
 def draft_logits(hidden: torch.Tensor, norm: nn.Module, lm_head: nn.Module,
                  vocab: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The early-exit head: the model's own final norm and LM head on ``hidden [M, H]`` -> ``[M, V]``, or
@@ -64,11 +77,17 @@ class LossWeights:
     cosine_weight: float = 1.0
     kd_weight: float = 1.0
     temperature: float = 1.0
+    agreement_weight: float = 0.0
 
     def __post_init__(self):
-        if self.cosine_weight < 0 or self.kd_weight < 0 or self.cosine_weight + self.kd_weight == 0:
-            raise ValueError(f"cosine_weight ({self.cosine_weight}) and kd_weight ({self.kd_weight}) must be >= 0 "
-                             "and not both 0")
+        if self.cosine_weight < 0 or self.kd_weight < 0 or self.agreement_weight < 0 or \
+                self.cosine_weight + self.kd_weight + self.agreement_weight == 0:
+            raise ValueError(f"cosine_weight ({self.cosine_weight}), kd_weight ({self.kd_weight}) and "
+                             f"agreement_weight ({self.agreement_weight}) must be >= 0 and not all 0")
+
+    @property
+    def needs_draft_logits(self) -> bool:
+        return self.kd_weight > 0 or self.agreement_weight > 0
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
@@ -77,16 +96,21 @@ class LossTerms(NamedTuple):
     total: torch.Tensor       # scalar, with gradient
     cosine: torch.Tensor      # scalar, the cosine loss (1 - mean cosine similarity)
     kd: torch.Tensor          # scalar, the distillation term (T^2-scaled KL)
+    agreement: torch.Tensor   # scalar, the cross-entropy against the full model's greedy token (0 when off)
 
 
 def imitation_loss(output: torch.Tensor, target: torch.Tensor, draft: torch.Tensor, teacher: torch.Tensor,
                    weights: LossWeights) -> LossTerms:
     """``output`` / ``target`` ``[M, H]`` (network output, target-layer state), ``draft`` / ``teacher``
-    ``[M, V]`` (logits of the draft head and of the full model) -> the weighted sum and both terms."""
+    ``[M, V]`` (logits of the draft head and of the full model) -> the weighted sum and its terms."""
     cosine = cosine_loss(output, target)
     if weights.kd_weight > 0:
         kd = distillation_loss(draft, teacher, weights.temperature)
     else:
         kd = torch.zeros((), device=output.device)
-    total = weights.cosine_weight * cosine + weights.kd_weight * kd
-    return LossTerms(total, cosine, kd)
+    if weights.agreement_weight > 0:
+        agreement = agreement_loss(draft, teacher)
+    else:
+        agreement = torch.zeros((), device=output.device)
+    total = weights.cosine_weight * cosine + weights.kd_weight * kd + weights.agreement_weight * agreement
+    return LossTerms(total, cosine, kd, agreement)

@@ -55,8 +55,8 @@ RUN_FILES = ("run.json", "checkpoint.pt", "responses.jsonl", "history.json", "tr
 # Settings that change only what is measured or saved, not the trained weights: a resumed run may change them.
 RESUMABLE_CHANGES = ("eval_every", "checkpoint_every", "eval_max_new_tokens", "draft_len", "progress")
 # Settings added after runs were recorded without them: the value that matches what such a run did (prompts
-# were always sent as written before raw_prompts existed).
-RECORDED_BEFORE = {"raw_prompts": True}
+# were always sent as written before raw_prompts existed; no run had the agreement term before it existed).
+RECORDED_BEFORE = {"raw_prompts": True, "agreement_weight": 0.0}
 
 
 DEFAULT_WARMUP_STEPS = 50       # the warm-up of a run of 500 steps or more, when none is given
@@ -93,6 +93,7 @@ class TrainConfig:
     cosine_weight: float = 1.0
     kd_weight: float = 1.0
     temperature: float = 1.0
+    agreement_weight: float = 0.0           # > 0: add the cross-entropy against the full model's greedy token
     seed: int = 0
     eval_fraction: float = 0.1              # share of the prompts held out for the accepted-length metric
     max_eval_examples: int = 16
@@ -114,7 +115,7 @@ class TrainConfig:
         return min(DEFAULT_WARMUP_STEPS, max(1, self.steps // WARMUP_FRACTION))
 
     def loss_weights(self) -> LossWeights:
-        return LossWeights(self.cosine_weight, self.kd_weight, self.temperature)
+        return LossWeights(self.cosine_weight, self.kd_weight, self.temperature, self.agreement_weight)
 
     def check(self, num_layers: int) -> "TrainConfig":
         """Validates against an N-layer model and fills ``target_layer``; errors name the setting."""
@@ -531,7 +532,7 @@ def _train(model, adapter, encoder: Encoder, config: TrainConfig, train_examples
                 hidden = teacher.exit_states if use_autocast else teacher.exit_states.float()
                 output = network(hidden, teacher.position_embeddings, attention_mask=teacher.attention_mask)
                 selected = output[loss_mask]                                              # [M, H]
-                draft = draft_logits(selected, adapter.norm, adapter.lm_head, vocab) if weights.kd_weight > 0 else None
+                draft = draft_logits(selected, adapter.norm, adapter.lm_head, vocab) if weights.needs_draft_logits else None
             terms = imitation_loss(selected.float(), teacher.targets, draft, teacher.logits, weights)
             optimizer.zero_grad(set_to_none=True)
             terms.total.backward()
@@ -542,7 +543,7 @@ def _train(model, adapter, encoder: Encoder, config: TrainConfig, train_examples
             scheduler.step()
             step += 1
             logs = {"step": step, "loss": float(terms.total.detach()), "cosine": float(terms.cosine.detach()),
-                    "kd": float(terms.kd.detach()), "lr": lr, "grad_norm": float(grad_norm)}
+                    "kd": float(terms.kd.detach()), "agreement": float(terms.agreement.detach()), "lr": lr, "grad_norm": float(grad_norm)}
             history.append(logs)
             bar.update(1)
             bar.set_postfix_str(f"loss {logs['loss']:.4f} cos {1 - logs['cosine']:.4f} lr {lr:.2e}", refresh=False)
@@ -584,6 +585,8 @@ def plot_curves(history: List[dict], evals: List[EvalResult], baseline: Optional
     axes[0].plot(steps, [entry["loss"] for entry in history], label="total")
     axes[0].plot(steps, [entry["cosine"] for entry in history], label="cosine (1 - cos)")
     axes[0].plot(steps, [entry["kd"] for entry in history], label="distillation (KL)")
+    if any(entry.get("agreement", 0.0) for entry in history):
+        axes[0].plot(steps, [entry.get("agreement", 0.0) for entry in history], label="agreement (CE to greedy)")
     axes[0].set_yscale("log")
     axes[0].set_xlabel("step")
     axes[0].set_title("training loss")

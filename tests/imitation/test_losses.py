@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from fastvlm_kernels.imitation.losses import (LossWeights, cosine_loss, distillation_loss, draft_logits,
-                                              imitation_loss)
+from fastvlm_kernels.imitation.losses import (LossWeights, agreement_loss, cosine_loss, distillation_loss,
+                                              draft_logits, imitation_loss)
 
 LN2, LN3 = math.log(2), math.log(3)
 
@@ -70,6 +70,33 @@ def test_weighted_sum_and_draft_head():
     assert cosine_only.total.item() == pytest.approx(terms.cosine.item()) and cosine_only.kd.item() == 0.0
 
 
+def test_agreement_term_is_the_cross_entropy_to_the_greedy_token():
+    """The agreement term is -log q(argmax p) averaged over positions, with the teacher's greedy token as the
+    label; it joins the total with its weight, and alone (no cosine, no distillation) its gradient raises the
+    draft's logit of the teacher's greedy token and lowers the others."""
+    torch.manual_seed(1)
+    draft = torch.randn(6, 11, requires_grad=True)
+    teacher = torch.randn(6, 11)
+    greedy = teacher.argmax(dim=-1)
+    by_hand = -torch.log_softmax(draft.detach(), dim=-1)[torch.arange(6), greedy].mean()
+    assert agreement_loss(draft, teacher).item() == pytest.approx(by_hand.item(), rel=1e-6)
+    hidden, target = torch.randn(6, 8), torch.randn(6, 8)
+    terms = imitation_loss(hidden, target, draft, teacher, LossWeights(cosine_weight=0.5, kd_weight=1.0,
+                                                                       agreement_weight=0.25))
+    assert terms.agreement.item() == pytest.approx(by_hand.item(), rel=1e-6)
+    assert terms.total.item() == pytest.approx(0.5 * terms.cosine.item() + terms.kd.item()
+                                               + 0.25 * terms.agreement.item(), rel=1e-6)
+    off = imitation_loss(hidden, target, draft, teacher, LossWeights())
+    assert off.agreement.item() == 0.0 and off.total.item() == pytest.approx(off.cosine.item() + off.kd.item())
+    alone = imitation_loss(hidden, target, draft, teacher, LossWeights(cosine_weight=0.0, kd_weight=0.0,
+                                                                       agreement_weight=1.0))
+    alone.total.backward()
+    chosen = torch.zeros(6, 11, dtype=torch.bool)
+    chosen[torch.arange(6), greedy] = True
+    assert (draft.grad[chosen] < 0).all() and (draft.grad[~chosen] > 0).all()
+    assert LossWeights(agreement_weight=1.0).needs_draft_logits and not LossWeights(kd_weight=0.0).needs_draft_logits
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="output and target"):
         cosine_loss(torch.zeros(3, 4), torch.zeros(3, 5))
@@ -77,5 +104,9 @@ def test_bad_input():
         distillation_loss(torch.zeros(3, 4), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="temperature"):
         distillation_loss(torch.zeros(3, 4), torch.zeros(3, 4), 0.0)
-    with pytest.raises(ValueError, match="not both 0"):
+    with pytest.raises(ValueError, match="not all 0"):
         LossWeights(cosine_weight=0.0, kd_weight=0.0)
+    with pytest.raises(ValueError, match="agreement_weight"):
+        LossWeights(agreement_weight=-0.5)
+    with pytest.raises(ValueError, match="draft_logits and teacher_logits"):
+        agreement_loss(torch.randn(3, 4), torch.randn(3, 5))
