@@ -42,12 +42,13 @@ def test_train_imitation_command(checkpoint, capsys):
         main([*command, "--resume", "--overwrite"])
     # a second run continues from the first one's weights, over a draft vocabulary, sharing its answers
     tuned = [*command[:7], "--out", str(checkpoint / "tuned"), *command[9:], "--init-from",
-             str(checkpoint / "out" / "imitation"), "--draft-vocab", "8", "--responses-cache",
+             str(checkpoint / "out" / "imitation"), "--draft-vocab", "8", "--agreement-weight", "0.5", "--responses-cache",
              str(checkpoint / "out" / "responses.jsonl"), "--teacher-cache", str(checkpoint / "teacher")]
     assert main(tuned) == 0
     assert len(json.loads((checkpoint / "teacher" / "index.json").read_text())["examples"]) > 0
     saved = json.loads((checkpoint / "tuned" / "run.json").read_text())["config"]
     assert saved["init_from"] == str(checkpoint / "out" / "imitation") and saved["draft_vocab"] == 8
+    assert saved["agreement_weight"] == 0.5
     assert not (checkpoint / "tuned" / "responses.jsonl").exists()
     (checkpoint / "data" / "prompts.jsonl").open("a").write('{"prompt": "w5"\n')
     with pytest.raises(SystemExit, match=r"prompts.jsonl:11: not valid JSON"):

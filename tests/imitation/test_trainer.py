@@ -236,6 +236,36 @@ def test_a_draft_vocabulary_is_trained_saved_and_drafted_over(tmp_path):
         TrainConfig(exit_layer=1, draft_vocab=-1).check(NUM_LAYERS)
 
 
+def test_the_agreement_term_trains_the_draft_toward_the_greedy_token(tmp_path):
+    """agreement_weight alone (no cosine, no distillation): the draft's cross-entropy against the full model's
+    greedy token is logged each step and falls; the run records the weight, and a run recorded before the term
+    existed (no agreement_weight in its record) still resumes as one that ran without it."""
+    case = build("llama", seed=3)
+    write_prompts(tmp_path / "data", 12, seed=4, responses=True)
+    config = TrainConfig(exit_layer=1, steps=16, batch_size=4, lr=3e-3, warmup_steps=1, eval_fraction=0.0,
+                         checkpoint_every=8, seed=5, draft_vocab=24, cosine_weight=0.0, kd_weight=0.0,
+                         agreement_weight=1.0)
+    result = train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "out", config, progress=False)
+    agreement = [entry["agreement"] for entry in result.history]
+    assert len(agreement) == 16 and all(value > 0 for value in agreement)
+    assert sum(agreement[-4:]) < 0.7 * sum(agreement[:4]), agreement
+    assert all(entry["loss"] == pytest.approx(entry["agreement"]) for entry in result.history)
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["config"]["agreement_weight"] == 1.0
+    # a run without the term, recorded before it existed, resumes (its record is read as agreement_weight 0)
+    old = replace(config, steps=4, cosine_weight=1.0, kd_weight=1.0, agreement_weight=0.0)
+    train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "old", old, progress=False)
+    record = json.loads((tmp_path / "old" / "run.json").read_text())
+    assert record["config"].pop("agreement_weight") == 0.0
+    (tmp_path / "old" / "run.json").write_text(json.dumps(record))
+    resumed = train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "old", old, progress=False,
+                              resume=True)
+    assert len(resumed.history) == 4 and all(entry["agreement"] == 0.0 for entry in resumed.history)
+    with pytest.raises(ValueError, match="different run"):
+        train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "old", replace(config, steps=4),
+                        progress=False, resume=True)
+
+
 def test_init_from_starts_at_a_saved_networks_weights(tmp_path):
     """init_from: the run's network starts as the saved one (fine-tuning on more data), chooses its own draft
     vocabulary, and a saved network of another shape or a folder without one is refused, naming init_from."""
