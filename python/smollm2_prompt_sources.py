@@ -317,12 +317,25 @@ _SELF_EXAMPLES_5 = ("I drive a bus on early shifts. How can I eat better when I'
                     "I volunteer at the library. Can you help me write a poster for our reading club?",
                     "How do I make a simple budget in a spreadsheet? Give me two ways.",
                     "I'm a carpenter. How much paint do I need for a 20 square meter wall? Please be brief.")
+_SELF_FORMS_6 = ("a request where the writer describes their situation in a sentence or two and then asks a question",
+                 "a request for help writing something for a particular person or occasion",
+                 "a how-to request that mentions a limit the writer has, such as time, money or skill")
+_SELF_EXAMPLES_6 = ("My brother is turning forty and loves fishing. What could I write in his card?",
+                    "We have a leak under the kitchen sink and the plumber can't come until Monday. "
+                    "What can I do until then?",
+                    "I only have twenty minutes in the morning. How can I make a healthy breakfast?",
+                    "Help me write a short thank-you note to the nurses who looked after my father.",
+                    "I'm not good with tools. How do I hang a heavy mirror safely?",
+                    "Our choir is singing at a care home next week. Write a few words to introduce us.",
+                    "I've never cooked fish before. How do I bake salmon without drying it out?",
+                    "My landlady is eighty and lives alone. What could I offer to help her with this winter?")
 # (tag, categories, forms, copies per pair, few-shot pool): round 1 (no tag), then r2 (more categories and
 # forms: the first round's 360 requests gave 225 usable ones, too few to move the drafter off the topic
 # templates; its pool also shows requests that say who the sender is, as people write them), then r3 (30
 # more categories), then r4 (four more forms: the answer's length or shape asked for, a quoted text to rewrite, a
 # described problem, ideas; its own pool), then r5 (three forms in which the writer says who they are or
-# how the answer should look, as chat users write; its own pool, none of whose people or tasks is a wild one).
+# how the answer should look, as chat users write; its own pool, none of whose people or tasks is a wild one),
+# then r6 (a described situation, something to write for someone, a how-to with the writer's limit; its pool).
 _SELF_ROUNDS = (
     ("", _SELF_CATEGORIES, _SELF_FORMS, SELF_INSTRUCT_PER_PAIR, _SELF_EXAMPLES),
     ("r2", _SELF_CATEGORIES + _SELF_CATEGORIES_2, _SELF_FORMS + _SELF_FORMS_2, SELF_INSTRUCT_PER_PAIR_2,
@@ -333,6 +346,8 @@ _SELF_ROUNDS = (
      _SELF_EXAMPLES_4 + _SELF_EXAMPLES_3),
     ("r5", _SELF_CATEGORIES_2 + _SELF_CATEGORIES_3 + _SELF_CATEGORIES, _SELF_FORMS_5, 2,
      _SELF_EXAMPLES_5 + _SELF_EXAMPLES_2),
+    ("r6", _SELF_CATEGORIES_3 + _SELF_CATEGORIES + _SELF_CATEGORIES_2, _SELF_FORMS_6, 2,
+     _SELF_EXAMPLES_6 + _SELF_EXAMPLES_4),
 )
 
 
@@ -386,5 +401,6 @@ def self_instruct_items(written: Dict[str, str]) -> List[dict]:
             seen.add(line.lower())
             category, form, _ = key.split("|")
             items.append({"question": line, "topic": f"self_instruct/{category}",
-                          "template": (_SELF_FORMS + _SELF_FORMS_2 + _SELF_FORMS_4 + _SELF_FORMS_5).index(form)})
+                          "template": (_SELF_FORMS + _SELF_FORMS_2 + _SELF_FORMS_4 + _SELF_FORMS_5
+                                       + _SELF_FORMS_6).index(form)})
     return items
