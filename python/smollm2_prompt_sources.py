@@ -306,7 +306,8 @@ _SELF_EXAMPLES_4 = ("In two sentences, what is a credit score?",
                     "Suggest three names for a book club that meets in a cafe.",
                     "Explain what a mortgage is in one paragraph, without jargon.")
 _SELF_FORMS_5 = ("a request where the writer says what their job or situation is and asks for help with a task",
-                 "a request that ends with an instruction about the answer: its length, bullet points, steps or options",
+                 "a request that ends with an instruction about the answer: its length, bullet points, steps "
+                 "or options",
                  "a quick question about something the writer wants to do or make")
 _SELF_EXAMPLES_5 = ("I drive a bus on early shifts. How can I eat better when I'm always in a hurry?",
                     "I coach a children's football team. Write a short message telling the parents that "
@@ -329,13 +330,27 @@ _SELF_EXAMPLES_6 = ("My brother is turning forty and loves fishing. What could I
                     "Our choir is singing at a care home next week. Write a few words to introduce us.",
                     "I've never cooked fish before. How do I bake salmon without drying it out?",
                     "My landlady is eighty and lives alone. What could I offer to help her with this winter?")
+_SELF_FORMS_7 = ("a request to explain the difference between two things people often mix up",
+                 "a request that gives a few details, such as names, numbers or dates, and asks for a short text "
+                 "using them",
+                 "a question asking what to do first about a problem, written in a hurry")
+_SELF_EXAMPLES_7 = ("What's the difference between a cold and the flu?",
+                    "Write an invitation: Sam's 7th birthday, Saturday 14 June, 2pm, at the park by the lake.",
+                    "My phone fell in water, what do I do first??",
+                    "Explain the difference between weather and climate in a few sentences.",
+                    "Use these in a short notice: office closed Friday, reopens Monday 8am, call Tom for urgent "
+                    "things.",
+                    "Car won't start and I have to leave in 10 minutes. What should I check first?",
+                    "Is there a difference between 'affect' and 'effect'?",
+                    "Make a short shopping list for pancakes for four people.")
 # (tag, categories, forms, copies per pair, few-shot pool): round 1 (no tag), then r2 (more categories and
 # forms: the first round's 360 requests gave 225 usable ones, too few to move the drafter off the topic
 # templates; its pool also shows requests that say who the sender is, as people write them), then r3 (30
 # more categories), then r4 (four more forms: the answer's length or shape asked for, a quoted text to rewrite, a
 # described problem, ideas; its own pool), then r5 (three forms in which the writer says who they are or
 # how the answer should look, as chat users write; its own pool, none of whose people or tasks is a wild one),
-# then r6 (a described situation, something to write for someone, a how-to with the writer's limit; its pool).
+# then r6 (a described situation, something to write for someone, a how-to with the writer's limit; its pool),
+# then r7 (two things mixed up, a short text from given details, what to do first in a hurry; its pool).
 _SELF_ROUNDS = (
     ("", _SELF_CATEGORIES, _SELF_FORMS, SELF_INSTRUCT_PER_PAIR, _SELF_EXAMPLES),
     ("r2", _SELF_CATEGORIES + _SELF_CATEGORIES_2, _SELF_FORMS + _SELF_FORMS_2, SELF_INSTRUCT_PER_PAIR_2,
@@ -348,6 +363,8 @@ _SELF_ROUNDS = (
      _SELF_EXAMPLES_5 + _SELF_EXAMPLES_2),
     ("r6", _SELF_CATEGORIES_3 + _SELF_CATEGORIES + _SELF_CATEGORIES_2, _SELF_FORMS_6, 2,
      _SELF_EXAMPLES_6 + _SELF_EXAMPLES_4),
+    ("r7", _SELF_CATEGORIES + _SELF_CATEGORIES_3 + _SELF_CATEGORIES_2, _SELF_FORMS_7, 2,
+     _SELF_EXAMPLES_7 + _SELF_EXAMPLES_6),
 )
 
 
@@ -402,5 +419,5 @@ def self_instruct_items(written: Dict[str, str]) -> List[dict]:
             category, form, _ = key.split("|")
             items.append({"question": line, "topic": f"self_instruct/{category}",
                           "template": (_SELF_FORMS + _SELF_FORMS_2 + _SELF_FORMS_4 + _SELF_FORMS_5
-                                       + _SELF_FORMS_6).index(form)})
+                                       + _SELF_FORMS_6 + _SELF_FORMS_7).index(form)})
     return items

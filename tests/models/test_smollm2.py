@@ -295,7 +295,7 @@ def test_self_instruct_requests_grow_in_rounds_without_moving_the_first():
     assert (first[0]["seed"], requests[360]["seed"]) == (149254955, 709917134)
     assert module.self_instruct_requests(0) == requests and module.self_instruct_requests(1) != requests
     forms = (module._SELF_FORMS + module._SELF_FORMS_2 + module._SELF_FORMS_4 + module._SELF_FORMS_5
-             + module._SELF_FORMS_6)
+             + module._SELF_FORMS_6 + module._SELF_FORMS_7)
     written = {r["key"]: f"1. How do I start with {r['category']}, question {i}?" for i, r in enumerate(requests)}
     items = module.self_instruct_items(written)
     assert len(items) == len(requests)
