@@ -281,7 +281,8 @@ def main(argv=None) -> None:
                              init_from=str(args.init_from) if args.init_from else None, steps=args.steps,
                              batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                              cosine_weight=args.cosine_weight, kd_weight=args.kd_weight,
-                             temperature=args.temperature, agreement_weight=args.agreement_weight, draft_vocab=args.draft_vocab,
+                             temperature=args.temperature, agreement_weight=args.agreement_weight,
+                             draft_vocab=args.draft_vocab,
                              max_new_tokens=MAX_NEW_TOKENS, eval_every=args.eval_every, eval_fraction=0.02,
                              max_eval_examples=8, eval_max_new_tokens=48, checkpoint_every=50,
                              raw_prompts=True)   # the snapshot's prompts are already in the chat template

@@ -1,6 +1,6 @@
 """The imitation network's training losses.
 
-Two terms, over the M positions whose next token is a response token:
+Two terms and an optional third, over the M positions whose next token is a response token:
 
 * **cosine**: ``mean_m (1 - cos(output_m, target_m))`` between the network's output and the frozen model's
   hidden state at ``target_layer`` (the output of backbone layer ``target_layer - 1``, before the final
@@ -17,7 +17,8 @@ Two terms, over the M positions whose next token is a response token:
 With a draft vocabulary (``TrainConfig.draft_vocab``) both distributions are softmaxes over its S token ids
 only: the draft head can propose nothing else, and its argmax over them is what must match the full model's.
 
-``total = cosine_weight * cosine + kd_weight * distillation + agreement_weight * agreement``. Everything is computed in fp32.
+``total = cosine_weight * cosine + kd_weight * distillation + agreement_weight * agreement``. Everything is
+computed in fp32.
 """
 from __future__ import annotations
 
@@ -84,12 +85,12 @@ class LossWeights:
                 self.cosine_weight + self.kd_weight + self.agreement_weight == 0:
             raise ValueError(f"cosine_weight ({self.cosine_weight}), kd_weight ({self.kd_weight}) and "
                              f"agreement_weight ({self.agreement_weight}) must be >= 0 and not all 0")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
     @property
     def needs_draft_logits(self) -> bool:
         return self.kd_weight > 0 or self.agreement_weight > 0
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
 
 class LossTerms(NamedTuple):

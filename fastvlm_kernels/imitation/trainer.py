@@ -532,7 +532,8 @@ def _train(model, adapter, encoder: Encoder, config: TrainConfig, train_examples
                 hidden = teacher.exit_states if use_autocast else teacher.exit_states.float()
                 output = network(hidden, teacher.position_embeddings, attention_mask=teacher.attention_mask)
                 selected = output[loss_mask]                                              # [M, H]
-                draft = draft_logits(selected, adapter.norm, adapter.lm_head, vocab) if weights.needs_draft_logits else None
+                draft = (draft_logits(selected, adapter.norm, adapter.lm_head, vocab) if weights.needs_draft_logits
+                         else None)
             terms = imitation_loss(selected.float(), teacher.targets, draft, teacher.logits, weights)
             optimizer.zero_grad(set_to_none=True)
             terms.total.backward()
@@ -543,7 +544,8 @@ def _train(model, adapter, encoder: Encoder, config: TrainConfig, train_examples
             scheduler.step()
             step += 1
             logs = {"step": step, "loss": float(terms.total.detach()), "cosine": float(terms.cosine.detach()),
-                    "kd": float(terms.kd.detach()), "agreement": float(terms.agreement.detach()), "lr": lr, "grad_norm": float(grad_norm)}
+                    "kd": float(terms.kd.detach()), "agreement": float(terms.agreement.detach()), "lr": lr,
+                    "grad_norm": float(grad_norm)}
             history.append(logs)
             bar.update(1)
             bar.set_postfix_str(f"loss {logs['loss']:.4f} cos {1 - logs['cosine']:.4f} lr {lr:.2e}", refresh=False)

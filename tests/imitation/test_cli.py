@@ -42,7 +42,8 @@ def test_train_imitation_command(checkpoint, capsys):
         main([*command, "--resume", "--overwrite"])
     # a second run continues from the first one's weights, over a draft vocabulary, sharing its answers
     tuned = [*command[:7], "--out", str(checkpoint / "tuned"), *command[9:], "--init-from",
-             str(checkpoint / "out" / "imitation"), "--draft-vocab", "8", "--agreement-weight", "0.5", "--responses-cache",
+             str(checkpoint / "out" / "imitation"), "--draft-vocab", "8", "--agreement-weight", "0.5",
+             "--responses-cache",
              str(checkpoint / "out" / "responses.jsonl"), "--teacher-cache", str(checkpoint / "teacher")]
     assert main(tuned) == 0
     assert len(json.loads((checkpoint / "teacher" / "index.json").read_text())["examples"]) > 0

@@ -108,5 +108,7 @@ def test_bad_input():
         LossWeights(cosine_weight=0.0, kd_weight=0.0)
     with pytest.raises(ValueError, match="agreement_weight"):
         LossWeights(agreement_weight=-0.5)
+    with pytest.raises(ValueError, match="temperature"):
+        LossWeights(temperature=0.0)
     with pytest.raises(ValueError, match="draft_logits and teacher_logits"):
         agreement_loss(torch.randn(3, 4), torch.randn(3, 5))
