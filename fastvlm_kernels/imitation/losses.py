@@ -38,12 +38,16 @@ def cosine_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (1.0 - similarity).mean()
 
 
-def distillation_loss(draft_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """``draft_logits``, ``teacher_logits`` ``[M, V]`` -> scalar ``T^2 * mean_m KL(p_m || q_m)``, with p the
-    teacher's and q the draft's softmax at temperature T. The teacher gets no gradient."""
+def _check_logits(draft_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
     if draft_logits.shape != teacher_logits.shape or draft_logits.dim() != 2:
         raise ValueError(f"draft_logits and teacher_logits must both be [M, V], got {tuple(draft_logits.shape)} "
                          f"and {tuple(teacher_logits.shape)}")
+
+
+def distillation_loss(draft_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``draft_logits``, ``teacher_logits`` ``[M, V]`` -> scalar ``T^2 * mean_m KL(p_m || q_m)``, with p the
+    teacher's and q the draft's softmax at temperature T. The teacher gets no gradient."""
+    _check_logits(draft_logits, teacher_logits)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     log_q = torch.log_softmax(draft_logits.float() / temperature, dim=-1)
@@ -55,9 +59,7 @@ def distillation_loss(draft_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 def agreement_loss(draft_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """``draft_logits``, ``teacher_logits`` ``[M, V]`` -> scalar ``mean_m CE(draft_m, argmax_v teacher_m)``: the
     draft's cross-entropy against the full model's greedy token (the teacher gets no gradient)."""
-    if draft_logits.shape != teacher_logits.shape or draft_logits.dim() != 2:
-        raise ValueError(f"draft_logits and teacher_logits must both be [M, V], got {tuple(draft_logits.shape)} "
-                         f"and {tuple(teacher_logits.shape)}")
+    _check_logits(draft_logits, teacher_logits)
     return F.cross_entropy(draft_logits.float(), teacher_logits.detach().argmax(dim=-1))
 
 
