@@ -326,6 +326,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser, with_exit_layer: bo
                         help="backbone layer the network's layers start from (default -1: the last), or 'fresh'")
     parser.add_argument("--init-from", type=str, default=None,
                         help="start from the weights of a saved network (a run's imitation/ folder): fine-tuning")
+    parser.add_argument("--inherit-draft-vocab", action="store_true",
+                        help="with --init-from: draft over that network's own draft vocabulary (not --draft-vocab)")
     parser.add_argument("--identity-init", action="store_true",
                         help="zero the layers' output projections: the untrained network drafts as plain early exit")
     for name, kind, text in (
@@ -386,7 +388,8 @@ def _train_config(args, exit_layer: int):
         eval_max_new_tokens=args.eval_max_new_tokens, draft_len=args.draft_len,
         checkpoint_every=args.checkpoint_every, max_new_tokens=args.max_new_tokens,
         max_response_tokens=args.max_response_tokens, response_batch_size=args.response_batch_size,
-        draft_vocab=args.draft_vocab, skip_malformed=args.skip_malformed, raw_prompts=args.raw_prompts)
+        draft_vocab=args.draft_vocab, inherit_draft_vocab=args.inherit_draft_vocab,
+        skip_malformed=args.skip_malformed, raw_prompts=args.raw_prompts)
 
 
 def _check_training_arguments(args, exit_layers: Optional[Sequence[int]]) -> None:

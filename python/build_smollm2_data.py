@@ -57,7 +57,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fastvlm_kernels.imitation.data import CACHE_FORMAT, Example, _eos_ids, _read_cache  # noqa: E402
-from smollm2_prompt_sources import SOURCES, self_instruct_items, self_instruct_requests  # noqa: E402
+from smollm2_prompt_sources import (SOURCES, _SELF_ROUNDS, self_instruct_items, self_instruct_requests,  # noqa: E402
+                                    self_instruct_round)
 
 SPLITS = ("heldout", "train", "train_more", "train_topics", "wild", "forms", "docstrings", "self_instruct")
 # Splits whose answers go to another split's responses cache (the trainer reads one cache for its prompts).
@@ -327,11 +328,24 @@ SELF_INSTRUCT_BATCH = 12
 
 
 @torch.no_grad()
-def write_self_instruct(model, tokenizer, path: Path, seed: int, *, progress: bool = True) -> Dict[str, str]:
+def self_instruct_batches(requests: Sequence[dict], written, rounds: Sequence[str] = ()) -> List[List[dict]]:
+    """The batches of SELF_INSTRUCT_BATCH requests (cut from the whole list, so their seeds never depend on
+    ``rounds``) that still hold an unwritten request, limited to those holding a request of ``rounds`` when it
+    is given."""
+    batches = [list(requests[i:i + SELF_INSTRUCT_BATCH]) for i in range(0, len(requests), SELF_INSTRUCT_BATCH)]
+    return [batch for batch in batches if any(r["key"] not in written for r in batch)
+            and (not rounds or any(self_instruct_round(r["key"]) in rounds for r in batch))]
+
+
+def write_self_instruct(model, tokenizer, path: Path, seed: int, *, rounds: Sequence[str] = (),
+                        progress: bool = True) -> Dict[str, str]:
     """The model writes the self_instruct split's requests (``smollm2_prompt_sources.self_instruct_requests``, a
     list the model continues, no chat template): sampled at temperature 0.8, top-p 0.95, up to 40 tokens, in fixed batches of SELF_INSTRUCT_BATCH, each batch
     seeded by its first request's seed, so a resumed run writes what an uninterrupted one would. Appended to
-    ``path`` one batch at a time with fsync; returns ``key -> text`` of every request written so far."""
+    ``path`` one batch at a time with fsync; returns ``key -> text`` of every request written so far. ``rounds``
+    (round names, "r1".."r8"; empty: all) writes only the batches that hold a request of those rounds: the
+    same batches, with the same seeds, as a run over every round (a batch across a round's edge is written
+    whole, the neighbouring round's requests in it too)."""
     requests = self_instruct_requests(seed)
     written: Dict[str, str] = {}
     if path.exists():
@@ -339,8 +353,7 @@ def write_self_instruct(model, tokenizer, path: Path, seed: int, *, progress: bo
             entry = json.loads(line)
             written[entry["key"]] = entry["text"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    batches_todo = [requests[i:i + SELF_INSTRUCT_BATCH] for i in range(0, len(requests), SELF_INSTRUCT_BATCH)]
-    batches_todo = [batch for batch in batches_todo if any(r["key"] not in written for r in batch)]
+    batches_todo = self_instruct_batches(requests, written, rounds)
     if batches_todo:
         say(f"[self_instruct] the model writes {sum(len(b) for b in batches_todo)} requests ({len(written)} written)")
     with open(path, "a", encoding="utf-8") as handle:
@@ -378,7 +391,16 @@ def main(argv=None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--list", action="store_true", help="print the splits' prompts and exit")
+    parser.add_argument("--self-rounds", default="",
+                        help="self_instruct: comma-separated rounds (r1..r%d) whose requests the model writes in "
+                             "this run (default: every round); the split holds every request written so far"
+                             % len(_SELF_ROUNDS))
     args = parser.parse_args(argv)
+    rounds = [name.strip() for name in args.self_rounds.split(",") if name.strip()]
+    known = ["r1"] + [tag for tag, *_ in _SELF_ROUNDS if tag]
+    for name in rounds:
+        if name not in known:
+            raise SystemExit(f"--self-rounds: unknown round {name!r} (known: {', '.join(known)})")
 
     splits = make_prompts(args.seed, args.templates_per_topic, args.held_out_per_category)
     wanted = [split.strip() for split in args.splits.split(",") if split.strip()]
@@ -412,7 +434,8 @@ def main(argv=None) -> None:
     say(f"SmolLM2-135M-Instruct loaded; {torch.get_num_threads()} thread(s); splits "
         + ", ".join(f"{split} {len(splits[split])}" for split in wanted))
     if "self_instruct" in wanted:
-        splits["self_instruct"] = self_instruct_items(write_self_instruct(model, tokenizer, written_path, args.seed))
+        splits["self_instruct"] = self_instruct_items(write_self_instruct(model, tokenizer, written_path, args.seed,
+                                                                    rounds=rounds))
         say(f"[self_instruct] {len(splits['self_instruct'])} usable distinct requests")
     for split in wanted:
         folder = args.out / split

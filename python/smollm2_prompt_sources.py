@@ -21,7 +21,7 @@ import inspect
 import random
 import re
 import textwrap
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 # ---- forms -----------------------------------------------------------------------------------------------
 
@@ -343,6 +343,18 @@ _SELF_EXAMPLES_7 = ("What's the difference between a cold and the flu?",
                     "Car won't start and I have to leave in 10 minutes. What should I check first?",
                     "Is there a difference between 'affect' and 'effect'?",
                     "Make a short shopping list for pancakes for four people.")
+_SELF_FORMS_8 = ("a request that lists the writer's options, ingredients or things at hand and asks which to choose "
+                 "or how to use them",
+                 "a request for a short example or template the writer can copy and fill in",
+                 "a follow-up question that starts with what the writer already tried")
+_SELF_EXAMPLES_8 = ("I have eggs, spinach and some cheese. What can I make for lunch?",
+                    "Give me a template for a weekly chore chart for three flatmates.",
+                    "I already restarted my router twice and the wifi is still slow. What else can I try?",
+                    "Show me an example of a polite reminder about an unpaid invoice.",
+                    "Should I learn Spanish, French or Italian first if I travel a lot in Europe?",
+                    "I tried soaking the pan overnight but the burnt bits won't come off. Any other tricks?",
+                    "Give me a sample agenda for a thirty-minute parent-teacher meeting.",
+                    "I've got a free Saturday, a bike and twenty pounds. What could I do?")
 # (tag, categories, forms, copies per pair, few-shot pool): round 1 (no tag), then r2 (more categories and
 # forms: the first round's 360 requests gave 225 usable ones, too few to move the drafter off the topic
 # templates; its pool also shows requests that say who the sender is, as people write them), then r3 (30
@@ -350,7 +362,9 @@ _SELF_EXAMPLES_7 = ("What's the difference between a cold and the flu?",
 # described problem, ideas; its own pool), then r5 (three forms in which the writer says who they are or
 # how the answer should look, as chat users write; its own pool, none of whose people or tasks is a wild one),
 # then r6 (a described situation, something to write for someone, a how-to with the writer's limit; its pool),
-# then r7 (two things mixed up, a short text from given details, what to do first in a hurry; its pool).
+# then r7 (two things mixed up, a short text from given details, what to do first in a hurry; its pool), then
+# r8 (choosing among or using what the writer lists, an example or template to fill in, a follow-up after what
+# the writer already tried; its pool).
 _SELF_ROUNDS = (
     ("", _SELF_CATEGORIES, _SELF_FORMS, SELF_INSTRUCT_PER_PAIR, _SELF_EXAMPLES),
     ("r2", _SELF_CATEGORIES + _SELF_CATEGORIES_2, _SELF_FORMS + _SELF_FORMS_2, SELF_INSTRUCT_PER_PAIR_2,
@@ -365,7 +379,21 @@ _SELF_ROUNDS = (
      _SELF_EXAMPLES_6 + _SELF_EXAMPLES_4),
     ("r7", _SELF_CATEGORIES + _SELF_CATEGORIES_3 + _SELF_CATEGORIES_2, _SELF_FORMS_7, 2,
      _SELF_EXAMPLES_7 + _SELF_EXAMPLES_6),
+    ("r8", _SELF_CATEGORIES_2 + _SELF_CATEGORIES + _SELF_CATEGORIES_3, _SELF_FORMS_8, 2,
+     _SELF_EXAMPLES_8 + _SELF_EXAMPLES_5),
 )
+
+
+def self_instruct_forms() -> Tuple[str, ...]:
+    """Every round's forms, each once, in the order the rounds first ask for them: a usable request's
+    ``template`` is its form's index here (a later round only appends)."""
+    return tuple(dict.fromkeys(form for _, _, forms, _, _ in _SELF_ROUNDS for form in forms))
+
+
+def self_instruct_round(key: str) -> str:
+    """The round that asked for a request, from its key: "r1" for the first round's (untagged) keys."""
+    copy = key.split("|")[2]
+    return copy.split(".")[0] if "." in copy else "r1"
 
 
 def self_instruct_requests(seed: int) -> List[dict]:
@@ -411,13 +439,12 @@ def clean_instruction(text: str) -> str:
 def self_instruct_items(written: Dict[str, str]) -> List[dict]:
     """The ``self_instruct`` split from the model's written requests (``key -> text``): cleaned, distinct,
     in the requests' order."""
-    items, seen = [], set()
+    items, seen, forms = [], set(), self_instruct_forms()
     for key in sorted(written):
         line = clean_instruction(written[key])
         if line and line.lower() not in seen:
             seen.add(line.lower())
             category, form, _ = key.split("|")
             items.append({"question": line, "topic": f"self_instruct/{category}",
-                          "template": (_SELF_FORMS + _SELF_FORMS_2 + _SELF_FORMS_4 + _SELF_FORMS_5
-                                       + _SELF_FORMS_6 + _SELF_FORMS_7).index(form)})
+                          "template": forms.index(form)})
     return items

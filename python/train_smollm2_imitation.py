@@ -223,6 +223,8 @@ def main(argv=None) -> None:
     parser.add_argument("--agreement-weight", type=float, default=0.0,
                         help="weight of the cross-entropy against the full model's greedy token (0: off)")
     parser.add_argument("--draft-vocab", type=int, default=4096)
+    parser.add_argument("--inherit-draft-vocab", action="store_true",
+                        help="with --init-from: keep that network's own draft vocabulary (--draft-vocab is ignored)")
     parser.add_argument("--eval-every", type=int, default=0)
     parser.add_argument("--heldout-prompts", type=int, default=0, help="0: all")
     parser.add_argument("--teacher-cache", type=Path, default=None,
@@ -282,7 +284,8 @@ def main(argv=None) -> None:
                              batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                              cosine_weight=args.cosine_weight, kd_weight=args.kd_weight,
                              temperature=args.temperature, agreement_weight=args.agreement_weight,
-                             draft_vocab=args.draft_vocab,
+                             draft_vocab=0 if args.inherit_draft_vocab else args.draft_vocab,
+                             inherit_draft_vocab=args.inherit_draft_vocab,
                              max_new_tokens=MAX_NEW_TOKENS, eval_every=args.eval_every, eval_fraction=0.02,
                              max_eval_examples=8, eval_max_new_tokens=48, checkpoint_every=50,
                              raw_prompts=True)   # the snapshot's prompts are already in the chat template

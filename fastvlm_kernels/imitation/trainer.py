@@ -56,7 +56,7 @@ RUN_FILES = ("run.json", "checkpoint.pt", "responses.jsonl", "history.json", "tr
 RESUMABLE_CHANGES = ("eval_every", "checkpoint_every", "eval_max_new_tokens", "draft_len", "progress")
 # Settings added after runs were recorded without them: the value that matches what such a run did (prompts
 # were always sent as written before raw_prompts existed; no run had the agreement term before it existed).
-RECORDED_BEFORE = {"raw_prompts": True, "agreement_weight": 0.0}
+RECORDED_BEFORE = {"raw_prompts": True, "agreement_weight": 0.0, "inherit_draft_vocab": False}
 
 
 DEFAULT_WARMUP_STEPS = 50       # the warm-up of a run of 500 steps or more, when none is given
@@ -105,6 +105,7 @@ class TrainConfig:
     max_response_tokens: Optional[int] = 256
     response_batch_size: int = 1            # prompts answered together by generate_responses (1: each alone)
     draft_vocab: int = 0                    # > 0: draft (and distil) over the S most frequent answer tokens
+    inherit_draft_vocab: bool = False       # True: keep init_from's own draft vocabulary (fine-tuning on new data)
     skip_malformed: bool = False
     raw_prompts: bool = False               # True: data prompts as written, no chat template
 
@@ -144,6 +145,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if isinstance(self.draft_vocab, bool) or not isinstance(self.draft_vocab, int) or self.draft_vocab < 0:
             raise ValueError(f"draft_vocab must be an int >= 0 (0: the whole vocabulary), got {self.draft_vocab!r}")
+        if self.inherit_draft_vocab and (self.init_from is None or self.draft_vocab):
+            raise ValueError("inherit_draft_vocab=True keeps init_from's draft vocabulary: it needs init_from and "
+                             f"no draft_vocab of its own (init_from={self.init_from!r}, draft_vocab={self.draft_vocab})")
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "grad_clip", "weight_decay"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -452,10 +456,18 @@ def _train(model, adapter, encoder: Encoder, config: TrainConfig, train_examples
     network = ImitationNetwork.from_model(model, config.exit_layer, num_layers=config.layers, kind=config.kind,
                                           target_layer=config.target_layer, init_layer=config.init_layer,
                                           identity_init=config.identity_init)
-    if config.init_from is not None:
-        _start_from(network, ImitationNetwork.from_pretrained(config.init_from, model), config.init_from)
-        say(f"starting from the network in {config.init_from}")
     vocab = None
+    if config.init_from is not None:
+        saved = ImitationNetwork.from_pretrained(config.init_from, model)
+        _start_from(network, saved, config.init_from)
+        say(f"starting from the network in {config.init_from}")
+        if config.inherit_draft_vocab:
+            if saved.draft_vocab is None:
+                raise ValueError(f"inherit_draft_vocab=True: the network in init_from={config.init_from!r} drafts "
+                                 "over the whole vocabulary (nothing to inherit; leave it False)")
+            vocab = saved.draft_vocab.to(device)
+            network.set_draft_vocab(vocab)
+            say(f"drafting over its own {vocab.numel()}-token draft vocabulary")
     if config.draft_vocab:
         vocab = draft_vocab_for(model, adapter, train_examples, encoder, config.draft_vocab).to(device)
         network.set_draft_vocab(vocab)

@@ -51,6 +51,15 @@ def test_train_imitation_command(checkpoint, capsys):
     assert saved["init_from"] == str(checkpoint / "out" / "imitation") and saved["draft_vocab"] == 8
     assert saved["agreement_weight"] == 0.5
     assert not (checkpoint / "tuned" / "responses.jsonl").exists()
+    # a third keeps the second's draft vocabulary
+    kept = [*tuned[:tuned.index("--out") + 1], str(checkpoint / "kept"), *tuned[tuned.index("--out") + 2:]]
+    kept[kept.index("--init-from") + 1] = str(checkpoint / "tuned" / "imitation")
+    kept[kept.index("--draft-vocab"):kept.index("--draft-vocab") + 2] = ["--inherit-draft-vocab"]
+    assert main(kept) == 0
+    saved = json.loads((checkpoint / "kept" / "imitation" / "config.json").read_text())
+    assert json.loads((checkpoint / "kept" / "run.json").read_text())["config"]["inherit_draft_vocab"] is True
+    assert saved["imitation"]["draft_vocab_size"] == json.loads(
+        (checkpoint / "tuned" / "imitation" / "config.json").read_text())["imitation"]["draft_vocab_size"]
     (checkpoint / "data" / "prompts.jsonl").open("a").write('{"prompt": "w5"\n')
     with pytest.raises(SystemExit, match=r"prompts.jsonl:11: not valid JSON"):
         main([*command, "--overwrite"])

@@ -285,6 +285,23 @@ def test_init_from_starts_at_a_saved_networks_weights(tmp_path):
     fresh = train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "fresh",
                             replace(config, steps=1, lr=1e-12, weight_decay=0.0), progress=False)
     assert fresh.history[0]["loss"] > tuned.history[0]["loss"]
+    # inherit_draft_vocab: the saved network's own vocabulary, not one chosen from this run's data (with
+    # draft_vocab=0 and no inheriting, the run would draft over the whole vocabulary)
+    kept = train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "kept",
+                           replace(config, steps=1, draft_vocab=0, inherit_draft_vocab=True, init_from=str(saved)),
+                           progress=False)
+    assert torch.equal(kept.network.draft_vocab.cpu(), first.network.draft_vocab.cpu())
+    assert json.loads((tmp_path / "kept" / "run.json").read_text())["config"]["inherit_draft_vocab"] is True
+    for bad in (dict(inherit_draft_vocab=True), dict(inherit_draft_vocab=True, init_from=str(saved))):
+        with pytest.raises(ValueError, match="inherit_draft_vocab=True keeps init_from's draft vocabulary"):
+            replace(config, **bad).check(NUM_LAYERS)
+    whole = train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "whole",
+                            replace(config, steps=1, draft_vocab=0), progress=False)
+    with pytest.raises(ValueError, match="init_from=.* drafts over the whole vocabulary"):
+        train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "none",
+                        replace(config, steps=1, draft_vocab=0, inherit_draft_vocab=True,
+                                init_from=str(tmp_path / "whole" / "imitation")), progress=False)
+    assert whole.network.draft_vocab is None
     with pytest.raises(ValueError, match="init_from=.* holds a network with kind='layers', this run builds kind='mlp'"):
         train_imitation(case.model, tokenizer(), tmp_path / "data", tmp_path / "other",
                         replace(config, kind="mlp", init_layer=None, init_from=str(saved)), progress=False)

@@ -294,12 +294,39 @@ def test_self_instruct_requests_grow_in_rounds_without_moving_the_first():
     # the seeds the cached requests were written with (build/smollm2_data, 2026-12-07): rounds 1 and 2
     assert (first[0]["seed"], requests[360]["seed"]) == (149254955, 709917134)
     assert module.self_instruct_requests(0) == requests and module.self_instruct_requests(1) != requests
-    forms = (module._SELF_FORMS + module._SELF_FORMS_2 + module._SELF_FORMS_4 + module._SELF_FORMS_5
-             + module._SELF_FORMS_6 + module._SELF_FORMS_7)
+    forms = module.self_instruct_forms()
+    # the forms' indices (the split's "template") the cached rounds were written with do not move
+    cached = (module._SELF_FORMS + module._SELF_FORMS_2 + module._SELF_FORMS_4 + module._SELF_FORMS_5
+              + module._SELF_FORMS_6 + module._SELF_FORMS_7)
+    assert forms[:len(cached)] == cached and len(set(forms)) == len(forms)
     written = {r["key"]: f"1. How do I start with {r['category']}, question {i}?" for i, r in enumerate(requests)}
     items = module.self_instruct_items(written)
     assert len(items) == len(requests)
     assert all(forms[item["template"]] == key.split("|")[1] for item, key in zip(items, sorted(written)))
+
+
+def test_self_instruct_rounds_pick_whole_batches_with_the_seeds_of_a_full_run():
+    """--self-rounds writes only the batches that hold a request of the rounds asked for, cut exactly as a run
+    over every round cuts them (a batch across a round's edge whole), and skips what is written already."""
+    program = _data_program()
+    import smollm2_prompt_sources as module
+    requests = module.self_instruct_requests(0)
+    every = program.self_instruct_batches(requests, {})
+    assert [r for batch in every for r in batch] == requests
+    assert module.self_instruct_round(requests[0]["key"]) == "r1"
+    assert module.self_instruct_round(requests[-1]["key"]) == f"r{len(module._SELF_ROUNDS)}"
+    for rounds in (["r5"], ["r2", "r8"]):
+        chosen = program.self_instruct_batches(requests, {}, rounds)
+        assert chosen == [batch for batch in every if any(module.self_instruct_round(r["key"]) in rounds
+                                                          for r in batch)]
+        asked = {r["key"] for r in requests if module.self_instruct_round(r["key"]) in rounds}
+        assert asked <= {r["key"] for batch in chosen for r in batch}
+        assert all(batch[0]["seed"] == whole[0]["seed"] for batch in chosen for whole in every
+                   if whole[0]["key"] == batch[0]["key"])
+    written = {r["key"]: "x" for batch in every[:3] for r in batch}
+    assert program.self_instruct_batches(requests, written) == every[3:]
+    with pytest.raises(SystemExit, match="--self-rounds: unknown round 'r99'"):
+        program.main(["--self-rounds", "r99", "--splits", "wild"])
 
 
 @needs_wheel
