@@ -58,8 +58,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fastvlm_kernels.imitation.data import CACHE_FORMAT, Example, _eos_ids, _read_cache  # noqa: E402
-from smollm2_prompt_sources import (SOURCES, _SELF_ROUNDS, self_instruct_items, self_instruct_requests,  # noqa: E402
-                                    self_instruct_round)
+from smollm2_prompt_sources import (SOURCES, self_instruct_items, self_instruct_requests,  # noqa: E402
+                                    self_instruct_round, self_instruct_round_names)
 
 SPLITS = ("heldout", "train", "train_more", "train_topics", "wild", "forms", "docstrings", "self_instruct")
 # Splits whose answers go to another split's responses cache (the trainer reads one cache for its prompts).
@@ -393,12 +393,12 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--list", action="store_true", help="print the splits' prompts and exit")
     parser.add_argument("--self-rounds", default="",
-                        help="self_instruct: comma-separated rounds (r1..r%d) whose requests the model writes in "
-                             "this run (default: every round); the split holds every request written so far"
-                             % len(_SELF_ROUNDS))
+                        help="self_instruct: comma-separated rounds (%s) whose requests the model writes in this "
+                             "run (default: every round); the split holds every request written so far"
+                             % ", ".join(self_instruct_round_names()))
     args = parser.parse_args(argv)
     rounds = [name.strip() for name in args.self_rounds.split(",") if name.strip()]
-    known = ["r1"] + [tag for tag, *_ in _SELF_ROUNDS if tag]
+    known = self_instruct_round_names()
     for name in rounds:
         if name not in known:
             raise SystemExit(f"--self-rounds: unknown round {name!r} (known: {', '.join(known)})")

@@ -390,8 +390,13 @@ def self_instruct_forms() -> Tuple[str, ...]:
     return tuple(dict.fromkeys(form for _, _, forms, _, _ in _SELF_ROUNDS for form in forms))
 
 
+def self_instruct_round_names() -> Tuple[str, ...]:
+    """Every round's name, in order: its tag, "r1" for the first round (untagged)."""
+    return tuple(tag or "r1" for tag, *_ in _SELF_ROUNDS)
+
+
 def self_instruct_round(key: str) -> str:
-    """The round that asked for a request, from its key: "r1" for the first round's (untagged) keys."""
+    """The round that asked for a request, from its key (one of ``self_instruct_round_names()``)."""
     copy = key.split("|")[2]
     return copy.split(".")[0] if "." in copy else "r1"
 

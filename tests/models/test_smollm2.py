@@ -315,6 +315,8 @@ def test_self_instruct_rounds_pick_whole_batches_with_the_seeds_of_a_full_run():
     assert [r for batch in every for r in batch] == requests
     assert module.self_instruct_round(requests[0]["key"]) == "r1"
     assert module.self_instruct_round(requests[-1]["key"]) == f"r{len(module._SELF_ROUNDS)}"
+    assert module.self_instruct_round_names() == tuple(dict.fromkeys(module.self_instruct_round(r["key"])
+                                                                     for r in requests))
     for rounds in (["r5"], ["r2", "r8"]):
         chosen = program.self_instruct_batches(requests, {}, rounds)
         assert chosen == [batch for batch in every if any(module.self_instruct_round(r["key"]) in rounds
