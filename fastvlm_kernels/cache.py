@@ -120,8 +120,20 @@ class KVCache:
     def append_unchecked(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """:meth:`append` without the tensor checks, for a caller that has passed the same kind of tensors
         to :meth:`append` before (the decoder, once per generate). The full-cache check stays: it reads only
-        the host lengths, and nothing is written when it fails."""
+        the host lengths, and nothing is written when it fails.
+
+        Inside a compiled (captured) step (``torch.compiler.is_compiling()``) the host lengths are neither read
+        nor written: a read would become a guard on their values, so every length would be a graph of its
+        own. There the positions go where the device lengths say (one ``kv_append``) and the caller checks the
+        room before the step (:meth:`check_room`) and sets the lengths after it (:meth:`rollback_unchecked`
+        or :meth:`compact`, as the decoder's rows do after every step)."""
         num_new = keys.shape[2]
+        if torch.compiler.is_compiling():
+            if num_new:
+                kv_append(self.buffer[layer, 0], self.buffer[layer, 1], self.lengths[layer],
+                          _last_dim_contiguous(keys), _last_dim_contiguous(values), validate=False)
+                self.lengths[layer] += num_new
+            return
         row_lengths = self._host_lengths[layer]
         longest = max(row_lengths)
         if longest + num_new > self.max_len:
@@ -139,6 +151,17 @@ class KVCache:
                       _last_dim_contiguous(values), validate=False)
         self.lengths[layer] += num_new
         self._host_lengths[layer] = [length + num_new for length in row_lengths]
+
+    def check_room(self, num_new: int) -> None:
+        """Raises (the error :meth:`append` raises) unless every layer can take ``num_new`` more positions in
+        every row: the check a compiled step's appends leave to their caller, made on the host lengths
+        before the step writes anything."""
+        for layer, row_lengths in enumerate(self._host_lengths):
+            longest = max(row_lengths)
+            if longest + num_new > self.max_len:
+                raise ValueError(f"the cache is full: appending T={num_new} positions to layer {layer} would take "
+                                 f"row {row_lengths.index(longest)} from {longest} to {longest + num_new} > "
+                                 f"max_len={self.max_len}")
 
     def layer_unchecked(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """:meth:`layer` without the index check."""

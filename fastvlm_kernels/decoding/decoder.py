@@ -19,6 +19,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 from ..cache import KVCache
 from ..ops.acceptance import accept_greedy_plan, accept_sampling_plan
@@ -27,6 +28,7 @@ from ..ops.lm_head.reference import filter_scores
 from . import lean, parallel as tensor_parallel
 from .adapters import Adapter, adapter_for
 from .attention import STATE_KWARG, StepState, attention_implementation
+from .capture import GraphCapture
 from .options import (GENERATE_KEYWORDS, REFUSED_GENERATE_KEYWORDS, GenerationOptions, Sampling, check_generate_keywords,
                       check_model_inputs, resolve)
 from .policy import AdaptiveDraftLen, FixedDraftLen, StepCosts
@@ -166,14 +168,18 @@ class SelfSpeculativeDecoder:
         profile: synchronise the device between draft and verify to split their times in the stats
             (``draft_time``, ``verify_time``); off by default, since a sync costs time on a GPU.
         cuda_graphs: "auto" (the default): on a CUDA device the step's pieces (the draft pass, the verify pass,
-            a tree's, the plain step's) are compiled whole with ``torch.compile(mode="reduce-overhead")``, which
-            captures each draft length's (and batch shape's) graph once and replays it; elsewhere, or where a
+            a tree's, the plain step's) are traced whole by ``torch.compile(fullgraph=True)`` and each draft
+            length's (and batch shape's) graph is recorded once in a CUDA graph and replayed (:mod:`.capture`:
+            no compiler, so capture costs a step, not minutes); elsewhere, or where a
             call cannot be captured, they run eagerly and ``cuda_graphs_reason`` says why (not a CUDA device;
             sampling with a ``generator``, which a traced step cannot take; active logits processors, which read
             the host; ``profile=True``). True: the same, but a call that cannot be captured raises. False:
-            eager. The output is the same either way.
+            eager. The output is the same either way. Each piece is compiled once per shape (draft length,
+            batch, cache size); with compiled steps the cache holds ``max_cache_len`` positions when set, else
+            it grows in powers of two (at least 256), so that longer prompts seldom compile again.
         compile_steps: torch.compile options for the step's pieces on any device (e.g. ``{"backend":
-            "inductor"}``), instead of what ``cuda_graphs`` chooses; the same conditions apply.
+            "inductor"}``, or ``{"mode": "reduce-overhead"}``: inductor's kernels in its own CUDA graphs), instead
+            of what ``cuda_graphs`` chooses; the same conditions apply.
     """
 
     def __init__(self, model: nn.Module, exit_layer: Optional[int] = None, imitation: Optional[nn.Module] = None,
@@ -263,6 +269,9 @@ class SelfSpeculativeDecoder:
         self.cuda_graphs, self.compile_steps = cuda_graphs, compile_steps
         self.cuda_graphs_reason: Optional[str] = None   # why the last call ran its steps eagerly (None: compiled)
         self._compile_now, self._compile_options, self._compiled = False, {}, {}
+        self._cudagraphs_now, self._warm, self._capture_failed = False, set(), None
+        # cuda_graphs: the traced pieces recorded in CUDA graphs (a warm-up puts the cache's lengths back)
+        self._capture = GraphCapture(restore=lambda: [self._cache.lengths] if self._cache is not None else [])
         self._processing: Optional[Processing] = None   # per generate: its logits processors, when any is active
         self._head_linear = None   # the LM head's full logits (with processors): skinny_linear where it runs
         self.profile = bool(profile)
@@ -413,15 +422,22 @@ class SelfSpeculativeDecoder:
             reason = "logits processors are active (they run on the host, per row and position)"
         elif self.profile:
             reason = "profile=True synchronises inside the step"
+        elif self._capture_failed is not None and (self.compile_steps or {}).get("backend", self._capture) \
+                is self._capture:
+            reason = self._capture_failed
         elif self._parallel is not None:
             reason = "tensor parallel: the steps' collectives run eagerly"
         if reason is not None and self.cuda_graphs is True and self.compile_steps is None:
             raise ValueError(f"cuda_graphs=True: this call cannot be captured: {reason}")
         self.cuda_graphs_reason = reason
         self._compile_now = reason is None
-        options = self.compile_steps if self.compile_steps is not None else {"mode": "reduce-overhead"}
+        options = self.compile_steps if self.compile_steps is not None else {"backend": self._capture}
         if self._compile_now and options != self._compile_options:
             self._compiled, self._compile_options = {}, dict(options)
+        # CUDA graphs replay into the same output memory: see _step_fn
+        self._cudagraphs_now = self._compile_now and device.type == "cuda" and \
+            self._compile_options.get("mode") in ("reduce-overhead", "max-autotune")
+        self._warm = set()        # the pieces that ran once in this call (eagerly: see _step_fn)
 
     @staticmethod
     def _check_prompt(input_ids, attention_mask) -> torch.Tensor:
@@ -467,6 +483,10 @@ class SelfSpeculativeDecoder:
                              f"the draft length ({self.max_draft_len}) + one step's positions "
                              f"({self._step_positions}) need {max_len} cache positions > "
                              f"max_cache_len={self.max_cache_len}")
+        if self._compile_now:
+            # a compiled step's graph holds the cache's shape: a cache grown for each longer prompt would
+            # compile every piece again, so it grows in powers of two (or is max_cache_len, when set, at once)
+            max_len = self.max_cache_len or max(256, 1 << (max_len - 1).bit_length())
         prompt = adapter.prompt_inputs(input_ids, attention_mask, **model_inputs).repeat_rows(copies)
         if copies > 1:
             input_ids, attention_mask = input_ids.repeat_interleave(copies, 0), attention_mask.repeat_interleave(copies, 0)
@@ -479,6 +499,9 @@ class SelfSpeculativeDecoder:
         else:
             positions = prompt.positions.gather(1, order.to(prompt.positions.device))
         cache = self._get_cache(batch, max_len, embeds.dtype, device)
+        if self._compile_now:   # written in place by the compiled steps: static inputs of their graphs
+            for tensor in (cache.buffer, cache.lengths):
+                torch._dynamo.mark_static_address(tensor)
         cache.rollback_unchecked(torch.zeros(batch, dtype=torch.int32, device=cache.device), [0] * batch)
         state = StepState(cache, torch.zeros(batch, dtype=torch.int32, device=device),
                           calls={} if self.count_calls else None, requested_backend=self.attention_backend)
@@ -497,6 +520,7 @@ class SelfSpeculativeDecoder:
 
     def plain_step(self, rows: Rows, state: StepState, sampling: Sampling, generator):
         """x0 through all N layers and the head: ``(None, emitted [B, 1])`` (None: nothing was drafted)."""
+        self._check_room(rows)
         if self._drafts:
             # Adaptive drafting may draft again later: the imitation layers will need this token's KV. Its
             # layer-E state waits in state.imitation_lag, and the imitation layers take the waiting tokens
@@ -534,18 +558,36 @@ class SelfSpeculativeDecoder:
             return self._processed_tokens(hidden, rows, None, sampling, generator)
         return self._target_tokens(hidden[:, 0], None, sampling, generator)[0][:, None]
 
+    def _check_room(self, rows: Rows) -> None:
+        """A compiled step's appends do not check the cache's room (:meth:`KVCache.append_unchecked`): the
+        step's positions are checked here, before anything is written."""
+        if self._compile_now:
+            rows.cache.check_room(self._step_positions)
+
     def _step_fn(self, name: str, fn):
         """``fn``, or its torch.compile'd form when this call compiles its steps (:attr:`cuda_graphs_reason`
         None): one compiled function per piece, kept across calls (a new draft length or batch shape adds a
-        graph; on a CUDA device ``mode="reduce-overhead"`` captures each in a CUDA graph and replays it). The
+        graph; on a CUDA device each is recorded in a CUDA graph and replayed: :mod:`.capture`). The
         draft and verify pieces are compiled per draft length (``name`` carries it), so that adaptive drafting's
-        lengths do not share one function's recompilation budget."""
+        lengths do not share one function's recompilation budget. With ``cuda_graphs="auto"`` a piece whose
+        capture fails runs eagerly, and so do the decoder's later steps, ``cuda_graphs_reason`` saying why.
+
+        One graph per piece, not one per step: a piece's first use in a call runs eagerly (it makes the call's
+        op plans, which the graph would otherwise trace being made and then guard on, a second graph), the
+        cache's appends inside a graph read no host lengths (:meth:`KVCache.append_unchecked`; the room is
+        checked before the step), and the cache's buffer and lengths are static inputs (marked in
+        :meth:`prefill`), which a CUDA graph writes in place instead of refusing capture for mutated inputs.
+        A captured graph writes its outputs to the same memory at every replay: they are cloned, since a
+        step's results outlive the next replay (the imitation network's waiting states, the next x0)."""
         if not self._compile_now:
+            return fn
+        if name not in self._warm:
+            self._warm.add(name)
             return fn
         compiled = self._compiled.get(name)
         if compiled is None:
-            # Dynamo's recompilation budget is per function: every draft length, batch shape and first-use of
-            # a plan adds a graph of _draft / _verify (gpt-fast raises the same limit)
+            # Dynamo's recompilation budget is per function: every batch shape and cache size adds a graph of
+            # each piece (gpt-fast raises the same limit)
             import torch._dynamo
             for option in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
                            "accumulated_cache_size_limit"):
@@ -553,7 +595,24 @@ class SelfSpeculativeDecoder:
                     setattr(torch._dynamo.config, option, max(getattr(torch._dynamo.config, option), 256))
             # static shapes: every batch and draft length its own graph (what a CUDA graph captures anyway)
             options = dict({"dynamic": False}, **self._compile_options)
-            compiled = self._compiled[name] = torch.compile(fn, fullgraph=True, **options)
+            graph = torch.compile(fn, fullgraph=True, **options)
+
+            def compiled(*args, _graph=graph):
+                if self._cudagraphs_now:    # each piece its own root of the CUDA graph tree: no pending outputs
+                    torch.compiler.cudagraph_mark_step_begin()
+                try:
+                    outputs = _graph(*args)
+                except Exception as error:  # noqa: BLE001 - "auto": eager, with the reason, where capture fails
+                    if self.cuda_graphs != "auto" or self._compile_options.get("backend") is not self._capture:
+                        raise
+                    self._capture_failed = (f"capturing the {name} piece failed ({type(error).__name__}: "
+                                            f"{str(error).splitlines()[0][:200] if str(error) else ''})")
+                    warnings.warn(f"cuda_graphs='auto': {self._capture_failed}; steps run eagerly", RuntimeWarning,
+                                  stacklevel=2)
+                    self.cuda_graphs_reason, self._compile_now = self._capture_failed, False
+                    return fn(*args)
+                return tree_map_only(torch.Tensor, torch.clone, outputs)
+            self._compiled[name] = compiled
         return compiled
 
     def _catch_up_imitation(self, rows: Rows, state: StepState) -> None:
@@ -577,6 +636,7 @@ class SelfSpeculativeDecoder:
                          subset_head=None, stats: Optional[GenerateStats] = None):
         """Drafts ``draft_len`` tokens, verifies them in one pass and accepts: ``(accept_len [B] int32,
         emitted [B, k+1] int64)``. With ``profile`` on, the draft and verify times go to ``stats``."""
+        self._check_room(rows)
         self._catch_up_imitation(rows, state)
         if self.profile:
             self._sync(rows.lengths.device)
@@ -597,6 +657,7 @@ class SelfSpeculativeDecoder:
                   stats: Optional[GenerateStats] = None):
         """Drafts a tree of depth ``depth``, verifies it in one pass and accepts a path (:mod:`.tree_step`):
         ``(accept_len [B] int32, emitted [B, Nv] int64, paths)``, paths for :meth:`Rows.advance`."""
+        self._check_room(rows)
         self._catch_up_imitation(rows, state)
         if self.profile:
             self._sync(rows.lengths.device)
