@@ -180,6 +180,31 @@ def test_generate_with_captured_steps_is_identical(config, family, batch):
     assert len(decoder._capture.graphs) == len(decoder._compiled) > 0
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("config", [dict(draft_len=3), dict(draft_len=3, tree="dynamic")], ids=["k3", "tree"])
+def test_captured_steps_on_the_triton_backends(config, monkeypatch):
+    """What a GPU without the compiled extension runs: every op on its Triton backend (here under the
+    interpreter), traced through the Triton custom ops' fake implementations, replayed under the capture's
+    contract: identical to model.generate."""
+    import importlib
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter tier runs without a GPU")
+    for name in ("acceptance", "kv_cache", "lm_head", "verify_attention"):
+        module = importlib.import_module(f"fastvlm_kernels.ops.{name}")
+        monkeypatch.setitem(module.PRIORITY, "cpu", ("triton", "torch"))
+    verify_attention = importlib.import_module("fastvlm_kernels.ops.verify_attention")
+    monkeypatch.setitem(verify_attention.HOST_BOUND_PRIORITY, "cpu", ("triton", "torch"))
+    case, config = _sharpened("qwen2_vl", 2, config)
+    expected = case.model.generate(**case.inputs, max_new_tokens=12, do_sample=False)
+    decoder = SelfSpeculativeDecoder(case.model, exit_layer=1, **config)
+    decoder.compile_steps = {"backend": decoder._capture}
+    for _ in range(2):
+        out = decoder.generate(**case.inputs, max_new_tokens=12)
+        assert decoder.cuda_graphs_reason is None and torch.equal(out.sequences, expected)
+    assert len(decoder._compiled) == 2
+    assert all(plan.backend.name == "triton" for plan in decoder._plans.values()), decoder._plans
+
+
 def test_capture_contract():
     """GraphCapture's replays: non-static inputs are copied in, static ones read in place (a new address captures
     again), and the outputs are the same tensors, overwritten at every call."""
