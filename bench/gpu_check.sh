@@ -94,10 +94,11 @@ if wants e2e-gpu; then
   # gains). Each captured piece is traced once per process (seconds each), so every extra draft length costs
   # traces. E2E_GPU_STATIC=1: transformers' static cache + torch.compile as a second baseline, on the first model
   # only (an inductor compile of minutes on a 7B model).
-  # Each run is cut at E2E_GPU_RUN_LIMIT seconds (a GPU; default 120, the tiny VLM's half of it) so that one slow
+  # E2E_GPU_DTYPE=fp32: the synthetic models in fp32 (bf16 kernels round differently from SDPA: a near-tie of random
+  # logits can flip a token). Each run is cut at E2E_GPU_RUN_LIMIT seconds (a GPU; default 120, the tiny VLM's half of it) so that one slow
   # run cannot take the loan: the merge takes the runs that finished.
   if [[ "$device" == cuda ]]; then
-    size="full"; dtype="bf16"; tokens=${E2E_GPU_TOKENS:-96}; repeats=${E2E_GPU_REPEATS:-2}; exit_layer=8; prompts=1
+    size="full"; dtype=${E2E_GPU_DTYPE:-bf16}; tokens=${E2E_GPU_TOKENS:-96}; repeats=${E2E_GPU_REPEATS:-2}; exit_layer=8; prompts=1
     limit=${E2E_GPU_RUN_LIMIT:-120}
   else
     size="small"; dtype="fp32"; tokens=24; repeats=1; exit_layer=2; prompts=2; limit=1800
