@@ -153,6 +153,26 @@ def test_append_past_max_len_raises_and_leaves_the_cache_unchanged():
     assert cache.host_lengths == [[3, 14], [3, 14]]
 
 
+def test_check_room_names_the_layer_and_row_that_would_overflow():
+    cache = _filled(lengths=(3, 14))
+    cache.check_room(2)                                  # 14 + 2 = 16 fits
+    with pytest.raises(ValueError, match="appending T=3 positions to layer 0 would take row 1 from 14 to 17 > "
+                                         "max_len=16"):
+        cache.check_room(3)
+    assert cache.host_lengths == [[3, 14], [3, 14]]
+
+
+def test_a_traced_append_writes_at_the_device_lengths_without_the_host_copy():
+    """Inside torch.compile the append reads no host lengths (they would be guards: a graph per length): it
+    writes at the device lengths and advances them; the host copy is the caller's to set after the step."""
+    cache = _filled(lengths=(3, 5))
+    keys = torch.randn(2, 2, 2, 4, generator=torch.Generator().manual_seed(5))
+    torch._dynamo.reset()
+    torch.compile(lambda k, v: cache.append_unchecked(0, k, v), backend="eager", fullgraph=True)(keys, keys * 2)
+    assert torch.equal(cache.layer(0)[0][0, :, 3:5], keys[0]) and torch.equal(cache.layer(0)[1][1, :, 5:7], keys[1] * 2)
+    assert cache.lengths[0].tolist() == [5, 7] and cache.host_lengths[0] == [3, 5]
+
+
 @pytest.mark.parametrize("keys, values, error, match", [
     (torch.randn(2, 2, 1, 4).double(), torch.randn(2, 2, 1, 4).double(), TypeError, "keys has dtype torch.float64"),
     (torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4).half(), TypeError, "values has dtype torch.float16"),
