@@ -199,7 +199,9 @@ def measure_parts(model, exit_layer: int, prompt_len: int, draft_lens, repeats: 
     over T new tokens after ``prompt_len`` cached ones for T = 1 and k + 1, the early-exit head on one row
     and the verify head on k + 1 rows; for trees also the layer over ``extra_tokens`` tokens, the verify head on
     ``verify_rows`` rows and the draft head's top-n over n rows for n in ``draft_top`` (``draft_top_{n}``,
-    over ``draft_vocab`` when given)."""
+    over ``draft_vocab`` when given). On a GPU each part is its device time (``gpu_time_ms``: captured in a CUDA
+    graph and replayed, the host's launch time out of it: the cost model's parts carry no other overhead); a host
+    clock around an asynchronous launch would time the launch only."""
     from fastvlm_kernels import KVCache, early_exit_head, verify_head
     from fastvlm_kernels.decoding import lean
     from fastvlm_kernels.decoding.adapters import adapter_for
@@ -223,39 +225,59 @@ def measure_parts(model, exit_layer: int, prompt_len: int, draft_lens, repeats: 
         starts = torch.full((1,), prompt_len, dtype=torch.int32, device=device)
         state = StepState(cache, starts)
 
-        def one_pass(t):
+        inputs = {}
+        for t in tokens:
             hidden = torch.randn(1, t, config.hidden_size, dtype=dtype, device=device)
-            rotary = adapter.rotary_emb(hidden, torch.arange(prompt_len, prompt_len + t, device=device)[None])
-            start = time.perf_counter()
+            inputs[t] = hidden, adapter.rotary_emb(hidden, torch.arange(prompt_len, prompt_len + t, device=device)[None])
+
+        def layer_pass(t):
+            """One layer over t new tokens, then the cache's lengths back to the prompt's (the same work at
+            every call, so a captured pass can be replayed)."""
+            hidden, rotary = inputs[t]
             if lean_layer is not None:
                 lean.run(lean_layer, hidden, rotary, state)
             else:
                 layer(hidden, attention_mask=None, position_embeddings=rotary, **{STATE_KWARG: state})
-            seconds = time.perf_counter() - start
             cache.rollback(starts, host_lens=[prompt_len])
-            return seconds
+
+        def one_pass(t):
+            start = time.perf_counter()
+            layer_pass(t)
+            return time.perf_counter() - start
 
         for t in tokens:                     # warm-up: the first call picks the attention backend
-            one_pass(t)
-        samples = {t: [] for t in tokens}
-        for _ in range(repeats):             # alternated, so that load from other processes spreads evenly
+            layer_pass(t)
+        if device.type == "cuda":
+            from _common import gpu_time_ms
             for t in tokens:
-                samples[t].append(one_pass(t))
-        for t in tokens:
-            parts[f"layer_T{t}"] = statistics.median(samples[t])
+                parts[f"layer_T{t}"] = gpu_time_ms(lambda t=t: layer_pass(t)) / 1e3
+        else:
+            samples = {t: [] for t in tokens}
+            for _ in range(repeats):             # alternated, so that load from other processes spreads evenly
+                for t in tokens:
+                    samples[t].append(one_pass(t))
+            for t in tokens:
+                parts[f"layer_T{t}"] = statistics.median(samples[t])
         weight, norm = adapter.lm_head.weight, adapter.norm.weight
-        heads = {"draft_head": lambda: early_exit_head(torch.randn(1, config.hidden_size, dtype=dtype, device=device),
-                                                       norm, weight, eps=adapter.norm_eps)}
+        rows_in = {rows: torch.randn(rows, config.hidden_size, dtype=dtype, device=device)
+                   for rows in {1} | {k + 1 for k in draft_lens} | set(verify_rows) | set(draft_top)}
+        no_drafts = {rows: torch.zeros(rows, dtype=torch.long, device=device) for rows in rows_in}
+        heads = {"draft_head": lambda: early_exit_head(rows_in[1], norm, weight, eps=adapter.norm_eps, validate=False)}
         for rows in sorted({k + 1 for k in draft_lens} | {1} | set(verify_rows)):
             heads[f"verify_head_T{rows}"] = lambda rows=rows: verify_head(
-                torch.randn(rows, config.hidden_size, dtype=dtype, device=device), norm, weight,
-                torch.zeros(rows, dtype=torch.long, device=device), eps=adapter.norm_eps)
+                rows_in[rows], norm, weight, no_drafts[rows], eps=adapter.norm_eps, validate=False)
         for rows in sorted(draft_top):
             heads[f"draft_top_{rows}"] = lambda rows=rows: early_exit_head(
-                torch.randn(rows, config.hidden_size, dtype=dtype, device=device), norm, weight, mode="topk",
-                top_k=rows, eps=adapter.norm_eps, vocab_subset=draft_vocab)
-        for name, seconds in alternate(heads, repeats).items():
-            parts[name] = seconds
+                rows_in[rows], norm, weight, mode="topk", top_k=rows, eps=adapter.norm_eps, vocab_subset=draft_vocab,
+                validate=False)
+        if device.type == "cuda":
+            from _common import gpu_time_ms
+            for name, head in heads.items():
+                head()                             # the backend's first launch (a Triton compile) outside the graph
+                parts[name] = gpu_time_ms(head) / 1e3
+        else:
+            for name, seconds in alternate(heads, repeats).items():
+                parts[name] = seconds
     return parts
 
 
