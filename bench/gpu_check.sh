@@ -12,9 +12,9 @@
 # Stages: build tests profile kv_cache acceptance lm_head verify_attention e2e e2e-gpu tp memcheck, and (not by
 # default, a few minutes) tune: bench/tune_gpu.py's sweep of the Triton launch configurations. A stage that needs the
 # extension builds it first when it is missing. e2e-gpu: the 7B-shaped acceptance-controlled models (LLaVA-1.5
-# and Qwen2-VL text shapes, bf16, the early exit agreeing on every token and on ~70%), SmolLM2 with its network
+# and Qwen2-VL text shapes, fp32 (E2E_GPU_DTYPE), the early exit agreeing on every token and on ~70%), SmolLM2 with its network
 # (when its wheel is installed) and the tiny VLM, each decoder row beside model.generate and the ideal speedup
-# of the run's measured parts (and, for k = 3, the same decoder with its steps eager; transformers' static
+# of the run's measured parts (and the same decoder with its steps eager; with E2E_GPU_STATIC=1 transformers' static
 # cache + torch.compile as a second baseline), merged into <gpu>-<date>-e2e-gpu.{json,md,png}. memcheck: the
 # CUDA C++ kernels' tests under compute-sanitizer's memcheck (<gpu>-<date>-memcheck.log). tp (where 2 GPUs are
 # visible): the tiny VLM and SmolLM2 tensor-parallel over 2 GPUs (NCCL) against model.generate at 2 ranks.
@@ -97,11 +97,14 @@ if wants e2e-gpu; then
   # gains). Each captured piece is traced once per process (seconds each), so every extra draft length costs
   # traces. E2E_GPU_STATIC=1: transformers' static cache + torch.compile as a second baseline, on the first model
   # only (an inductor compile of minutes on a 7B model).
-  # E2E_GPU_DTYPE=fp32: the synthetic models in fp32 (bf16 kernels round differently from SDPA: a near-tie of random
-  # logits can flip a token). Each run is cut at E2E_GPU_RUN_LIMIT seconds (a GPU; default 120, the tiny VLM's half of it) so that one slow
+  # The 7B-shaped models run in fp32 by default: in bf16 the decoder's kernels round differently from SDPA and the
+  # random models' near-tie logits flip tokens (the same check at small sizes on a CPU: bf16 differed from
+  # generate at both agreements, fp32 was identical), so bf16 rows could not show identical outputs;
+  # E2E_GPU_DTYPE=bf16 runs them in bf16 (identity reported as measured). Each run is cut at E2E_GPU_RUN_LIMIT
+  # seconds (a GPU; default 120, the tiny VLM's half of it) so that one slow
   # run cannot take the loan: the merge takes the runs that finished.
   if [[ "$device" == cuda ]]; then
-    size="full"; dtype=${E2E_GPU_DTYPE:-bf16}; tokens=${E2E_GPU_TOKENS:-96}; repeats=${E2E_GPU_REPEATS:-2}; exit_layer=8; prompts=1
+    size="full"; dtype=${E2E_GPU_DTYPE:-fp32}; tokens=${E2E_GPU_TOKENS:-96}; repeats=${E2E_GPU_REPEATS:-2}; exit_layer=8; prompts=1
     limit=${E2E_GPU_RUN_LIMIT:-120}
   else
     size="small"; dtype="fp32"; tokens=24; repeats=1; exit_layer=2; prompts=2; limit=1800
