@@ -135,11 +135,7 @@ class KVCache:
                 self.lengths[layer] += num_new
             return
         row_lengths = self._host_lengths[layer]
-        longest = max(row_lengths)
-        if longest + num_new > self.max_len:
-            row = row_lengths.index(longest)
-            raise ValueError(f"the cache is full: appending T={num_new} positions to layer {layer} would take row "
-                             f"{row} from {longest} to {longest + num_new} > max_len={self.max_len}")
+        longest = self._check_layer_room(layer, num_new)
         if num_new == 0:
             return
         key_view, value_view = self.buffer[layer, 0], self.buffer[layer, 1]         # [B, Hkv, max_len, D]
@@ -156,12 +152,19 @@ class KVCache:
         """Raises (the error :meth:`append` raises) unless every layer can take ``num_new`` more positions in
         every row: the check a compiled step's appends leave to their caller, made on the host lengths
         before the step writes anything."""
-        for layer, row_lengths in enumerate(self._host_lengths):
-            longest = max(row_lengths)
-            if longest + num_new > self.max_len:
-                raise ValueError(f"the cache is full: appending T={num_new} positions to layer {layer} would take "
-                                 f"row {row_lengths.index(longest)} from {longest} to {longest + num_new} > "
-                                 f"max_len={self.max_len}")
+        for layer in range(self.num_layers):
+            self._check_layer_room(layer, num_new)
+
+    def _check_layer_room(self, layer: int, num_new: int) -> int:
+        """Raises unless layer ``layer`` can take ``num_new`` more positions in every row; returns its longest
+        row's length (host lengths: no device read)."""
+        row_lengths = self._host_lengths[layer]
+        longest = max(row_lengths)
+        if longest + num_new > self.max_len:
+            raise ValueError(f"the cache is full: appending T={num_new} positions to layer {layer} would take row "
+                             f"{row_lengths.index(longest)} from {longest} to {longest + num_new} > "
+                             f"max_len={self.max_len}")
+        return longest
 
     def layer_unchecked(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """:meth:`layer` without the index check."""
