@@ -247,7 +247,8 @@ def measure_parts(model, exit_layer: int, prompt_len: int, draft_lens, repeats: 
 
         for t in tokens:                     # warm-up: the first call picks the attention backend
             layer_pass(t)
-        if device.type == "cuda":
+        on_gpu = device.type == "cuda"
+        if on_gpu:
             from _common import gpu_time_ms
             for t in tokens:
                 parts[f"layer_T{t}"] = gpu_time_ms(lambda t=t: layer_pass(t)) / 1e3
@@ -259,19 +260,19 @@ def measure_parts(model, exit_layer: int, prompt_len: int, draft_lens, repeats: 
             for t in tokens:
                 parts[f"layer_T{t}"] = statistics.median(samples[t])
         weight, norm = adapter.lm_head.weight, adapter.norm.weight
+        verified = {k + 1 for k in draft_lens} | {1} | set(verify_rows)
         rows_in = {rows: torch.randn(rows, config.hidden_size, dtype=dtype, device=device)
-                   for rows in {1} | {k + 1 for k in draft_lens} | set(verify_rows) | set(draft_top)}
+                   for rows in verified | set(draft_top)}
         no_drafts = {rows: torch.zeros(rows, dtype=torch.long, device=device) for rows in rows_in}
         heads = {"draft_head": lambda: early_exit_head(rows_in[1], norm, weight, eps=adapter.norm_eps, validate=False)}
-        for rows in sorted({k + 1 for k in draft_lens} | {1} | set(verify_rows)):
+        for rows in sorted(verified):
             heads[f"verify_head_T{rows}"] = lambda rows=rows: verify_head(
                 rows_in[rows], norm, weight, no_drafts[rows], eps=adapter.norm_eps, validate=False)
         for rows in sorted(draft_top):
             heads[f"draft_top_{rows}"] = lambda rows=rows: early_exit_head(
                 rows_in[rows], norm, weight, mode="topk", top_k=rows, eps=adapter.norm_eps, vocab_subset=draft_vocab,
                 validate=False)
-        if device.type == "cuda":
-            from _common import gpu_time_ms
+        if on_gpu:
             for name, head in heads.items():
                 head()                             # the backend's first launch (a Triton compile) outside the graph
                 parts[name] = gpu_time_ms(head) / 1e3
